@@ -1,0 +1,235 @@
+//! Flags and environment: parsed and checked here, turned into the library's config structs.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, ValueEnum};
+use hook_core::{EngineConfig, RetryPolicy};
+use hook_store::tokio_postgres::Config;
+use hook_store::{parse_database_url, ClusterOptions, SeedSettings};
+
+/// Processes hook events from PostgreSQL.
+///
+/// The database comes from DATABASE_URL; else from the original service's variables
+/// (POSTGRES_HOST, POSTGRES_PORT, POSTGRES_DB, POSTGRES_USER, DB_PASSWORD or POSTGRES_PASSWORD);
+/// else an embedded cluster is started under --data-dir. A .env file in the working directory is
+/// read first. Passwords are accepted only from the environment, never as flags.
+#[derive(Debug, Parser)]
+#[command(name = "hook-processor", version, about, long_about)]
+pub(crate) struct Args {
+    /// PostgreSQL connection URL (postgres://user@host:port/db) or key=value string.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+
+    /// Database host when DATABASE_URL is not set [default: localhost].
+    #[arg(long, env = "POSTGRES_HOST")]
+    postgres_host: Option<String>,
+
+    /// Database port when DATABASE_URL is not set [default: 5436].
+    #[arg(long, env = "POSTGRES_PORT")]
+    postgres_port: Option<u16>,
+
+    /// Database name when DATABASE_URL is not set [default: omninode_bridge].
+    #[arg(long, env = "POSTGRES_DB")]
+    postgres_db: Option<String>,
+
+    /// Database user when DATABASE_URL is not set [default: postgres].
+    #[arg(long, env = "POSTGRES_USER")]
+    postgres_user: Option<String>,
+
+    /// Directory of the embedded PostgreSQL cluster, used when no database is configured.
+    #[arg(long, env = "HOOK_DATA_DIR", default_value = ".hook-data")]
+    data_dir: PathBuf,
+
+    /// Longest sleep between claims when idle; NOTIFY usually wakes the processor first.
+    /// Seconds ("1.0") or with a unit ("500ms", "2s").
+    #[arg(long, env = "POLL_INTERVAL", default_value = "1.0", value_parser = parse_duration)]
+    poll_interval: Duration,
+
+    /// Events claimed per batch (1-10000).
+    #[arg(long, env = "BATCH_SIZE", default_value_t = 100)]
+    batch_size: usize,
+
+    /// Failed attempts after which an event is dead (1-10).
+    #[arg(long, env = "MAX_RETRY_COUNT", default_value_t = 3)]
+    max_retry_count: u32,
+
+    /// Handlers running at once.
+    #[arg(long, env = "HOOK_CONCURRENCY", default_value_t = 64)]
+    concurrency: usize,
+
+    /// Batches claimed and not yet finished, at most.
+    #[arg(long, env = "HOOK_BATCHES_IN_FLIGHT", default_value_t = 2)]
+    batches_in_flight: usize,
+
+    /// Longest a handler may run before the attempt fails.
+    #[arg(long, env = "HOOK_HANDLER_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    handler_timeout: Duration,
+
+    /// How long a claim may go silent before the database releases it (must exceed the handler
+    /// and drain timeouts).
+    #[arg(long, env = "HOOK_CLAIM_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    claim_timeout: Duration,
+
+    /// On SIGTERM/SIGINT, how long running handlers may still finish.
+    #[arg(long, env = "HOOK_DRAIN_TIMEOUT", default_value = "25s", value_parser = parse_duration)]
+    drain_timeout: Duration,
+
+    /// Delay before the first retry; doubles with each failure.
+    #[arg(long, env = "HOOK_RETRY_BASE_DELAY", default_value = "2s", value_parser = parse_duration)]
+    retry_base_delay: Duration,
+
+    /// Longest delay between retries.
+    #[arg(long, env = "HOOK_RETRY_MAX_DELAY", default_value = "5m", value_parser = parse_duration)]
+    retry_max_delay: Duration,
+
+    /// How often the metrics line is logged ("0" for only at shutdown).
+    #[arg(long, env = "HOOK_METRICS_INTERVAL", default_value = "60s", value_parser = parse_duration)]
+    metrics_interval: Duration,
+
+    /// Log level or filter (error, warn, info, debug, trace, or tracing directives).
+    #[arg(long, env = "LOG_LEVEL", default_value = "info")]
+    log_level: String,
+
+    /// Log format.
+    #[arg(long, env = "HOOK_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line (journald, Loki).
+    Json,
+}
+
+/// Where the events are.
+pub(crate) enum Database {
+    /// A server the user configured.
+    Configured(Config),
+    /// The embedded cluster.
+    Embedded(ClusterOptions),
+}
+
+impl Args {
+    pub(crate) fn engine_config(&self) -> anyhow::Result<EngineConfig> {
+        let config = EngineConfig {
+            batch_size: self.batch_size,
+            concurrency: self.concurrency,
+            batches_in_flight: self.batches_in_flight,
+            poll_interval: self.poll_interval,
+            claim_timeout: self.claim_timeout,
+            handler_timeout: self.handler_timeout,
+            drain_timeout: self.drain_timeout,
+            retry: RetryPolicy {
+                base_delay: self.retry_base_delay,
+                max_delay: self.retry_max_delay,
+                max_retry_count: self.max_retry_count,
+                ..RetryPolicy::default()
+            },
+            metrics_interval: (!self.metrics_interval.is_zero()).then_some(self.metrics_interval),
+        };
+        config.validate().context("invalid configuration")?;
+        Ok(config)
+    }
+
+    pub(crate) fn database(&self) -> anyhow::Result<Database> {
+        if let Some(url) = &self.database_url {
+            return Ok(Database::Configured(parse_database_url(url)?));
+        }
+        let password = env_nonempty("DB_PASSWORD").or_else(|| env_nonempty("POSTGRES_PASSWORD"));
+        let seed_configured = password.is_some()
+            || self.postgres_host.is_some()
+            || self.postgres_port.is_some()
+            || self.postgres_db.is_some()
+            || self.postgres_user.is_some();
+        if seed_configured {
+            let defaults = SeedSettings::default();
+            let settings = SeedSettings {
+                host: self.postgres_host.clone().unwrap_or(defaults.host),
+                port: self.postgres_port.unwrap_or(defaults.port),
+                database: self.postgres_db.clone().unwrap_or(defaults.database),
+                user: self.postgres_user.clone().unwrap_or(defaults.user),
+                password,
+            };
+            return Ok(Database::Configured(settings.to_config()));
+        }
+        let data_dir = if self.data_dir.is_absolute() {
+            self.data_dir.clone()
+        } else {
+            std::env::current_dir().context("reading the working directory")?.join(&self.data_dir)
+        };
+        Ok(Database::Embedded(ClusterOptions {
+            data_dir,
+            database: "hook_events".into(),
+            durable: true,
+            max_connections: 100,
+        }))
+    }
+}
+
+fn env_nonempty(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+pub(crate) fn init_logging(args: &Args) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(args.log_level.to_lowercase())
+        .with_context(|| format!("LOG_LEVEL {:?} is not a log level or filter", args.log_level))?;
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let result = match args.log_format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+    result.map_err(|e| anyhow::anyhow!("setting up logging: {e}"))
+}
+
+/// Parses "1.5" (seconds), "250ms", "2s", "5m" or "1h".
+pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let (number, scale) = if let Some(n) = text.strip_suffix("ms") {
+        (n, 0.001)
+    } else if let Some(n) = text.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = text.strip_suffix('m') {
+        (n, 60.0)
+    } else if let Some(n) = text.strip_suffix('h') {
+        (n, 3600.0)
+    } else {
+        (text, 1.0)
+    };
+    let value: f64 = number.trim().parse().map_err(|_| format!("{text:?} is not a duration (try 1.5, 250ms, 2s, 5m)"))?;
+    if !value.is_finite() || value < 0.0 {
+        return Err(format!("{text:?} is not a non-negative duration"));
+    }
+    Duration::try_from_secs_f64(value * scale).map_err(|e| format!("{text:?}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        for (text, ms) in [("1.0", 1000), ("0.25", 250), ("250ms", 250), ("2s", 2000), ("5m", 300_000), ("1h", 3_600_000)] {
+            assert_eq!(parse_duration(text).unwrap().as_millis(), ms, "{text}");
+        }
+        for bad in ["", "x", "-1", "1d", "NaN"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["hook-processor"];
+            argv.extend_from_slice(extra);
+            Args::try_parse_from(argv).unwrap().engine_config().map(|_| ()).map_err(|e| format!("{e:#}"))
+        };
+        assert!(parse(&[]).is_ok());
+        assert!(parse(&["--batch-size", "0"]).unwrap_err().contains("batch size 0"));
+        assert!(parse(&["--max-retry-count", "11"]).unwrap_err().contains("max retry count 11"));
+    }
+}

@@ -1,0 +1,86 @@
+//! The event model: one row of `hook_events`, and what a handler says about it.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+/// One row of the `hook_events` table, with every column of the original schema.
+///
+/// The columns the processor added later (`result_metadata`, `next_attempt_at`, `dead_at`) are
+/// bookkeeping of the store and are not needed by handlers, so they are not part of this type.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HookEvent {
+    /// Primary key.
+    pub id: Uuid,
+    /// The hook that produced the event, e.g. `PreToolUse`.
+    pub source: String,
+    /// What happened, e.g. `tool_invocation`.
+    pub action: String,
+    /// The kind of thing the event is about, e.g. `tool`.
+    pub resource: String,
+    /// Which thing the event is about, e.g. a tool name or a session id.
+    pub resource_id: String,
+    /// The hook's input, as the producer wrote it.
+    pub payload: Value,
+    /// Producer-side metadata (session id, cwd, ...).
+    pub metadata: Value,
+    /// Whether a handler has succeeded on this event.
+    pub processed: bool,
+    /// Error texts of failed attempts, oldest first; `None` when there were none (or after a reset).
+    pub processing_errors: Option<Vec<String>>,
+    /// Number of failed attempts so far.
+    pub retry_count: i32,
+    /// When the producer inserted the event.
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    /// When a handler succeeded on the event.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub processed_at: Option<OffsetDateTime>,
+}
+
+/// What a handler reports about one event.
+///
+/// `success = false` (or a handler error, panic or timeout) counts as one failed attempt: the
+/// engine records `error` (or `message` when there is no error) and schedules a retry.
+/// `metadata` is stored in the row's `result_metadata` column whatever the outcome.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct HandlerResult {
+    /// Whether the event was handled.
+    pub success: bool,
+    /// A short human-readable summary.
+    pub message: String,
+    /// What went wrong, when `success` is false.
+    pub error: Option<String>,
+    /// Structured facts the handler extracted; stored with the event.
+    pub metadata: Map<String, Value>,
+}
+
+impl HandlerResult {
+    /// A successful result with a message and no metadata.
+    pub fn ok(message: impl Into<String>) -> Self {
+        Self { success: true, message: message.into(), error: None, metadata: Map::new() }
+    }
+
+    /// A failed result; `error` is recorded in `processing_errors`.
+    pub fn failed(error: impl Into<String>) -> Self {
+        let error = error.into();
+        Self { success: false, message: error.clone(), error: Some(error), metadata: Map::new() }
+    }
+
+    /// Adds one metadata entry.
+    #[must_use]
+    pub fn with(mut self, key: impl Into<String>, value: impl Into<Value>) -> Self {
+        self.metadata.insert(key.into(), value.into());
+        self
+    }
+
+    /// The text recorded for a failed attempt: the error, else the message, else a fixed text.
+    pub fn error_text(&self) -> String {
+        match (&self.error, self.message.is_empty()) {
+            (Some(error), _) if !error.is_empty() => error.clone(),
+            (_, false) => self.message.clone(),
+            _ => "handler reported failure without a message".to_owned(),
+        }
+    }
+}

@@ -1,0 +1,189 @@
+//! [`PgStore`]: the PostgreSQL implementation of hook-core's [`Store`].
+//!
+//! A claim is a transaction holding row locks (`FOR UPDATE SKIP LOCKED`) on the claimed events
+//! while their handlers run; the outcomes are written and committed in that same transaction.
+//! Why this design rather than a lease column is recorded in ARCHITECTURE.md; in short: one write
+//! per event, a dead holder's claims are released the instant its session ends, and fencing is
+//! free because only the lock holder can write the rows. `idle_in_transaction_session_timeout`
+//! (the engine's claim timeout) bounds how long a wedged but connected holder keeps its claims.
+
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod};
+use hook_core::{ClaimRequest, ClaimedBatch, HookEvent, Outcome, Store};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_postgres::{Config, NoTls};
+use tracing::warn;
+
+use crate::error::StoreError;
+use crate::listen;
+use crate::migrate::{self, MigrationReport};
+use crate::queries::{self, Completion};
+
+/// How a [`PgStore`] connects.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// Pooled connections, at most. Each batch in flight holds one. Default 8.
+    pub pool_size: usize,
+    /// Whether to LISTEN for insert notifications (wakeups). Default true.
+    pub listen: bool,
+    /// How long to wait for a pooled connection. Default 30 s.
+    pub pool_timeout: Duration,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self { pool_size: 8, listen: true, pool_timeout: Duration::from_secs(30) }
+    }
+}
+
+/// The PostgreSQL store.
+pub struct PgStore {
+    pool: Pool,
+    config: Config,
+    wakeups: Option<watch::Receiver<()>>,
+    listener: Option<JoinHandle<()>>,
+}
+
+impl Drop for PgStore {
+    fn drop(&mut self) {
+        if let Some(listener) = self.listener.take() {
+            listener.abort();
+        }
+    }
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStore").field("database", &crate::redacted(&self.config)).finish_non_exhaustive()
+    }
+}
+
+impl PgStore {
+    /// Connects (checking one connection right away, so bad settings fail here) and, when
+    /// `options.listen`, starts the LISTEN task.
+    pub async fn connect(config: Config, options: StoreOptions) -> Result<Self, StoreError> {
+        let manager =
+            Manager::from_config(config.clone(), NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let pool = Pool::builder(manager)
+            .max_size(options.pool_size.max(1))
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .wait_timeout(Some(options.pool_timeout))
+            .build()
+            .map_err(|e| StoreError::Pool(e.to_string()))?;
+        drop(pool.get().await?);
+        let (wakeups, listener) = if options.listen {
+            let (tx, rx) = watch::channel(());
+            (Some(rx), Some(tokio::spawn(listen::listen_loop(config.clone(), tx))))
+        } else {
+            (None, None)
+        };
+        Ok(Self { pool, config, wakeups, listener })
+    }
+
+    /// The connection pool, for queries outside the claim path.
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// The connection settings (log them with [`redacted`](crate::redacted)).
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Applies pending migrations (see [`migrate::migrate`]).
+    pub async fn migrate(&self) -> Result<MigrationReport, StoreError> {
+        let client = self.pool.get().await?;
+        migrate::migrate(&client).await
+    }
+}
+
+impl Store for PgStore {
+    type Error = StoreError;
+    type Batch = PgBatch;
+
+    async fn claim(&self, request: ClaimRequest) -> Result<Option<PgBatch>, StoreError> {
+        let conn = TxConn::new(self.pool.get().await?);
+        let client = conn.client()?;
+        let begin = format!(
+            "BEGIN; SET LOCAL idle_in_transaction_session_timeout = {}",
+            request.claim_timeout.as_millis().max(1)
+        );
+        // BEGIN and the claim are pipelined: one round trip.
+        let (begun, claimed) = futures::join!(
+            client.batch_execute(&begin),
+            queries::claim_events(client, request.limit, request.max_retry_count)
+        );
+        begun?;
+        let events = claimed?;
+        if events.is_empty() {
+            client.batch_execute("COMMIT").await?;
+            conn.release();
+            return Ok(None);
+        }
+        Ok(Some(PgBatch { conn, events }))
+    }
+
+    fn wakeups(&self) -> Option<watch::Receiver<()>> {
+        self.wakeups.clone()
+    }
+}
+
+/// Events claimed by one transaction; see [`PgStore`].
+pub struct PgBatch {
+    conn: TxConn,
+    events: Vec<HookEvent>,
+}
+
+impl ClaimedBatch for PgBatch {
+    type Error = StoreError;
+
+    fn take_events(&mut self) -> Vec<HookEvent> {
+        std::mem::take(&mut self.events)
+    }
+
+    async fn finish(self, outcomes: Vec<Outcome>) -> Result<(), StoreError> {
+        let client = self.conn.client()?;
+        let completion = Completion::new(outcomes);
+        // The updates and COMMIT are pipelined. If an update fails, the transaction is aborted
+        // and COMMIT rolls it back, so nothing is written and the events are released.
+        let (written, committed) =
+            futures::join!(queries::record_outcomes(client, &completion), client.batch_execute("COMMIT"));
+        let written = written?;
+        committed?;
+        if written != completion.len() as u64 {
+            warn!(expected = completion.len(), written, "some outcomes matched no unprocessed row");
+        }
+        self.conn.release();
+        Ok(())
+    }
+}
+
+/// A pooled connection inside a transaction. Dropped without [`release`](TxConn::release) (a
+/// cancelled or failed claim), it is detached from the pool and closed, so the server rolls the
+/// transaction back and no later user of the pool inherits it.
+struct TxConn(Option<Object>);
+
+impl TxConn {
+    fn new(conn: Object) -> Self {
+        Self(Some(conn))
+    }
+
+    fn client(&self) -> Result<&Object, StoreError> {
+        self.0.as_ref().ok_or_else(|| StoreError::Pool("connection already released".into()))
+    }
+
+    /// Returns the connection to the pool; the transaction must be over.
+    fn release(mut self) {
+        self.0.take();
+    }
+}
+
+impl Drop for TxConn {
+    fn drop(&mut self) {
+        if let Some(conn) = self.0.take() {
+            drop(Object::take(conn));
+        }
+    }
+}

@@ -1,0 +1,139 @@
+//! The processor's hot queries. Every SQL text of the claim path lives here.
+
+use std::time::Duration;
+
+use hook_core::{HookEvent, Outcome, Resolution};
+use serde_json::Value;
+use deadpool_postgres::GenericClient;
+use tokio_postgres::Row;
+use uuid::Uuid;
+
+use crate::error::StoreError;
+
+/// Locks up to `$2` eligible events, oldest first, skipping rows another claim holds. The locks
+/// last until the claiming transaction ends; that transaction is the claim.
+const CLAIM: &str = "SELECT id, source, action, resource, resource_id, payload, metadata, \
+     processed, processing_errors, retry_count, created_at, processed_at \
+     FROM hook_events \
+     WHERE NOT processed AND dead_at IS NULL AND retry_count < $1 \
+       AND (next_attempt_at IS NULL OR next_attempt_at <= now()) \
+     ORDER BY created_at \
+     LIMIT $2 \
+     FOR UPDATE SKIP LOCKED";
+
+/// Marks events processed. `GREATEST` keeps the table's `processed_at >= created_at` check true
+/// when a producer's clock ran ahead of the database's.
+const SUCCEED: &str = "UPDATE hook_events AS e \
+     SET processed = TRUE, processed_at = GREATEST(now(), e.created_at), \
+         result_metadata = r.metadata, next_attempt_at = NULL, dead_at = NULL \
+     FROM unnest($1::uuid[], $2::jsonb[]) AS r(id, metadata) \
+     WHERE e.id = r.id AND NOT e.processed";
+
+/// Counts a failed attempt, appends its error and schedules the next attempt (or marks it dead).
+const FAIL: &str = "UPDATE hook_events AS e \
+     SET retry_count = LEAST(e.retry_count + 1, 10), \
+         processing_errors = array_append(e.processing_errors, r.error), \
+         result_metadata = r.metadata, \
+         next_attempt_at = CASE WHEN r.dead THEN NULL ELSE now() + r.delay_ms * interval '1 millisecond' END, \
+         dead_at = CASE WHEN r.dead THEN now() END \
+     FROM unnest($1::uuid[], $2::text[], $3::jsonb[], $4::int8[], $5::bool[]) AS r(id, error, metadata, delay_ms, dead) \
+     WHERE e.id = r.id AND NOT e.processed";
+
+/// Decodes one `hook_events` row selected in the column order of [`HookEvent`]. Tolerates NULL elements in
+/// `processing_errors` (a hand-written row may hold them), so no row can wedge the claim loop.
+pub(crate) fn event_from_row(row: &Row) -> Result<HookEvent, StoreError> {
+    let errors: Option<Vec<Option<String>>> = row.try_get(8)?;
+    Ok(HookEvent {
+        id: row.try_get(0)?,
+        source: row.try_get(1)?,
+        action: row.try_get(2)?,
+        resource: row.try_get(3)?,
+        resource_id: row.try_get(4)?,
+        payload: row.try_get(5)?,
+        metadata: row.try_get(6)?,
+        processed: row.try_get(7)?,
+        processing_errors: errors.map(|e| e.into_iter().flatten().collect()),
+        retry_count: row.try_get(9)?,
+        created_at: row.try_get(10)?,
+        processed_at: row.try_get(11)?,
+    })
+}
+
+/// Claims up to `limit` eligible events with `FOR UPDATE SKIP LOCKED`. Must run inside a
+/// transaction, which then holds the claim.
+pub async fn claim_events(
+    client: &impl GenericClient,
+    limit: usize,
+    max_retry_count: u32,
+) -> Result<Vec<HookEvent>, StoreError> {
+    let statement = client.prepare_cached(CLAIM).await?;
+    let max = i32::try_from(max_retry_count).unwrap_or(i32::MAX);
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let rows = client.query(&statement, &[&max, &limit]).await?;
+    rows.iter().map(event_from_row).collect()
+}
+
+/// The parameters of the two completion statements, split from a batch of outcomes.
+#[derive(Debug, Default)]
+pub(crate) struct Completion {
+    ok_ids: Vec<Uuid>,
+    ok_metadata: Vec<Value>,
+    failed_ids: Vec<Uuid>,
+    errors: Vec<String>,
+    failed_metadata: Vec<Value>,
+    delays_ms: Vec<i64>,
+    dead: Vec<bool>,
+}
+
+impl Completion {
+    pub(crate) fn new(outcomes: Vec<Outcome>) -> Self {
+        let mut c = Completion::default();
+        for Outcome { id, resolution, metadata } in outcomes {
+            match resolution {
+                Resolution::Succeeded => {
+                    c.ok_ids.push(id);
+                    c.ok_metadata.push(Value::Object(metadata));
+                }
+                Resolution::Failed { error, retry_after } => {
+                    c.failed_ids.push(id);
+                    c.errors.push(error);
+                    c.failed_metadata.push(Value::Object(metadata));
+                    c.delays_ms.push(retry_after.map_or(0, duration_ms));
+                    c.dead.push(retry_after.is_none());
+                }
+            }
+        }
+        c
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.ok_ids.len() + self.failed_ids.len()
+    }
+}
+
+fn duration_ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// Writes a batch of outcomes: one statement for the successes, one for the failures, sent
+/// together (pipelined). Returns the number of rows changed.
+pub(crate) async fn record_outcomes(client: &impl GenericClient, c: &Completion) -> Result<u64, StoreError> {
+    let succeed = async {
+        if c.ok_ids.is_empty() {
+            return Ok(0);
+        }
+        let statement = client.prepare_cached(SUCCEED).await?;
+        client.execute(&statement, &[&c.ok_ids, &c.ok_metadata]).await
+    };
+    let fail = async {
+        if c.failed_ids.is_empty() {
+            return Ok(0);
+        }
+        let statement = client.prepare_cached(FAIL).await?;
+        client
+            .execute(&statement, &[&c.failed_ids, &c.errors, &c.failed_metadata, &c.delays_ms, &c.dead])
+            .await
+    };
+    let (succeeded, failed) = futures::join!(succeed, fail);
+    Ok(succeeded? + failed?)
+}
