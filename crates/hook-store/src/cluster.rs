@@ -191,7 +191,15 @@ struct Account {
 
 /// A PostgreSQL server under a directory we own, reachable only through a unix socket.
 ///
-/// See the [module documentation](self) for the layout and the reasons behind it.
+/// The directory holds the cluster (`pgdata/`), the socket directory (`run/`, or a private
+/// `/tmp/hook-events-<hash>` when that path would be too long for a socket), the server log
+/// (`postgres.log`) and a lock file. No TCP port is opened, so the server collides with no other
+/// and only the socket directory's owner can connect; authentication is `trust` and no password
+/// exists. When this process is root, the server runs as the unprivileged `postgres` account.
+///
+/// Several processes may [`start`](Self::start) the same directory at once: one creates and
+/// starts the server under the lock, the others reuse it. Dropping the value leaves the server
+/// running (the next `start` reuses it); [`stop`](Self::stop) stops it if this process started it.
 #[derive(Debug)]
 pub struct EmbeddedCluster {
     /// The options, with `data_dir` absolute and free of symlinks.
