@@ -92,3 +92,43 @@ impl Invocations {
         self.0.lock().expect("invocations lock").values().map(|&n| u64::from(n)).sum()
     }
 }
+
+/// An engine running in the background until [`Running::stop`].
+pub struct Running {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<hook_core::MetricsSnapshot>,
+}
+
+impl Running {
+    /// Starts `engine` on the current runtime.
+    pub fn start<S: hook_core::Store>(engine: hook_core::Engine<S>) -> Running {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(engine.run(async move {
+            let _ = stopped.await;
+        }));
+        Running { stop, task }
+    }
+
+    /// Signals shutdown and waits for the engine's final counts.
+    pub async fn stop(self) -> hook_core::MetricsSnapshot {
+        let _ = self.stop.send(());
+        self.task.await.expect("engine task")
+    }
+}
+
+/// An engine configuration for tests: short poll and timeouts, no metrics log, no jitter.
+pub fn test_config() -> hook_core::EngineConfig {
+    hook_core::EngineConfig {
+        poll_interval: Duration::from_millis(50),
+        handler_timeout: Duration::from_secs(5),
+        drain_timeout: Duration::from_secs(5),
+        claim_timeout: Duration::from_secs(20),
+        metrics_interval: None,
+        retry: hook_core::RetryPolicy {
+            base_delay: Duration::from_millis(100),
+            jitter: 0.0,
+            ..hook_core::RetryPolicy::default()
+        },
+        ..hook_core::EngineConfig::default()
+    }
+}
