@@ -299,3 +299,42 @@ async fn an_insert_wakes_the_listener_once_per_statement() {
     }
     assert_eq!(received, ["hook_events"], "5,000 rows in one statement send one notification");
 }
+
+#[tokio::test]
+async fn outcomes_are_written_inside_the_claiming_transaction() {
+    // Regression: COMMIT once overtook the completion UPDATEs on a connection whose statements
+    // were not prepared yet, so the updates ran after the locks were released (unfenced). The
+    // claim transaction's SET LOCAL is visible only inside it; this trigger refuses any update
+    // of hook_events that runs outside a claim.
+    let db = TestDb::migrated("completion_fenced").await;
+    let client = db.client().await;
+    client
+        .batch_execute(
+            "CREATE FUNCTION only_in_claim() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+                 IF current_setting('idle_in_transaction_session_timeout') = '0' THEN
+                     RAISE EXCEPTION 'hook_events updated outside the claiming transaction';
+                 END IF;
+                 RETURN NEW;
+             END $$;
+             CREATE TRIGGER only_in_claim BEFORE UPDATE ON hook_events
+                 FOR EACH ROW EXECUTE FUNCTION only_in_claim();",
+        )
+        .await
+        .unwrap();
+    let ids = insert_events(&client, 4, "PreToolUse", "tool_invocation").await;
+    for round in 0..2 {
+        // A new store each round: nothing is prepared on its connections yet.
+        let store = db.store(no_listen()).await;
+        let (batch, events) = claim(&store, 2).await;
+        let outcomes = events
+            .iter()
+            .enumerate()
+            .map(|(i, e)| if i == 0 { succeeded(e.id) } else { failed(e.id, Some(Duration::ZERO)) })
+            .collect();
+        batch.finish(outcomes).await.unwrap_or_else(|e| panic!("round {round}: {e}"));
+    }
+    assert_eq!(count(&client, "SELECT count(*) FROM hook_events WHERE processed").await, 2);
+    assert_eq!(count(&client, "SELECT count(*) FROM hook_events WHERE retry_count = 1").await, 2);
+    assert_eq!(ids.len(), 4);
+}

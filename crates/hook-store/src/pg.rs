@@ -146,12 +146,7 @@ impl ClaimedBatch for PgBatch {
     async fn finish(self, outcomes: Vec<Outcome>) -> Result<(), StoreError> {
         let client = self.conn.client()?;
         let completion = Completion::new(outcomes);
-        // The updates and COMMIT are pipelined. If an update fails, the transaction is aborted
-        // and COMMIT rolls it back, so nothing is written and the events are released.
-        let (written, committed) =
-            futures::join!(queries::record_outcomes(client, &completion), client.batch_execute("COMMIT"));
-        let written = written?;
-        committed?;
+        let written = queries::record_outcomes_and_commit(client, &completion).await?;
         if written != completion.len() as u64 {
             warn!(expected = completion.len(), written, "some outcomes matched no unprocessed row");
         }

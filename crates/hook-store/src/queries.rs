@@ -115,25 +115,33 @@ fn duration_ms(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
-/// Writes a batch of outcomes: one statement for the successes, one for the failures, sent
-/// together (pipelined). Returns the number of rows changed.
-pub(crate) async fn record_outcomes(client: &impl GenericClient, c: &Completion) -> Result<u64, StoreError> {
+/// Writes a batch of outcomes and commits the claim's transaction: one statement for the
+/// successes, one for the failures, and COMMIT, pipelined into one round trip.
+///
+/// The statements are prepared first, on purpose. A statement still being prepared is sent only
+/// after its Parse round trip, so COMMIT would overtake it and the update would run after the
+/// claim's locks were released, unfenced. Executes of prepared statements go out on their first
+/// poll, and `join!` polls in order, so the server sees the updates before COMMIT. If an update
+/// fails, the transaction is aborted and COMMIT rolls it back: nothing is written.
+pub(crate) async fn record_outcomes_and_commit(client: &impl GenericClient, c: &Completion) -> Result<u64, StoreError> {
+    let succeed_statement = client.prepare_cached(SUCCEED).await?;
+    let fail_statement = client.prepare_cached(FAIL).await?;
     let succeed = async {
         if c.ok_ids.is_empty() {
             return Ok(0);
         }
-        let statement = client.prepare_cached(SUCCEED).await?;
-        client.execute(&statement, &[&c.ok_ids, &c.ok_metadata]).await
+        client.execute(&succeed_statement, &[&c.ok_ids, &c.ok_metadata]).await
     };
     let fail = async {
         if c.failed_ids.is_empty() {
             return Ok(0);
         }
-        let statement = client.prepare_cached(FAIL).await?;
         client
-            .execute(&statement, &[&c.failed_ids, &c.errors, &c.failed_metadata, &c.delays_ms, &c.dead])
+            .execute(&fail_statement, &[&c.failed_ids, &c.errors, &c.failed_metadata, &c.delays_ms, &c.dead])
             .await
     };
-    let (succeeded, failed) = futures::join!(succeed, fail);
-    Ok(succeeded? + failed?)
+    let (succeeded, failed, committed) = futures::join!(succeed, fail, client.batch_execute("COMMIT"));
+    let written = succeeded? + failed?;
+    committed?;
+    Ok(written)
 }
