@@ -53,7 +53,10 @@ pub async fn wait_for_count(client: &Client, query: &str, expected: i64, within:
         if got == expected {
             return;
         }
-        assert!(tokio::time::Instant::now() < deadline, "{query}: still {got} after {within:?}, expected {expected}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{query}: still {got} after {within:?}, expected {expected}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -74,7 +77,9 @@ impl Invocations {
     }
 
     /// A handler that records and succeeds.
-    pub fn handler(&self) -> impl Fn(Arc<HookEvent>) -> std::future::Ready<HandlerResult> + Send + Sync + 'static {
+    pub fn handler(
+        &self,
+    ) -> impl Fn(Arc<HookEvent>) -> std::future::Ready<HandlerResult> + Send + Sync + 'static {
         let this = self.clone();
         move |event: Arc<HookEvent>| {
             this.record(&event);
@@ -132,3 +137,8 @@ pub fn test_config() -> hook_core::EngineConfig {
         ..hook_core::EngineConfig::default()
     }
 }
+
+/// The README's Rust examples, compiled as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+struct ReadmeDoctests;
