@@ -50,11 +50,22 @@ async fn routes_by_exact_then_source_then_global() {
 async fn default_handlers_process_seed_events_and_keep_their_metadata() {
     let db = TestDb::migrated("default_handlers").await;
     let client = db.client().await;
-    let pre = insert_event(&client, "PreToolUse", "tool_invocation", json!({"tool_name": "Edit", "tool_input": {"file_path": "/a.rs"}})).await;
-    let prompt = insert_event(&client, "UserPromptSubmit", "prompt_submitted", json!({"prompt": "héllo"})).await;
+    let pre = insert_event(
+        &client,
+        "PreToolUse",
+        "tool_invocation",
+        json!({"tool_name": "Edit", "tool_input": {"file_path": "/a.rs"}}),
+    )
+    .await;
+    let prompt =
+        insert_event(&client, "UserPromptSubmit", "prompt_submitted", json!({"prompt": "héllo"})).await;
     let odd = insert_event(&client, "SessionEnd", "session_ended", json!(null)).await;
     let unknown = insert_event(&client, "Mystery", "whatever", json!([1, 2])).await;
-    let running = Running::start(engine(db.store(StoreOptions::default()).await, hook_core::default_registry(), test_config()));
+    let running = Running::start(engine(
+        db.store(StoreOptions::default()).await,
+        hook_core::default_registry(),
+        test_config(),
+    ));
     wait_for_count(&client, ALL_PROCESSED, 0, Duration::from_secs(30)).await;
     let metrics = running.stop().await;
     assert_eq!((metrics.succeeded, metrics.failed), (4, 0));
@@ -142,8 +153,12 @@ async fn panics_timeouts_and_errors_are_failed_attempts_and_the_processor_carrie
             tokio::time::sleep(Duration::from_secs(3600)).await;
             HandlerResult::ok("too late")
         })
-        .register("Bad", "huge", |_e: Arc<HookEvent>| async move { Err::<HandlerResult, _>("x\0y".repeat(1_000_000)) })
-        .register("Bad", "result", |_e: Arc<HookEvent>| async move { HandlerResult::failed("said no").with("why", "because") })
+        .register("Bad", "huge", |_e: Arc<HookEvent>| async move {
+            Err::<HandlerResult, _>("x\0y".repeat(1_000_000))
+        })
+        .register("Bad", "result", |_e: Arc<HookEvent>| async move {
+            HandlerResult::failed("said no").with("why", "because")
+        })
         .register("Good", "ok", tagged("ok"));
     let config = EngineConfig {
         handler_timeout: Duration::from_millis(300),
@@ -151,7 +166,13 @@ async fn panics_timeouts_and_errors_are_failed_attempts_and_the_processor_carrie
         ..test_config()
     };
     let running = Running::start(engine(db.store(StoreOptions::default()).await, registry, config));
-    wait_for_count(&client, "SELECT count(*) FROM hook_events WHERE NOT processed AND dead_at IS NULL", 0, Duration::from_secs(30)).await;
+    wait_for_count(
+        &client,
+        "SELECT count(*) FROM hook_events WHERE NOT processed AND dead_at IS NULL",
+        0,
+        Duration::from_secs(30),
+    )
+    .await;
     let metrics = running.stop().await;
 
     let errors = |id| {
@@ -172,10 +193,14 @@ async fn panics_timeouts_and_errors_are_failed_attempts_and_the_processor_carrie
     assert!(huge_error.len() <= hook_core::MAX_ERROR_BYTES, "bounded: {} bytes", huge_error.len());
     assert!(huge_error.contains("truncated, 5000000 bytes"));
     assert_eq!(errors(result).await, "said no");
-    let why: serde_json::Value =
-        client.query_one("SELECT result_metadata->'why' FROM hook_events WHERE id = $1", &[&result]).await.unwrap().get(0);
+    let why: serde_json::Value = client
+        .query_one("SELECT result_metadata->'why' FROM hook_events WHERE id = $1", &[&result])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(why, "because", "a failed attempt's metadata is kept too");
-    let processed: bool = client.query_one("SELECT processed FROM hook_events WHERE id = $1", &[&fine]).await.unwrap().get(0);
+    let processed: bool =
+        client.query_one("SELECT processed FROM hook_events WHERE id = $1", &[&fine]).await.unwrap().get(0);
     assert!(processed);
     assert_eq!((metrics.succeeded, metrics.failed, metrics.dead, metrics.errors), (1, 4, 4, 0));
 }
@@ -248,14 +273,24 @@ async fn shutdown_finishes_running_handlers_and_releases_the_rest() {
     let state = |id| {
         let client = &client;
         async move {
-            let row = client.query_one("SELECT processed, retry_count FROM hook_events WHERE id = $1", &[&id]).await.unwrap();
+            let row = client
+                .query_one("SELECT processed, retry_count FROM hook_events WHERE id = $1", &[&id])
+                .await
+                .unwrap();
             (row.get::<_, bool>(0), row.get::<_, i32>(1))
         }
     };
     assert_eq!(state(quick).await, (true, 0));
     assert_eq!(state(stuck).await, (false, 0), "released unchanged, not counted as a failure");
     // Released means claimable right away.
-    assert_eq!(count(&client, "SELECT count(*) FROM (SELECT 1 FROM hook_events WHERE NOT processed FOR UPDATE SKIP LOCKED) s").await, 1);
+    assert_eq!(
+        count(
+            &client,
+            "SELECT count(*) FROM (SELECT 1 FROM hook_events WHERE NOT processed FOR UPDATE SKIP LOCKED) s"
+        )
+        .await,
+        1
+    );
 }
 
 #[tokio::test]

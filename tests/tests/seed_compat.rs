@@ -75,16 +75,24 @@ async fn a_seed_table_with_419_rows_is_migrated_intact_then_fully_processed() {
         assert_eq!(a.get::<_, time::OffsetDateTime>(6), b.get::<_, time::OffsetDateTime>(6));
     }
 
-    let engine = Engine::builder(store).registry(hook_core::default_registry()).config(test_config()).build().unwrap();
+    let engine =
+        Engine::builder(store).registry(hook_core::default_registry()).config(test_config()).build().unwrap();
     let running = Running::start(engine);
-    wait_for_count(&client, "SELECT count(*) FROM hook_events WHERE NOT processed", 0, Duration::from_secs(60)).await;
+    wait_for_count(
+        &client,
+        "SELECT count(*) FROM hook_events WHERE NOT processed",
+        0,
+        Duration::from_secs(60),
+    )
+    .await;
     let metrics = running.stop().await;
     assert_eq!(metrics.succeeded, 419);
 
     // The original's success criteria and monitoring queries, verbatim, still answer correctly.
     assert_eq!(count(&client, "SELECT COUNT(*) FROM hook_events WHERE processed = TRUE").await, 419);
     assert_eq!(
-        count(&client, "SELECT count(*) FROM hook_events WHERE processed AND processed_at >= created_at").await,
+        count(&client, "SELECT count(*) FROM hook_events WHERE processed AND processed_at >= created_at")
+            .await,
         419
     );
     let stats = client
@@ -129,17 +137,43 @@ async fn the_seed_reset_sql_requeues_dead_events() {
     let mut registry = hook_core::default_registry();
     registry.register("PreToolUse", "tool_invocation", move |_e: std::sync::Arc<HookEvent>| {
         let ok = flag.load(std::sync::atomic::Ordering::SeqCst);
-        async move { if ok { HandlerResult::ok("fixed") } else { HandlerResult::failed("downstream unavailable") } }
+        async move {
+            if ok {
+                HandlerResult::ok("fixed")
+            } else {
+                HandlerResult::failed("downstream unavailable")
+            }
+        }
     });
     let config = EngineConfig {
-        retry: RetryPolicy { base_delay: Duration::from_millis(20), max_delay: Duration::from_millis(50), jitter: 0.0, max_retry_count: 3 },
+        retry: RetryPolicy {
+            base_delay: Duration::from_millis(20),
+            max_delay: Duration::from_millis(50),
+            jitter: 0.0,
+            max_retry_count: 3,
+        },
         ..test_config()
     };
     let running = Running::start(Engine::builder(store).registry(registry).config(config).build().unwrap());
     let pre = count(&client, "SELECT count(*) FROM hook_events WHERE source = 'PreToolUse'").await;
-    wait_for_count(&client, "SELECT count(*) FROM hook_events WHERE dead_at IS NOT NULL", pre, Duration::from_secs(60)).await;
-    wait_for_count(&client, "SELECT count(*) FROM hook_events WHERE NOT processed AND dead_at IS NULL", 0, Duration::from_secs(60)).await;
-    assert_eq!(count(&client, "SELECT count(*) FROM hook_events WHERE retry_count >= 3 AND NOT processed").await, pre);
+    wait_for_count(
+        &client,
+        "SELECT count(*) FROM hook_events WHERE dead_at IS NOT NULL",
+        pre,
+        Duration::from_secs(60),
+    )
+    .await;
+    wait_for_count(
+        &client,
+        "SELECT count(*) FROM hook_events WHERE NOT processed AND dead_at IS NULL",
+        0,
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM hook_events WHERE retry_count >= 3 AND NOT processed").await,
+        pre
+    );
 
     fixed.store(true, std::sync::atomic::Ordering::SeqCst);
     // The original's "Reset Failed Events" SQL, verbatim.
@@ -156,11 +190,21 @@ async fn the_seed_reset_sql_requeues_dead_events() {
         .await
         .unwrap();
     assert_eq!(reset as i64, pre);
-    wait_for_count(&client, "SELECT count(*) FROM hook_events WHERE NOT processed", 0, Duration::from_secs(60)).await;
+    wait_for_count(
+        &client,
+        "SELECT count(*) FROM hook_events WHERE NOT processed",
+        0,
+        Duration::from_secs(60),
+    )
+    .await;
     running.stop().await;
     assert_eq!(count(&client, "SELECT count(*) FROM hook_events WHERE dead_at IS NOT NULL").await, 0);
     assert_eq!(
-        count(&client, "SELECT count(*) FROM hook_events WHERE source = 'PreToolUse' AND processed AND retry_count = 0").await,
+        count(
+            &client,
+            "SELECT count(*) FROM hook_events WHERE source = 'PreToolUse' AND processed AND retry_count = 0"
+        )
+        .await,
         pre
     );
 }

@@ -98,7 +98,10 @@ async fn success_and_failure_are_recorded_in_one_batch() {
     assert!(row.get::<_, bool>(4), "next attempt scheduled by the given delay");
 
     let row = client
-        .query_one("SELECT processed, retry_count, dead_at IS NOT NULL FROM hook_events WHERE id = $1", &[&ids[2]])
+        .query_one(
+            "SELECT processed, retry_count, dead_at IS NOT NULL FROM hook_events WHERE id = $1",
+            &[&ids[2]],
+        )
         .await
         .unwrap();
     assert!(!row.get::<_, bool>(0), "dead events stay unprocessed, as in the original");
@@ -224,13 +227,19 @@ async fn odd_rows_are_claimed_and_recorded() {
         .await
         .unwrap();
     let ok: bool = client
-        .query_one("SELECT processed AND processed_at >= created_at FROM hook_events WHERE id = $1", &[&future])
+        .query_one(
+            "SELECT processed AND processed_at >= created_at FROM hook_events WHERE id = $1",
+            &[&future],
+        )
         .await
         .unwrap()
         .get(0);
     assert!(ok, "an event from the future is processed without breaking processing_time_valid");
-    let errors: Vec<Option<String>> =
-        client.query_one("SELECT processing_errors FROM hook_events WHERE id = $1", &[&nulls]).await.unwrap().get(0);
+    let errors: Vec<Option<String>> = client
+        .query_one("SELECT processing_errors FROM hook_events WHERE id = $1", &[&nulls])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(errors, [None, Some("x".into()), Some("boom".into())]);
 }
 
@@ -240,7 +249,11 @@ async fn migrations_are_idempotent_and_concurrent_runs_take_turns() {
     let stores: Vec<PgStore> = futures::future::join_all((0..4).map(|_| db.store(no_listen()))).await;
     let reports = futures::future::join_all(stores.iter().map(|s| s.migrate())).await;
     let applied: Vec<Vec<i32>> = reports.into_iter().map(|r| r.unwrap().applied).collect();
-    assert_eq!(applied.iter().filter(|a| !a.is_empty()).count(), 1, "exactly one runner applies: {applied:?}");
+    assert_eq!(
+        applied.iter().filter(|a| !a.is_empty()).count(),
+        1,
+        "exactly one runner applies: {applied:?}"
+    );
     assert_eq!(applied.iter().flatten().count(), hook_store::migrate::MIGRATIONS.len());
     assert!(stores[0].migrate().await.unwrap().applied.is_empty(), "re-running is a no-op");
     let client = db.client().await;
@@ -249,7 +262,10 @@ async fn migrations_are_idempotent_and_concurrent_runs_take_turns() {
         hook_store::migrate::MIGRATIONS.len() as i64
     );
     let valid: bool = client
-        .query_one("SELECT indisvalid FROM pg_index WHERE indexrelid = 'hook_events_claim_idx'::regclass", &[])
+        .query_one(
+            "SELECT indisvalid FROM pg_index WHERE indexrelid = 'hook_events_claim_idx'::regclass",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);
@@ -260,7 +276,10 @@ async fn migrations_are_idempotent_and_concurrent_runs_take_turns() {
 async fn an_edited_migration_is_refused() {
     let db = TestDb::migrated("edited_migration").await;
     let client = db.client().await;
-    client.batch_execute("UPDATE hook_events_migrations SET checksum = 'edited' WHERE version = 2").await.unwrap();
+    client
+        .batch_execute("UPDATE hook_events_migrations SET checksum = 'edited' WHERE version = 2")
+        .await
+        .unwrap();
     let store = db.store(no_listen()).await;
     let error = store.migrate().await.unwrap_err().to_string();
     assert!(error.contains("migration 2") && error.contains("edited"), "{error}");

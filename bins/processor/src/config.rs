@@ -200,7 +200,8 @@ pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
     } else {
         (text, 1.0)
     };
-    let value: f64 = number.trim().parse().map_err(|_| format!("{text:?} is not a duration (try 1.5, 250ms, 2s, 5m)"))?;
+    let value: f64 =
+        number.trim().parse().map_err(|_| format!("{text:?} is not a duration (try 1.5, 250ms, 2s, 5m)"))?;
     if !value.is_finite() || value < 0.0 {
         return Err(format!("{text:?} is not a non-negative duration"));
     }
@@ -213,7 +214,9 @@ mod tests {
 
     #[test]
     fn durations() {
-        for (text, ms) in [("1.0", 1000), ("0.25", 250), ("250ms", 250), ("2s", 2000), ("5m", 300_000), ("1h", 3_600_000)] {
+        for (text, ms) in
+            [("1.0", 1000), ("0.25", 250), ("250ms", 250), ("2s", 2000), ("5m", 300_000), ("1h", 3_600_000)]
+        {
             assert_eq!(parse_duration(text).unwrap().as_millis(), ms, "{text}");
         }
         for bad in ["", "x", "-1", "1d", "NaN"] {

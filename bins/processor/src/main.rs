@@ -59,11 +59,15 @@ fn run(args: Args) -> anyhow::Result<()> {
     })
 }
 
-async fn process(pg_config: hook_store::tokio_postgres::Config, engine_config: hook_core::EngineConfig) -> anyhow::Result<()> {
+async fn process(
+    pg_config: hook_store::tokio_postgres::Config,
+    engine_config: hook_core::EngineConfig,
+) -> anyhow::Result<()> {
     let pg_config = hook_store::with_service_defaults(pg_config, "hook-processor");
     let shown = redacted(&pg_config);
     let options = StoreOptions { pool_size: engine_config.batches_in_flight + 2, ..StoreOptions::default() };
-    let store = PgStore::connect(pg_config, options).await.with_context(|| format!("connecting to {shown}"))?;
+    let store =
+        PgStore::connect(pg_config, options).await.with_context(|| format!("connecting to {shown}"))?;
     let report = store.migrate().await.with_context(|| format!("migrating {shown}"))?;
     info!(database = %shown, applied = ?report.applied, "database ready");
     let engine = Engine::builder(store).registry(default_registry()).config(engine_config).build()?;

@@ -279,7 +279,11 @@ impl<S: Store> Engine<S> {
             }
         }
 
-        info!(in_flight = batches.len(), drain_timeout_s = config.drain_timeout.as_secs_f64(), "shutting down");
+        info!(
+            in_flight = batches.len(),
+            drain_timeout_s = config.drain_timeout.as_secs_f64(),
+            "shutting down"
+        );
         let _ = stop_tx.send(true);
         while batches.join_next().await.is_some() {}
         let snapshot = shared.metrics.snapshot();
@@ -417,7 +421,11 @@ async fn sleep_until(deadline: Option<Instant>) {
 
 /// Runs one handler under the timeout and a panic guard; every way it can go wrong becomes a
 /// failed [`HandlerResult`].
-async fn attempt(handler: Option<Arc<dyn Handler>>, event: Arc<HookEvent>, timeout: Duration) -> HandlerResult {
+async fn attempt(
+    handler: Option<Arc<dyn Handler>>,
+    event: Arc<HookEvent>,
+    timeout: Duration,
+) -> HandlerResult {
     let Some(handler) = handler else {
         return HandlerResult::failed(format!(
             "no handler registered for ({}, {}) and no wildcard",

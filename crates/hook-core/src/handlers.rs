@@ -187,14 +187,12 @@ fn session_start(event: &HookEvent) -> HandlerResult {
         "handled session start"
     );
     let session = session_id.unwrap_or("unknown");
-    HandlerResult::ok(format!(
-        "processed SessionStart event for session {session}"
-    ))
-    .with("event", "session_start")
-    .with("session_id", session_id)
-    .with("cwd", cwd)
-    .with("project_path", project_path)
-    .with("git_branch", git_branch)
+    HandlerResult::ok(format!("processed SessionStart event for session {session}"))
+        .with("event", "session_start")
+        .with("session_id", session_id)
+        .with("cwd", cwd)
+        .with("project_path", project_path)
+        .with("git_branch", git_branch)
 }
 
 /// `SessionEnd/session_ended` (the seed's route) and `SessionEnd/session_completed` (what the
@@ -225,13 +223,10 @@ fn unknown_event(event: &HookEvent) -> HandlerResult {
         action = %event.action,
         "no handler for event type; marking it processed"
     );
-    HandlerResult::ok(format!(
-        "unknown event type: {}/{}",
-        event.source, event.action
-    ))
-    .with("source", event.source.as_str())
-    .with("action", event.action.as_str())
-    .with("unknown", true)
+    HandlerResult::ok(format!("unknown event type: {}/{}", event.source, event.action))
+        .with("source", event.source.as_str())
+        .with("action", event.action.as_str())
+        .with("unknown", true)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -276,9 +271,7 @@ fn either<'a, T>(
 /// The value at `path` through nested objects; `None` when a step is missing or not an object,
 /// or when the value is `null`.
 fn value_at<'a>(value: &'a Value, path: &[&str]) -> Option<&'a Value> {
-    path.iter()
-        .try_fold(value, |value, key| value.as_object()?.get(*key))
-        .filter(|value| !value.is_null())
+    path.iter().try_fold(value, |value, key| value.as_object()?.get(*key)).filter(|value| !value.is_null())
 }
 
 /// The string at `path`, only if it is a string.
@@ -352,15 +345,8 @@ mod tests {
     /// Asserts that the event succeeds with exactly `expected` as result metadata.
     fn check(source: &str, action: &str, payload: Value, metadata: Value, expected: Value) {
         let result = run(source, action, payload.clone(), metadata);
-        assert!(
-            result.success,
-            "{source}/{action} failed on {payload}: {result:?}"
-        );
-        assert_eq!(
-            Value::Object(result.metadata),
-            expected,
-            "{source}/{action} on {payload}"
-        );
+        assert!(result.success, "{source}/{action} failed on {payload}: {result:?}");
+        assert_eq!(Value::Object(result.metadata), expected, "{source}/{action} on {payload}");
     }
 
     const KNOWN_ROUTES: &[(&str, &str)] = &[
@@ -394,22 +380,15 @@ mod tests {
         for &(source, action) in KNOWN_ROUTES {
             let result = run(source, action, json!({}), json!({}));
             assert!(result.success, "{source}/{action}");
-            assert_eq!(
-                result.metadata.get("unknown"),
-                None,
-                "{source}/{action} fell through"
-            );
+            assert_eq!(result.metadata.get("unknown"), None, "{source}/{action} fell through");
         }
     }
 
     #[test]
     fn unknown_routes_succeed_as_unknown() {
-        for (source, action) in [
-            ("Notification", "notified"),
-            ("PreToolUse", "quality_check"),
-            ("SubagentStop", "*"),
-            ("", ""),
-        ] {
+        for (source, action) in
+            [("Notification", "notified"), ("PreToolUse", "quality_check"), ("SubagentStop", "*"), ("", "")]
+        {
             check(
                 source,
                 action,
@@ -483,13 +462,7 @@ mod tests {
             ),
         ];
         for (payload, metadata, expected) in cases {
-            check(
-                "PostToolUse",
-                "tool_completion",
-                payload,
-                metadata,
-                expected,
-            );
+            check("PostToolUse", "tool_completion", payload, metadata, expected);
         }
     }
 
@@ -539,13 +512,7 @@ mod tests {
             ),
         ];
         for (payload, metadata, expected) in cases {
-            check(
-                "UserPromptSubmit",
-                "prompt_submitted",
-                payload,
-                metadata,
-                expected,
-            );
+            check("UserPromptSubmit", "prompt_submitted", payload, metadata, expected);
         }
     }
 
@@ -635,13 +602,7 @@ mod tests {
             ),
         ];
         for (payload, metadata, expected) in cases {
-            check(
-                "SessionStart",
-                "session_initialized",
-                payload,
-                metadata,
-                expected,
-            );
+            check("SessionStart", "session_initialized", payload, metadata, expected);
         }
     }
 
@@ -693,21 +654,13 @@ mod tests {
         let routes = KNOWN_ROUTES.iter().chain([&("Notification", "notified")]);
         for &(source, action) in routes {
             for value in &odd {
-                for (payload, metadata) in [
-                    (value.clone(), json!({})),
-                    (json!({}), value.clone()),
-                    (value.clone(), value.clone()),
-                ] {
+                for (payload, metadata) in
+                    [(value.clone(), json!({})), (json!({}), value.clone()), (value.clone(), value.clone())]
+                {
                     let result = run(source, action, payload.clone(), metadata.clone());
-                    assert!(
-                        result.success,
-                        "{source}/{action} failed on {payload} / {metadata}: {result:?}"
-                    );
+                    assert!(result.success, "{source}/{action} failed on {payload} / {metadata}: {result:?}");
                     let serialized = serde_json::to_string(&result.metadata);
-                    assert!(
-                        serialized.is_ok(),
-                        "{source}/{action}: metadata does not serialize"
-                    );
+                    assert!(serialized.is_ok(), "{source}/{action}: metadata does not serialize");
                 }
             }
         }
@@ -767,29 +720,15 @@ mod tests {
 
     #[test]
     fn lookups() {
-        let doc = json!({"a": {"b": "text", "n": 0.5, "s": "2.5", "t": true, "l": [1, 2], "z": null}, "x": "y"});
+        let doc =
+            json!({"a": {"b": "text", "n": 0.5, "s": "2.5", "t": true, "l": [1, 2], "z": null}, "x": "y"});
         let none = json!({"str": null, "number": null, "bool": null, "len": null});
         let cases: [(&[&str], Value); 10] = [
-            (
-                &["a", "b"],
-                json!({"str": "text", "number": null, "bool": null, "len": null}),
-            ),
-            (
-                &["a", "n"],
-                json!({"str": null, "number": 0.5, "bool": null, "len": null}),
-            ),
-            (
-                &["a", "s"],
-                json!({"str": "2.5", "number": 2.5, "bool": null, "len": null}),
-            ),
-            (
-                &["a", "t"],
-                json!({"str": null, "number": null, "bool": true, "len": null}),
-            ),
-            (
-                &["a", "l"],
-                json!({"str": null, "number": null, "bool": null, "len": 2}),
-            ),
+            (&["a", "b"], json!({"str": "text", "number": null, "bool": null, "len": null})),
+            (&["a", "n"], json!({"str": null, "number": 0.5, "bool": null, "len": null})),
+            (&["a", "s"], json!({"str": "2.5", "number": 2.5, "bool": null, "len": null})),
+            (&["a", "t"], json!({"str": null, "number": null, "bool": true, "len": null})),
+            (&["a", "l"], json!({"str": null, "number": null, "bool": null, "len": 2})),
             (&["a", "z"], none.clone()),
             (&["a", "missing"], none.clone()),
             (&["x", "deeper"], none.clone()),

@@ -60,7 +60,10 @@ impl RetryPolicy {
             return Err(ConfigError::MaxRetryCount(self.max_retry_count));
         }
         if !(0.0..=1.0).contains(&self.jitter) {
-            return Err(ConfigError::Invalid(format!("retry jitter {} is not within 0.0..=1.0", self.jitter)));
+            return Err(ConfigError::Invalid(format!(
+                "retry jitter {} is not within 0.0..=1.0",
+                self.jitter
+            )));
         }
         if self.base_delay > self.max_delay {
             return Err(ConfigError::Invalid(format!(
@@ -121,7 +124,8 @@ mod tests {
     #[test]
     fn exponential_schedule_without_jitter() {
         let p = RetryPolicy { jitter: 0.0, ..RetryPolicy::default() };
-        for (attempt, secs) in [(0, 2.0), (1, 4.0), (2, 8.0), (3, 16.0), (7, 256.0), (8, 300.0), (40, 300.0)] {
+        for (attempt, secs) in [(0, 2.0), (1, 4.0), (2, 8.0), (3, 16.0), (7, 256.0), (8, 300.0), (40, 300.0)]
+        {
             check(p, attempt, (secs, secs));
         }
     }
@@ -133,8 +137,7 @@ mod tests {
         check(p, 3, (14.4, 17.6));
         check(p, 9, (270.0, 300.0));
         // Jitter actually varies with the salt.
-        let distinct: std::collections::HashSet<u128> =
-            (0..50).map(|s| p.delay(1, s).as_micros()).collect();
+        let distinct: std::collections::HashSet<u128> = (0..50).map(|s| p.delay(1, s).as_micros()).collect();
         assert!(distinct.len() > 40, "jitter produced only {} distinct delays", distinct.len());
         // And is deterministic.
         assert_eq!(p.delay(2, 99), p.delay(2, 99));

@@ -110,13 +110,9 @@ impl PgBinaries {
             }
             // `/usr/local/bin/initdb` is often a symlink into `/usr/lib/postgresql/<v>/bin`, the
             // only place where `postgres` is; `pg_ctl` looks for it next to its real path too.
-            let resolved = fs::canonicalize(&initdb)
-                .ok()
-                .and_then(|real| real.parent().map(Path::to_path_buf));
-            resolved
-                .into_iter()
-                .chain(Some(dir))
-                .find(|candidate| has_server_programs(candidate))
+            let resolved =
+                fs::canonicalize(&initdb).ok().and_then(|real| real.parent().map(Path::to_path_buf));
+            resolved.into_iter().chain(Some(dir)).find(|candidate| has_server_programs(candidate))
         })
     }
 
@@ -144,9 +140,7 @@ fn is_executable(path: &Path) -> bool {
 }
 
 fn has_server_programs(dir: &Path) -> bool {
-    ["initdb", "pg_ctl", "postgres"]
-        .iter()
-        .all(|name| is_executable(&dir.join(name)))
+    ["initdb", "pg_ctl", "postgres"].iter().all(|name| is_executable(&dir.join(name)))
 }
 
 /// The `bin` directory of the highest version under `root` (`root/15/bin`, `root/9.6/bin`, ...).
@@ -228,10 +222,7 @@ impl EmbeddedCluster {
 
         let mut cluster = EmbeddedCluster {
             socket_dir: socket_dir_for(&data_dir),
-            options: ClusterOptions {
-                data_dir,
-                ..options
-            },
+            options: ClusterOptions { data_dir, ..options },
             binaries,
             account,
             port: PORT,
@@ -476,11 +467,8 @@ impl EmbeddedCluster {
     /// The `-o` argument of `pg_ctl start`. pg_ctl hands it to `/bin/sh`, hence the quotes;
     /// [`socket_dir_usable`] keeps quotes and commas out of the socket directory.
     fn server_options(&self) -> Result<String, StoreError> {
-        let socket_dir = self
-            .socket_dir
-            .to_str()
-            .filter(|_| socket_dir_usable(&self.socket_dir))
-            .ok_or_else(|| {
+        let socket_dir =
+            self.socket_dir.to_str().filter(|_| socket_dir_usable(&self.socket_dir)).ok_or_else(|| {
                 self.error(format!(
                     "socket directory {} is not usable (too long or contains quotes or commas)",
                     self.socket_dir.display()
@@ -528,12 +516,7 @@ impl EmbeddedCluster {
     }
 
     /// Runs one of the server programs as the server's account, in the data directory.
-    async fn run(
-        &self,
-        program: &str,
-        args: &[&OsStr],
-        timeout: Duration,
-    ) -> Result<Output, StoreError> {
+    async fn run(&self, program: &str, args: &[&OsStr], timeout: Duration) -> Result<Output, StoreError> {
         let path = self.binaries.program(program);
         let mut command = Command::new(&path);
         command
@@ -554,17 +537,12 @@ impl EmbeddedCluster {
                 .env("USER", SERVER_ACCOUNT)
                 .env("LOGNAME", SERVER_ACCOUNT);
         }
-        let child = command
-            .spawn()
-            .map_err(|e| StoreError::io(format!("running {}", path.display()), e))?;
+        let child = command.spawn().map_err(|e| StoreError::io(format!("running {}", path.display()), e))?;
         match tokio::time::timeout(timeout, child.wait_with_output()).await {
-            Ok(output) => {
-                output.map_err(|e| StoreError::io(format!("running {}", path.display()), e))
+            Ok(output) => output.map_err(|e| StoreError::io(format!("running {}", path.display()), e)),
+            Err(_) => {
+                Err(self.error(format!("{program} did not finish within {} seconds", timeout.as_secs())))
             }
-            Err(_) => Err(self.error(format!(
-                "{program} did not finish within {} seconds",
-                timeout.as_secs()
-            ))),
         }
     }
 
@@ -580,10 +558,9 @@ impl EmbeddedCluster {
         let meta = fs::symlink_metadata(dir)
             .map_err(|e| StoreError::io(format!("inspecting {}", dir.display()), e))?;
         if !meta.is_dir() {
-            return Err(self.error(format!(
-                "socket directory {} exists and is not a directory",
-                dir.display()
-            )));
+            return Err(
+                self.error(format!("socket directory {} exists and is not a directory", dir.display()))
+            );
         }
         let ours = nix::unistd::geteuid().as_raw();
         let server = self.account.as_ref().map_or(ours, |account| account.uid);
@@ -619,19 +596,14 @@ impl EmbeddedCluster {
     fn log_tail(&self) -> String {
         let path = self.log_file();
         match read_tail(&path, 8 * 1024) {
-            Ok(text) if !text.trim().is_empty() => format!(
-                "; last lines of {}:\n{}",
-                path.display(),
-                last_lines(&text, LOG_TAIL_LINES)
-            ),
+            Ok(text) if !text.trim().is_empty() => {
+                format!("; last lines of {}:\n{}", path.display(), last_lines(&text, LOG_TAIL_LINES))
+            }
             _ => String::new(),
         }
     }
 
-    async fn connect(
-        &self,
-        database: &str,
-    ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    async fn connect(&self, database: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
         let (client, connection) = self.config(database).connect(NoTls).await?;
         tokio::spawn(async move {
             if let Err(error) = connection.await {
@@ -663,10 +635,8 @@ impl EmbeddedCluster {
         };
 
         let database = &self.options.database;
-        let exists = client
-            .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[database])
-            .await?
-            .is_some();
+        let exists =
+            client.query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[database]).await?.is_some();
         if !exists {
             let sql = format!("CREATE DATABASE {}", quote_identifier(database));
             match client.batch_execute(&sql).await {
@@ -678,10 +648,7 @@ impl EmbeddedCluster {
 
         if !self.started_here() {
             let row = client
-                .query_one(
-                    "SELECT current_setting('max_connections')::int, current_setting('fsync')",
-                    &[],
-                )
+                .query_one("SELECT current_setting('max_connections')::int, current_setting('fsync')", &[])
                 .await?;
             let max_connections: i32 = row.get(0);
             let fsync: String = row.get(1);
@@ -703,22 +670,15 @@ impl EmbeddedCluster {
 }
 
 fn cluster_error(dir: &Path, reason: impl Into<String>) -> StoreError {
-    StoreError::Cluster {
-        dir: dir.to_path_buf(),
-        reason: reason.into(),
-    }
+    StoreError::Cluster { dir: dir.to_path_buf(), reason: reason.into() }
 }
 
 fn validate(options: &ClusterOptions) -> Result<(), StoreError> {
     if options.database.is_empty() || options.database.contains('\0') {
-        return Err(StoreError::Config(
-            "the embedded cluster's database name is empty or has a NUL".into(),
-        ));
+        return Err(StoreError::Config("the embedded cluster's database name is empty or has a NUL".into()));
     }
     if options.max_connections == 0 {
-        return Err(StoreError::Config(
-            "the embedded cluster's max_connections must be at least 1".into(),
-        ));
+        return Err(StoreError::Config("the embedded cluster's max_connections must be at least 1".into()));
     }
     Ok(())
 }
@@ -729,11 +689,9 @@ fn server_account(data_dir: &Path) -> Result<Option<Account>, StoreError> {
         return Ok(None);
     }
     match nix::unistd::User::from_name(SERVER_ACCOUNT) {
-        Ok(Some(user)) if !user.uid.is_root() => Ok(Some(Account {
-            uid: user.uid.as_raw(),
-            gid: user.gid.as_raw(),
-            home: user.dir,
-        })),
+        Ok(Some(user)) if !user.uid.is_root() => {
+            Ok(Some(Account { uid: user.uid.as_raw(), gid: user.gid.as_raw(), home: user.dir }))
+        }
         Ok(_) => Err(cluster_error(data_dir, ROOT_WITHOUT_ACCOUNT)),
         Err(errno) => Err(cluster_error(
             data_dir,
@@ -768,10 +726,7 @@ fn prepare_data_dir(data_dir: &Path, account: Option<&Account>) -> Result<PathBu
 /// pg_ctl puts the data directory and log file between double quotes in a `/bin/sh` command.
 fn check_quotable(dir: &Path) -> Result<(), StoreError> {
     let bytes = dir.as_os_str().as_bytes();
-    if bytes
-        .iter()
-        .any(|b| matches!(b, b'"' | b'$' | b'`' | b'\\') || b.is_ascii_control())
-    {
+    if bytes.iter().any(|b| matches!(b, b'"' | b'$' | b'`' | b'\\') || b.is_ascii_control()) {
         return Err(cluster_error(
             dir,
             "the data directory's path contains a character pg_ctl cannot quote (\", $, `, \\ or a control character)",
@@ -821,12 +776,8 @@ fn first_unsearchable_ancestor(dir: &Path, uid: u32, gid: u32) -> Option<PathBuf
 }
 
 fn chown(path: &Path, account: &Account) -> Result<(), StoreError> {
-    std::os::unix::fs::chown(path, Some(account.uid), Some(account.gid)).map_err(|e| {
-        StoreError::io(
-            format!("giving {} to the postgres account", path.display()),
-            e,
-        )
-    })
+    std::os::unix::fs::chown(path, Some(account.uid), Some(account.gid))
+        .map_err(|e| StoreError::io(format!("giving {} to the postgres account", path.display()), e))
 }
 
 /// Takes the exclusive lock on `data_dir/.lock`, waiting for other processes (in a blocking
@@ -859,10 +810,7 @@ async fn lock_data_dir(data_dir: &Path) -> Result<fs::File, StoreError> {
     match locked {
         Ok(Ok(file)) => Ok(file),
         Ok(Err(e)) => Err(StoreError::io(format!("locking {}", path.display()), e)),
-        Err(e) => Err(cluster_error(
-            data_dir,
-            format!("waiting for {}: {e}", path.display()),
-        )),
+        Err(e) => Err(cluster_error(data_dir, format!("waiting for {}: {e}", path.display()))),
     }
 }
 
@@ -873,10 +821,7 @@ fn socket_dir_for(data_dir: &Path) -> PathBuf {
     if socket_dir_usable(&run) {
         run
     } else {
-        PathBuf::from(format!(
-            "/tmp/hook-events-{:016x}",
-            fnv1a(data_dir.as_os_str().as_bytes())
-        ))
+        PathBuf::from(format!("/tmp/hook-events-{:016x}", fnv1a(data_dir.as_os_str().as_bytes())))
     }
 }
 
@@ -888,9 +833,7 @@ fn socket_dir_usable(dir: &Path) -> bool {
     };
     let socket_len = dir.join(format!(".s.PGSQL.{PORT}")).as_os_str().len();
     socket_len <= MAX_SOCKET_PATH
-        && !text
-            .chars()
-            .any(|c| matches!(c, '\'' | '"' | ',' | '\\') || c.is_control())
+        && !text.chars().any(|c| matches!(c, '\'' | '"' | ',' | '\\') || c.is_control())
 }
 
 /// 64-bit FNV-1a: a hash that, unlike `DefaultHasher`, is the same in every Rust release.
@@ -905,11 +848,7 @@ fn read_postmaster_pid(pgdata: &Path) -> Option<(u16, Option<PathBuf>)> {
     let text = fs::read_to_string(pgdata.join("postmaster.pid")).ok()?;
     let mut lines = text.lines().skip(3);
     let port = lines.next()?.trim().parse().ok()?;
-    let socket_dir = lines
-        .next()
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(PathBuf::from);
+    let socket_dir = lines.next().map(str::trim).filter(|s| !s.is_empty()).map(PathBuf::from);
     Some((port, socket_dir))
 }
 
@@ -923,10 +862,7 @@ fn read_tail(path: &Path, max_bytes: u64) -> io::Result<String> {
 }
 
 fn last_lines(text: &str, count: usize) -> String {
-    let lines: Vec<&str> = text
-        .lines()
-        .filter(|line| !line.trim().is_empty())
-        .collect();
+    let lines: Vec<&str> = text.lines().filter(|line| !line.trim().is_empty()).collect();
     lines[lines.len().saturating_sub(count)..].join("\n")
 }
 
@@ -967,10 +903,7 @@ mod tests {
         fn new(tag: &str) -> Scratch {
             static COUNTER: AtomicUsize = AtomicUsize::new(0);
             let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-            let dir = PathBuf::from(format!(
-                "/tmp/hook-store-cluster-{}-{n}-{tag}",
-                std::process::id()
-            ));
+            let dir = PathBuf::from(format!("/tmp/hook-store-cluster-{}-{n}-{tag}", std::process::id()));
             let _ = fs::remove_dir_all(&dir);
             fs::create_dir_all(&dir).expect("creating a scratch directory under /tmp");
             Scratch { dir }
@@ -1022,10 +955,7 @@ mod tests {
             return;
         };
         let mut command = std::process::Command::new(binaries.program("pg_ctl"));
-        command
-            .arg("-D")
-            .arg(pgdata)
-            .args(["-m", "immediate", "-w", "stop"]);
+        command.arg("-D").arg(pgdata).args(["-m", "immediate", "-w", "stop"]);
         if let Ok(Some(account)) = server_account(pgdata) {
             command.uid(account.uid).gid(account.gid).current_dir("/");
         }
@@ -1038,8 +968,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn concurrent_starts_share_one_server_that_survives_a_restart() -> Result<(), StoreError>
-    {
+    async fn concurrent_starts_share_one_server_that_survives_a_restart() -> Result<(), StoreError> {
         let scratch = Scratch::new("shared");
         let options = scratch.options(scratch.dir.join("data"));
         let (a, b, c) = tokio::join!(
@@ -1061,14 +990,9 @@ mod tests {
         let config: tokio_postgres::Config = owner.url("hook_events_test").parse()?;
         let (client, connection) = config.connect(NoTls).await?;
         tokio::spawn(connection);
-        client
-            .batch_execute("CREATE TABLE kept (v int); INSERT INTO kept VALUES (7)")
-            .await?;
-        assert!(owner
-            .url("hook_events_test")
-            .ends_with("/data/run&port=5432"));
-        let run =
-            fs::metadata(scratch.dir.join("data/run")).map_err(|e| StoreError::io("run dir", e))?;
+        client.batch_execute("CREATE TABLE kept (v int); INSERT INTO kept VALUES (7)").await?;
+        assert!(owner.url("hook_events_test").ends_with("/data/run&port=5432"));
+        let run = fs::metadata(scratch.dir.join("data/run")).map_err(|e| StoreError::io("run dir", e))?;
         assert_eq!(run.mode() & 0o777, 0o700);
 
         // A process that reused the server leaves it running when it stops.
@@ -1100,16 +1024,14 @@ mod tests {
     #[tokio::test]
     async fn a_deep_data_dir_puts_its_socket_in_a_private_tmp_dir() -> Result<(), StoreError> {
         let scratch = Scratch::new("deep");
-        let data_dir = scratch
-            .dir
-            .join("a-directory-name-long-enough-to-push-the-socket-path")
-            .join("past-the-limit");
+        let data_dir =
+            scratch.dir.join("a-directory-name-long-enough-to-push-the-socket-path").join("past-the-limit");
         let cluster = EmbeddedCluster::start(scratch.options(data_dir.clone())).await?;
         assert!(cluster.started_here());
         let expected = socket_dir_for(&data_dir);
         assert!(expected.starts_with("/tmp"), "{}", expected.display());
-        let remembered = fs::read_to_string(data_dir.join("socket_dir"))
-            .map_err(|e| StoreError::io("socket_dir", e))?;
+        let remembered =
+            fs::read_to_string(data_dir.join("socket_dir")).map_err(|e| StoreError::io("socket_dir", e))?;
         assert_eq!(remembered.trim_end(), expected.to_string_lossy());
         let meta = fs::symlink_metadata(&expected).map_err(|e| StoreError::io("socket dir", e))?;
         assert_eq!(meta.mode() & 0o777, 0o700);
@@ -1124,31 +1046,19 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn as_root_a_data_dir_the_postgres_account_cannot_reach_is_refused(
-    ) -> Result<(), StoreError> {
+    async fn as_root_a_data_dir_the_postgres_account_cannot_reach_is_refused() -> Result<(), StoreError> {
         if !nix::unistd::geteuid().is_root() || server_account(Path::new("/")).is_err() {
             return Ok(()); // only root hands the server to another account
         }
         let scratch = Scratch::new("private");
         let private = scratch.dir.join("like-root-home");
-        fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&private)
-            .map_err(|e| StoreError::io("mkdir", e))?;
+        fs::DirBuilder::new().mode(0o700).create(&private).map_err(|e| StoreError::io("mkdir", e))?;
         let data_dir = private.join("data");
-        let error = EmbeddedCluster::start(scratch.options(data_dir.clone()))
-            .await
-            .err();
+        let error = EmbeddedCluster::start(scratch.options(data_dir.clone())).await.err();
         let message = error.map(|e| e.to_string()).unwrap_or_default();
         assert!(message.contains("cannot reach"), "{message}");
-        assert!(
-            message.contains(&format!("may not enter {}", private.display())),
-            "{message}"
-        );
-        assert!(
-            message.contains("pick a --data-dir the postgres account can reach"),
-            "{message}"
-        );
+        assert!(message.contains(&format!("may not enter {}", private.display())), "{message}");
+        assert!(message.contains("pick a --data-dir the postgres account can reach"), "{message}");
         assert!(!data_dir.exists(), "a refused data dir is not created");
         Ok(())
     }
@@ -1157,32 +1067,20 @@ mod tests {
     fn unsearchable_ancestors_are_found_by_mode_bits() {
         let scratch = Scratch::new("modes");
         let locked = scratch.dir.join("locked");
-        fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&locked)
-            .expect("mkdir");
+        fs::DirBuilder::new().mode(0o700).create(&locked).expect("mkdir");
         let data_dir = locked.join("inner/data");
         let owner = nix::unistd::geteuid().as_raw();
         let stranger = owner.wrapping_add(4242).max(1);
         let group = nix::unistd::getegid().as_raw().wrapping_add(4242);
 
-        assert_eq!(
-            first_unsearchable_ancestor(&data_dir, stranger, group),
-            Some(locked.clone())
-        );
+        assert_eq!(first_unsearchable_ancestor(&data_dir, stranger, group), Some(locked.clone()));
         assert_eq!(first_unsearchable_ancestor(&data_dir, 0, 0), None);
         fs::set_permissions(&locked, fs::Permissions::from_mode(0o711)).expect("chmod");
-        assert_eq!(
-            first_unsearchable_ancestor(&data_dir, stranger, group),
-            None
-        );
+        assert_eq!(first_unsearchable_ancestor(&data_dir, stranger, group), None);
 
         let message = unreachable_error(&data_dir, &locked, stranger).to_string();
         assert!(message.starts_with(&format!("embedded cluster at {}:", data_dir.display())));
-        assert!(
-            message.contains("(e.g. under /tmp or /var/lib)"),
-            "{message}"
-        );
+        assert!(message.contains("(e.g. under /tmp or /var/lib)"), "{message}");
     }
 
     #[test]
@@ -1194,9 +1092,7 @@ mod tests {
         assert_eq!(fallback, socket_dir_for(&long), "the choice is stable");
         assert_ne!(fallback, socket_dir_for(&long.join("other")));
         let name = fallback.to_string_lossy().into_owned();
-        assert!(
-            name.starts_with("/tmp/hook-events-") && name.len() == "/tmp/hook-events-".len() + 16
-        );
+        assert!(name.starts_with("/tmp/hook-events-") && name.len() == "/tmp/hook-events-".len() + 16);
         assert!(socket_dir_for(Path::new("/srv/it's")).starts_with("/tmp"));
         assert!(socket_dir_for(Path::new("/srv/a,b")).starts_with("/tmp"));
         assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
@@ -1204,10 +1100,7 @@ mod tests {
 
     #[test]
     fn urls_encode_what_needs_encoding() {
-        assert_eq!(
-            percent_encode(b"/abs/.hook-data/run", true),
-            "/abs/.hook-data/run"
-        );
+        assert_eq!(percent_encode(b"/abs/.hook-data/run", true), "/abs/.hook-data/run");
         assert_eq!(percent_encode(b"/a b/r&n", true), "/a%20b/r%26n");
         assert_eq!(percent_encode(b"db/x?", false), "db%2Fx%3F");
         assert_eq!(quote_identifier("we\"ird"), "\"we\"\"ird\"");
@@ -1217,11 +1110,7 @@ mod tests {
     #[test]
     fn server_binaries_are_found_with_all_three_programs() {
         let binaries = PgBinaries::find().expect("PostgreSQL server binaries on this machine");
-        assert!(
-            has_server_programs(&binaries.bindir),
-            "{}",
-            binaries.bindir.display()
-        );
+        assert!(has_server_programs(&binaries.bindir), "{}", binaries.bindir.display());
         assert_eq!(parse_version("9.6"), Some(vec![9, 6]));
         assert_eq!(parse_version("15"), Some(vec![15]));
         assert_eq!(parse_version("lib"), None);
@@ -1233,16 +1122,10 @@ mod tests {
         let data_dir = scratch.dir.join("data");
         let mut options = scratch.options(data_dir.clone());
         options.database.clear();
-        assert!(matches!(
-            EmbeddedCluster::start(options.clone()).await,
-            Err(StoreError::Config(_))
-        ));
+        assert!(matches!(EmbeddedCluster::start(options.clone()).await, Err(StoreError::Config(_))));
         options.database = "ok".into();
         options.max_connections = 0;
-        assert!(matches!(
-            EmbeddedCluster::start(options).await,
-            Err(StoreError::Config(_))
-        ));
+        assert!(matches!(EmbeddedCluster::start(options).await, Err(StoreError::Config(_))));
         assert!(!data_dir.exists());
     }
 }

@@ -104,7 +104,10 @@ mod tests {
         for (input, expected) in [
             ("postgres://u:pw@h:1/d", "postgresql://u@h:1/d"),
             ("host=h port=2 user=u password=pw dbname=d", "postgresql://u@h:2/d"),
-            ("host=/run/pg port=5432 user=postgres dbname=x", "postgresql://postgres@/x?host=/run/pg&port=5432"),
+            (
+                "host=/run/pg port=5432 user=postgres dbname=x",
+                "postgresql://postgres@/x?host=/run/pg&port=5432",
+            ),
         ] {
             let shown = redacted(&parse_database_url(input).unwrap());
             assert_eq!(shown, expected);

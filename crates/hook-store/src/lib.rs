@@ -22,9 +22,9 @@ pub mod testing;
 
 pub use cluster::{ClusterOptions, EmbeddedCluster, PgBinaries};
 pub use connect::{parse_database_url, redacted, with_service_defaults, SeedSettings};
+pub use deadpool_postgres;
 pub use error::StoreError;
 pub use listen::CHANNEL;
 pub use pg::{PgBatch, PgStore, StoreOptions};
 pub use queries::claim_events;
 pub use tokio_postgres;
-pub use deadpool_postgres;

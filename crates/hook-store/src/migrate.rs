@@ -42,7 +42,11 @@ impl Migration {
 
 macro_rules! migration {
     ($version:literal, $name:literal) => {
-        Migration { version: $version, name: $name, sql: include_str!(concat!("../../../migrations/", $name)) }
+        Migration {
+            version: $version,
+            name: $name,
+            sql: include_str!(concat!("../../../migrations/", $name)),
+        }
     };
 }
 

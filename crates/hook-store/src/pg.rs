@@ -64,8 +64,11 @@ impl PgStore {
     /// Connects (checking one connection right away, so bad settings fail here) and, when
     /// `options.listen`, starts the LISTEN task.
     pub async fn connect(config: Config, options: StoreOptions) -> Result<Self, StoreError> {
-        let manager =
-            Manager::from_config(config.clone(), NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let manager = Manager::from_config(
+            config.clone(),
+            NoTls,
+            ManagerConfig { recycling_method: RecyclingMethod::Fast },
+        );
         let pool = Pool::builder(manager)
             .max_size(options.pool_size.max(1))
             .runtime(deadpool_postgres::Runtime::Tokio1)

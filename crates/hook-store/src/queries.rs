@@ -2,9 +2,9 @@
 
 use std::time::Duration;
 
+use deadpool_postgres::GenericClient;
 use hook_core::{HookEvent, Outcome, Resolution};
 use serde_json::Value;
-use deadpool_postgres::GenericClient;
 use tokio_postgres::Row;
 use uuid::Uuid;
 
@@ -123,7 +123,10 @@ fn duration_ms(d: Duration) -> i64 {
 /// claim's locks were released, unfenced. Executes of prepared statements go out on their first
 /// poll, and `join!` polls in order, so the server sees the updates before COMMIT. If an update
 /// fails, the transaction is aborted and COMMIT rolls it back: nothing is written.
-pub(crate) async fn record_outcomes_and_commit(client: &impl GenericClient, c: &Completion) -> Result<u64, StoreError> {
+pub(crate) async fn record_outcomes_and_commit(
+    client: &impl GenericClient,
+    c: &Completion,
+) -> Result<u64, StoreError> {
     let succeed_statement = client.prepare_cached(SUCCEED).await?;
     let fail_statement = client.prepare_cached(FAIL).await?;
     let succeed = async {
