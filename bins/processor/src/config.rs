@@ -176,7 +176,13 @@ fn env_nonempty(name: &str) -> Option<String> {
 }
 
 pub(crate) fn init_logging(args: &Args) -> anyhow::Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_new(args.log_level.to_lowercase())
+    // A bare level applies to our crates; the database driver's chatter (server NOTICEs) stays
+    // at warn unless the user names it.
+    let mut directives = args.log_level.to_lowercase();
+    if !directives.contains("tokio_postgres") {
+        directives.push_str(",tokio_postgres=warn");
+    }
+    let filter = tracing_subscriber::EnvFilter::try_new(&directives)
         .with_context(|| format!("LOG_LEVEL {:?} is not a log level or filter", args.log_level))?;
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     let result = match args.log_format {

@@ -15,6 +15,8 @@
 //! assert!(registry.resolve("MyService", "anything").is_some());
 //! ```
 
+#![deny(missing_docs)]
+
 mod engine;
 mod error;
 mod event;

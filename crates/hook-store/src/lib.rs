@@ -9,6 +9,8 @@
 //! |---|---|
 //! | `test-support` | `testing`: a fresh, optionally migrated database per test |
 
+#![deny(missing_docs)]
+
 mod cluster;
 mod connect;
 mod error;

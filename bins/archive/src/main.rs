@@ -1,0 +1,3 @@
+//! hook-archive (work in progress).
+
+fn main() {}

@@ -1,0 +1,3 @@
+//! hook-bench (work in progress).
+
+fn main() {}

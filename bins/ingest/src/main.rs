@@ -1,0 +1,3 @@
+//! hook-ingest (work in progress).
+
+fn main() {}

@@ -1,0 +1,3 @@
+//! hook-replay (work in progress).
+
+fn main() {}
