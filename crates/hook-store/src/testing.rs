@@ -5,7 +5,9 @@
 //! 2. a cluster this harness starts from the machine's PostgreSQL binaries, shared by all test
 //!    processes of the user under `$TMPDIR/hook-events-test-<uid>` and left running for reuse
 //!    (built without fsync: a test cluster needs no durability);
-//! 3. otherwise a panic saying what to install.
+//! 3. with the `testcontainers` feature, a `postgres` container when a Docker engine answers
+//!    (trust authentication: no password is involved);
+//! 4. otherwise a panic saying what to install.
 //!
 //! Databases are named after the test and the process (`t_<test>_<pid>_<n>`), dropped when the
 //! [`TestDb`] is dropped, kept when the test panicked (for debugging), and removed by the first
@@ -55,14 +57,53 @@ async fn start_server() -> Result<Config, StoreError> {
     if let Ok(url) = std::env::var("HOOK_TEST_DATABASE_URL") {
         return crate::parse_database_url(&url);
     }
-    let cluster = EmbeddedCluster::start(ClusterOptions {
+    let local = EmbeddedCluster::start(ClusterOptions {
         data_dir: shared_cluster_dir(),
         database: "postgres".into(),
         durable: false,
         max_connections: 400,
     })
-    .await?;
-    Ok(cluster.config("postgres"))
+    .await;
+    match local {
+        Ok(cluster) => Ok(cluster.config("postgres")),
+        Err(StoreError::NoPostgresBinaries) => container().await,
+        Err(other) => Err(other),
+    }
+}
+
+#[cfg(feature = "testcontainers")]
+async fn container() -> Result<Config, StoreError> {
+    use testcontainers_modules::postgres::Postgres;
+    use testcontainers_modules::testcontainers::runners::AsyncRunner;
+    use testcontainers_modules::testcontainers::{ContainerAsync, ImageExt};
+
+    // Kept for the life of the test process; the container is removed by testcontainers' reaper.
+    static CONTAINER: OnceCell<ContainerAsync<Postgres>> = OnceCell::const_new();
+    let unavailable = |e: &dyn std::fmt::Display| {
+        StoreError::Config(format!(
+            "no PostgreSQL server binaries on this machine, and no Docker engine for a container ({e})"
+        ))
+    };
+    let container = CONTAINER
+        .get_or_try_init(|| async {
+            Postgres::default()
+                .with_host_auth()
+                .with_cmd(["postgres", "-c", "max_connections=400"])
+                .start()
+                .await
+        })
+        .await
+        .map_err(|e| unavailable(&e))?;
+    let host = container.get_host().await.map_err(|e| unavailable(&e))?;
+    let port = container.get_host_port_ipv4(5432).await.map_err(|e| unavailable(&e))?;
+    let mut config = Config::new();
+    config.host(host.to_string()).port(port).user("postgres").dbname("postgres");
+    Ok(config)
+}
+
+#[cfg(not(feature = "testcontainers"))]
+async fn container() -> Result<Config, StoreError> {
+    Err(StoreError::NoPostgresBinaries)
 }
 
 async fn connect(config: &Config) -> Result<Client, StoreError> {
