@@ -1,3 +1,254 @@
-//! hook-bench (work in progress).
+//! `hook-bench`: measures the engine against the database's own claim-and-complete limit and
+//! against the original service's algorithm, in one run on one database, so every figure it
+//! reports is comparable with the others (see docs/benchmarks.md).
+//!
+//! With no `DATABASE_URL` it runs on a durable embedded cluster under `--data-dir`.
 
-fn main() {}
+mod phases;
+mod report;
+
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, ValueEnum};
+use hook_core::EngineConfig;
+use hook_store::{parse_database_url, ClusterOptions, EmbeddedCluster};
+
+use crate::phases::Db;
+use crate::report::Report;
+
+/// Benchmarks hook-events on this machine.
+///
+/// One run measures, on the same database: the drain of a backlog by the engine (no-op handler)
+/// and by a bare SQL loop (the database's own limit); pickup and completion latency under a
+/// steady trickle; the original service's algorithm (1 s poll, batch 100, one commit per event)
+/// measured the same way; and the peak RSS of the real hook-processor draining a backlog.
+///
+/// hook-bench empties `hook_events` before each phase. On DATABASE_URL it refuses a non-empty
+/// table unless --truncate is given: point it at a scratch database.
+#[derive(Debug, Parser)]
+#[command(name = "hook-bench", version, about, long_about)]
+struct Args {
+    /// Backlog size of the drain, limit and RSS phases.
+    #[arg(long, default_value_t = 100_000)]
+    events: u64,
+
+    /// Backlog size of the original algorithm's drain (it manages about 100 events/s).
+    #[arg(long, default_value_t = 2_000)]
+    baseline_events: u64,
+
+    /// Events per second of the latency trickle.
+    #[arg(long, default_value_t = 50.0)]
+    rate: f64,
+
+    /// How long the latency trickle runs, in seconds.
+    #[arg(long, default_value_t = 20.0)]
+    duration: f64,
+
+    /// Phases to run, comma separated.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "limit,drain,latency,baseline,rss")]
+    phases: Vec<Phase>,
+
+    /// PostgreSQL URL to benchmark on; without it, an embedded cluster under --data-dir.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+
+    /// Directory of the embedded cluster (created on first use, durable: fsync and
+    /// synchronous_commit on).
+    #[arg(long, default_value = "/tmp/hook-bench-data")]
+    data_dir: PathBuf,
+
+    /// Allow emptying a non-empty hook_events table on DATABASE_URL.
+    #[arg(long)]
+    truncate: bool,
+
+    /// Engine: events per claim [default: the engine's default].
+    #[arg(long)]
+    batch_size: Option<usize>,
+
+    /// Engine: batches in flight [default: the engine's default].
+    #[arg(long)]
+    batches_in_flight: Option<usize>,
+
+    /// Engine: handlers running at once [default: the engine's default].
+    #[arg(long)]
+    concurrency: Option<usize>,
+
+    /// Rows claimed and completed per statement by the limit loop.
+    #[arg(long, default_value_t = 100)]
+    limit_batch: i64,
+
+    /// The hook-processor binary of the RSS phase [default: next to hook-bench].
+    #[arg(long)]
+    processor_bin: Option<PathBuf>,
+
+    /// Print the report as JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+
+    /// Log level or filter for hook-bench's own logs (stderr).
+    #[arg(long, default_value = "warn")]
+    log_level: String,
+}
+
+/// One measurement of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Phase {
+    /// Drain the backlog with a bare SQL loop: the database's own limit.
+    Limit,
+    /// Drain the backlog with the engine and a no-op handler.
+    Drain,
+    /// Pickup and completion latency of the engine under a steady trickle.
+    Latency,
+    /// The original's algorithm: its drain rate and latency.
+    Baseline,
+    /// Peak RSS of the hook-processor binary draining the backlog.
+    Rss,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("hook-bench: error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    init_logging(&args.log_level)?;
+    let plan = Plan::from_args(&args)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let report = runtime.block_on(bench(&args, &plan))?;
+    let text = if args.json {
+        serde_json::to_string_pretty(&report).context("encoding the report")? + "\n"
+    } else {
+        report.table()
+    };
+    // The report is the program's output: stdout, where a pipe or redirect takes it.
+    std::io::stdout().lock().write_all(text.as_bytes()).context("writing the report")?;
+    Ok(())
+}
+
+/// What to measure, checked once.
+#[derive(Debug, Clone)]
+pub(crate) struct Plan {
+    pub(crate) events: u64,
+    pub(crate) baseline_events: u64,
+    pub(crate) rate: f64,
+    pub(crate) duration: Duration,
+    pub(crate) engine: EngineConfig,
+    pub(crate) limit_batch: i64,
+    pub(crate) processor_bin: PathBuf,
+}
+
+impl Plan {
+    fn from_args(args: &Args) -> anyhow::Result<Plan> {
+        anyhow::ensure!(
+            args.events > 0 && args.baseline_events > 0,
+            "--events and --baseline-events must be positive"
+        );
+        anyhow::ensure!(args.rate > 0.0 && args.rate <= 10_000.0, "--rate must be in (0, 10000]");
+        anyhow::ensure!(args.duration > 0.0 && args.duration <= 3600.0, "--duration must be in (0, 3600]");
+        anyhow::ensure!((1..=10_000).contains(&args.limit_batch), "--limit-batch must be in 1..=10000");
+        let defaults = EngineConfig::default();
+        let engine = EngineConfig {
+            batch_size: args.batch_size.unwrap_or(defaults.batch_size),
+            batches_in_flight: args.batches_in_flight.unwrap_or(defaults.batches_in_flight),
+            concurrency: args.concurrency.unwrap_or(defaults.concurrency),
+            metrics_interval: None,
+            ..defaults
+        };
+        engine.validate().context("invalid engine settings")?;
+        let processor_bin = match &args.processor_bin {
+            Some(path) => path.clone(),
+            None => std::env::current_exe().context("locating hook-bench")?.with_file_name("hook-processor"),
+        };
+        Ok(Plan {
+            events: args.events,
+            baseline_events: args.baseline_events,
+            rate: args.rate,
+            duration: Duration::from_secs_f64(args.duration),
+            engine,
+            limit_batch: args.limit_batch,
+            processor_bin,
+        })
+    }
+}
+
+async fn bench(args: &Args, plan: &Plan) -> anyhow::Result<Report> {
+    let (db, cluster) = match &args.database_url {
+        Some(url) => (Db::new(parse_database_url(url)?, url.clone(), false)?, None),
+        None => {
+            let cluster = EmbeddedCluster::start(ClusterOptions {
+                data_dir: args.data_dir.clone(),
+                database: "hook_bench".into(),
+                durable: true,
+                max_connections: 100,
+            })
+            .await
+            .with_context(|| format!("starting the embedded PostgreSQL under {}", args.data_dir.display()))?;
+            let db = Db::new(cluster.config("hook_bench"), cluster.url("hook_bench"), true)?;
+            (db, Some(cluster))
+        }
+    };
+    let result = measure(args, plan, &db).await;
+    // Close the bench's connections before the server goes, so none of them logs its death.
+    drop(db);
+    if let Some(cluster) = cluster {
+        cluster.stop().await.context("stopping the embedded PostgreSQL")?;
+    }
+    result
+}
+
+async fn measure(args: &Args, plan: &Plan, db: &Db) -> anyhow::Result<Report> {
+    let client = db.connect().await?;
+    hook_store::migrate::migrate(&client).await.context("migrating the bench database")?;
+    let rows = hook_store::bench::row_count(&client).await?;
+    if rows > 0 && !db.embedded && !args.truncate {
+        anyhow::bail!(
+            "hook_events already holds {rows} rows and hook-bench empties it before each phase; \
+             point DATABASE_URL at a scratch database, or pass --truncate"
+        );
+    }
+    let mut report = Report::begin(plan, db).await?;
+    let wanted = |phase| args.phases.contains(&phase);
+    if wanted(Phase::Limit) {
+        report.limit = Some(phases::limit_drain(db, plan).await.context("limit phase")?);
+    }
+    if wanted(Phase::Drain) {
+        report.drain = Some(phases::engine_drain(db, plan).await.context("drain phase")?);
+    }
+    if wanted(Phase::Latency) {
+        report.latency = Some(phases::engine_latency(db, plan).await.context("latency phase")?);
+    }
+    if wanted(Phase::Baseline) {
+        report.baseline_latency =
+            Some(phases::baseline_latency(db, plan).await.context("baseline latency phase")?);
+        report.baseline_drain = Some(phases::baseline_drain(db, plan).await.context("baseline drain phase")?);
+    }
+    if wanted(Phase::Rss) {
+        report.rss = Some(phases::processor_rss(db, plan).await.context("RSS phase")?);
+    }
+    hook_store::bench::truncate(&client).await?;
+    report.finish();
+    Ok(report)
+}
+
+fn init_logging(level: &str) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(format!("{level},tokio_postgres=warn"))
+        .with_context(|| format!("--log-level {level:?} is not a log level or filter"))?;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init()
+        .map_err(|e| anyhow::anyhow!("setting up logging: {e}"))
+}

@@ -8,6 +8,7 @@
 //! | feature | what it adds |
 //! |---|---|
 //! | `test-support` | `testing`: a fresh, optionally migrated database per test |
+//! | `bench` | `bench`: the SQL of `hook-bench` (event generation, the limit loop, the original's algorithm) |
 
 #![deny(missing_docs)]
 
@@ -18,6 +19,8 @@ mod listen;
 mod pg;
 mod queries;
 
+#[cfg(feature = "bench")]
+pub mod bench;
 pub mod migrate;
 #[cfg(feature = "test-support")]
 pub mod testing;

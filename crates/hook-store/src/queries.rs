@@ -10,16 +10,28 @@ use uuid::Uuid;
 
 use crate::error::StoreError;
 
+/// The columns of a [`HookEvent`], in the order [`event_from_row`] reads them.
+macro_rules! event_columns {
+    () => {
+        "id, source, action, resource, resource_id, payload, metadata, \
+         processed, processing_errors, retry_count, created_at, processed_at"
+    };
+}
+#[cfg_attr(not(feature = "bench"), allow(unused_imports))]
+pub(crate) use event_columns;
+
 /// Locks up to `$2` eligible events, oldest first, skipping rows another claim holds. The locks
 /// last until the claiming transaction ends; that transaction is the claim.
-const CLAIM: &str = "SELECT id, source, action, resource, resource_id, payload, metadata, \
-     processed, processing_errors, retry_count, created_at, processed_at \
-     FROM hook_events \
+const CLAIM: &str = concat!(
+    "SELECT ",
+    event_columns!(),
+    " FROM hook_events \
      WHERE NOT processed AND dead_at IS NULL AND retry_count < $1 \
        AND (next_attempt_at IS NULL OR next_attempt_at <= now()) \
      ORDER BY created_at \
      LIMIT $2 \
-     FOR UPDATE SKIP LOCKED";
+     FOR UPDATE SKIP LOCKED"
+);
 
 /// Marks events processed. `GREATEST` keeps the table's `processed_at >= created_at` check true
 /// when a producer's clock ran ahead of the database's.

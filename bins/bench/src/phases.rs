@@ -1,0 +1,387 @@
+//! The measurements. Every phase starts from the same state: an emptied table, its backlog (if
+//! any) bulk-inserted without NOTIFY, then `VACUUM (ANALYZE)` and a checkpoint.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use hdrhistogram::Histogram;
+use hook_core::{Engine, HandlerResult, HookEvent, Store};
+use hook_store::deadpool_postgres::{Manager, ManagerConfig, Object as Client, Pool, RecyclingMethod};
+use hook_store::tokio_postgres::{Config, NoTls};
+use hook_store::{bench, PgStore, StoreOptions};
+use time::OffsetDateTime;
+use tokio::sync::watch;
+
+use crate::report::{BaselineDrain, Latency, Percentiles, Rss, Throughput};
+use crate::Plan;
+
+/// Rows per INSERT statement when building a backlog.
+const INSERT_CHUNK: i64 = 20_000;
+/// The original service's settings.
+const BASELINE_POLL: Duration = Duration::from_secs(1);
+const BASELINE_BATCH: i64 = 100;
+/// `MAX_RETRY_COUNT`'s default.
+const MAX_RETRY_COUNT: i32 = 3;
+
+/// The database under test.
+pub(crate) struct Db {
+    config: Config,
+    /// The same, as a URL for the hook-processor child.
+    url: String,
+    pub(crate) embedded: bool,
+    /// The bench's own connections (producer, limit loop, baseline, read-outs).
+    pool: Pool,
+}
+
+impl Db {
+    pub(crate) fn new(config: Config, url: String, embedded: bool) -> anyhow::Result<Db> {
+        let manager = Manager::from_config(
+            config.clone(),
+            NoTls,
+            ManagerConfig { recycling_method: RecyclingMethod::Fast },
+        );
+        let pool = Pool::builder(manager).max_size(8).build().context("building the connection pool")?;
+        Ok(Db { config, url, embedded, pool })
+    }
+
+    pub(crate) async fn connect(&self) -> anyhow::Result<Client> {
+        self.pool.get().await.context("connecting")
+    }
+
+    async fn store(&self, plan: &Plan) -> anyhow::Result<PgStore> {
+        let options =
+            StoreOptions { pool_size: plan.engine.batches_in_flight + 2, ..StoreOptions::default() };
+        PgStore::connect(self.config.clone(), options).await.context("connecting the store")
+    }
+}
+
+/// Empties the table, inserts `n` events (no NOTIFY) and settles it.
+async fn backlog(db: &Db, n: u64) -> anyhow::Result<()> {
+    let mut client = db.connect().await?;
+    bench::truncate(&client).await?;
+    let n = i64::try_from(n).context("backlog too large")?;
+    let mut first = 1;
+    while first <= n {
+        let last = (first + INSERT_CHUNK - 1).min(n);
+        bench::insert_backlog(&mut client, first, last).await.context("inserting the backlog")?;
+        first = last + 1;
+    }
+    settle(&client).await
+}
+
+async fn settle(client: &Client) -> anyhow::Result<()> {
+    if !bench::settle(client).await.context("vacuuming")? {
+        tracing::warn!("CHECKPOINT refused (needs superuser or pg_checkpoint); phases may pay for each other's checkpoints");
+    }
+    Ok(())
+}
+
+/// The limit: one connection, one statement per `limit_batch` events (claim and complete in one
+/// autocommitted statement), until nothing is left.
+pub(crate) async fn limit_drain(db: &Db, plan: &Plan) -> anyhow::Result<Throughput> {
+    backlog(db, plan.events).await?;
+    let client = db.connect().await?;
+    // Prepare outside the timed loop, as the engine's statements are prepared once per connection.
+    bench::limit_step(&client, 0, MAX_RETRY_COUNT).await?;
+    let started = Instant::now();
+    let mut done = 0;
+    loop {
+        let n = bench::limit_step(&client, plan.limit_batch, MAX_RETRY_COUNT).await?;
+        if n == 0 {
+            break;
+        }
+        done += n;
+    }
+    let elapsed = started.elapsed();
+    anyhow::ensure!(done == plan.events, "the limit loop completed {done} of {} events", plan.events);
+    Ok(Throughput::new(done, elapsed))
+}
+
+/// The engine with a no-op handler on every route, in this process.
+pub(crate) async fn engine_drain(db: &Db, plan: &Plan) -> anyhow::Result<Throughput> {
+    backlog(db, plan.events).await?;
+    let store = db.store(plan).await?;
+    let engine = Engine::builder(store)
+        .handler("*", "*", |_event: Arc<HookEvent>| std::future::ready(HandlerResult::ok("")))
+        .config(plan.engine.clone())
+        .build()?;
+    let metrics = engine.metrics();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let started = Instant::now();
+    let task = tokio::spawn(engine.run(async move {
+        let _ = stopped.await;
+    }));
+    let deadline = started + Duration::from_secs(600);
+    while metrics.snapshot().processed < plan.events {
+        anyhow::ensure!(Instant::now() < deadline, "the engine did not drain the backlog in 10 minutes");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let elapsed = started.elapsed();
+    let _ = stop.send(());
+    let totals = task.await.context("engine task")?;
+    let client = db.connect().await?;
+    let left = bench::unprocessed_count(&client).await?;
+    anyhow::ensure!(left == 0 && totals.succeeded == plan.events, "engine drain: {left} left, {totals}");
+    Ok(Throughput::new(totals.succeeded, elapsed))
+}
+
+/// Handler-start latencies, recorded by the handler.
+#[derive(Clone)]
+struct Pickups(Arc<Mutex<Histogram<u64>>>);
+
+impl Pickups {
+    fn new() -> anyhow::Result<Pickups> {
+        Ok(Pickups(Arc::new(Mutex::new(histogram()?))))
+    }
+
+    fn record(&self, event: &HookEvent) {
+        let waited = (OffsetDateTime::now_utc() - event.created_at).whole_microseconds();
+        let waited = u64::try_from(waited).unwrap_or(0);
+        if let Ok(mut histogram) = self.0.lock() {
+            histogram.saturating_record(waited);
+        }
+    }
+
+    fn take(&self) -> Histogram<u64> {
+        self.0.lock().map(|h| h.clone()).unwrap_or_else(|p| p.into_inner().clone())
+    }
+}
+
+fn histogram() -> anyhow::Result<Histogram<u64>> {
+    // 1 µs to 1 h, 3 significant digits.
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).context("creating a histogram")
+}
+
+/// Inserts `rate` events per second for `duration`, one autocommitted INSERT each (so each
+/// sends its NOTIFY), from its own connection. Returns how many it inserted.
+async fn trickle(db: &Db, rate: f64, duration: Duration) -> anyhow::Result<u64> {
+    let client = db.connect().await?;
+    let total = (rate * duration.as_secs_f64()).round().max(1.0) as i64;
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    for i in 1..=total {
+        tick.tick().await;
+        bench::insert_one(&client, i).await?;
+    }
+    Ok(total as u64)
+}
+
+async fn wait_until_processed(client: &Client, within: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + within;
+    while bench::unprocessed_count(client).await? > 0 {
+        anyhow::ensure!(Instant::now() < deadline, "events still unprocessed {within:?} after the trickle");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+async fn completion_latencies(client: &Client) -> anyhow::Result<Histogram<u64>> {
+    let mut histogram = histogram()?;
+    for us in bench::completion_latencies_us(client).await? {
+        histogram.saturating_record(u64::try_from(us).unwrap_or(0));
+    }
+    Ok(histogram)
+}
+
+/// The engine idle on an empty table, then a steady trickle.
+pub(crate) async fn engine_latency(db: &Db, plan: &Plan) -> anyhow::Result<Latency> {
+    let client = db.connect().await?;
+    bench::truncate(&client).await?;
+    settle(&client).await?;
+    let store = db.store(plan).await?;
+    let mut wakeups = store.wakeups().context("the store is not listening")?;
+    let pickups = Pickups::new()?;
+    let recorder = pickups.clone();
+    let engine = Engine::builder(store)
+        .handler("*", "*", move |event: Arc<HookEvent>| {
+            recorder.record(&event);
+            std::future::ready(HandlerResult::ok(""))
+        })
+        .config(plan.engine.clone())
+        .build()?;
+    // LISTEN is established when the first wakeup arrives.
+    tokio::time::timeout(Duration::from_secs(10), wakeups.changed())
+        .await
+        .context("LISTEN was not established in 10 s")?
+        .context("the listener stopped")?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(engine.run(async move {
+        let _ = stopped.await;
+    }));
+    let inserted = trickle(db, plan.rate, plan.duration).await;
+    let waited = wait_until_processed(&client, Duration::from_secs(30)).await;
+    let _ = stop.send(());
+    task.await.context("engine task")?;
+    let inserted = inserted?;
+    waited?;
+    Ok(Latency {
+        events: inserted,
+        pickup: Percentiles::of(&pickups.take()),
+        processed: Percentiles::of(&completion_latencies(&client).await?),
+    })
+}
+
+/// The original service's loop: fetch up to 100 events (autocommit: the row locks end with the
+/// SELECT), run the handler and commit each event's update on its own, then sleep a poll
+/// interval whatever was found. Returns the time spent outside the sleeps.
+async fn baseline_loop(
+    client: Client,
+    pickups: Pickups,
+    processed: Arc<AtomicU64>,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<Duration> {
+    let mut busy = Duration::ZERO;
+    while !*stop.borrow() {
+        let started = Instant::now();
+        let events = bench::baseline_fetch(&client, BASELINE_BATCH, MAX_RETRY_COUNT).await?;
+        for event in events {
+            pickups.record(&event);
+            bench::baseline_mark_processed(&client, event.id).await?;
+            processed.fetch_add(1, Ordering::Relaxed);
+        }
+        busy += started.elapsed();
+        tokio::select! {
+            _ = stop.changed() => {}
+            () = tokio::time::sleep(BASELINE_POLL) => {}
+        }
+    }
+    Ok(busy)
+}
+
+struct Baseline {
+    pickups: Pickups,
+    processed: Arc<AtomicU64>,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<anyhow::Result<Duration>>,
+}
+
+impl Baseline {
+    async fn start(db: &Db) -> anyhow::Result<Baseline> {
+        let pickups = Pickups::new()?;
+        let processed = Arc::new(AtomicU64::new(0));
+        let (stop, stopped) = watch::channel(false);
+        let client = db.connect().await?;
+        let task = tokio::spawn(baseline_loop(client, pickups.clone(), Arc::clone(&processed), stopped));
+        Ok(Baseline { pickups, processed, stop, task })
+    }
+
+    async fn stop(self) -> anyhow::Result<(Histogram<u64>, Duration)> {
+        let _ = self.stop.send(true);
+        let busy = self.task.await.context("baseline task")??;
+        Ok((self.pickups.take(), busy))
+    }
+}
+
+/// The original's algorithm under the same trickle as [`engine_latency`].
+pub(crate) async fn baseline_latency(db: &Db, plan: &Plan) -> anyhow::Result<Latency> {
+    let client = db.connect().await?;
+    bench::truncate(&client).await?;
+    settle(&client).await?;
+    let baseline = Baseline::start(db).await?;
+    let inserted = trickle(db, plan.rate, plan.duration).await;
+    let waited = wait_until_processed(&client, Duration::from_secs(30)).await;
+    let (pickups, _) = baseline.stop().await?;
+    let inserted = inserted?;
+    waited?;
+    Ok(Latency {
+        events: inserted,
+        pickup: Percentiles::of(&pickups),
+        processed: Percentiles::of(&completion_latencies(&client).await?),
+    })
+}
+
+/// The original's algorithm draining a backlog of `baseline_events`. Also reports its rate
+/// outside the poll sleeps (what one commit per event allows).
+pub(crate) async fn baseline_drain(db: &Db, plan: &Plan) -> anyhow::Result<BaselineDrain> {
+    backlog(db, plan.baseline_events).await?;
+    let started = Instant::now();
+    let baseline = Baseline::start(db).await?;
+    let deadline = started + Duration::from_secs(3600);
+    while baseline.processed.load(Ordering::Relaxed) < plan.baseline_events {
+        anyhow::ensure!(Instant::now() < deadline, "the baseline did not drain its backlog in an hour");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let elapsed = started.elapsed();
+    let (_, busy) = baseline.stop().await?;
+    let busy_rate = plan.baseline_events as f64 / busy.as_secs_f64().max(1e-9);
+    Ok(BaselineDrain { drain: Throughput::new(plan.baseline_events, elapsed), busy_events_per_s: busy_rate })
+}
+
+/// The hook-processor binary (default handlers) as a child process draining the backlog; its
+/// peak RSS is the kernel's high-water mark (`VmHWM`), read just before it is stopped.
+pub(crate) async fn processor_rss(db: &Db, plan: &Plan) -> anyhow::Result<Rss> {
+    anyhow::ensure!(
+        plan.processor_bin.is_file(),
+        "no hook-processor binary at {} (build it with `cargo build --release -p hook-processor`, \
+         or pass --processor-bin)",
+        plan.processor_bin.display()
+    );
+    backlog(db, plan.events).await?;
+    let client = db.connect().await?;
+    // A scratch working directory, so that no .env of the caller's is read.
+    let workdir = std::env::temp_dir().join(format!("hook-bench-processor-{}", std::process::id()));
+    std::fs::create_dir_all(&workdir).with_context(|| format!("creating {}", workdir.display()))?;
+    let log_path = workdir.join("hook-processor.log");
+    let log = std::fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
+    let started = Instant::now();
+    let mut child = tokio::process::Command::new(&plan.processor_bin)
+        .current_dir(&workdir)
+        .env_remove("POSTGRES_HOST")
+        .env_remove("POSTGRES_PORT")
+        .env_remove("POSTGRES_DB")
+        .env_remove("POSTGRES_USER")
+        .env_remove("POSTGRES_PASSWORD")
+        .env_remove("DB_PASSWORD")
+        .env("DATABASE_URL", &db.url)
+        .env("LOG_LEVEL", "warn")
+        .env("HOOK_METRICS_INTERVAL", "0")
+        .env("BATCH_SIZE", plan.engine.batch_size.to_string())
+        .env("HOOK_BATCHES_IN_FLIGHT", plan.engine.batches_in_flight.to_string())
+        .env("HOOK_CONCURRENCY", plan.engine.concurrency.to_string())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {}", plan.processor_bin.display()))?;
+    let pid = child.id().context("the processor exited at once")?;
+    let deadline = started + Duration::from_secs(600);
+    let mut peak_kib = 0;
+    loop {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        peak_kib = peak_kib.max(vm_hwm_kib(pid).unwrap_or(0));
+        if let Some(status) = child.try_wait()? {
+            anyhow::bail!("hook-processor exited early ({status}); its log: {}", tail(&log_path));
+        }
+        if bench::unprocessed_count(&client).await? == 0 {
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "hook-processor did not drain the backlog in 10 minutes");
+    }
+    let elapsed = started.elapsed();
+    peak_kib = peak_kib.max(vm_hwm_kib(pid).unwrap_or(0));
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).context("pid out of range")?);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).context("stopping hook-processor")?;
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .context("hook-processor did not stop within 30 s of SIGTERM")??;
+    anyhow::ensure!(status.success(), "hook-processor failed ({status}); its log: {}", tail(&log_path));
+    let _ = std::fs::remove_dir_all(&workdir);
+    Ok(Rss { drain: Throughput::new(plan.events, elapsed), peak_rss_kib: peak_kib })
+}
+
+/// The `VmHWM` (peak resident set) of a process, in KiB.
+fn vm_hwm_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|line| line.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(10)..].join("\n")
+}

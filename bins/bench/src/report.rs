@@ -1,0 +1,386 @@
+//! The report of one run: what was measured, on what, against which targets; as a table or JSON.
+
+use std::fmt::Write as _;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use crate::phases::Db;
+use crate::Plan;
+
+/// A drain: how many events, how long.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub(crate) struct Throughput {
+    pub(crate) events: u64,
+    pub(crate) seconds: f64,
+    pub(crate) events_per_s: f64,
+}
+
+impl Throughput {
+    pub(crate) fn new(events: u64, elapsed: Duration) -> Throughput {
+        let seconds = elapsed.as_secs_f64();
+        Throughput { events, seconds, events_per_s: events as f64 / seconds.max(1e-9) }
+    }
+}
+
+/// Percentiles of a latency, in microseconds.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub(crate) struct Percentiles {
+    pub(crate) count: u64,
+    pub(crate) p50_us: u64,
+    pub(crate) p95_us: u64,
+    pub(crate) p99_us: u64,
+    pub(crate) max_us: u64,
+}
+
+impl Percentiles {
+    pub(crate) fn of(histogram: &Histogram<u64>) -> Percentiles {
+        Percentiles {
+            count: histogram.len(),
+            p50_us: histogram.value_at_quantile(0.50),
+            p95_us: histogram.value_at_quantile(0.95),
+            p99_us: histogram.value_at_quantile(0.99),
+            max_us: histogram.max(),
+        }
+    }
+}
+
+/// Latencies under the trickle: handler start − created_at, and processed_at − created_at.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub(crate) struct Latency {
+    pub(crate) events: u64,
+    pub(crate) pickup: Percentiles,
+    pub(crate) processed: Percentiles,
+}
+
+/// The original algorithm's drain, and its rate outside the poll sleeps.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub(crate) struct BaselineDrain {
+    pub(crate) drain: Throughput,
+    pub(crate) busy_events_per_s: f64,
+}
+
+/// The hook-processor child's drain and peak RSS.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub(crate) struct Rss {
+    pub(crate) drain: Throughput,
+    pub(crate) peak_rss_kib: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Machine {
+    cpus: usize,
+    cpu_model: String,
+    memory_mib: u64,
+    postgres: String,
+    synchronous_commit: String,
+    fsync: String,
+    wal_sync_method: String,
+    shared_buffers: String,
+    database: &'static str,
+    load_before: [f64; 3],
+    load_after: [f64; 3],
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Settings {
+    events: u64,
+    baseline_events: u64,
+    rate: f64,
+    duration_s: f64,
+    batch_size: usize,
+    batches_in_flight: usize,
+    concurrency: usize,
+    limit_batch: i64,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub(crate) struct Ratios {
+    drain_over_limit: Option<f64>,
+    drain_over_baseline_drain: Option<f64>,
+    baseline_p99_pickup_over_engine: Option<f64>,
+    baseline_p99_processed_over_engine: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Target {
+    what: &'static str,
+    target: &'static str,
+    measured: String,
+    met: bool,
+}
+
+/// Everything one run measured.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Report {
+    machine: Machine,
+    settings: Settings,
+    pub(crate) limit: Option<Throughput>,
+    pub(crate) drain: Option<Throughput>,
+    pub(crate) latency: Option<Latency>,
+    pub(crate) baseline_latency: Option<Latency>,
+    pub(crate) baseline_drain: Option<BaselineDrain>,
+    pub(crate) rss: Option<Rss>,
+    ratios: Ratios,
+    targets: Vec<Target>,
+    seconds: f64,
+    #[serde(skip)]
+    started: Option<Instant>,
+}
+
+impl Report {
+    pub(crate) async fn begin(plan: &Plan, db: &Db) -> anyhow::Result<Report> {
+        let client = db.connect().await?;
+        let facts = hook_store::bench::server_facts(&client).await?;
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let memory_kib: u64 = field(&meminfo, "MemTotal:").and_then(|v| v.parse().ok()).unwrap_or(0);
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        Ok(Report {
+            machine: Machine {
+                cpus: std::thread::available_parallelism().map_or(0, usize::from),
+                cpu_model: field(&cpuinfo, "model name")
+                    .map_or_else(String::new, |m| m.trim_start_matches(':').trim().to_owned()),
+                memory_mib: memory_kib / 1024,
+                postgres: facts.version,
+                synchronous_commit: facts.synchronous_commit,
+                fsync: facts.fsync,
+                wal_sync_method: facts.wal_sync_method,
+                shared_buffers: facts.shared_buffers,
+                database: if db.embedded { "embedded cluster (durable)" } else { "DATABASE_URL" },
+                load_before: load(),
+                load_after: [0.0; 3],
+            },
+            settings: Settings {
+                events: plan.events,
+                baseline_events: plan.baseline_events,
+                rate: plan.rate,
+                duration_s: plan.duration.as_secs_f64(),
+                batch_size: plan.engine.batch_size,
+                batches_in_flight: plan.engine.batches_in_flight,
+                concurrency: plan.engine.concurrency,
+                limit_batch: plan.limit_batch,
+            },
+            limit: None,
+            drain: None,
+            latency: None,
+            baseline_latency: None,
+            baseline_drain: None,
+            rss: None,
+            ratios: Ratios::default(),
+            targets: Vec::new(),
+            seconds: 0.0,
+            started: Some(Instant::now()),
+        })
+    }
+
+    /// Computes the ratios and checks the targets.
+    pub(crate) fn finish(&mut self) {
+        self.machine.load_after = load();
+        self.seconds = self.started.map_or(0.0, |s| s.elapsed().as_secs_f64());
+        let ratio = |a: f64, b: f64| (b > 0.0).then(|| a / b);
+        if let (Some(drain), Some(limit)) = (self.drain, self.limit) {
+            self.ratios.drain_over_limit = ratio(drain.events_per_s, limit.events_per_s);
+        }
+        if let (Some(drain), Some(baseline)) = (self.drain, self.baseline_drain) {
+            self.ratios.drain_over_baseline_drain = ratio(drain.events_per_s, baseline.drain.events_per_s);
+        }
+        if let (Some(engine), Some(baseline)) = (self.latency, self.baseline_latency) {
+            self.ratios.baseline_p99_pickup_over_engine =
+                ratio(baseline.pickup.p99_us as f64, engine.pickup.p99_us as f64);
+            self.ratios.baseline_p99_processed_over_engine =
+                ratio(baseline.processed.p99_us as f64, engine.processed.p99_us as f64);
+        }
+        let mut targets = Vec::new();
+        if let Some(r) = self.ratios.drain_over_limit {
+            targets.push(Target {
+                what: "drain / limit",
+                target: ">= 70%",
+                measured: format!("{:.0}%", r * 100.0),
+                met: r >= 0.70,
+            });
+        }
+        if let Some(l) = self.latency {
+            targets.push(Target {
+                what: "p99 pickup (handler start - created_at)",
+                target: "<= 10 ms",
+                measured: ms(l.pickup.p99_us),
+                met: l.pickup.p99_us <= 10_000,
+            });
+            targets.push(Target {
+                what: "p99 processed_at - created_at",
+                target: "<= 50 ms",
+                measured: ms(l.processed.p99_us),
+                met: l.processed.p99_us <= 50_000,
+            });
+        }
+        if let Some(rss) = self.rss {
+            targets.push(Target {
+                what: "peak RSS, backlog drain",
+                target: "< 64 MiB",
+                measured: format!("{:.1} MiB", rss.peak_rss_kib as f64 / 1024.0),
+                met: rss.peak_rss_kib < 64 * 1024,
+            });
+        }
+        if let Some(b) = self.baseline_latency {
+            targets.push(Target {
+                what: "baseline p50 pickup (the original's ~0.5 s)",
+                target: "~500 ms",
+                measured: ms(b.pickup.p50_us),
+                met: (250_000..=750_000).contains(&b.pickup.p50_us),
+            });
+        }
+        self.targets = targets;
+    }
+
+    /// The human-readable table.
+    pub(crate) fn table(&self) -> String {
+        let mut out = String::new();
+        let m = &self.machine;
+        let s = &self.settings;
+        let _ = writeln!(
+            out,
+            "hook-bench on {} CPUs ({}), {} MiB, PostgreSQL {} ({})",
+            m.cpus, m.cpu_model, m.memory_mib, m.postgres, m.database
+        );
+        let _ = writeln!(
+            out,
+            "  synchronous_commit={} fsync={} wal_sync_method={} shared_buffers={}; load {} before, {} after; {:.0} s in all",
+            m.synchronous_commit,
+            m.fsync,
+            m.wal_sync_method,
+            m.shared_buffers,
+            loads(m.load_before),
+            loads(m.load_after),
+            self.seconds
+        );
+        let _ = writeln!(
+            out,
+            "  engine: batch {}, {} batches in flight, concurrency {}; limit loop: {} rows per statement",
+            s.batch_size, s.batches_in_flight, s.concurrency, s.limit_batch
+        );
+        let _ = writeln!(out);
+        let _ = writeln!(out, "{:<46} {:>8} {:>9} {:>10}", "drain", "events", "seconds", "events/s");
+        let mut row = |name: &str, t: &Throughput, note: String| {
+            let _ = writeln!(
+                out,
+                "{:<46} {:>8} {:>9.2} {:>10.0}  {}",
+                name, t.events, t.seconds, t.events_per_s, note
+            );
+        };
+        if let Some(t) = &self.limit {
+            row("limit: bare SQL claim+complete loop", t, String::new());
+        }
+        if let Some(t) = &self.drain {
+            let note = self
+                .ratios
+                .drain_over_limit
+                .map_or_else(String::new, |r| format!("{:.0}% of the limit", r * 100.0));
+            row("engine, no-op handler", t, note);
+        }
+        if let Some(b) = &self.baseline_drain {
+            row(
+                "original algorithm (1 s poll, commit per event)",
+                &b.drain,
+                format!("{:.0}/s between sleeps", b.busy_events_per_s),
+            );
+        }
+        if let Some(r) = &self.rss {
+            row(
+                "hook-processor binary, default handlers",
+                &r.drain,
+                format!("peak RSS {:.1} MiB", r.peak_rss_kib as f64 / 1024.0),
+            );
+        }
+        if self.latency.is_some() || self.baseline_latency.is_some() {
+            let _ = writeln!(out);
+            let _ = writeln!(
+                out,
+                "{:<46} {:>8} {:>9} {:>9} {:>9} {:>9}",
+                format!("latency at {}/s for {} s", s.rate, s.duration_s),
+                "events",
+                "p50",
+                "p95",
+                "p99",
+                "max"
+            );
+            let mut lat = |name: &str, events: u64, p: &Percentiles| {
+                let _ = writeln!(
+                    out,
+                    "{:<46} {:>8} {:>9} {:>9} {:>9} {:>9}",
+                    name,
+                    events,
+                    ms(p.p50_us),
+                    ms(p.p95_us),
+                    ms(p.p99_us),
+                    ms(p.max_us)
+                );
+            };
+            if let Some(l) = &self.latency {
+                lat("engine: handler start - created_at", l.events, &l.pickup);
+                lat("engine: processed_at - created_at", l.processed.count, &l.processed);
+            }
+            if let Some(l) = &self.baseline_latency {
+                lat("original: handler start - created_at", l.events, &l.pickup);
+                lat("original: processed_at - created_at", l.processed.count, &l.processed);
+            }
+        }
+        let r = &self.ratios;
+        let mut ratios = Vec::new();
+        if let Some(x) = r.drain_over_baseline_drain {
+            ratios.push(format!("drain {x:.0}x the original's"));
+        }
+        if let Some(x) = r.baseline_p99_pickup_over_engine {
+            ratios.push(format!("p99 pickup {x:.0}x shorter"));
+        }
+        if let Some(x) = r.baseline_p99_processed_over_engine {
+            ratios.push(format!("p99 processed_at {x:.0}x shorter"));
+        }
+        if !ratios.is_empty() {
+            let _ = writeln!(out, "\nagainst the original: {}", ratios.join(", "));
+        }
+        if !self.targets.is_empty() {
+            let _ = writeln!(out, "\n{:<46} {:>10} {:>12}", "target", "wanted", "measured");
+            for t in &self.targets {
+                let _ = writeln!(
+                    out,
+                    "{:<46} {:>10} {:>12}  {}",
+                    t.what,
+                    t.target,
+                    t.measured,
+                    if t.met { "met" } else { "NOT MET" }
+                );
+            }
+        }
+        out
+    }
+}
+
+fn ms(us: u64) -> String {
+    let ms = us as f64 / 1000.0;
+    if ms < 10.0 {
+        format!("{ms:.2} ms")
+    } else if ms < 1000.0 {
+        format!("{ms:.1} ms")
+    } else {
+        format!("{:.2} s", ms / 1000.0)
+    }
+}
+
+fn loads(l: [f64; 3]) -> String {
+    format!("{:.2}/{:.2}/{:.2}", l[0], l[1], l[2])
+}
+
+/// The 1, 5 and 15 minute load averages.
+fn load() -> [f64; 3] {
+    let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let mut parts = text.split_whitespace().map(|p| p.parse().unwrap_or(0.0));
+    [parts.next().unwrap_or(0.0), parts.next().unwrap_or(0.0), parts.next().unwrap_or(0.0)]
+}
+
+/// The value after `key` on the first line that starts with it (`/proc/meminfo`, `/proc/cpuinfo`).
+fn field<'a>(text: &'a str, key: &str) -> Option<&'a str> {
+    let line = text.lines().find(|line| line.starts_with(key))?;
+    let value = line[key.len()..].trim();
+    Some(value.split_whitespace().next().filter(|_| key.ends_with(':')).unwrap_or(value))
+}
