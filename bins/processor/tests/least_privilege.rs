@@ -1,0 +1,119 @@
+//! `hook-processor` runs under the least-privilege `hook_processor` role of docs/roles.sql, while
+//! producers insert as `hook_producer`; neither can do more than its job.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use hook_store::testing::{config_to_url, TestDb};
+use hook_store::tokio_postgres::{Client, NoTls};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+const ROLES_SQL: &str = include_str!("../../../docs/roles.sql");
+
+async fn connect_as(db: &TestDb, user: &str) -> Client {
+    let mut config = db.config();
+    config.user(user);
+    let (client, connection) = config.connect(NoTls).await.expect("connect");
+    tokio::spawn(connection);
+    client
+}
+
+fn processor_as(db: &TestDb, user: &str) -> Command {
+    let mut config = db.config();
+    config.user(user);
+    let mut command = Command::new(env!("CARGO_BIN_EXE_hook-processor"));
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy().into_owned();
+        if name.starts_with("HOOK_")
+            || name.starts_with("POSTGRES_")
+            || name == "DB_PASSWORD"
+            || name == "LOG_LEVEL"
+        {
+            command.env_remove(name);
+        }
+    }
+    command
+        .env("DATABASE_URL", config_to_url(&config))
+        .env("POLL_INTERVAL", "0.1")
+        .current_dir(std::env::temp_dir())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    command
+}
+
+async fn setup(test: &str) -> (TestDb, Client) {
+    let db = TestDb::migrated(test).await;
+    let admin = db.client().await;
+    // Roles are global to the cluster; several test processes may create them at once.
+    admin.batch_execute("SELECT pg_advisory_lock(4242)").await.unwrap();
+    let result = admin.batch_execute(ROLES_SQL).await;
+    admin.batch_execute("SELECT pg_advisory_unlock(4242)").await.unwrap();
+    result.expect("docs/roles.sql applies");
+    (db, admin)
+}
+
+#[tokio::test]
+async fn the_processor_runs_as_hook_processor_and_producers_only_insert() {
+    let (db, admin) = setup("least_privilege").await;
+    let producer = connect_as(&db, "hook_producer").await;
+    for i in 0..20 {
+        producer
+            .execute(
+                "INSERT INTO hook_events (id, source, action, resource, resource_id, payload)
+                 VALUES (gen_random_uuid(), 'PreToolUse', 'tool_invocation', 'tool', $1, '{}')",
+                &[&format!("r{i}")],
+            )
+            .await
+            .expect("hook_producer may insert");
+    }
+    let denied = producer.execute("UPDATE hook_events SET processed = true", &[]).await.unwrap_err();
+    assert!(denied.to_string().contains("permission denied") || format!("{denied:?}").contains("42501"));
+
+    let mut child = processor_as(&db, "hook_processor").spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let pending: i64 = admin
+            .query_one("SELECT count(*) FROM hook_events WHERE NOT processed", &[])
+            .await
+            .unwrap()
+            .get(0);
+        if pending == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{pending} events still pending under hook_processor");
+        assert!(child.try_wait().unwrap().is_none(), "the processor exited early");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(stderr.contains("Succeeded=20"), "{stderr}");
+
+    // The processor's role cannot insert, delete or rewrite payloads.
+    let processor = connect_as(&db, "hook_processor").await;
+    for statement in [
+        "INSERT INTO hook_events (id, source, action, resource, resource_id) VALUES (gen_random_uuid(), 'a', 'b', 'c', 'd')",
+        "DELETE FROM hook_events",
+        "UPDATE hook_events SET payload = '{}'",
+        "CREATE TABLE sneaky (x int)",
+    ] {
+        let error = processor.batch_execute(statement).await.unwrap_err();
+        assert!(format!("{error:?}").contains("42501"), "{statement}: {error:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_pending_migration_under_hook_processor_fails_with_one_clear_line() {
+    let (db, admin) = setup("least_privilege_pending").await;
+    // As if this build brought a migration the owner has not applied yet.
+    admin.batch_execute("DELETE FROM hook_events_migrations WHERE version = 1").await.unwrap();
+    let output = processor_as(&db, "hook_processor").output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(last.starts_with("hook-processor: error: migrating"), "{stderr}");
+    assert!(last.contains("permission denied"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
