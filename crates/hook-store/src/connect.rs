@@ -46,6 +46,54 @@ impl SeedSettings {
     }
 }
 
+/// The database a program was pointed at, as its flags and environment said. Reading them is the
+/// binary's job; [`resolve`](Self::resolve) decides, the same way for every binary: `DATABASE_URL`
+/// first, else the original service's variables with its defaults when any of them is set.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DatabaseArgs {
+    /// `DATABASE_URL`.
+    pub url: Option<String>,
+    /// `POSTGRES_HOST`.
+    pub host: Option<String>,
+    /// `POSTGRES_PORT`.
+    pub port: Option<u16>,
+    /// `POSTGRES_DB`.
+    pub database: Option<String>,
+    /// `POSTGRES_USER`.
+    pub user: Option<String>,
+    /// `DB_PASSWORD`, else `POSTGRES_PASSWORD` (empty values count as unset).
+    pub password: Option<String>,
+}
+
+impl DatabaseArgs {
+    /// The connection settings: `url` when set; else [`SeedSettings`] filled from the other
+    /// fields when any of them is set; else `None` (nothing configured; the caller decides
+    /// whether that means the embedded cluster or an error).
+    pub fn resolve(&self) -> Result<Option<Config>, StoreError> {
+        if let Some(url) = &self.url {
+            return parse_database_url(url).map(Some);
+        }
+        let password = self.password.clone().filter(|p| !p.is_empty());
+        let configured = password.is_some()
+            || self.host.is_some()
+            || self.port.is_some()
+            || self.database.is_some()
+            || self.user.is_some();
+        if !configured {
+            return Ok(None);
+        }
+        let defaults = SeedSettings::default();
+        let settings = SeedSettings {
+            host: self.host.clone().unwrap_or(defaults.host),
+            port: self.port.unwrap_or(defaults.port),
+            database: self.database.clone().unwrap_or(defaults.database),
+            user: self.user.clone().unwrap_or(defaults.user),
+            password,
+        };
+        Ok(Some(settings.to_config()))
+    }
+}
+
 /// Parses a `postgres://` URL or a `key=value` connection string. The error never repeats the
 /// input, which may hold a password.
 pub fn parse_database_url(url: &str) -> Result<Config, StoreError> {
@@ -120,6 +168,19 @@ mod tests {
         let err = parse_database_url("postgres://u:topsecret@h:notaport/d").unwrap_err().to_string();
         assert!(err.contains("DATABASE_URL"), "{err}");
         assert!(!err.contains("topsecret"), "{err}");
+    }
+
+    #[test]
+    fn database_args_resolve_like_the_processor() {
+        assert_eq!(DatabaseArgs::default().resolve().unwrap(), None);
+        let url = DatabaseArgs { url: Some("postgres://u@h:1/d".into()), host: Some("x".into()), ..Default::default() };
+        assert_eq!(redacted(&url.resolve().unwrap().unwrap()), "postgresql://u@h:1/d");
+        let seed = DatabaseArgs { password: Some("pw".into()), ..Default::default() };
+        assert_eq!(redacted(&seed.resolve().unwrap().unwrap()), "postgresql://postgres@localhost:5436/omninode_bridge");
+        let host = DatabaseArgs { host: Some("db".into()), database: Some("e".into()), ..Default::default() };
+        assert_eq!(redacted(&host.resolve().unwrap().unwrap()), "postgresql://postgres@db:5436/e");
+        let empty_password = DatabaseArgs { password: Some(String::new()), ..Default::default() };
+        assert_eq!(empty_password.resolve().unwrap(), None);
     }
 
     #[test]

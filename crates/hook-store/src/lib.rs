@@ -21,12 +21,14 @@ mod queries;
 
 #[cfg(feature = "bench")]
 pub mod bench;
+pub mod archive;
 pub mod migrate;
+pub mod replay;
 #[cfg(feature = "test-support")]
 pub mod testing;
 
 pub use cluster::{ClusterOptions, EmbeddedCluster, PgBinaries};
-pub use connect::{parse_database_url, redacted, with_service_defaults, SeedSettings};
+pub use connect::{parse_database_url, redacted, with_service_defaults, DatabaseArgs, SeedSettings};
 pub use deadpool_postgres;
 pub use error::StoreError;
 pub use listen::CHANNEL;

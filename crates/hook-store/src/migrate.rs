@@ -55,6 +55,8 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!(1, "0001_hook_events.sql"),
     migration!(2, "0002_processor_columns.sql"),
     migration!(3, "0003_claim_index.sql"),
+    migration!(4, "0004_replay_and_archive.sql"),
+    migration!(5, "0005_archive_index.sql"),
 ];
 
 /// Advisory lock key of the migration runner ("hookmigr" in ASCII).

@@ -1,0 +1,251 @@
+//! Archive: move old processed events from `hook_events` to `hook_events_archive`, and purge the
+//! archive by age.
+//!
+//! Each batch is **one statement**: a `DELETE ... RETURNING` feeding an `INSERT` into the archive.
+//! A statement is atomic, so a run killed at any moment (SIGKILL, a lost connection, a crashed
+//! server) has moved every row of a batch or none of it: no row is lost, none is duplicated, and a
+//! re-run simply continues. The rows are chosen with `FOR UPDATE SKIP LOCKED`, oldest
+//! `processed_at` first, through the partial index `hook_events_archive_idx (processed_at) WHERE
+//! processed`; each batch starts at the previous batch's last `processed_at` (keyset), so it
+//! never walks over the index entries of rows already moved. Only `processed` events are ever
+//! selected: pending, retrying and dead events stay where the processors and `hook-replay` find
+//! them.
+//!
+//! An event whose id is already in the archive (re-inserted by a producer after it was archived,
+//! or copied back by hand) is left in place rather than overwriting or dropping either copy; a
+//! plain INSERT (no `ON CONFLICT`) makes any other collision fail the batch, which rolls back.
+//!
+//! Runs exclude each other with a session advisory lock ([`try_lock`]): a second run finds it
+//! taken and does nothing, so overlapping cron or timer runs are harmless.
+
+use std::ops::ControlFlow;
+use std::time::{Duration, Instant};
+
+use deadpool_postgres::GenericClient;
+use time::OffsetDateTime;
+
+use crate::error::StoreError;
+
+/// Session advisory lock key of hook-archive ("hookarch" in ASCII).
+pub const ARCHIVE_LOCK: i64 = 0x686f_6f6b_6172_6368;
+
+/// Every column of `hook_events`, as listed in both tables.
+const COLUMNS: &str = "id, source, action, resource, resource_id, payload, metadata, processed, \
+     processing_errors, retry_count, created_at, processed_at, result_metadata, next_attempt_at, \
+     dead_at, replays";
+
+/// The rows one archive batch would take: processed before `$1`, at or after `$2` (when not
+/// NULL), not archived already, oldest first, at most `$3`, skipping rows someone holds.
+const ELIGIBLE: &str = "processed AND processed_at < $1 \
+     AND ($2::timestamptz IS NULL OR processed_at >= $2) \
+     AND NOT EXISTS (SELECT 1 FROM hook_events_archive AS a WHERE a.id = e.id)";
+
+fn archive_batch_sql() -> String {
+    format!(
+        "WITH moved AS ( \
+             DELETE FROM hook_events WHERE id IN ( \
+                 SELECT id FROM hook_events AS e WHERE {ELIGIBLE} \
+                 ORDER BY processed_at LIMIT $3 \
+                 FOR UPDATE SKIP LOCKED) \
+             RETURNING {COLUMNS}), \
+         archived AS ( \
+             INSERT INTO hook_events_archive ({COLUMNS}) SELECT {COLUMNS} FROM moved \
+             RETURNING processed_at) \
+         SELECT count(*), max(processed_at) FROM archived"
+    )
+}
+
+const COUNT_ARCHIVABLE: &str = "SELECT count(*) FROM hook_events AS e \
+     WHERE processed AND processed_at < $1 \
+       AND NOT EXISTS (SELECT 1 FROM hook_events_archive AS a WHERE a.id = e.id)";
+
+const PURGE_BATCH: &str = "WITH purged AS ( \
+         DELETE FROM hook_events_archive WHERE id IN ( \
+             SELECT id FROM hook_events_archive \
+             WHERE archived_at < $1 AND ($2::timestamptz IS NULL OR archived_at >= $2) \
+             ORDER BY archived_at LIMIT $3) \
+         RETURNING archived_at) \
+     SELECT count(*), max(archived_at) FROM purged";
+
+const COUNT_PURGEABLE: &str = "SELECT count(*) FROM hook_events_archive WHERE archived_at < $1";
+
+/// What to archive.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ArchiveOptions {
+    /// Move processed events whose `processed_at` is older than this. Default 30 days.
+    pub older_than: Duration,
+    /// Rows per batch (one statement each). Default 1,000.
+    pub batch_size: usize,
+    /// Also delete archived rows whose `archived_at` is older than this. Default: never.
+    pub purge_older_than: Option<Duration>,
+}
+
+impl Default for ArchiveOptions {
+    fn default() -> Self {
+        Self { older_than: Duration::from_secs(30 * 86_400), batch_size: 1_000, purge_older_than: None }
+    }
+}
+
+/// The time limits of one run, computed once on the database's clock at its start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cutoffs {
+    /// Events processed before this are archived.
+    pub archive_before: OffsetDateTime,
+    /// Archived rows archived before this are purged (when purging).
+    pub purge_before: Option<OffsetDateTime>,
+}
+
+/// One committed batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ArchiveBatch {
+    /// Whether this batch purged the archive rather than moving events into it.
+    pub purge: bool,
+    /// Rows moved (or purged).
+    pub rows: u64,
+    /// How long the statement took, from sending it to its commit being acknowledged: an upper
+    /// bound of how long it held its row locks.
+    pub elapsed: Duration,
+}
+
+/// What a whole [`archive`] run did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ArchiveReport {
+    /// Rows moved into the archive.
+    pub moved: u64,
+    /// Archive batches that moved rows.
+    pub batches: u64,
+    /// Rows purged from the archive.
+    pub purged: u64,
+    /// Purge batches that deleted rows.
+    pub purge_batches: u64,
+    /// The duration of every statement that changed rows, in order (archive, then purge).
+    pub statement_durations: Vec<Duration>,
+    /// Whether the caller stopped the run early.
+    pub stopped: bool,
+}
+
+/// Rows to purge or archive: what a dry run reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ArchivePlan {
+    /// Processed events that would be moved.
+    pub archivable: u64,
+    /// Archived rows that would be purged (0 when not purging).
+    pub purgeable: u64,
+}
+
+fn micros(d: Duration) -> i64 {
+    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
+}
+
+fn count(value: i64) -> u64 {
+    u64::try_from(value).unwrap_or(0)
+}
+
+/// The cutoffs of a run, on the database's clock.
+pub async fn cutoffs(client: &impl GenericClient, options: &ArchiveOptions) -> Result<Cutoffs, StoreError> {
+    let purge = options.purge_older_than.map(micros);
+    let row = client
+        .query_one(
+            "SELECT now() - $1::int8 * interval '1 microsecond', \
+                    now() - $2::int8 * interval '1 microsecond'",
+            &[&micros(options.older_than), &purge],
+        )
+        .await?;
+    Ok(Cutoffs { archive_before: row.try_get(0)?, purge_before: row.try_get(1)? })
+}
+
+/// Takes the archive's session advisory lock if it is free; `false` when another session holds
+/// it. The lock lasts until [`unlock`] or the end of the session.
+pub async fn try_lock(client: &impl GenericClient) -> Result<bool, StoreError> {
+    Ok(client.query_one("SELECT pg_try_advisory_lock($1)", &[&ARCHIVE_LOCK]).await?.try_get(0)?)
+}
+
+/// Releases the lock taken by [`try_lock`].
+pub async fn unlock(client: &impl GenericClient) -> Result<(), StoreError> {
+    client.execute("SELECT pg_advisory_unlock($1)", &[&ARCHIVE_LOCK]).await?;
+    Ok(())
+}
+
+/// Counts what a run with these cutoffs would move and purge. Reads only.
+pub async fn plan_archive(client: &impl GenericClient, cutoffs: &Cutoffs) -> Result<ArchivePlan, StoreError> {
+    let archivable: i64 = client.query_one(COUNT_ARCHIVABLE, &[&cutoffs.archive_before]).await?.try_get(0)?;
+    let purgeable: i64 = match cutoffs.purge_before {
+        Some(before) => client.query_one(COUNT_PURGEABLE, &[&before]).await?.try_get(0)?,
+        None => 0,
+    };
+    Ok(ArchivePlan { archivable: count(archivable), purgeable: count(purgeable) })
+}
+
+/// Moves up to `limit` processed events processed before `before` (and at or after `from`, when
+/// given) into the archive, in one statement. Returns the rows moved and the latest
+/// `processed_at` among them (where the next batch may start).
+pub async fn archive_batch(
+    client: &impl GenericClient,
+    before: OffsetDateTime,
+    from: Option<OffsetDateTime>,
+    limit: usize,
+) -> Result<(u64, Option<OffsetDateTime>), StoreError> {
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let row = client.query_one(archive_batch_sql().as_str(), &[&before, &from, &limit]).await?;
+    Ok((count(row.try_get(0)?), row.try_get(1)?))
+}
+
+/// Deletes up to `limit` archived rows archived before `before` (and at or after `from`), oldest
+/// first, in one statement. Returns the rows deleted and the latest `archived_at` among them.
+pub async fn purge_batch(
+    client: &impl GenericClient,
+    before: OffsetDateTime,
+    from: Option<OffsetDateTime>,
+    limit: usize,
+) -> Result<(u64, Option<OffsetDateTime>), StoreError> {
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let row = client.query_one(PURGE_BATCH, &[&before, &from, &limit]).await?;
+    Ok((count(row.try_get(0)?), row.try_get(1)?))
+}
+
+/// Archives (then, when `cutoffs.purge_before` is set, purges) batch by batch until nothing is
+/// left, calling `on_batch` after each committed batch; `ControlFlow::Break` stops the run there.
+///
+/// `client` must not be inside a transaction: each statement commits on its own, which is what
+/// keeps every lock short. Take the advisory lock ([`try_lock`]) on the same client first.
+pub async fn archive(
+    client: &impl GenericClient,
+    cutoffs: &Cutoffs,
+    batch_size: usize,
+    mut on_batch: impl FnMut(&ArchiveBatch) -> ControlFlow<()>,
+) -> Result<ArchiveReport, StoreError> {
+    let limit = batch_size.max(1);
+    let mut report = ArchiveReport::default();
+    let phases = [Some(cutoffs.archive_before), cutoffs.purge_before];
+    for (phase, before) in phases.into_iter().enumerate() {
+        let Some(before) = before else { continue };
+        let purge = phase == 1;
+        let mut from = None;
+        loop {
+            let started = Instant::now();
+            let (rows, last) = if purge {
+                purge_batch(client, before, from, limit).await?
+            } else {
+                archive_batch(client, before, from, limit).await?
+            };
+            let elapsed = started.elapsed();
+            if rows == 0 {
+                break;
+            }
+            report.statement_durations.push(elapsed);
+            if purge {
+                report.purged += rows;
+                report.purge_batches += 1;
+            } else {
+                report.moved += rows;
+                report.batches += 1;
+            }
+            from = last;
+            if on_batch(&ArchiveBatch { purge, rows, elapsed }).is_break() {
+                report.stopped = true;
+                return Ok(report);
+            }
+        }
+    }
+    Ok(report)
+}
