@@ -84,3 +84,104 @@ impl HandlerResult {
         }
     }
 }
+
+/// An event to insert into `hook_events`: what a producer decides. The columns the processor
+/// maintains (`processed`, `retry_count`, ...) start at their defaults.
+///
+/// The id is assigned here, by the producer, not by the database: a producer that is unsure
+/// whether its insert reached the table (a timeout, a connection lost at `COMMIT`) can send the
+/// same event again and the store skips it (`ON CONFLICT (id) DO NOTHING`). [`NewEvent::new`]
+/// takes a UUIDv7, whose time-ordered prefix keeps the primary key index compact under inserts.
+///
+/// ```
+/// use hook_core::NewEvent;
+/// use serde_json::json;
+///
+/// let event = NewEvent::new("OrderService", "order_placed", "order", "o-1042")
+///     .with_payload(json!({"item": "tea", "quantity": 2}))
+///     .with_metadata(json!({"request_id": "r-7"}));
+/// assert_eq!(event.id.get_version_num(), 7);
+/// assert_eq!(event.created_at, None); // the database's now() at insert
+/// ```
+///
+/// It serializes to one JSON object with these field names (`created_at` in RFC 3339), which is
+/// the line format of `hook-ingest`'s spool.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NewEvent {
+    /// Primary key, chosen by the producer.
+    pub id: Uuid,
+    /// The producer or hook, e.g. `PreToolUse`; with `action`, it selects the handler.
+    pub source: String,
+    /// What happened, e.g. `tool_invocation`.
+    pub action: String,
+    /// The kind of thing the event is about, e.g. `tool`.
+    pub resource: String,
+    /// Which thing the event is about, e.g. a tool name or a session id.
+    pub resource_id: String,
+    /// The event's content; `{}` by default.
+    #[serde(default = "empty_object")]
+    pub payload: Value,
+    /// Producer-side facts about the event (session, host, ...); `{}` by default.
+    #[serde(default = "empty_object")]
+    pub metadata: Value,
+    /// When the event happened; `None` lets the database use its own `now()` at insert.
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub created_at: Option<OffsetDateTime>,
+}
+
+fn empty_object() -> Value {
+    Value::Object(Map::new())
+}
+
+impl NewEvent {
+    /// An event with a fresh UUIDv7 id, empty `payload` and `metadata`, and no `created_at`.
+    ///
+    /// The four text columns are `VARCHAR(255)` in the table: longer values are refused by the
+    /// database, so cut values of unknown length (tool names, ids from outside) before.
+    pub fn new(
+        source: impl Into<String>,
+        action: impl Into<String>,
+        resource: impl Into<String>,
+        resource_id: impl Into<String>,
+    ) -> Self {
+        Self {
+            id: Uuid::now_v7(),
+            source: source.into(),
+            action: action.into(),
+            resource: resource.into(),
+            resource_id: resource_id.into(),
+            payload: empty_object(),
+            metadata: empty_object(),
+            created_at: None,
+        }
+    }
+
+    /// Replaces the id (e.g. with one derived from the caller's own key, for idempotent retries).
+    #[must_use]
+    pub fn with_id(mut self, id: Uuid) -> Self {
+        self.id = id;
+        self
+    }
+
+    /// Replaces the payload.
+    #[must_use]
+    pub fn with_payload(mut self, payload: Value) -> Self {
+        self.payload = payload;
+        self
+    }
+
+    /// Replaces the metadata.
+    #[must_use]
+    pub fn with_metadata(mut self, metadata: Value) -> Self {
+        self.metadata = metadata;
+        self
+    }
+
+    /// Sets when the event happened, instead of the database's `now()` at insert. The processor
+    /// claims events oldest `created_at` first.
+    #[must_use]
+    pub fn with_created_at(mut self, created_at: OffsetDateTime) -> Self {
+        self.created_at = Some(created_at);
+        self
+    }
+}

@@ -28,7 +28,7 @@ mod store;
 
 pub use engine::{bound_text, Engine, EngineBuilder, EngineConfig, MAX_ERROR_BYTES};
 pub use error::ConfigError;
-pub use event::{HandlerResult, HookEvent};
+pub use event::{HandlerResult, HookEvent, NewEvent};
 pub use handler::{Handler, HandlerRegistry, IntoHandlerResult, WILDCARD};
 pub use handlers::register_defaults;
 pub use metrics::{Metrics, MetricsSnapshot};

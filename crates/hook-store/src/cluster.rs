@@ -276,6 +276,22 @@ impl EmbeddedCluster {
         config
     }
 
+    /// The connection settings for `database` on the cluster under `data_dir` when its server is
+    /// running, read from its `postmaster.pid` without starting, locking or waiting for anything;
+    /// `None` when no server is running there. For short-lived producers (`hook-ingest`) that
+    /// must neither start a server nor wait for one. A stale `postmaster.pid` (after a crash)
+    /// yields settings whose connection then fails at once.
+    pub fn running_config(data_dir: &Path, database: &str) -> Option<tokio_postgres::Config> {
+        let (port, socket_dir) = read_postmaster_pid(&data_dir.join("pgdata"))?;
+        let mut config = tokio_postgres::Config::new();
+        config
+            .user(SUPERUSER)
+            .dbname(database)
+            .host_path(socket_dir.unwrap_or_else(|| socket_dir_for(data_dir)))
+            .port(port);
+        Some(config)
+    }
+
     /// A URL for `database` that `psql` and `tokio_postgres` accept, e.g.
     /// `postgresql://postgres@/hook_events?host=/abs/.hook-data/run&port=5432`. It holds no
     /// password because none exists: only the socket directory's owner can connect.

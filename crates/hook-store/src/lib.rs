@@ -14,6 +14,7 @@
 
 mod cluster;
 mod connect;
+mod enqueue;
 mod error;
 mod listen;
 mod pg;
@@ -30,6 +31,7 @@ pub mod testing;
 pub use cluster::{ClusterOptions, EmbeddedCluster, PgBinaries};
 pub use connect::{parse_database_url, redacted, with_service_defaults, DatabaseArgs, SeedSettings};
 pub use deadpool_postgres;
+pub use enqueue::{enqueue, enqueue_many, AsGenericClient};
 pub use error::StoreError;
 pub use listen::CHANNEL;
 pub use pg::{PgBatch, PgStore, StoreOptions};

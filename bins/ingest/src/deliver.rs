@@ -1,0 +1,212 @@
+//! Delivering one event: connect, flush the spool, insert; whatever does not get in within the
+//! time budget goes to the spool.
+//!
+//! One tokio-postgres connection on a current-thread runtime, no pool, no migrations: the table
+//! is assumed to exist (`hook-processor` creates it), and if it does not, the insert fails and the
+//! event is spooled like in any outage. Every statement runs under the one deadline; a statement
+//! cut off by it may still commit on the server, which is harmless because the event's id was
+//! assigned before and the spooled copy is skipped when it is flushed.
+
+use std::time::{Duration, Instant};
+
+use hook_core::NewEvent;
+use hook_store::tokio_postgres::{Client, Config, NoTls};
+use hook_store::{enqueue, enqueue_many, redacted, EmbeddedCluster, StoreError};
+use serde_json::json;
+use time::OffsetDateTime;
+
+use crate::mapping::{sanitized, INGEST_SOURCE};
+use crate::settings::{Database, Settings, EMBEDDED_DATABASE};
+use crate::spool::{Locked, Spool};
+
+/// Spooled events inserted per statement, at most.
+const CHUNK_EVENTS: usize = 500;
+
+/// Bytes of spooled lines inserted per statement, about (at least one line).
+const CHUNK_BYTES: usize = 4 * 1024 * 1024;
+
+/// What happened to the event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delivered {
+    /// Inserted (or found already there).
+    Inserted,
+    /// Written to the spool; the text says why.
+    Spooled(String),
+    /// Neither: the spool could not be written either. The text says why.
+    Lost(String),
+}
+
+/// Delivers `event`: inserts it (after flushing the spool) within `settings.timeout`, else spools
+/// it with `created_at = logged_at`, so that it keeps its place among events when flushed.
+pub fn deliver(settings: &Settings, event: &NewEvent, logged_at: OffsetDateTime) -> Delivered {
+    let deadline = Instant::now() + settings.timeout;
+    let spool = Spool::new(&settings.spool);
+    let spooled = event.clone().with_created_at(logged_at);
+    let config = match &settings.database {
+        Database::Configured(config) => Ok(Config::clone(config)),
+        Database::Embedded(dir) => EmbeddedCluster::running_config(dir, EMBEDDED_DATABASE)
+            .ok_or_else(|| format!("the embedded PostgreSQL under {} is not running", dir.display())),
+        Database::Unusable(why) => Err(why.clone()),
+    };
+    let outcome = config.and_then(|config| {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| format!("starting the async runtime: {e}"))?;
+        let outcome = runtime.block_on(insert(&config, &spool, event, &spooled, deadline, settings.timeout));
+        // Don't wait for anything left behind (a DNS lookup, the connection's close).
+        runtime.shutdown_background();
+        outcome
+    });
+    match outcome {
+        Ok(delivered) => delivered,
+        Err(why) => match spool.append(&spooled) {
+            Ok(()) => Delivered::Spooled(format!("{why}; event spooled to {}", spool.path().display())),
+            Err(error) => Delivered::Lost(format!(
+                "{why}; event lost: writing the spool {}: {error}",
+                spool.path().display()
+            )),
+        },
+    }
+}
+
+/// Connects, flushes the spool if it holds anything (unless another hook is flushing it right
+/// now), and inserts `event`. `Err` means the event is not stored anywhere yet.
+async fn insert(
+    config: &Config,
+    spool: &Spool,
+    event: &NewEvent,
+    spooled: &NewEvent,
+    deadline: Instant,
+    budget: Duration,
+) -> Result<Delivered, String> {
+    let shown = redacted(config);
+    let budget = ms(budget);
+    let connected = tokio::time::timeout_at(deadline.into(), config.connect(NoTls))
+        .await
+        .map_err(|_| format!("no connection to {shown} within {budget}"))?
+        .map_err(|e| format!("connecting to {shown}: {}", chain(&e)))?;
+    let (client, connection) = connected;
+    tokio::spawn(connection);
+
+    if !spool.is_empty() {
+        // A busy lock means another hook is flushing: insert this event right away. The spooled
+        // events keep their earlier created_at, so the processor still sees them first.
+        match spool.lock(Duration::ZERO) {
+            Ok(Some(locked)) => return flush(&client, locked, event, spooled, deadline).await,
+            Ok(None) => {}
+            Err(error) => return Err(format!("opening the spool {}: {error}", spool.path().display())),
+        }
+    }
+    within(deadline, store(&client, std::slice::from_ref(event))).await?;
+    Ok(Delivered::Inserted)
+}
+
+/// Inserts the spooled events in order, chunk by chunk, drops what went in, then inserts
+/// `event`. When time runs out first, `event` joins the spool behind the rest.
+async fn flush(
+    client: &Client,
+    mut locked: Locked,
+    event: &NewEvent,
+    spooled: &NewEvent,
+    deadline: Instant,
+) -> Result<Delivered, String> {
+    let mut flushed = 0;
+    let mut count = 0usize;
+    let failure = loop {
+        let entries = match locked.read(flushed, CHUNK_EVENTS, CHUNK_BYTES) {
+            Ok(entries) => entries,
+            Err(error) => break format!("reading the spool: {error}"),
+        };
+        let Some(last) = entries.last() else { break String::new() };
+        let end = last.end;
+        let events: Vec<NewEvent> = entries.into_iter().map(|entry| entry.event).collect();
+        match within(deadline, store(client, &events)).await {
+            Ok(()) => {
+                flushed = end;
+                count += events.len();
+            }
+            Err(why) => break format!("flushing the spool after {count} events: {why}"),
+        }
+    };
+    if failure.is_empty() {
+        locked
+            .discard(flushed)
+            .map_err(|e| format!("{count} spooled events flushed, but emptying the spool failed: {e}"))?;
+        within(deadline, store(client, std::slice::from_ref(event))).await?;
+        return Ok(Delivered::Inserted);
+    }
+    // Behind the spooled events, so they keep their order; then drop what did go in.
+    if let Err(error) = locked.append(spooled) {
+        return Err(format!("{failure}; appending to the spool: {error}"));
+    }
+    let _ = locked.discard(flushed);
+    Ok(Delivered::Spooled(format!("{failure}; event spooled behind the rest")))
+}
+
+/// Inserts `events` in one statement. If the database refuses the data itself (a value it
+/// cannot take, say, rather than being away), inserts them one by one and stores each refused
+/// event as a raw record with its id, so that one bad event can never block the spool.
+async fn store(client: &Client, events: &[NewEvent]) -> Result<(), StoreError> {
+    match enqueue_many(client, events).await {
+        Err(error) if refuses_data(&error) => {}
+        other => return other.map(|_| ()),
+    }
+    for event in events {
+        match enqueue(client, event).await {
+            Err(error) if refuses_data(&error) => {
+                enqueue(client, &refused(event, &error)).await?;
+            }
+            other => {
+                other?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether the statement failed on the data it was given: SQLSTATE classes 22 (data exception),
+/// 23 (integrity constraint violation) and 54 (program limit exceeded).
+fn refuses_data(error: &StoreError) -> bool {
+    let StoreError::Db(error) = error else { return false };
+    error.code().is_some_and(|code| ["22", "23", "54"].iter().any(|class| code.code().starts_with(class)))
+}
+
+/// The raw record standing in for an event the database refused.
+fn refused(event: &NewEvent, error: &StoreError) -> NewEvent {
+    let raw = serde_json::to_string(event).unwrap_or_default();
+    NewEvent::new(INGEST_SOURCE, "rejected_event", "hook_event", "unknown")
+        .with_id(event.id)
+        .with_payload(sanitized(json!({"raw": raw, "error": chain(error)})))
+        .with_metadata(event.metadata.clone())
+}
+
+/// Runs `work` until `deadline`.
+async fn within<T>(
+    deadline: Instant,
+    work: impl std::future::Future<Output = Result<T, StoreError>>,
+) -> Result<T, String> {
+    match tokio::time::timeout_at(deadline.into(), work).await {
+        Ok(result) => result.map_err(|e| chain(&e)),
+        Err(_) => Err("the database did not answer in time".into()),
+    }
+}
+
+/// The error and its causes, `: `-separated (tokio-postgres keeps the OS error in the source).
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let shown = cause.to_string();
+        if !text.contains(&shown) {
+            text.push_str(": ");
+            text.push_str(&shown);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+fn ms(duration: Duration) -> String {
+    format!("{}ms", duration.as_millis())
+}
