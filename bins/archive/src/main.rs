@@ -1,3 +1,248 @@
-//! hook-archive (work in progress).
+//! `hook-archive`: moves old processed events from `hook_events` into `hook_events_archive`, and
+//! optionally purges the archive by age. The batches are hook-store's
+//! [`archive`](hook_store::archive); this binary parses flags, connects, takes the advisory lock,
+//! reports progress and maps the result to an exit code: 0 done, nothing to do or another run
+//! busy, 1 failed, 2 bad usage.
 
-fn main() {}
+mod args;
+mod db;
+mod progress;
+
+use std::io::Write;
+use std::ops::ControlFlow;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Parser;
+use hook_store::archive::{self, ArchiveReport, Cutoffs};
+use time::macros::format_description;
+use time::{OffsetDateTime, UtcOffset};
+
+use crate::args::Args;
+use crate::progress::Progress;
+
+const PROGRAM: &str = "hook-archive";
+
+/// A mistake in the flags or configuration: exit status 2.
+#[derive(Debug)]
+pub(crate) struct UsageError(pub(crate) String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+fn main() -> ExitCode {
+    // A missing .env is normal; a malformed one is an error worth stopping for.
+    if let Err(error) = dotenvy::dotenv() {
+        if !error.not_found() {
+            eprintln!("{PROGRAM}: error: reading .env: {error}");
+            return ExitCode::from(2);
+        }
+    }
+    let args = Args::parse();
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("{PROGRAM}: error: {error:#}");
+            if error.is::<UsageError>() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+fn run(args: &Args) -> anyhow::Result<()> {
+    init_logging(&args.log_level)?;
+    let options = args.options();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async {
+        let connected = db::connect(&args.database, PROGRAM).await?;
+        let shown = connected.shown.clone();
+        // One session for the whole run: it holds the advisory lock, and runs every batch.
+        let client = connected.store.pool().get().await.with_context(|| format!("connecting to {shown}"))?;
+        let cutoffs = archive::cutoffs(&client, &options)
+            .await
+            .with_context(|| format!("reading the clock of {shown}"))?;
+        if args.dry_run {
+            let plan = archive::plan_archive(&client, &cutoffs)
+                .await
+                .with_context(|| format!("counting rows in {shown}"))?;
+            let mut text = format!(
+                "{PROGRAM}: dry run: would move {} rows (processed before {})",
+                plan.archivable,
+                show_time(cutoffs.archive_before)
+            );
+            if let Some(before) = cutoffs.purge_before {
+                text.push_str(&format!(
+                    "; would purge {} archived rows (archived before {})",
+                    plan.purgeable,
+                    show_time(before)
+                ));
+            }
+            say(&text)?;
+        } else if !archive::try_lock(&client).await.with_context(|| format!("locking {shown}"))? {
+            say(&format!("{PROGRAM}: another hook-archive is running on {shown}; nothing done"))?;
+        } else {
+            let result = archive_locked(&client, &cutoffs, args, options.batch_size, &shown).await;
+            // Dropping the session would release the lock too; unlock so the pooled connection is clean.
+            let unlocked = archive::unlock(&client).await;
+            result?;
+            unlocked.with_context(|| format!("unlocking {shown}"))?;
+        }
+        drop(client);
+        connected.close().await
+    })
+}
+
+async fn archive_locked(
+    client: &hook_store::deadpool_postgres::Client,
+    cutoffs: &Cutoffs,
+    args: &Args,
+    batch_size: usize,
+    shown: &str,
+) -> anyhow::Result<()> {
+    let plan =
+        archive::plan_archive(client, cutoffs).await.with_context(|| format!("counting rows in {shown}"))?;
+    if plan.archivable == 0 && plan.purgeable == 0 {
+        let mut text = format!(
+            "{PROGRAM}: nothing to archive (no rows processed before {})",
+            show_time(cutoffs.archive_before)
+        );
+        if let Some(before) = cutoffs.purge_before {
+            text.push_str(&format!(" and nothing to purge (no rows archived before {})", show_time(before)));
+        }
+        return say(&text);
+    }
+    let interrupted = interrupt_flag();
+    let started = Instant::now();
+    let deadline = args.max_duration.map(|d| started + d);
+    let mut out_of_time = false;
+    let mut progress = Progress::new(PROGRAM, "rows moved or purged", plan.archivable + plan.purgeable);
+    let result = archive::archive(client, cutoffs, batch_size, |batch| {
+        progress.advance(batch.rows);
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            out_of_time = true;
+        }
+        if out_of_time || interrupted.load(Ordering::SeqCst) {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    })
+    .await;
+    progress.finish();
+    let report = result.with_context(|| format!("archiving in {shown}"))?;
+    let seconds = started.elapsed().as_secs_f64();
+    let mut text = summary(&report, cutoffs, seconds);
+    if report.stopped {
+        let left = (plan.archivable + plan.purgeable).saturating_sub(report.moved + report.purged);
+        if out_of_time {
+            text.push_str(&format!("; stopped at --max-duration, about {left} rows left for the next run"));
+        }
+    }
+    if args.stats {
+        text.push('\n');
+        text.push_str(&stats(&report, seconds));
+    }
+    say(&text)?;
+    if report.stopped && !out_of_time {
+        anyhow::bail!("interrupted after moving {} rows; run again to continue", report.moved);
+    }
+    Ok(())
+}
+
+/// The one-line summary: rows moved, batches, seconds.
+fn summary(report: &ArchiveReport, cutoffs: &Cutoffs, seconds: f64) -> String {
+    let mut text = format!(
+        "{PROGRAM}: moved {} in {}, {seconds:.1} s (processed before {})",
+        plural(report.moved, "row", "rows"),
+        plural(report.batches, "batch", "batches"),
+        show_time(cutoffs.archive_before)
+    );
+    if cutoffs.purge_before.is_some() {
+        text.push_str(&format!(
+            "; purged {} in {}",
+            plural(report.purged, "archived row", "archived rows"),
+            plural(report.purge_batches, "batch", "batches")
+        ));
+    }
+    text
+}
+
+/// "1 row", "2 rows".
+fn plural(n: u64, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
+/// Statement durations: each one is how long that batch held its row locks, at most.
+fn stats(report: &ArchiveReport, seconds: f64) -> String {
+    let mut durations = report.statement_durations.clone();
+    durations.sort_unstable();
+    let at = |q: f64| {
+        let i = ((durations.len() as f64 * q).ceil() as usize).clamp(1, durations.len().max(1)) - 1;
+        durations.get(i).copied().unwrap_or_default()
+    };
+    let ms = |d: Duration| d.as_secs_f64() * 1_000.0;
+    let rows = report.moved + report.purged;
+    format!(
+        "{PROGRAM}: stats: {} statements, longest {:.1} ms, p99 {:.1} ms, median {:.1} ms; {:.0} rows/s",
+        durations.len(),
+        ms(durations.last().copied().unwrap_or_default()),
+        ms(at(0.99)),
+        ms(at(0.5)),
+        if seconds > 0.0 { rows as f64 / seconds } else { 0.0 }
+    )
+}
+
+fn show_time(time: OffsetDateTime) -> String {
+    time.to_offset(UtcOffset::UTC)
+        .format(format_description!("[year]-[month]-[day] [hour]:[minute]:[second] UTC"))
+        .unwrap_or_else(|_| time.to_string())
+}
+
+/// Writes `text` and a newline to stdout.
+fn say(text: &str) -> anyhow::Result<()> {
+    writeln!(std::io::stdout().lock(), "{text}").context("writing to standard output")
+}
+
+/// A flag set on SIGINT or SIGTERM: the run stops after the batch in progress, which commits.
+fn interrupt_flag() -> Arc<AtomicBool> {
+    let flag = Arc::new(AtomicBool::new(false));
+    let set = Arc::clone(&flag);
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut term) = signal(SignalKind::terminate()) else { return };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        set.store(true, Ordering::SeqCst);
+    });
+    flag
+}
+
+fn init_logging(level: &str) -> anyhow::Result<()> {
+    let mut directives = level.to_lowercase();
+    if !directives.contains("tokio_postgres") {
+        directives.push_str(",tokio_postgres=warn");
+    }
+    let filter = tracing_subscriber::EnvFilter::try_new(&directives)
+        .map_err(|_| UsageError(format!("LOG_LEVEL {level:?} is not a log level or filter")))?;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init()
+        .map_err(|e| anyhow::anyhow!("setting up logging: {e}"))
+}

@@ -1,3 +1,198 @@
-//! hook-replay (work in progress).
+//! `hook-replay`: re-queues failed and dead hook events (or, on request, processed ones) so that
+//! processors handle them again. The selection and the batches are hook-store's
+//! [`replay`](hook_store::replay); this binary parses flags, connects, reports progress and maps
+//! the result to an exit code: 0 done or nothing to do, 1 failed, 2 bad usage.
 
-fn main() {}
+mod args;
+mod db;
+mod progress;
+
+use std::io::Write;
+use std::ops::ControlFlow;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::Parser;
+use hook_store::replay::{self, ReplayPlan, ReplayReport};
+
+use crate::args::Args;
+use crate::progress::Progress;
+
+const PROGRAM: &str = "hook-replay";
+/// How many ids a dry run shows.
+const SAMPLE_IDS: usize = 5;
+
+/// A mistake in the flags or input: exit status 2.
+#[derive(Debug)]
+pub(crate) struct UsageError(pub(crate) String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+fn main() -> ExitCode {
+    // A missing .env is normal; a malformed one is an error worth stopping for.
+    if let Err(error) = dotenvy::dotenv() {
+        if !error.not_found() {
+            eprintln!("{PROGRAM}: error: reading .env: {error}");
+            return ExitCode::from(2);
+        }
+    }
+    let args = Args::parse();
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("{PROGRAM}: error: {error:#}");
+            if error.is::<UsageError>() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+fn run(args: &Args) -> anyhow::Result<()> {
+    init_logging(&args.log_level)?;
+    let filter = args.filter()?;
+    let options = args.options();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async {
+        let connected = db::connect(&args.database, PROGRAM).await?;
+        let shown = connected.shown.clone();
+        let mut client =
+            connected.store.pool().get().await.with_context(|| format!("connecting to {shown}"))?;
+        let plan = replay::plan_replay(&client, &filter, SAMPLE_IDS)
+            .await
+            .with_context(|| format!("selecting events in {shown}"))?;
+        if args.dry_run {
+            print_plan(&plan, args.include_processed)?;
+        } else if plan.total() == 0 {
+            say(&format!(
+                "{PROGRAM}: nothing to re-queue: no event matches{}",
+                hint(args.include_processed)
+            ))?;
+        } else {
+            let interrupted = interrupt_flag();
+            let started = Instant::now();
+            let mut progress = Progress::new(PROGRAM, "events re-queued", plan.total());
+            let result = replay::replay(&mut client, &filter, &options, |batch| {
+                progress.advance(batch.replayed.len() as u64);
+                if interrupted.load(Ordering::SeqCst) {
+                    ControlFlow::Break(())
+                } else {
+                    ControlFlow::Continue(())
+                }
+            })
+            .await;
+            progress.finish();
+            let report = result.with_context(|| format!("re-queuing events in {shown}"))?;
+            print_report(&report, started.elapsed().as_secs_f64())?;
+            if report.stopped {
+                anyhow::bail!(
+                    "interrupted after re-queuing {} events; run again to continue",
+                    report.replayed
+                );
+            }
+        }
+        drop(client);
+        connected.close().await
+    })
+}
+
+fn hint(include_processed: bool) -> &'static str {
+    if include_processed {
+        ""
+    } else {
+        " (processed events are selected only with --include-processed)"
+    }
+}
+
+/// Writes `text` and a newline to stdout.
+fn say(text: &str) -> anyhow::Result<()> {
+    writeln!(std::io::stdout().lock(), "{text}").context("writing to standard output")
+}
+
+fn groups(groups: &[((String, String), u64)]) -> String {
+    groups.iter().map(|((source, action), n)| format!("\n  {n:>8}  {source}/{action}")).collect()
+}
+
+/// "1 event", "2 events".
+fn plural(n: u64, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
+fn print_plan(plan: &ReplayPlan, include_processed: bool) -> anyhow::Result<()> {
+    if plan.total() == 0 {
+        return say(&format!(
+            "{PROGRAM}: dry run: nothing to re-queue: no event matches{}",
+            hint(include_processed)
+        ));
+    }
+    let ids: Vec<String> = plan.sample_ids.iter().map(ToString::to_string).collect();
+    let more = if plan.total() > ids.len() as u64 { ", ..." } else { "" };
+    say(&format!(
+        "{PROGRAM}: dry run: {} would be re-queued{}\n  first ids: {}{more}",
+        plural(plan.total(), "event", "events"),
+        groups(&plan.groups),
+        ids.join(", ")
+    ))
+}
+
+fn print_report(report: &ReplayReport, seconds: f64) -> anyhow::Result<()> {
+    let mut by_kind: Vec<_> = report.by_kind.iter().map(|(k, n)| (k.clone(), *n)).collect();
+    by_kind.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    let mut text = format!(
+        "{PROGRAM}: re-queued {} in {}, {seconds:.2} s{}",
+        plural(report.replayed, "event", "events"),
+        plural(report.batches, "batch", "batches"),
+        groups(&by_kind)
+    );
+    if report.skipped_held > 0 {
+        text.push_str(&format!(
+            "\n{PROGRAM}: {} being processed left alone",
+            plural(report.skipped_held, "matching event", "matching events")
+        ));
+    }
+    say(&text)
+}
+
+/// A flag set on SIGINT or SIGTERM: the run stops after the batch in progress, which commits.
+fn interrupt_flag() -> Arc<AtomicBool> {
+    let flag = Arc::new(AtomicBool::new(false));
+    let set = Arc::clone(&flag);
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut term) = signal(SignalKind::terminate()) else { return };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        set.store(true, Ordering::SeqCst);
+    });
+    flag
+}
+
+fn init_logging(level: &str) -> anyhow::Result<()> {
+    let mut directives = level.to_lowercase();
+    if !directives.contains("tokio_postgres") {
+        directives.push_str(",tokio_postgres=warn");
+    }
+    let filter = tracing_subscriber::EnvFilter::try_new(&directives)
+        .map_err(|_| UsageError(format!("LOG_LEVEL {level:?} is not a log level or filter")))?;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init()
+        .map_err(|e| anyhow::anyhow!("setting up logging: {e}"))
+}

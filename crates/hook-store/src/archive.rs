@@ -6,10 +6,16 @@
 //! server) has moved every row of a batch or none of it: no row is lost, none is duplicated, and a
 //! re-run simply continues. The rows are chosen with `FOR UPDATE SKIP LOCKED`, oldest
 //! `processed_at` first, through the partial index `hook_events_archive_idx (processed_at) WHERE
-//! processed`; each batch starts at the previous batch's last `processed_at` (keyset), so it
-//! never walks over the index entries of rows already moved. Only `processed` events are ever
-//! selected: pending, retrying and dead events stay where the processors and `hook-replay` find
-//! them.
+//! processed`. Only `processed` events are ever selected: pending, retrying and dead events stay
+//! where the processors and `hook-replay` find them.
+//!
+//! Each batch works on a bounded window of that index: a read-only probe first finds the
+//! `processed_at` of the batch-size-th row after the previous window (an index-only scan that
+//! locks nothing), and the batch takes only rows between the two. So a batch never walks over the
+//! index entries of rows already moved (dead until vacuumed), and its cost stays proportional to
+//! the batch size whatever plan the statistics lead to: with stale statistics (a table bulk-loaded
+//! and not analyzed yet) PostgreSQL may prefer to sort the whole remaining range, which made each
+//! batch of an unbounded range scan everything left.
 //!
 //! An event whose id is already in the archive (re-inserted by a producer after it was archived,
 //! or copied back by hand) is left in place rather than overwriting or dropping either copy; a
@@ -34,24 +40,31 @@ const COLUMNS: &str = "id, source, action, resource, resource_id, payload, metad
      processing_errors, retry_count, created_at, processed_at, result_metadata, next_attempt_at, \
      dead_at, replays";
 
-/// The rows one archive batch would take: processed before `$1`, at or after `$2` (when not
-/// NULL), not archived already, oldest first, at most `$3`, skipping rows someone holds.
-const ELIGIBLE: &str = "processed AND processed_at < $1 \
-     AND ($2::timestamptz IS NULL OR processed_at >= $2) \
-     AND NOT EXISTS (SELECT 1 FROM hook_events_archive AS a WHERE a.id = e.id)";
+/// The end of the next window: the `processed_at` of the `$2`-th processed event (counting from
+/// 0) at or after `$1` (from the start when NULL). One-sided, so it is always an ordered scan of
+/// the partial index that stops after `$2` entries.
+const ARCHIVE_WINDOW: &str = "SELECT processed_at FROM hook_events \
+     WHERE processed AND ($1::timestamptz IS NULL OR processed_at >= $1) \
+     ORDER BY processed_at OFFSET $2 LIMIT 1";
 
+/// The rows one archive batch takes: processed before `$1`, within the window `[$2, $3]` (a NULL
+/// bound is open), not archived already, oldest first, at most `$4`, skipping rows someone holds.
 fn archive_batch_sql() -> String {
     format!(
         "WITH moved AS ( \
              DELETE FROM hook_events WHERE id IN ( \
-                 SELECT id FROM hook_events AS e WHERE {ELIGIBLE} \
-                 ORDER BY processed_at LIMIT $3 \
+                 SELECT id FROM hook_events AS e \
+                 WHERE processed AND processed_at < $1 \
+                   AND ($2::timestamptz IS NULL OR processed_at >= $2) \
+                   AND ($3::timestamptz IS NULL OR processed_at <= $3) \
+                   AND NOT EXISTS (SELECT 1 FROM hook_events_archive AS a WHERE a.id = e.id) \
+                 ORDER BY processed_at LIMIT $4 \
                  FOR UPDATE SKIP LOCKED) \
              RETURNING {COLUMNS}), \
          archived AS ( \
              INSERT INTO hook_events_archive ({COLUMNS}) SELECT {COLUMNS} FROM moved \
              RETURNING processed_at) \
-         SELECT count(*), max(processed_at) FROM archived"
+         SELECT count(*) FROM archived"
     )
 }
 
@@ -59,13 +72,18 @@ const COUNT_ARCHIVABLE: &str = "SELECT count(*) FROM hook_events AS e \
      WHERE processed AND processed_at < $1 \
        AND NOT EXISTS (SELECT 1 FROM hook_events_archive AS a WHERE a.id = e.id)";
 
-const PURGE_BATCH: &str = "WITH purged AS ( \
-         DELETE FROM hook_events_archive WHERE id IN ( \
-             SELECT id FROM hook_events_archive \
-             WHERE archived_at < $1 AND ($2::timestamptz IS NULL OR archived_at >= $2) \
-             ORDER BY archived_at LIMIT $3) \
-         RETURNING archived_at) \
-     SELECT count(*), max(archived_at) FROM purged";
+/// As [`ARCHIVE_WINDOW`], for the archive's `archived_at`.
+const PURGE_WINDOW: &str = "SELECT archived_at FROM hook_events_archive \
+     WHERE ($1::timestamptz IS NULL OR archived_at >= $1) \
+     ORDER BY archived_at OFFSET $2 LIMIT 1";
+
+/// Deletes up to `$4` archived rows archived before `$1`, within the window `[$2, $3]`.
+const PURGE_BATCH: &str = "DELETE FROM hook_events_archive WHERE id IN ( \
+         SELECT id FROM hook_events_archive \
+         WHERE archived_at < $1 \
+           AND ($2::timestamptz IS NULL OR archived_at >= $2) \
+           AND ($3::timestamptz IS NULL OR archived_at <= $3) \
+         ORDER BY archived_at LIMIT $4)";
 
 const COUNT_PURGEABLE: &str = "SELECT count(*) FROM hook_events_archive WHERE archived_at < $1";
 
@@ -176,38 +194,64 @@ pub async fn plan_archive(client: &impl GenericClient, cutoffs: &Cutoffs) -> Res
     Ok(ArchivePlan { archivable: count(archivable), purgeable: count(purgeable) })
 }
 
-/// Moves up to `limit` processed events processed before `before` (and at or after `from`, when
-/// given) into the archive, in one statement. Returns the rows moved and the latest
-/// `processed_at` among them (where the next batch may start).
+/// The window a batch works on: from `from` (inclusive; open when `None`) to `upto`
+/// (inclusive; open when `None`, then the cutoff alone bounds it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    /// Lower bound, inclusive.
+    pub from: Option<OffsetDateTime>,
+    /// Upper bound, inclusive.
+    pub upto: Option<OffsetDateTime>,
+}
+
+/// The next window of about `size` rows starting at `from`: its end is the time of the
+/// `size`-th row at or after `from`, or `None` when fewer rows are left. Reads the index only.
+pub async fn next_window(
+    client: &impl GenericClient,
+    purge: bool,
+    from: Option<OffsetDateTime>,
+    size: usize,
+) -> Result<Window, StoreError> {
+    let offset = i64::try_from(size.saturating_sub(1)).unwrap_or(i64::MAX);
+    let sql = if purge { PURGE_WINDOW } else { ARCHIVE_WINDOW };
+    let upto = client.query_opt(sql, &[&from, &offset]).await?.map(|row| row.try_get(0)).transpose()?;
+    Ok(Window { from, upto })
+}
+
+/// Moves up to `limit` processed events processed before `before` and inside `window` into the
+/// archive, in one statement. Returns the rows moved.
 pub async fn archive_batch(
     client: &impl GenericClient,
     before: OffsetDateTime,
-    from: Option<OffsetDateTime>,
+    window: Window,
     limit: usize,
-) -> Result<(u64, Option<OffsetDateTime>), StoreError> {
+) -> Result<u64, StoreError> {
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-    let row = client.query_one(archive_batch_sql().as_str(), &[&before, &from, &limit]).await?;
-    Ok((count(row.try_get(0)?), row.try_get(1)?))
+    let row = client
+        .query_one(archive_batch_sql().as_str(), &[&before, &window.from, &window.upto, &limit])
+        .await?;
+    Ok(count(row.try_get(0)?))
 }
 
-/// Deletes up to `limit` archived rows archived before `before` (and at or after `from`), oldest
-/// first, in one statement. Returns the rows deleted and the latest `archived_at` among them.
+/// Deletes up to `limit` archived rows archived before `before` and inside `window`, in one
+/// statement. Returns the rows deleted.
 pub async fn purge_batch(
     client: &impl GenericClient,
     before: OffsetDateTime,
-    from: Option<OffsetDateTime>,
+    window: Window,
     limit: usize,
-) -> Result<(u64, Option<OffsetDateTime>), StoreError> {
+) -> Result<u64, StoreError> {
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-    let row = client.query_one(PURGE_BATCH, &[&before, &from, &limit]).await?;
-    Ok((count(row.try_get(0)?), row.try_get(1)?))
+    Ok(client.execute(PURGE_BATCH, &[&before, &window.from, &window.upto, &limit]).await?)
 }
 
-/// Archives (then, when `cutoffs.purge_before` is set, purges) batch by batch until nothing is
-/// left, calling `on_batch` after each committed batch; `ControlFlow::Break` stops the run there.
+/// Archives (then, when `cutoffs.purge_before` is set, purges) window by window until the cutoff
+/// is reached, calling `on_batch` after each batch that changed rows; `ControlFlow::Break` stops
+/// the run there.
 ///
 /// `client` must not be inside a transaction: each statement commits on its own, which is what
 /// keeps every lock short. Take the advisory lock ([`try_lock`]) on the same client first.
+/// Rows a batch skips (held by someone, or their id already archived) wait for the next run.
 pub async fn archive(
     client: &impl GenericClient,
     cutoffs: &Cutoffs,
@@ -222,28 +266,39 @@ pub async fn archive(
         let purge = phase == 1;
         let mut from = None;
         loop {
+            let window = next_window(client, purge, from, limit).await?;
             let started = Instant::now();
-            let (rows, last) = if purge {
-                purge_batch(client, before, from, limit).await?
+            let rows = if purge {
+                purge_batch(client, before, window, limit).await?
             } else {
-                archive_batch(client, before, from, limit).await?
+                archive_batch(client, before, window, limit).await?
             };
             let elapsed = started.elapsed();
-            if rows == 0 {
-                break;
+            if rows > 0 {
+                report.statement_durations.push(elapsed);
+                if purge {
+                    report.purged += rows;
+                    report.purge_batches += 1;
+                } else {
+                    report.moved += rows;
+                    report.batches += 1;
+                }
+                if on_batch(&ArchiveBatch { purge, rows, elapsed }).is_break() {
+                    report.stopped = true;
+                    return Ok(report);
+                }
             }
-            report.statement_durations.push(elapsed);
-            if purge {
-                report.purged += rows;
-                report.purge_batches += 1;
-            } else {
-                report.moved += rows;
-                report.batches += 1;
-            }
-            from = last;
-            if on_batch(&ArchiveBatch { purge, rows, elapsed }).is_break() {
-                report.stopped = true;
-                return Ok(report);
+            match window.upto {
+                // The window reached the cutoff (or the end): this phase is done.
+                None => break,
+                Some(upto) if upto >= before => break,
+                // Rows left at the window's end (ties beyond the batch size) are taken by the
+                // next window, which starts there; if nothing could be moved from a window that
+                // did not advance, step past it so the run always ends.
+                Some(upto) if rows == 0 && Some(upto) == window.from => {
+                    from = Some(upto + time::Duration::MICROSECOND);
+                }
+                Some(upto) => from = Some(upto),
             }
         }
     }

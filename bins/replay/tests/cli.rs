@@ -1,0 +1,166 @@
+//! The `hook-replay` binary as operators run it: a dry run, ids on standard input, and bad input,
+//! which must change nothing and exit 2 with one clear line. Every run gets a clean environment
+//! (none of the variables the binary reads) and a working directory without a `.env`.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+use hook_store::testing::TestDb;
+use hook_store::tokio_postgres::Client;
+use uuid::Uuid;
+
+/// The variables the binary reads.
+const READ_VARS: &[&str] = &[
+    "DATABASE_URL",
+    "DB_PASSWORD",
+    "POSTGRES_PASSWORD",
+    "POSTGRES_HOST",
+    "POSTGRES_PORT",
+    "POSTGRES_DB",
+    "POSTGRES_USER",
+    "HOOK_DATA_DIR",
+    "LOG_LEVEL",
+    "RUST_LOG",
+];
+
+fn workdir() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("hook-replay-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("create a working directory");
+    dir
+}
+
+/// Runs the binary on `db` (when given) with `stdin` as its input; returns (status, stdout, stderr).
+fn replay(db: Option<&TestDb>, args: &[&str], stdin: &str) -> (i32, String, String) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_hook-replay"));
+    for var in READ_VARS {
+        command.env_remove(var);
+    }
+    if let Some(db) = db {
+        command.env("DATABASE_URL", db.url());
+    }
+    let mut child = command
+        .args(args)
+        .current_dir(workdir())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start hook-replay");
+    let mut input = child.stdin.take().expect("stdin");
+    input.write_all(stdin.as_bytes()).expect("write stdin");
+    drop(input);
+    let output = child.wait_with_output().expect("run hook-replay");
+    (
+        output.status.code().expect("exited"),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// Inserts a dead event of `(source, action)`; returns its id.
+async fn insert_dead(client: &Client, source: &str, action: &str) -> Uuid {
+    let id = Uuid::new_v4();
+    client
+        .execute(
+            "INSERT INTO hook_events (id, source, action, resource, resource_id, retry_count, processing_errors,
+                                      dead_at)
+             VALUES ($1, $2, $3, 'tool', 'Bash', 3, ARRAY['a', 'b', 'c'], now())",
+            &[&id, &source, &action],
+        )
+        .await
+        .expect("insert a dead event");
+    id
+}
+
+async fn snapshot(client: &Client) -> Vec<String> {
+    client
+        .query("SELECT t::text FROM hook_events AS t ORDER BY id", &[])
+        .await
+        .expect("rows")
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+async fn dead(client: &Client) -> i64 {
+    client
+        .query_one("SELECT count(*) FROM hook_events WHERE dead_at IS NOT NULL", &[])
+        .await
+        .expect("count")
+        .get(0)
+}
+
+#[tokio::test]
+async fn a_dry_run_prints_counts_by_kind_and_a_few_ids_and_changes_nothing() {
+    let db = TestDb::migrated("replay_cli_dry_run").await;
+    let client = db.client().await;
+    let mut ids = Vec::new();
+    for _ in 0..7 {
+        ids.push(insert_dead(&client, "PreToolUse", "tool_invocation").await);
+    }
+    ids.push(insert_dead(&client, "Stop", "session_stopped").await);
+    let before = snapshot(&client).await;
+
+    let (code, stdout, stderr) = replay(Some(&db), &["--dry-run"], "");
+    assert_eq!(code, 0, "{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines[0], "hook-replay: dry run: 8 events would be re-queued", "{stdout}");
+    assert_eq!(lines[1].split_whitespace().collect::<Vec<_>>(), ["7", "PreToolUse/tool_invocation"]);
+    assert_eq!(lines[2].split_whitespace().collect::<Vec<_>>(), ["1", "Stop/session_stopped"]);
+    assert!(lines[3].trim_start().starts_with("first ids: ") && lines[3].ends_with(", ..."), "{stdout}");
+    assert_eq!(lines[3].matches(", ").count(), 5, "five ids and an ellipsis: {stdout}");
+    assert_eq!(snapshot(&client).await, before, "a dry run changes nothing");
+
+    let (code, stdout, _) = replay(Some(&db), &["--dry-run", "--source", "Nope"], "");
+    assert_eq!(code, 0);
+    assert!(stdout.starts_with("hook-replay: dry run: nothing to re-queue"), "{stdout}");
+}
+
+#[tokio::test]
+async fn ids_from_standard_input_are_replayed_and_bad_ones_refused() {
+    let db = TestDb::migrated("replay_cli_stdin").await;
+    let client = db.client().await;
+    let a = insert_dead(&client, "PreToolUse", "tool_invocation").await;
+    let b = insert_dead(&client, "PreToolUse", "tool_invocation").await;
+    let c = insert_dead(&client, "Stop", "session_stopped").await;
+    let before = snapshot(&client).await;
+
+    let (code, stdout, stderr) = replay(Some(&db), &["--id", "-"], &format!("{a}\nnot-a-uuid\n"));
+    assert_eq!(code, 2, "{stdout}{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.starts_with("hook-replay: error: --id -: \"not-a-uuid\""), "{stderr}");
+    let (code, _, stderr) = replay(Some(&db), &["--id", "nope"], "");
+    assert_eq!(code, 2, "{stderr}");
+    assert_eq!(snapshot(&client).await, before, "bad input changes nothing");
+
+    let (code, stdout, stderr) =
+        replay(Some(&db), &["--id", "-", "--clear-errors"], &format!("{a}\n{b}, {a}\n"));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.starts_with("hook-replay: re-queued 2 events in 1 batch, "), "{stdout}");
+    assert_eq!(dead(&client).await, 1);
+    let still_dead: Uuid = client
+        .query_one("SELECT id FROM hook_events WHERE dead_at IS NOT NULL", &[])
+        .await
+        .expect("row")
+        .get(0);
+    assert_eq!(still_dead, c);
+
+    // The rest, by the default filter; then nothing is left to do.
+    let (code, stdout, _) = replay(Some(&db), &[], "");
+    assert_eq!(code, 0);
+    assert!(stdout.starts_with("hook-replay: re-queued 1 event in 1 batch, "), "{stdout}");
+    let (code, stdout, _) = replay(Some(&db), &[], "");
+    assert_eq!(code, 0);
+    assert!(stdout.starts_with("hook-replay: nothing to re-queue"), "{stdout}");
+}
+
+#[test]
+fn no_database_is_a_usage_error() {
+    let (code, stdout, stderr) = replay(None, &[], "");
+    assert_eq!(code, 2, "{stdout}{stderr}");
+    assert!(stderr.starts_with("hook-replay: error: no database configured"), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    let (code, _, _) = replay(None, &["--since", "2025-10-20", "--until", "2025-10-19"], "");
+    assert_eq!(code, 2);
+}
