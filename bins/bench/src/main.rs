@@ -18,7 +18,7 @@ use hook_core::EngineConfig;
 use hook_store::{parse_database_url, ClusterOptions, EmbeddedCluster};
 
 use crate::phases::Db;
-use crate::report::Report;
+use crate::report::{LimitRun, Report};
 
 /// Benchmarks hook-events on this machine.
 ///
@@ -80,6 +80,11 @@ struct Args {
     /// Rows claimed and completed per statement by the limit loop.
     #[arg(long, default_value_t = 100)]
     limit_batch: i64,
+
+    /// Connections running the limit loop side by side, one measurement each, comma separated;
+    /// the best is the limit [default: 1 and the engine's batches in flight].
+    #[arg(long, value_delimiter = ',')]
+    limit_connections: Vec<usize>,
 
     /// The hook-processor binary of the RSS phase [default: next to hook-bench].
     #[arg(long)]
@@ -147,6 +152,7 @@ pub(crate) struct Plan {
     pub(crate) duration: Duration,
     pub(crate) engine: EngineConfig,
     pub(crate) limit_batch: i64,
+    pub(crate) limit_connections: Vec<usize>,
     pub(crate) processor_bin: PathBuf,
 }
 
@@ -168,6 +174,16 @@ impl Plan {
             ..defaults
         };
         engine.validate().context("invalid engine settings")?;
+        let mut limit_connections = if args.limit_connections.is_empty() {
+            vec![1, engine.batches_in_flight]
+        } else {
+            args.limit_connections.clone()
+        };
+        limit_connections.dedup();
+        anyhow::ensure!(
+            limit_connections.iter().all(|&n| (1..=32).contains(&n)),
+            "--limit-connections must be in 1..=32"
+        );
         let processor_bin = match &args.processor_bin {
             Some(path) => path.clone(),
             None => std::env::current_exe().context("locating hook-bench")?.with_file_name("hook-processor"),
@@ -179,6 +195,7 @@ impl Plan {
             duration: Duration::from_secs_f64(args.duration),
             engine,
             limit_batch: args.limit_batch,
+            limit_connections,
             processor_bin,
         })
     }
@@ -222,7 +239,10 @@ async fn measure(args: &Args, plan: &Plan, db: &Db) -> anyhow::Result<Report> {
     let mut report = Report::begin(plan, db).await?;
     let wanted = |phase| args.phases.contains(&phase);
     if wanted(Phase::Limit) {
-        report.limit = Some(phases::limit_drain(db, plan).await.context("limit phase")?);
+        for &connections in &plan.limit_connections {
+            let drain = phases::limit_drain(db, plan, connections).await.context("limit phase")?;
+            report.limit.push(LimitRun { connections, drain });
+        }
     }
     if wanted(Phase::Drain) {
         report.drain = Some(phases::engine_drain(db, plan).await.context("drain phase")?);

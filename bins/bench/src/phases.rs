@@ -15,7 +15,7 @@ use hook_store::{bench, PgStore, StoreOptions};
 use time::OffsetDateTime;
 use tokio::sync::watch;
 
-use crate::report::{BaselineDrain, Latency, Percentiles, Rss, Throughput};
+use crate::report::{BaselineDrain, CpuClock, Latency, Percentiles, Rss, Throughput};
 use crate::Plan;
 
 /// Rows per INSERT statement when building a backlog.
@@ -79,25 +79,33 @@ async fn settle(client: &Client) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The limit: one connection, one statement per `limit_batch` events (claim and complete in one
-/// autocommitted statement), until nothing is left.
-pub(crate) async fn limit_drain(db: &Db, plan: &Plan) -> anyhow::Result<Throughput> {
+/// The limit: `connections` loops side by side, each claiming and completing `limit_batch`
+/// events per autocommitted statement until nothing is left.
+pub(crate) async fn limit_drain(db: &Db, plan: &Plan, connections: usize) -> anyhow::Result<Throughput> {
     backlog(db, plan.events).await?;
-    let client = db.connect().await?;
-    // Prepare outside the timed loop, as the engine's statements are prepared once per connection.
-    bench::limit_step(&client, 0, MAX_RETRY_COUNT).await?;
-    let started = Instant::now();
-    let mut done = 0;
-    loop {
-        let n = bench::limit_step(&client, plan.limit_batch, MAX_RETRY_COUNT).await?;
-        if n == 0 {
-            break;
-        }
-        done += n;
+    let mut clients = Vec::with_capacity(connections);
+    for _ in 0..connections {
+        let client = db.connect().await?;
+        // Prepared before the clock starts, as the engine's statements are prepared once per
+        // connection.
+        bench::limit_step(&client, 0, MAX_RETRY_COUNT).await?;
+        clients.push(client);
     }
-    let elapsed = started.elapsed();
+    let clock = CpuClock::start();
+    let loops = clients.into_iter().map(|client| async move {
+        let mut done = 0;
+        loop {
+            let n = bench::limit_step(&client, plan.limit_batch, MAX_RETRY_COUNT).await?;
+            if n == 0 {
+                return Ok::<u64, hook_store::StoreError>(done);
+            }
+            done += n;
+        }
+    });
+    let done: u64 = futures::future::try_join_all(loops).await?.into_iter().sum();
+    let drain = Throughput::new(done, clock);
     anyhow::ensure!(done == plan.events, "the limit loop completed {done} of {} events", plan.events);
-    Ok(Throughput::new(done, elapsed))
+    Ok(drain)
 }
 
 /// The engine with a no-op handler on every route, in this process.
@@ -110,44 +118,61 @@ pub(crate) async fn engine_drain(db: &Db, plan: &Plan) -> anyhow::Result<Through
         .build()?;
     let metrics = engine.metrics();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let started = Instant::now();
+    let clock = CpuClock::start();
     let task = tokio::spawn(engine.run(async move {
         let _ = stopped.await;
     }));
-    let deadline = started + Duration::from_secs(600);
+    let deadline = Instant::now() + Duration::from_secs(600);
     while metrics.snapshot().processed < plan.events {
         anyhow::ensure!(Instant::now() < deadline, "the engine did not drain the backlog in 10 minutes");
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    let elapsed = started.elapsed();
+    let drain = Throughput::new(plan.events, clock);
     let _ = stop.send(());
     let totals = task.await.context("engine task")?;
     let client = db.connect().await?;
     let left = bench::unprocessed_count(&client).await?;
     anyhow::ensure!(left == 0 && totals.succeeded == plan.events, "engine drain: {left} left, {totals}");
-    Ok(Throughput::new(totals.succeeded, elapsed))
+    Ok(drain)
 }
 
-/// Handler-start latencies, recorded by the handler.
-#[derive(Clone)]
-struct Pickups(Arc<Mutex<Histogram<u64>>>);
+/// Handler starts, recorded by the handler: the wait since `created_at`, and the start time
+/// by the event's `metadata.seq`, to be matched with its producer's commit.
+#[derive(Clone, Default)]
+struct Pickups(Arc<Mutex<Vec<(i64, OffsetDateTime, OffsetDateTime)>>>);
 
 impl Pickups {
-    fn new() -> anyhow::Result<Pickups> {
-        Ok(Pickups(Arc::new(Mutex::new(histogram()?))))
-    }
-
     fn record(&self, event: &HookEvent) {
-        let waited = (OffsetDateTime::now_utc() - event.created_at).whole_microseconds();
-        let waited = u64::try_from(waited).unwrap_or(0);
-        if let Ok(mut histogram) = self.0.lock() {
-            histogram.saturating_record(waited);
+        let now = OffsetDateTime::now_utc();
+        let seq = event.metadata.get("seq").and_then(serde_json::Value::as_i64).unwrap_or(-1);
+        if let Ok(mut starts) = self.0.lock() {
+            starts.push((seq, event.created_at, now));
         }
     }
 
-    fn take(&self) -> Histogram<u64> {
-        self.0.lock().map(|h| h.clone()).unwrap_or_else(|p| p.into_inner().clone())
+    /// Handler start − created_at, and handler start − the producer's commit acknowledgement
+    /// (`acked[seq - 1]`; a start before the acknowledgement counts as 0).
+    fn histograms(
+        &self,
+        acked: &[Instant],
+        origin: (Instant, OffsetDateTime),
+    ) -> anyhow::Result<(Histogram<u64>, Histogram<u64>)> {
+        let starts = self.0.lock().map(|s| s.clone()).unwrap_or_else(|p| p.into_inner().clone());
+        let (mut since_created, mut since_commit) = (histogram()?, histogram()?);
+        for (seq, created_at, started) in starts {
+            since_created.saturating_record(micros(started - created_at));
+            let ack = usize::try_from(seq - 1).ok().and_then(|i| acked.get(i));
+            if let Some(&ack) = ack {
+                let ack_wall = origin.1 + (ack - origin.0);
+                since_commit.saturating_record(micros(started - ack_wall));
+            }
+        }
+        Ok((since_created, since_commit))
     }
+}
+
+fn micros(d: time::Duration) -> u64 {
+    u64::try_from(d.whole_microseconds()).unwrap_or(0)
 }
 
 fn histogram() -> anyhow::Result<Histogram<u64>> {
@@ -155,18 +180,36 @@ fn histogram() -> anyhow::Result<Histogram<u64>> {
     Histogram::new_with_bounds(1, 3_600_000_000, 3).context("creating a histogram")
 }
 
+/// A trickle's record: when each insert was acknowledged, and the INSERT round trips.
+struct Trickle {
+    inserted: u64,
+    /// `acked[i - 1]`: when the producer's commit of event `i` was acknowledged.
+    acked: Vec<Instant>,
+    /// `acked`'s clock against the wall clock that `created_at` and the handlers use.
+    origin: (Instant, OffsetDateTime),
+    round_trips: Histogram<u64>,
+}
+
 /// Inserts `rate` events per second for `duration`, one autocommitted INSERT each (so each
-/// sends its NOTIFY), from its own connection. Returns how many it inserted.
-async fn trickle(db: &Db, rate: f64, duration: Duration) -> anyhow::Result<u64> {
+/// sends its NOTIFY), from its own connection. An INSERT's round trip includes the commit's WAL
+/// flush, before which no one can see the row.
+async fn trickle(db: &Db, rate: f64, duration: Duration) -> anyhow::Result<Trickle> {
     let client = db.connect().await?;
     let total = (rate * duration.as_secs_f64()).round().max(1.0) as i64;
+    let mut round_trips = histogram()?;
+    let mut acked = Vec::with_capacity(usize::try_from(total).unwrap_or(0));
+    let origin = (Instant::now(), OffsetDateTime::now_utc());
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     for i in 1..=total {
         tick.tick().await;
+        let sent = Instant::now();
         bench::insert_one(&client, i).await?;
+        let ack = Instant::now();
+        acked.push(ack);
+        round_trips.saturating_record(u64::try_from((ack - sent).as_micros()).unwrap_or(u64::MAX));
     }
-    Ok(total as u64)
+    Ok(Trickle { inserted: total as u64, acked, origin, round_trips })
 }
 
 async fn wait_until_processed(client: &Client, within: Duration) -> anyhow::Result<()> {
@@ -186,6 +229,23 @@ async fn completion_latencies(client: &Client) -> anyhow::Result<Histogram<u64>>
     Ok(histogram)
 }
 
+async fn latency(
+    trickle: Trickle,
+    waited: anyhow::Result<()>,
+    pickups: &Pickups,
+    client: &Client,
+) -> anyhow::Result<Latency> {
+    waited?;
+    let (since_created, since_commit) = pickups.histograms(&trickle.acked, trickle.origin)?;
+    Ok(Latency {
+        events: trickle.inserted,
+        producer_insert: Percentiles::of(&trickle.round_trips),
+        pickup: Percentiles::of(&since_created),
+        pickup_after_commit: Percentiles::of(&since_commit),
+        processed: Percentiles::of(&completion_latencies(client).await?),
+    })
+}
+
 /// The engine idle on an empty table, then a steady trickle.
 pub(crate) async fn engine_latency(db: &Db, plan: &Plan) -> anyhow::Result<Latency> {
     let client = db.connect().await?;
@@ -193,7 +253,7 @@ pub(crate) async fn engine_latency(db: &Db, plan: &Plan) -> anyhow::Result<Laten
     settle(&client).await?;
     let store = db.store(plan).await?;
     let mut wakeups = store.wakeups().context("the store is not listening")?;
-    let pickups = Pickups::new()?;
+    let pickups = Pickups::default();
     let recorder = pickups.clone();
     let engine = Engine::builder(store)
         .handler("*", "*", move |event: Arc<HookEvent>| {
@@ -215,13 +275,7 @@ pub(crate) async fn engine_latency(db: &Db, plan: &Plan) -> anyhow::Result<Laten
     let waited = wait_until_processed(&client, Duration::from_secs(30)).await;
     let _ = stop.send(());
     task.await.context("engine task")?;
-    let inserted = inserted?;
-    waited?;
-    Ok(Latency {
-        events: inserted,
-        pickup: Percentiles::of(&pickups.take()),
-        processed: Percentiles::of(&completion_latencies(&client).await?),
-    })
+    latency(inserted?, waited, &pickups, &client).await
 }
 
 /// The original service's loop: fetch up to 100 events (autocommit: the row locks end with the
@@ -260,7 +314,7 @@ struct Baseline {
 
 impl Baseline {
     async fn start(db: &Db) -> anyhow::Result<Baseline> {
-        let pickups = Pickups::new()?;
+        let pickups = Pickups::default();
         let processed = Arc::new(AtomicU64::new(0));
         let (stop, stopped) = watch::channel(false);
         let client = db.connect().await?;
@@ -268,10 +322,10 @@ impl Baseline {
         Ok(Baseline { pickups, processed, stop, task })
     }
 
-    async fn stop(self) -> anyhow::Result<(Histogram<u64>, Duration)> {
+    async fn stop(self) -> anyhow::Result<(Pickups, Duration)> {
         let _ = self.stop.send(true);
         let busy = self.task.await.context("baseline task")??;
-        Ok((self.pickups.take(), busy))
+        Ok((self.pickups, busy))
     }
 }
 
@@ -284,30 +338,24 @@ pub(crate) async fn baseline_latency(db: &Db, plan: &Plan) -> anyhow::Result<Lat
     let inserted = trickle(db, plan.rate, plan.duration).await;
     let waited = wait_until_processed(&client, Duration::from_secs(30)).await;
     let (pickups, _) = baseline.stop().await?;
-    let inserted = inserted?;
-    waited?;
-    Ok(Latency {
-        events: inserted,
-        pickup: Percentiles::of(&pickups),
-        processed: Percentiles::of(&completion_latencies(&client).await?),
-    })
+    latency(inserted?, waited, &pickups, &client).await
 }
 
 /// The original's algorithm draining a backlog of `baseline_events`. Also reports its rate
 /// outside the poll sleeps (what one commit per event allows).
 pub(crate) async fn baseline_drain(db: &Db, plan: &Plan) -> anyhow::Result<BaselineDrain> {
     backlog(db, plan.baseline_events).await?;
-    let started = Instant::now();
+    let clock = CpuClock::start();
     let baseline = Baseline::start(db).await?;
-    let deadline = started + Duration::from_secs(3600);
+    let deadline = Instant::now() + Duration::from_secs(3600);
     while baseline.processed.load(Ordering::Relaxed) < plan.baseline_events {
         anyhow::ensure!(Instant::now() < deadline, "the baseline did not drain its backlog in an hour");
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    let elapsed = started.elapsed();
+    let drain = Throughput::new(plan.baseline_events, clock);
     let (_, busy) = baseline.stop().await?;
     let busy_rate = plan.baseline_events as f64 / busy.as_secs_f64().max(1e-9);
-    Ok(BaselineDrain { drain: Throughput::new(plan.baseline_events, elapsed), busy_events_per_s: busy_rate })
+    Ok(BaselineDrain { drain, busy_events_per_s: busy_rate })
 }
 
 /// The hook-processor binary (default handlers) as a child process draining the backlog; its
@@ -326,6 +374,7 @@ pub(crate) async fn processor_rss(db: &Db, plan: &Plan) -> anyhow::Result<Rss> {
     std::fs::create_dir_all(&workdir).with_context(|| format!("creating {}", workdir.display()))?;
     let log_path = workdir.join("hook-processor.log");
     let log = std::fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
+    let clock = CpuClock::start();
     let started = Instant::now();
     let mut child = tokio::process::Command::new(&plan.processor_bin)
         .current_dir(&workdir)
@@ -361,8 +410,10 @@ pub(crate) async fn processor_rss(db: &Db, plan: &Plan) -> anyhow::Result<Rss> {
         }
         anyhow::ensure!(Instant::now() < deadline, "hook-processor did not drain the backlog in 10 minutes");
     }
-    let elapsed = started.elapsed();
+    let mut drain = Throughput::new(plan.events, clock);
     peak_kib = peak_kib.max(vm_hwm_kib(pid).unwrap_or(0));
+    let child_ticks = crate::report::process_cpu_ticks(&pid.to_string()).unwrap_or(0);
+    drain.client_cpu_us_per_event = crate::report::cpu_us_per_event(child_ticks, plan.events);
     let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).context("pid out of range")?);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).context("stopping hook-processor")?;
     let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
@@ -370,7 +421,7 @@ pub(crate) async fn processor_rss(db: &Db, plan: &Plan) -> anyhow::Result<Rss> {
         .context("hook-processor did not stop within 30 s of SIGTERM")??;
     anyhow::ensure!(status.success(), "hook-processor failed ({status}); its log: {}", tail(&log_path));
     let _ = std::fs::remove_dir_all(&workdir);
-    Ok(Rss { drain: Throughput::new(plan.events, elapsed), peak_rss_kib: peak_kib })
+    Ok(Rss { drain, peak_rss_kib: peak_kib })
 }
 
 /// The `VmHWM` (peak resident set) of a process, in KiB.

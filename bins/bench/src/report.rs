@@ -1,7 +1,7 @@
 //! The report of one run: what was measured, on what, against which targets; as a table or JSON.
 
 use std::fmt::Write as _;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use hdrhistogram::Histogram;
 use serde::Serialize;
@@ -15,13 +15,88 @@ pub(crate) struct Throughput {
     pub(crate) events: u64,
     pub(crate) seconds: f64,
     pub(crate) events_per_s: f64,
+    /// CPU time per event of the claiming process (hook-bench running the engine or the SQL
+    /// loop's client side; the child in the hook-processor row), in microseconds.
+    pub(crate) client_cpu_us_per_event: f64,
+    /// How busy the machine's CPUs were during the drain, 0 to 1 (all processes, the server
+    /// and anyone else's included).
+    pub(crate) machine_cpu_busy: f64,
 }
 
 impl Throughput {
-    pub(crate) fn new(events: u64, elapsed: Duration) -> Throughput {
-        let seconds = elapsed.as_secs_f64();
-        Throughput { events, seconds, events_per_s: events as f64 / seconds.max(1e-9) }
+    pub(crate) fn new(events: u64, clock: CpuClock) -> Throughput {
+        let seconds = clock.started.elapsed().as_secs_f64();
+        let (process_s, busy) = clock.stop();
+        Throughput {
+            events,
+            seconds,
+            events_per_s: events as f64 / seconds.max(1e-9),
+            client_cpu_us_per_event: process_s * 1e6 / (events.max(1) as f64),
+            machine_cpu_busy: busy,
+        }
     }
+}
+
+/// Wall time, this process's CPU time and the machine's busy time, from one moment on.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CpuClock {
+    started: Instant,
+    process_ticks: u64,
+    machine: (u64, u64),
+}
+
+impl CpuClock {
+    pub(crate) fn start() -> CpuClock {
+        CpuClock { started: Instant::now(), process_ticks: process_ticks(), machine: machine_ticks() }
+    }
+
+    /// This process's CPU seconds since the start, and the machine's busy fraction.
+    fn stop(self) -> (f64, f64) {
+        let process = process_ticks().saturating_sub(self.process_ticks) as f64 / CLOCK_TICKS;
+        let (busy, total) = machine_ticks();
+        let (busy, total) = (busy.saturating_sub(self.machine.0), total.saturating_sub(self.machine.1));
+        (process, if total == 0 { 0.0 } else { busy as f64 / total as f64 })
+    }
+}
+
+/// `USER_HZ`, the unit of /proc's CPU times; 100 on every Linux we run on.
+const CLOCK_TICKS: f64 = 100.0;
+
+/// utime + stime of this process (all threads), from /proc/self/stat.
+fn process_ticks() -> u64 {
+    process_cpu_ticks("self").unwrap_or(0)
+}
+
+/// utime + stime of process `pid` ("self" for this one), in `USER_HZ` ticks.
+pub(crate) fn process_cpu_ticks(pid: &str) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) start at the state, field 3.
+    let rest = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let field = |n: usize| fields.get(n - 3).and_then(|f| f.parse::<u64>().ok());
+    Some(field(14)? + field(15)?)
+}
+
+/// `ticks` of CPU time per event, in microseconds.
+pub(crate) fn cpu_us_per_event(ticks: u64, events: u64) -> f64 {
+    ticks as f64 / CLOCK_TICKS * 1e6 / events.max(1) as f64
+}
+
+/// (busy, total) CPU ticks of the whole machine, from /proc/stat.
+fn machine_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let line = stat.lines().next().unwrap_or_default();
+    let ticks: Vec<u64> = line.split_whitespace().skip(1).filter_map(|t| t.parse().ok()).collect();
+    let total: u64 = ticks.iter().take(8).sum();
+    let idle = ticks.get(3).copied().unwrap_or(0) + ticks.get(4).copied().unwrap_or(0);
+    (total.saturating_sub(idle), total)
+}
+
+/// One measurement of the limit.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub(crate) struct LimitRun {
+    pub(crate) connections: usize,
+    pub(crate) drain: Throughput,
 }
 
 /// Percentiles of a latency, in microseconds.
@@ -50,7 +125,13 @@ impl Percentiles {
 #[derive(Debug, Clone, Copy, Serialize)]
 pub(crate) struct Latency {
     pub(crate) events: u64,
+    /// The producer's INSERT round trip (autocommit, so it includes the WAL flush).
+    pub(crate) producer_insert: Percentiles,
+    /// Handler start − created_at.
     pub(crate) pickup: Percentiles,
+    /// Handler start − the producer's commit acknowledgement: the processor's own share.
+    pub(crate) pickup_after_commit: Percentiles,
+    /// processed_at − created_at.
     pub(crate) processed: Percentiles,
 }
 
@@ -116,7 +197,8 @@ pub(crate) struct Target {
 pub(crate) struct Report {
     machine: Machine,
     settings: Settings,
-    pub(crate) limit: Option<Throughput>,
+    /// The limit loop, per number of connections; the best is the limit.
+    pub(crate) limit: Vec<LimitRun>,
     pub(crate) drain: Option<Throughput>,
     pub(crate) latency: Option<Latency>,
     pub(crate) baseline_latency: Option<Latency>,
@@ -161,7 +243,7 @@ impl Report {
                 concurrency: plan.engine.concurrency,
                 limit_batch: plan.limit_batch,
             },
-            limit: None,
+            limit: Vec::new(),
             drain: None,
             latency: None,
             baseline_latency: None,
@@ -179,7 +261,7 @@ impl Report {
         self.machine.load_after = load();
         self.seconds = self.started.map_or(0.0, |s| s.elapsed().as_secs_f64());
         let ratio = |a: f64, b: f64| (b > 0.0).then(|| a / b);
-        if let (Some(drain), Some(limit)) = (self.drain, self.limit) {
+        if let (Some(drain), Some(limit)) = (self.drain, self.best_limit()) {
             self.ratios.drain_over_limit = ratio(drain.events_per_s, limit.events_per_s);
         }
         if let (Some(drain), Some(baseline)) = (self.drain, self.baseline_drain) {
@@ -233,6 +315,11 @@ impl Report {
         self.targets = targets;
     }
 
+    /// The fastest limit run.
+    fn best_limit(&self) -> Option<Throughput> {
+        self.limit.iter().map(|run| run.drain).max_by(|a, b| a.events_per_s.total_cmp(&b.events_per_s))
+    }
+
     /// The human-readable table.
     pub(crate) fn table(&self) -> String {
         let mut out = String::new();
@@ -260,16 +347,33 @@ impl Report {
             s.batch_size, s.batches_in_flight, s.concurrency, s.limit_batch
         );
         let _ = writeln!(out);
-        let _ = writeln!(out, "{:<46} {:>8} {:>9} {:>10}", "drain", "events", "seconds", "events/s");
+        let _ = writeln!(
+            out,
+            "{:<46} {:>8} {:>9} {:>10} {:>10} {:>5}",
+            "drain", "events", "seconds", "events/s", "cpu us/ev", "busy"
+        );
         let mut row = |name: &str, t: &Throughput, note: String| {
             let _ = writeln!(
                 out,
-                "{:<46} {:>8} {:>9.2} {:>10.0}  {}",
-                name, t.events, t.seconds, t.events_per_s, note
+                "{:<46} {:>8} {:>9.2} {:>10.0} {:>10.1} {:>4.0}%  {}",
+                name,
+                t.events,
+                t.seconds,
+                t.events_per_s,
+                t.client_cpu_us_per_event,
+                t.machine_cpu_busy * 100.0,
+                note
             );
         };
-        if let Some(t) = &self.limit {
-            row("limit: bare SQL claim+complete loop", t, String::new());
+        let best = self.best_limit().map(|t| t.events_per_s);
+        for run in &self.limit {
+            let plural = if run.connections == 1 { "" } else { "s" };
+            let note = if Some(run.drain.events_per_s) == best { "the limit" } else { "" };
+            row(
+                &format!("limit: bare SQL loop, {} connection{plural}", run.connections),
+                &run.drain,
+                note.into(),
+            );
         }
         if let Some(t) = &self.drain {
             let note = self
@@ -317,11 +421,17 @@ impl Report {
                 );
             };
             if let Some(l) = &self.latency {
+                lat("producer: INSERT round trip (incl. commit)", l.events, &l.producer_insert);
                 lat("engine: handler start - created_at", l.events, &l.pickup);
+                lat("engine: handler start - producer's commit ack", l.events, &l.pickup_after_commit);
                 lat("engine: processed_at - created_at", l.processed.count, &l.processed);
             }
             if let Some(l) = &self.baseline_latency {
+                if self.latency.is_none() {
+                    lat("producer: INSERT round trip (incl. commit)", l.events, &l.producer_insert);
+                }
                 lat("original: handler start - created_at", l.events, &l.pickup);
+                lat("original: handler start - producer's commit ack", l.events, &l.pickup_after_commit);
                 lat("original: processed_at - created_at", l.processed.count, &l.processed);
             }
         }

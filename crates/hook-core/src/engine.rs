@@ -1,11 +1,12 @@
 //! The processing engine: claim batches, run handlers concurrently, record outcomes.
 //!
 //! One loop claims batches from the [`Store`] while a batch slot is free; each claimed batch runs
-//! in its own task, where every event's handler runs in its own task (bounded by
-//! `concurrency`), under a timeout and a panic guard. When all of a batch's handlers are done,
-//! its outcomes are written in one call. A full batch means more work is likely, so the loop claims
-//! again at once; a short or empty one means the table is drained, so it sleeps until the store's
-//! wakeup (NOTIFY) or the poll interval, whichever comes first.
+//! in its own task, where the handlers of its events run concurrently as futures of that task
+//! (bounded by `concurrency` over all batches), each under a timeout and a panic guard. When all
+//! of a batch's handlers are done, its outcomes are written in one call. A full batch means more
+//! work is likely, so the loop claims again at once; a short or empty one means the table is
+//! drained, so it sleeps until the store's wakeup (NOTIFY) or the poll interval, whichever comes
+//! first.
 //!
 //! Shutdown: the loop stops claiming; running handlers get `drain_timeout` to finish; outcomes of
 //! those that did are written, the rest of each batch is released unchanged.
@@ -15,7 +16,8 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::FutureExt;
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
 use serde_json::{Map, Value};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
@@ -316,7 +318,7 @@ fn log_metrics(metrics: &Metrics) {
     info!(dead = snapshot.dead, claimed = snapshot.claimed, "{snapshot}");
 }
 
-/// What one handler task reports back.
+/// What one handler's attempt reports back.
 struct Attempt {
     id: uuid::Uuid,
     retry_count: i32,
@@ -332,51 +334,57 @@ async fn run_batch<B: ClaimedBatch>(
     mut stop: watch::Receiver<bool>,
 ) {
     let config = &shared.config;
-    let mut tasks = JoinSet::new();
-    for event in events {
-        let handler = shared.registry.resolve(&event.source, &event.action);
-        let slots = Arc::clone(&handler_slots);
-        let timeout = config.handler_timeout;
-        let span = tracing::info_span!(
-            "event",
-            event_id = %event.id,
-            source = %event.source,
-            action = %event.action,
-            attempt = event.retry_count + 1
-        );
-        tasks.spawn(
+    let total = events.len();
+    // The batch's handlers run as futures of this task, not as tasks of their own: for the
+    // cheap handlers events usually get, a spawn per event (an allocation, a trip through the
+    // scheduler, a wakeup to join it) costs more than the handler. `attempt` already turns
+    // panics and timeouts into failed attempts, so a task boundary adds no safety; handlers that
+    // block a thread for long should use `spawn_blocking`, as on any async runtime.
+    let mut running: FuturesUnordered<_> = events
+        .into_iter()
+        .map(|event| {
+            let handler = shared.registry.resolve(&event.source, &event.action);
+            let slots = &handler_slots;
+            let timeout = config.handler_timeout;
+            let span = tracing::info_span!(
+                "event",
+                event_id = %event.id,
+                source = %event.source,
+                action = %event.action,
+                attempt = event.retry_count + 1
+            );
             async move {
-                let _slot = slots.acquire_owned().await;
+                let _slot = slots.acquire().await;
                 let id = event.id;
                 let retry_count = event.retry_count;
                 let result = attempt(handler, Arc::new(event), timeout).await;
                 Attempt { id, retry_count, result }
             }
-            .instrument(span),
-        );
-    }
+            .instrument(span)
+        })
+        .collect();
 
-    let mut attempts = Vec::with_capacity(tasks.len());
+    let mut attempts = Vec::with_capacity(total);
     let mut deadline = None;
-    let mut aborted = false;
     loop {
         if deadline.is_none() && *stop.borrow() {
             deadline = Some(Instant::now() + config.drain_timeout);
         }
         tokio::select! {
-            joined = tasks.join_next() => match joined {
+            attempt = running.next() => match attempt {
                 None => break,
-                Some(Ok(attempt)) => attempts.push(attempt),
-                Some(Err(_cancelled)) => {}
+                Some(attempt) => attempts.push(attempt),
             },
             _ = stop.changed(), if deadline.is_none() => {}
-            () = sleep_until(deadline), if !aborted => {
-                warn!(unfinished = tasks.len(), "drain timeout: releasing events whose handlers did not finish");
-                tasks.abort_all();
-                aborted = true;
+            () = sleep_until(deadline) => {
+                warn!(unfinished = running.len(), "drain timeout: releasing events whose handlers did not finish");
+                // Dropping the futures cancels the handlers; their events get no outcome and
+                // are released unchanged.
+                break;
             }
         }
     }
+    drop(running);
 
     let mut outcomes = Vec::with_capacity(attempts.len());
     let (mut succeeded, mut retried, mut dead) = (0u64, 0u64, 0u64);

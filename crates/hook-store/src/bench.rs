@@ -14,7 +14,8 @@ use crate::queries::{event_columns, event_from_row};
 
 /// Rows `$1..=$2` of the benchmark's event mix: six hook types in turn, with payloads and
 /// metadata shaped like the original producers' (tool calls with their input and output,
-/// prompts, session starts and ends), 300 to 700 bytes each. `created_at` counts up by 1 µs per
+/// prompts, session starts and ends), 300 to 700 bytes each. `metadata.seq` is the row's number,
+/// so the bench can match a handled event with its insert. `created_at` counts up by 1 µs per
 /// row and ends at `now()`, so a one-row insert gets the column's default, `now()`.
 const INSERT_EVENTS: &str = "INSERT INTO hook_events \
        (id, source, action, resource, resource_id, payload, metadata, created_at) \
@@ -47,7 +48,7 @@ const INSERT_EVENTS: &str = "INSERT INTO hook_events \
        END, \
        jsonb_build_object('session_id', 'session-' || (i % 97), 'hook_type', \
               (ARRAY['PreToolUse','PostToolUse','UserPromptSubmit','Stop','SessionStart','SessionEnd'])[1 + i % 6], \
-              'cwd', '/work/main', 'correlation_id', gen_random_uuid(), 'user', 'dev'), \
+              'cwd', '/work/main', 'correlation_id', gen_random_uuid(), 'user', 'dev', 'seq', i), \
        now() - ($2 - i) * interval '1 microsecond' \
      FROM generate_series($1::int8, $2::int8) AS i";
 

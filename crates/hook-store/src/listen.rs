@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use futures::StreamExt;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio_postgres::{AsyncMessage, Config, NoTls};
 use tracing::{debug, info, warn};
 
@@ -28,49 +28,54 @@ pub(crate) async fn listen_loop(config: Config, wake: watch::Sender<()>) {
     }
 }
 
+/// One LISTEN session: connects, listens, and marks `wake` for every notification until the
+/// connection fails or `wake` has no receivers left.
+///
+/// The connection is driven in this task, and a notification marks `wake` straight from the
+/// connection's message stream: no channel or second task between the socket and the engine, as
+/// every hop is a scheduling delay on a busy machine.
 async fn listen_once(
     config: &Config,
     wake: &watch::Sender<()>,
     connected_before: &mut bool,
 ) -> Result<(), tokio_postgres::Error> {
     let (client, mut connection) = config.connect(NoTls).await?;
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let driver = tokio::spawn(async move {
-        let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
-        while let Some(message) = messages.next().await {
-            match message {
-                Ok(AsyncMessage::Notification(_)) => {
-                    if tx.send(()).is_err() {
-                        return Ok(());
-                    }
-                }
-                Ok(_) => {}
-                Err(error) => return Err(error),
+    let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+    let statement = format!("LISTEN {CHANNEL}");
+    let listen = client.batch_execute(&statement);
+    tokio::pin!(listen);
+    // The connection must be polled for LISTEN to complete.
+    loop {
+        tokio::select! {
+            done = &mut listen => {
+                done?;
+                break;
             }
+            message = messages.next() => match message {
+                Some(Ok(_)) => {}
+                Some(Err(error)) => return Err(error),
+                None => return Ok(()),
+            },
         }
-        Ok(())
-    });
-    client.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
+    }
     if *connected_before {
         info!("LISTEN connection re-established");
     }
     *connected_before = true;
+    // Events may have arrived while we were not listening.
     wake.send_replace(());
     loop {
         tokio::select! {
-            got = rx.recv() => match got {
-                Some(()) => {
+            message = messages.next() => match message {
+                Some(Ok(AsyncMessage::Notification(_))) => {
                     debug!("notification");
                     wake.send_replace(());
                 }
-                None => break,
+                Some(Ok(_)) => {}
+                Some(Err(error)) => return Err(error),
+                None => return Ok(()),
             },
-            () = wake.closed() => break,
+            () = wake.closed() => return Ok(()),
         }
-    }
-    drop(client);
-    match driver.await {
-        Ok(result) => result,
-        Err(_) => Ok(()),
     }
 }

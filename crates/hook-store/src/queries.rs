@@ -33,10 +33,12 @@ const CLAIM: &str = concat!(
      FOR UPDATE SKIP LOCKED"
 );
 
-/// Marks events processed. `GREATEST` keeps the table's `processed_at >= created_at` check true
-/// when a producer's clock ran ahead of the database's.
+/// Marks events processed. `processed_at` is when the outcome is written (`clock_timestamp()`,
+/// not the claim transaction's start, `now()`, which is before the handler ran), as in the
+/// original, which set it in its own transaction after the handler. `GREATEST` keeps the table's
+/// `processed_at >= created_at` check true when a producer's clock ran ahead of the database's.
 const SUCCEED: &str = "UPDATE hook_events AS e \
-     SET processed = TRUE, processed_at = GREATEST(now(), e.created_at), \
+     SET processed = TRUE, processed_at = GREATEST(clock_timestamp(), e.created_at), \
          result_metadata = r.metadata, next_attempt_at = NULL, dead_at = NULL \
      FROM unnest($1::uuid[], $2::jsonb[]) AS r(id, metadata) \
      WHERE e.id = r.id AND NOT e.processed";
