@@ -1,10 +1,12 @@
 //! Flags and environment: parsed and checked here, turned into the library's config structs.
 
+use std::io::IsTerminal;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Parser, ValueEnum};
+use clap::{Args as ClapArgs, Parser, Subcommand, ValueEnum};
 use hook_core::{EngineConfig, RetryPolicy};
 use hook_store::tokio_postgres::Config;
 use hook_store::{parse_database_url, ClusterOptions, SeedSettings};
@@ -15,31 +17,37 @@ use hook_store::{parse_database_url, ClusterOptions, SeedSettings};
 /// (POSTGRES_HOST, POSTGRES_PORT, POSTGRES_DB, POSTGRES_USER, DB_PASSWORD or POSTGRES_PASSWORD);
 /// else an embedded cluster is started under --data-dir. A .env file in the working directory is
 /// read first. Passwords are accepted only from the environment, never as flags.
+///
+/// `hook-processor stats` prints the queue's numbers instead of processing.
 #[derive(Debug, Parser)]
 #[command(name = "hook-processor", version, about, long_about)]
 pub(crate) struct Args {
+    /// What to do instead of processing.
+    #[command(subcommand)]
+    pub(crate) command: Option<Command>,
+
     /// PostgreSQL connection URL (postgres://user@host:port/db) or key=value string.
-    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true, global = true)]
     database_url: Option<String>,
 
     /// Database host when DATABASE_URL is not set [default: localhost].
-    #[arg(long, env = "POSTGRES_HOST")]
+    #[arg(long, env = "POSTGRES_HOST", global = true)]
     postgres_host: Option<String>,
 
     /// Database port when DATABASE_URL is not set [default: 5436].
-    #[arg(long, env = "POSTGRES_PORT")]
+    #[arg(long, env = "POSTGRES_PORT", global = true)]
     postgres_port: Option<u16>,
 
     /// Database name when DATABASE_URL is not set [default: omninode_bridge].
-    #[arg(long, env = "POSTGRES_DB")]
+    #[arg(long, env = "POSTGRES_DB", global = true)]
     postgres_db: Option<String>,
 
     /// Database user when DATABASE_URL is not set [default: postgres].
-    #[arg(long, env = "POSTGRES_USER")]
+    #[arg(long, env = "POSTGRES_USER", global = true)]
     postgres_user: Option<String>,
 
     /// Directory of the embedded PostgreSQL cluster, used when no database is configured.
-    #[arg(long, env = "HOOK_DATA_DIR", default_value = ".hook-data")]
+    #[arg(long, env = "HOOK_DATA_DIR", default_value = ".hook-data", global = true)]
     data_dir: PathBuf,
 
     /// Longest sleep between claims when idle; NOTIFY usually wakes the processor first.
@@ -88,13 +96,77 @@ pub(crate) struct Args {
     #[arg(long, env = "HOOK_METRICS_INTERVAL", default_value = "60s", value_parser = parse_duration)]
     metrics_interval: Duration,
 
+    /// Serve /metrics (Prometheus), /healthz and /readyz on this address, e.g. 127.0.0.1:9477.
+    /// Off unless set.
+    #[arg(long, env = "HOOK_HTTP_ADDR")]
+    pub(crate) http_addr: Option<SocketAddr>,
+
+    /// How often the queue-depth gauges of /metrics are refreshed (one query over the
+    /// unprocessed rows).
+    #[arg(long, env = "HOOK_GAUGE_INTERVAL", default_value = "15s", value_parser = parse_duration)]
+    gauge_interval: Duration,
+
+    /// The processing loop counts as stalled when it has neither completed a database round trip
+    /// nor finished a handler for this long: /readyz fails and systemd's watchdog is no longer
+    /// fed. Must exceed the handler timeout and the poll interval [default: handler timeout + 15s].
+    #[arg(long, env = "HOOK_STALL_TIMEOUT", value_parser = parse_duration)]
+    stall_timeout: Option<Duration>,
+
+    /// At start, how long to keep retrying a database that cannot be reached (connection refused,
+    /// timeout, server starting up) before giving up. Wrong credentials or a missing database
+    /// fail at once. 0 (the default) fails at the first error.
+    #[arg(long, env = "HOOK_WAIT_FOR_DATABASE", default_value = "0", value_parser = parse_duration)]
+    wait_for_database: Duration,
+
     /// Log level or filter (error, warn, info, debug, trace, or tracing directives).
-    #[arg(long, env = "LOG_LEVEL", default_value = "info")]
+    #[arg(long, env = "LOG_LEVEL", default_value = "info", global = true)]
     log_level: String,
 
-    /// Log format.
-    #[arg(long, env = "HOOK_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    /// Log format: text for people, json (one object per line) for journald or Loki.
+    #[arg(long, env = "HOOK_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     log_format: LogFormat,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Print the queue's numbers: pending, retrying and dead events now; events processed in a
+    /// window with their time to process (avg, p95, max) and error rate; failing routes with
+    /// their latest error. Reads only, through the table's indexes.
+    Stats(StatsArgs),
+}
+
+/// Flags of `hook-processor stats`.
+#[derive(Debug, Clone, ClapArgs)]
+pub(crate) struct StatsArgs {
+    /// The window: events processed (or died) within this long before now. "1h", "30m", "7d".
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    pub(crate) since: Duration,
+
+    /// Print one JSON object instead of the text report.
+    #[arg(long)]
+    pub(crate) json: bool,
+
+    /// At most this many failing routes.
+    #[arg(long, default_value_t = 20)]
+    pub(crate) routes: usize,
+
+    /// Give up on a query after this long.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub(crate) timeout: Duration,
+}
+
+/// What the binary does around the engine: health, systemd, the metrics endpoint.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct OpsConfig {
+    /// Where /metrics, /healthz and /readyz are served; `None`: not at all.
+    pub(crate) http_addr: Option<SocketAddr>,
+    /// How often the queue-depth gauges are refreshed.
+    pub(crate) gauge_interval: Duration,
+    /// No progress for this long means the loop is stalled.
+    pub(crate) stall_timeout: Duration,
+    /// How long to retry an unreachable database at start.
+    pub(crate) wait_for_database: Duration,
 }
 
 /// How log lines are written.
@@ -109,7 +181,7 @@ pub(crate) enum LogFormat {
 /// Where the events are.
 pub(crate) enum Database {
     /// A server the user configured.
-    Configured(Config),
+    Configured(Box<Config>),
     /// The embedded cluster.
     Embedded(ClusterOptions),
 }
@@ -136,9 +208,49 @@ impl Args {
         Ok(config)
     }
 
+    /// The settings around the engine, checked against the engine's.
+    pub(crate) fn ops_config(&self, engine: &EngineConfig) -> anyhow::Result<OpsConfig> {
+        let stall_timeout = self.stall_timeout.unwrap_or(engine.handler_timeout + Duration::from_secs(15));
+        if stall_timeout <= engine.handler_timeout || stall_timeout <= engine.poll_interval {
+            anyhow::bail!(
+                "invalid configuration: stall timeout ({stall_timeout:?}) must be longer than the handler \
+                 timeout ({:?}) and the poll interval ({:?})",
+                engine.handler_timeout,
+                engine.poll_interval
+            );
+        }
+        if self.gauge_interval.is_zero() {
+            anyhow::bail!("invalid configuration: gauge interval must be greater than zero");
+        }
+        Ok(OpsConfig {
+            http_addr: self.http_addr,
+            gauge_interval: self.gauge_interval,
+            stall_timeout,
+            wait_for_database: self.wait_for_database,
+        })
+    }
+
+    /// The database for `stats`: like [`database`](Self::database), but an embedded cluster is
+    /// only used when its server is already running (a report starts no server).
+    pub(crate) fn stats_database(&self) -> anyhow::Result<Config> {
+        match self.database()? {
+            Database::Configured(config) => Ok(*config),
+            Database::Embedded(options) => {
+                hook_store::EmbeddedCluster::running_config(&options.data_dir, &options.database)
+                    .with_context(|| {
+                        format!(
+                            "no database configured (DATABASE_URL or POSTGRES_*) and no embedded PostgreSQL \
+                             running under {}",
+                            options.data_dir.display()
+                        )
+                    })
+            }
+        }
+    }
+
     pub(crate) fn database(&self) -> anyhow::Result<Database> {
         if let Some(url) = &self.database_url {
-            return Ok(Database::Configured(parse_database_url(url)?));
+            return Ok(Database::Configured(Box::new(parse_database_url(url)?)));
         }
         let password = env_nonempty("DB_PASSWORD").or_else(|| env_nonempty("POSTGRES_PASSWORD"));
         let seed_configured = password.is_some()
@@ -155,7 +267,7 @@ impl Args {
                 user: self.postgres_user.clone().unwrap_or(defaults.user),
                 password,
             };
-            return Ok(Database::Configured(settings.to_config()));
+            return Ok(Database::Configured(Box::new(settings.to_config())));
         }
         let data_dir = if self.data_dir.is_absolute() {
             self.data_dir.clone()
@@ -185,10 +297,18 @@ pub(crate) fn init_logging(args: &Args) -> anyhow::Result<()> {
     }
     let filter = tracing_subscriber::EnvFilter::try_new(&directives)
         .with_context(|| format!("LOG_LEVEL {:?} is not a log level or filter", args.log_level))?;
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colours only on a terminal: journald and log files get plain text.
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    // JSON: the event's fields at the top level, the fields of the span it ran in (`event_id`,
+    // `source`, `action`, `attempt` for everything a handler logs) under "span".
     let result = match args.log_format {
         LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Json => {
+            builder.json().flatten_event(true).with_current_span(true).with_span_list(false).try_init()
+        }
     };
     result.map_err(|e| anyhow::anyhow!("setting up logging: {e}"))
 }
@@ -209,7 +329,7 @@ fn check_log_directives(directives: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Parses "1.5" (seconds), "250ms", "2s", "5m" or "1h".
+/// Parses "1.5" (seconds), "250ms", "2s", "5m", "1h" or "7d".
 pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let (number, scale) = if let Some(n) = text.strip_suffix("ms") {
@@ -220,11 +340,15 @@ pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
         (n, 60.0)
     } else if let Some(n) = text.strip_suffix('h') {
         (n, 3600.0)
+    } else if let Some(n) = text.strip_suffix('d') {
+        (n, 86400.0)
     } else {
         (text, 1.0)
     };
-    let value: f64 =
-        number.trim().parse().map_err(|_| format!("{text:?} is not a duration (try 1.5, 250ms, 2s, 5m)"))?;
+    let value: f64 = number
+        .trim()
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration (try 1.5, 250ms, 2s, 5m, 1h, 7d)"))?;
     if !value.is_finite() || value < 0.0 {
         return Err(format!("{text:?} is not a non-negative duration"));
     }
@@ -237,12 +361,18 @@ mod tests {
 
     #[test]
     fn durations() {
-        for (text, ms) in
-            [("1.0", 1000), ("0.25", 250), ("250ms", 250), ("2s", 2000), ("5m", 300_000), ("1h", 3_600_000)]
-        {
+        for (text, ms) in [
+            ("1.0", 1000),
+            ("0.25", 250),
+            ("250ms", 250),
+            ("2s", 2000),
+            ("5m", 300_000),
+            ("1h", 3_600_000),
+            ("7d", 604_800_000),
+        ] {
             assert_eq!(parse_duration(text).unwrap().as_millis(), ms, "{text}");
         }
-        for bad in ["", "x", "-1", "1d", "NaN"] {
+        for bad in ["", "x", "-1", "1w", "NaN"] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
     }

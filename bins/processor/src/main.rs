@@ -1,18 +1,30 @@
 //! `hook-processor`: claims rows of `hook_events`, routes each to its handler, retries failures
 //! with backoff and records the outcome. With no database configured it runs on an embedded
 //! PostgreSQL cluster under `--data-dir`.
+//!
+//! Around the engine it tells systemd when it is ready and whether it still makes progress
+//! (`notify`), serves Prometheus metrics and health probes when asked to (`http`, `health`), and
+//! `hook-processor stats` prints the queue's numbers (`stats`).
 
 mod config;
+mod health;
+mod http;
+mod notify;
+mod stats;
 
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
 use hook_core::{default_registry, Engine};
-use hook_store::{redacted, EmbeddedCluster, PgStore, StoreOptions};
-use tracing::info;
+use hook_store::{redacted, EmbeddedCluster, PgStore, StoreError, StoreOptions};
+use tracing::{info, warn};
 
-use crate::config::{Args, Database};
+use crate::config::{Args, Command, Database, OpsConfig};
+use crate::health::{Health, PROBE_TIMEOUT};
+use crate::notify::Notifier;
 
 fn main() -> ExitCode {
     // A missing .env is normal; a malformed one is an error worth stopping for.
@@ -23,7 +35,9 @@ fn main() -> ExitCode {
         }
     }
     let args = Args::parse();
-    match run(args) {
+    // systemd's variables are read, and removed from the environment, before any thread starts.
+    let notifier = Arc::new(Notifier::from_env());
+    match run(args, notifier) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("hook-processor: error: {error:#}");
@@ -32,16 +46,32 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(args: Args) -> anyhow::Result<()> {
+fn run(args: Args, notifier: Arc<Notifier>) -> anyhow::Result<()> {
     config::init_logging(&args)?;
+    if let Some(Command::Stats(stats_args)) = &args.command {
+        let database = args.stats_database()?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the async runtime")?;
+        return runtime.block_on(stats::run(database, stats_args));
+    }
     let engine_config = args.engine_config()?;
+    let ops = args.ops_config(&engine_config)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async {
+        let health = Health::new(ops.stall_timeout);
+        if let Some(addr) = ops.http_addr {
+            let prometheus = http::install_recorder()?;
+            http::serve(addr, health.clone(), prometheus).await?;
+        }
+        let starting = tokio::spawn(notify::extend_while_starting(Arc::clone(&notifier)));
+        notifier.status("connecting to the database");
         let (pg_config, cluster) = match args.database()? {
-            Database::Configured(config) => (config, None),
+            Database::Configured(config) => (*config, None),
             Database::Embedded(options) => {
                 let dir = options.data_dir.clone();
                 let cluster = EmbeddedCluster::start(options)
@@ -51,7 +81,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                 (cluster.config("hook_events"), Some(cluster))
             }
         };
-        let result = process(pg_config, engine_config).await;
+        let result = process(pg_config, engine_config, &ops, health, notifier, starting).await;
         if let Some(cluster) = cluster {
             cluster.stop().await.context("stopping the embedded PostgreSQL")?;
         }
@@ -62,17 +92,84 @@ fn run(args: Args) -> anyhow::Result<()> {
 async fn process(
     pg_config: hook_store::tokio_postgres::Config,
     engine_config: hook_core::EngineConfig,
+    ops: &OpsConfig,
+    health: Health,
+    notifier: Arc<Notifier>,
+    starting: tokio::task::JoinHandle<()>,
 ) -> anyhow::Result<()> {
     let pg_config = hook_store::with_service_defaults(pg_config, "hook-processor");
     let shown = redacted(&pg_config);
     let options = StoreOptions { pool_size: engine_config.batches_in_flight + 2, ..StoreOptions::default() };
-    let store =
-        PgStore::connect(pg_config, options).await.with_context(|| format!("connecting to {shown}"))?;
+    let store = connect(&pg_config, options, ops.wait_for_database, &notifier)
+        .await
+        .with_context(|| format!("connecting to {shown}"))?;
+    notifier.status("applying migrations");
     let report = store.migrate().await.with_context(|| format!("migrating {shown}"))?;
     info!(database = %shown, applied = ?report.applied, "database ready");
+    // Probes and gauge queries get a pool of their own, so they never wait behind the engine.
+    let probe_options = StoreOptions { pool_size: 2, listen: false, pool_timeout: PROBE_TIMEOUT };
+    let probe =
+        PgStore::connect(pg_config, probe_options).await.with_context(|| format!("connecting to {shown}"))?;
+    health.attach_probe_pool(probe.pool().clone());
     let engine = Engine::builder(store).registry(default_registry()).config(engine_config).build()?;
-    engine.run(shutdown_signal()).await;
+    health.attach_engine(engine.metrics());
+    starting.abort();
+    let supervisor = tokio::spawn(notify::supervise(Arc::clone(&notifier), health.clone()));
+    let gauges =
+        ops.http_addr.map(|_| tokio::spawn(http::refresh_gauges(health.clone(), ops.gauge_interval)));
+    let shutdown = {
+        let (health, notifier) = (health.clone(), Arc::clone(&notifier));
+        async move {
+            shutdown_signal().await;
+            health.set_stopping();
+            notifier.stopping();
+        }
+    };
+    let totals = engine.run(shutdown).await;
+    supervisor.abort();
+    if let Some(gauges) = gauges {
+        gauges.abort();
+    }
+    notifier.status(&format!("stopped; {totals}"));
+    drop(probe);
     Ok(())
+}
+
+/// Connects, retrying for up to `wait` while the database is unreachable (refused, timed out,
+/// starting up, out of connections); errors that waiting cannot fix (credentials, a missing
+/// database) are returned at once.
+async fn connect(
+    config: &hook_store::tokio_postgres::Config,
+    options: StoreOptions,
+    wait: Duration,
+    notifier: &Notifier,
+) -> Result<PgStore, StoreError> {
+    let deadline = Instant::now() + wait;
+    let mut delay = Duration::from_millis(500);
+    loop {
+        match PgStore::connect(config.clone(), options.clone()).await {
+            Ok(store) => return Ok(store),
+            Err(error) if is_transient(&error) && Instant::now() + delay < deadline => {
+                warn!(%error, retry_in_s = delay.as_secs_f64(), "database unreachable; waiting for it");
+                notifier.status(&format!("waiting for the database: {error}"));
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}
+
+/// Whether waiting may help: no answer at all, or SQLSTATE class 08 (connection exception), 53
+/// (insufficient resources) or 57 (operator intervention: starting up, shutting down).
+fn is_transient(error: &StoreError) -> bool {
+    match error {
+        StoreError::Pool(_) => true,
+        StoreError::Db(error) => {
+            error.code().is_none_or(|code| matches!(code.code().get(..2), Some("08" | "53" | "57")))
+        }
+        _ => false,
+    }
 }
 
 /// Completes on SIGTERM or SIGINT.

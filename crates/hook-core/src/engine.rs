@@ -27,7 +27,7 @@ use tracing::{debug, info, warn, Instrument};
 use crate::error::ConfigError;
 use crate::event::{HandlerResult, HookEvent};
 use crate::handler::{Handler, HandlerRegistry};
-use crate::metrics::{Metrics, MetricsSnapshot};
+use crate::metrics::{EventRecord, Metrics, MetricsSnapshot, Tally};
 use crate::retry::RetryPolicy;
 use crate::store::{ClaimRequest, ClaimedBatch, Outcome, Resolution, Store};
 
@@ -249,7 +249,10 @@ impl<S: Store> Engine<S> {
                         () = sleep(delay) => continue,
                     }
                 }
-                Ok(None) => false,
+                Ok(None) => {
+                    shared.metrics.add_empty_claim();
+                    false
+                }
                 Ok(Some(mut batch)) => {
                     error_backoff.reset();
                     let events = batch.take_events();
@@ -323,6 +326,7 @@ struct Attempt {
     id: uuid::Uuid,
     retry_count: i32,
     result: HandlerResult,
+    record: EventRecord,
 }
 
 async fn run_batch<B: ClaimedBatch>(
@@ -344,6 +348,7 @@ async fn run_batch<B: ClaimedBatch>(
         .into_iter()
         .map(|event| {
             let handler = shared.registry.resolve(&event.source, &event.action);
+            let timer = shared.metrics.event_claimed(&event);
             let slots = &handler_slots;
             let timeout = config.handler_timeout;
             let span = tracing::info_span!(
@@ -355,10 +360,11 @@ async fn run_batch<B: ClaimedBatch>(
             );
             async move {
                 let _slot = slots.acquire().await;
+                let timer = timer.handler_started();
                 let id = event.id;
                 let retry_count = event.retry_count;
                 let result = attempt(handler, Arc::new(event), timeout).await;
-                Attempt { id, retry_count, result }
+                Attempt { id, retry_count, result, record: timer.finish() }
             }
             .instrument(span)
         })
@@ -388,23 +394,27 @@ async fn run_batch<B: ClaimedBatch>(
 
     let mut outcomes = Vec::with_capacity(attempts.len());
     let (mut succeeded, mut retried, mut dead) = (0u64, 0u64, 0u64);
-    for Attempt { id, retry_count, result } in attempts {
+    let mut tally = Tally::default();
+    for Attempt { id, retry_count, result, record } in attempts {
         let metadata = sanitize_map(result.metadata.clone());
         let resolution = if result.success {
             succeeded += 1;
-            debug!(event_id = %id, "handled");
+            tally.succeeded(&record);
+            debug!(event_id = %id, source = %record.source, action = %record.action, attempt = retry_count + 1, "handled");
             Resolution::Succeeded
         } else {
             let attempt = u32::try_from(retry_count).unwrap_or(0);
             let error = bound_text(&result.error_text());
             let retry_after = if config.retry.is_dead(attempt + 1) {
                 dead += 1;
-                warn!(event_id = %id, attempt = attempt + 1, error = %error, "attempt failed; retry limit reached, event is dead");
+                tally.dead(&record);
+                warn!(event_id = %id, source = %record.source, action = %record.action, attempt = attempt + 1, error = %error, "attempt failed; retry limit reached, event is dead");
                 None
             } else {
                 retried += 1;
+                tally.retried(&record);
                 let delay = config.retry.delay(attempt, id.as_u64_pair().1);
-                warn!(event_id = %id, attempt = attempt + 1, error = %error, retry_in_s = delay.as_secs_f64(), "attempt failed; will retry");
+                warn!(event_id = %id, source = %record.source, action = %record.action, attempt = attempt + 1, error = %error, retry_in_s = delay.as_secs_f64(), "attempt failed; will retry");
                 Some(delay)
             };
             Resolution::Failed { error, retry_after }
@@ -412,7 +422,10 @@ async fn run_batch<B: ClaimedBatch>(
         outcomes.push(Outcome { id, resolution, metadata });
     }
     match batch.finish(outcomes).await {
-        Ok(()) => shared.metrics.add_committed(succeeded, retried, dead),
+        Ok(()) => {
+            shared.metrics.add_committed(succeeded, retried, dead);
+            tally.commit();
+        }
         Err(error) => {
             shared.metrics.add_error();
             warn!(error = %error, "recording outcomes failed; the events stay claimable and will be retried");

@@ -1,11 +1,111 @@
-//! Counters the engine keeps, and the seed's metrics line.
+//! What the engine counts, and how it tells that it is alive.
+//!
+//! Three audiences read these numbers:
+//! - the log: running totals behind the original service's metrics line ([`MetricsSnapshot`]);
+//! - Prometheus: the same events by `(source, action)`, handler duration, pickup latency, batch
+//!   sizes and database errors, recorded through the [`metrics`](::metrics) facade. This crate
+//!   only records; the binary installs an exporter (without one, recording costs next to
+//!   nothing). The names are in [`metric_names`](crate::metric_names);
+//! - liveness checks (systemd's watchdog, `/readyz`): [`Metrics::is_ready`] and
+//!   [`Metrics::since_progress`].
+//!
+//! Outcome counters change only after the outcome is committed: the engine collects a batch's
+//! outcomes in a [`Tally`] and hands it over once the store has written them.
 
+use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// Running totals of one engine, updated only after outcomes are committed.
-#[derive(Debug)]
+use ::metrics::{counter, describe_counter, describe_gauge, describe_histogram, histogram, Unit};
+use ::metrics::{Counter, Histogram};
+use time::OffsetDateTime;
+
+use crate::event::HookEvent;
+
+/// The names of the metrics hook-events records, all prefixed `hook_events_`.
+///
+/// Counters and histograms are recorded by the engine; the gauges are set by whoever runs the
+/// queue-depth query (the `hook-processor` binary).
+pub mod names {
+    /// Counter, by `source`/`action`: events claimed (each attempt counts).
+    pub const CLAIMED: &str = "hook_events_claimed_total";
+    /// Counter, by `source`/`action`: attempts that succeeded, counted once committed.
+    pub const SUCCEEDED: &str = "hook_events_succeeded_total";
+    /// Counter, by `source`/`action`: attempts that failed, counted once committed
+    /// (`retried + dead`).
+    pub const FAILED: &str = "hook_events_failed_total";
+    /// Counter, by `source`/`action`: failed attempts scheduled for another try.
+    pub const RETRIED: &str = "hook_events_retried_total";
+    /// Counter, by `source`/`action`: failed attempts after which the event is dead.
+    pub const DEAD: &str = "hook_events_dead_total";
+    /// Histogram (seconds), by `source`/`action`: how long handlers ran, every run included.
+    pub const HANDLER_DURATION: &str = "hook_events_handler_duration_seconds";
+    /// Histogram (seconds), by `source`/`action`: from `created_at` to the claim, first attempts
+    /// only (a retry's wait is its backoff, not queue lag).
+    pub const PICKUP_LATENCY: &str = "hook_events_pickup_latency_seconds";
+    /// Histogram: events per claimed batch (empty claims are not recorded).
+    pub const BATCH_SIZE: &str = "hook_events_batch_size";
+    /// Counter: claims and completions that failed on the database side.
+    pub const DATABASE_ERRORS: &str = "hook_events_database_errors_total";
+    /// Gauge: events waiting to be processed (not processed, not dead), retries included.
+    pub const PENDING: &str = "hook_events_pending";
+    /// Gauge: pending events that have failed at least once.
+    pub const RETRYING: &str = "hook_events_retrying";
+    /// Gauge: events that reached the retry limit (`dead_at` set, not processed).
+    pub const DEAD_EVENTS: &str = "hook_events_dead";
+    /// Gauge (seconds): age of the oldest pending event; 0 when none.
+    pub const OLDEST_PENDING_AGE: &str = "hook_events_oldest_pending_age_seconds";
+    /// Gauge (seconds): time since the processing loop last made progress (a store round trip or
+    /// a handler finishing); -1 before the first claim.
+    pub const SINCE_PROGRESS: &str = "hook_events_since_progress_seconds";
+    /// Gauge: 1 once the first claim query succeeded.
+    pub const READY: &str = "hook_events_ready";
+}
+
+/// At most this many distinct `(source, action)` pairs get their own label values; events of
+/// later pairs are counted under `source="other", action="other"`. Both columns are free text
+/// written by producers, and a metric series per value would let one misbehaving producer
+/// exhaust the scraper's memory.
+pub const MAX_LABELLED_PAIRS: usize = 256;
+
+/// The label value of events beyond [`MAX_LABELLED_PAIRS`].
+pub const OTHER_LABEL: &str = "other";
+
+/// Registers help texts and units of every metric in [`names`] with the installed recorder.
+/// Call once, after installing it.
+pub fn describe_metrics() {
+    use names::*;
+    describe_counter!(CLAIMED, "Events claimed, by source and action (each attempt counts)");
+    describe_counter!(SUCCEEDED, "Attempts that succeeded, counted once committed");
+    describe_counter!(FAILED, "Attempts that failed, counted once committed (retried + dead)");
+    describe_counter!(RETRIED, "Failed attempts scheduled for another try");
+    describe_counter!(DEAD, "Failed attempts after which the event reached the retry limit");
+    describe_histogram!(HANDLER_DURATION, Unit::Seconds, "How long handlers ran");
+    describe_histogram!(
+        PICKUP_LATENCY,
+        Unit::Seconds,
+        "From created_at to the claim, first attempts only (processor clock minus producer clock)"
+    );
+    describe_histogram!(BATCH_SIZE, Unit::Count, "Events per claimed batch");
+    describe_counter!(DATABASE_ERRORS, "Claims and completions that failed on the database side");
+    describe_gauge!(PENDING, "Events not processed and not dead (retries included)");
+    describe_gauge!(RETRYING, "Pending events that failed at least once");
+    describe_gauge!(DEAD_EVENTS, "Events that reached the retry limit and are not processed");
+    describe_gauge!(OLDEST_PENDING_AGE, Unit::Seconds, "Age of the oldest pending event, 0 when none");
+    describe_gauge!(
+        SINCE_PROGRESS,
+        Unit::Seconds,
+        "Time since the loop last made progress (store round trip or handler finished); -1 before the first claim"
+    );
+    describe_gauge!(READY, "1 once the first claim query succeeded");
+}
+
+/// Running totals and liveness of one engine.
+///
+/// The totals are updated only after outcomes are committed; the liveness facts after every
+/// successful store round trip and every finished handler.
 pub struct Metrics {
     started: Instant,
     processed: AtomicU64,
@@ -15,9 +115,22 @@ pub struct Metrics {
     dead: AtomicU64,
     errors: AtomicU64,
     claimed: AtomicU64,
+    /// Milliseconds after `started` of the last progress, plus one; 0 before any.
+    last_progress: AtomicU64,
+    ready: AtomicBool,
+    series: Mutex<SeriesCache>,
+    batch_size: Histogram,
+    database_errors: Counter,
+}
+
+impl fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Metrics").field("snapshot", &self.snapshot()).finish_non_exhaustive()
+    }
 }
 
 impl Default for Metrics {
+    /// New counters; the `metrics` handles come from the recorder installed at this moment.
     fn default() -> Self {
         Self {
             started: Instant::now(),
@@ -28,6 +141,11 @@ impl Default for Metrics {
             dead: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             claimed: AtomicU64::new(0),
+            last_progress: AtomicU64::new(0),
+            ready: AtomicBool::new(false),
+            series: Mutex::new(SeriesCache::default()),
+            batch_size: histogram!(names::BATCH_SIZE),
+            database_errors: counter!(names::DATABASE_ERRORS),
         }
     }
 }
@@ -85,21 +203,215 @@ impl Metrics {
         }
     }
 
+    /// Whether a claim query has succeeded since the engine was built: the store is reachable
+    /// and the schema is what the claim expects.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    /// How long ago the processing loop last made progress: a store round trip that succeeded
+    /// (a claim, even an empty one, or a completion) or a handler that finished. `None` before
+    /// the first.
+    ///
+    /// An idle engine claims at least every poll interval, and a busy one finishes a handler at
+    /// least every handler timeout, so a value well above both means the loop is stuck (most
+    /// often on a database it cannot reach).
+    pub fn since_progress(&self) -> Option<Duration> {
+        match self.last_progress.load(Ordering::Relaxed) {
+            0 => None,
+            at => Some(self.started.elapsed().saturating_sub(Duration::from_millis(at - 1))),
+        }
+    }
+
+    fn record_progress(&self) {
+        let at = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX - 1) + 1;
+        self.last_progress.fetch_max(at, Ordering::Relaxed);
+    }
+
+    /// A claim query that found nothing: the store answered.
+    pub(crate) fn add_empty_claim(&self) {
+        self.ready.store(true, Ordering::Relaxed);
+        self.record_progress();
+    }
+
+    /// A claim that returned `n` events.
     pub(crate) fn add_claimed(&self, n: usize) {
+        self.ready.store(true, Ordering::Relaxed);
+        self.record_progress();
         self.claimed.fetch_add(n as u64, Ordering::Relaxed);
+        self.batch_size.record(n as f64);
     }
 
     pub(crate) fn add_error(&self) {
         self.errors.fetch_add(1, Ordering::Relaxed);
+        self.database_errors.increment(1);
     }
 
     pub(crate) fn add_committed(&self, succeeded: u64, retried: u64, dead: u64) {
+        self.record_progress();
         let failed = retried + dead;
         self.processed.fetch_add(succeeded + failed, Ordering::Relaxed);
         self.succeeded.fetch_add(succeeded, Ordering::Relaxed);
         self.failed.fetch_add(failed, Ordering::Relaxed);
         self.retried.fetch_add(retried, Ordering::Relaxed);
         self.dead.fetch_add(dead, Ordering::Relaxed);
+    }
+
+    /// Called for each claimed event: counts the claim by route and records the pickup latency
+    /// of a first attempt. The returned timer measures the handler from
+    /// [`EventTimer::handler_started`] to [`EventTimer::finish`].
+    pub(crate) fn event_claimed(self: &Arc<Self>, event: &HookEvent) -> EventTimer {
+        let series = self.series(&event.source, &event.action);
+        series.claimed.increment(1);
+        if event.retry_count == 0 {
+            let waited = (OffsetDateTime::now_utc() - event.created_at).as_seconds_f64();
+            series.pickup_latency.record(waited.max(0.0));
+        }
+        EventTimer {
+            metrics: Arc::clone(self),
+            series,
+            source: event.source.clone(),
+            action: event.action.clone(),
+            started: Instant::now(),
+        }
+    }
+
+    fn series(&self, source: &str, action: &str) -> Arc<Series> {
+        let mut cache = self.series.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        cache.get(source, action)
+    }
+}
+
+/// The metric handles of one `(source, action)` pair.
+struct Series {
+    claimed: Counter,
+    succeeded: Counter,
+    failed: Counter,
+    retried: Counter,
+    dead: Counter,
+    handler_duration: Histogram,
+    pickup_latency: Histogram,
+}
+
+impl Series {
+    fn new(source: &str, action: &str) -> Self {
+        let labels = [("source", source.to_owned()), ("action", action.to_owned())];
+        Self {
+            claimed: counter!(names::CLAIMED, &labels),
+            succeeded: counter!(names::SUCCEEDED, &labels),
+            failed: counter!(names::FAILED, &labels),
+            retried: counter!(names::RETRIED, &labels),
+            dead: counter!(names::DEAD, &labels),
+            handler_duration: histogram!(names::HANDLER_DURATION, &labels),
+            pickup_latency: histogram!(names::PICKUP_LATENCY, &labels),
+        }
+    }
+}
+
+/// Handles per `(source, action)`, created on first sight, at most [`MAX_LABELLED_PAIRS`].
+#[derive(Default)]
+struct SeriesCache {
+    by_source: HashMap<String, HashMap<String, Arc<Series>>>,
+    pairs: usize,
+    other: Option<Arc<Series>>,
+}
+
+impl SeriesCache {
+    fn get(&mut self, source: &str, action: &str) -> Arc<Series> {
+        if let Some(series) = self.by_source.get(source).and_then(|actions| actions.get(action)) {
+            return Arc::clone(series);
+        }
+        if self.pairs >= MAX_LABELLED_PAIRS {
+            return Arc::clone(self.other.get_or_insert_with(|| {
+                tracing::warn!(
+                    limit = MAX_LABELLED_PAIRS,
+                    "too many distinct (source, action) pairs; counting further ones as other/other"
+                );
+                Arc::new(Series::new(OTHER_LABEL, OTHER_LABEL))
+            }));
+        }
+        self.pairs += 1;
+        let series = Arc::new(Series::new(source, action));
+        self.by_source.entry(source.to_owned()).or_default().insert(action.to_owned(), Arc::clone(&series));
+        series
+    }
+}
+
+/// A handler's clock, from [`handler_started`](EventTimer::handler_started) to
+/// [`finish`](EventTimer::finish).
+pub(crate) struct EventTimer {
+    metrics: Arc<Metrics>,
+    series: Arc<Series>,
+    source: String,
+    action: String,
+    started: Instant,
+}
+
+impl EventTimer {
+    /// The handler got its concurrency slot and starts now.
+    pub(crate) fn handler_started(mut self) -> Self {
+        self.started = Instant::now();
+        self
+    }
+
+    /// The handler is done: records its duration and the loop's progress.
+    pub(crate) fn finish(self) -> EventRecord {
+        self.series.handler_duration.record(self.started.elapsed().as_secs_f64());
+        self.metrics.record_progress();
+        EventRecord { series: self.series, source: self.source, action: self.action }
+    }
+}
+
+/// One handled event, waiting for its outcome to be committed.
+pub(crate) struct EventRecord {
+    series: Arc<Series>,
+    /// The event's source, for log lines.
+    pub(crate) source: String,
+    /// The event's action, for log lines.
+    pub(crate) action: String,
+}
+
+/// How an attempt ended, for the outcome counters.
+#[derive(Clone, Copy)]
+enum Kind {
+    Succeeded,
+    Retried,
+    Dead,
+}
+
+/// The outcomes of one batch, counted by route once [`commit`](Tally::commit) is called (after
+/// the store wrote them).
+#[derive(Default)]
+pub(crate) struct Tally(Vec<(Arc<Series>, Kind)>);
+
+impl Tally {
+    pub(crate) fn succeeded(&mut self, record: &EventRecord) {
+        self.0.push((Arc::clone(&record.series), Kind::Succeeded));
+    }
+
+    pub(crate) fn retried(&mut self, record: &EventRecord) {
+        self.0.push((Arc::clone(&record.series), Kind::Retried));
+    }
+
+    pub(crate) fn dead(&mut self, record: &EventRecord) {
+        self.0.push((Arc::clone(&record.series), Kind::Dead));
+    }
+
+    /// The outcomes are committed: count them.
+    pub(crate) fn commit(self) {
+        for (series, kind) in self.0 {
+            match kind {
+                Kind::Succeeded => series.succeeded.increment(1),
+                Kind::Retried => {
+                    series.failed.increment(1);
+                    series.retried.increment(1);
+                }
+                Kind::Dead => {
+                    series.failed.increment(1);
+                    series.dead.increment(1);
+                }
+            }
+        }
     }
 }
 
@@ -114,5 +426,33 @@ mod tests {
         m.add_error();
         let line = MetricsSnapshot { uptime: Duration::from_secs(120), ..m.snapshot() }.to_string();
         assert_eq!(line, "Metrics: Processed=419, Succeeded=415, Failed=4, Retried=2, Errors=1, Uptime=120s");
+    }
+
+    #[test]
+    fn ready_and_progress_start_at_the_first_claim() {
+        let m = Metrics::default();
+        assert!(!m.is_ready());
+        assert_eq!(m.since_progress(), None);
+        m.add_error();
+        assert!(!m.is_ready(), "a failed claim is no progress");
+        assert_eq!(m.since_progress(), None);
+        m.add_empty_claim();
+        assert!(m.is_ready());
+        assert!(m.since_progress().is_some_and(|d| d < Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn label_pairs_are_capped() {
+        let mut cache = SeriesCache::default();
+        for i in 0..MAX_LABELLED_PAIRS {
+            cache.get("s", &i.to_string());
+        }
+        assert_eq!(cache.pairs, MAX_LABELLED_PAIRS);
+        cache.get("s", "0");
+        assert!(cache.other.is_none(), "a known pair is not 'other'");
+        cache.get("s", "one too many");
+        cache.get("t", "and another");
+        assert_eq!(cache.pairs, MAX_LABELLED_PAIRS);
+        assert!(cache.other.is_some());
     }
 }

@@ -25,6 +25,7 @@ pub mod bench;
 pub mod archive;
 pub mod migrate;
 pub mod replay;
+pub mod stats;
 #[cfg(feature = "test-support")]
 pub mod testing;
 

@@ -1,0 +1,252 @@
+//! `hook-processor stats`: the original README's monitoring queries as one report, in text or
+//! JSON. The queries are in `hook_store::stats`; this module only runs and prints them.
+
+use std::fmt::Write as _;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use hook_store::stats::{self, ProcessedWindow, QueueDepth, RouteErrors};
+use hook_store::{redacted, PgStore, StoreOptions};
+use serde_json::{json, Value};
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+use crate::config::StatsArgs;
+
+/// Everything the report says.
+struct Report {
+    database: String,
+    window: Duration,
+    generated_at: OffsetDateTime,
+    queue: QueueDepth,
+    processed: ProcessedWindow,
+    routes: Vec<RouteErrors>,
+    elapsed: Duration,
+}
+
+/// Runs the queries against `config` and prints the report on stdout.
+pub(crate) async fn run(config: hook_store::tokio_postgres::Config, args: &StatsArgs) -> anyhow::Result<()> {
+    let config = hook_store::with_service_defaults(config, "hook-processor stats");
+    let shown = redacted(&config);
+    let options = StoreOptions { pool_size: 1, listen: false, pool_timeout: Duration::from_secs(10) };
+    let store = PgStore::connect(config, options).await.with_context(|| format!("connecting to {shown}"))?;
+    let client = store.pool().get().await.with_context(|| format!("connecting to {shown}"))?;
+    let started = Instant::now();
+    let context = || format!("querying {shown}");
+    stats::limit_statement_time(&client, args.timeout).await.with_context(context)?;
+    let queue = stats::queue_depth(&client, args.since).await.with_context(context)?;
+    let processed = stats::processed_since(&client, args.since).await.with_context(context)?;
+    let routes = stats::errors_by_route(&client, args.since, args.routes).await.with_context(context)?;
+    let report = Report {
+        database: shown,
+        window: args.since,
+        generated_at: OffsetDateTime::now_utc(),
+        queue,
+        processed,
+        routes,
+        elapsed: started.elapsed(),
+    };
+    let text = if args.json { format!("{:#}\n", report.json()) } else { report.text() };
+    print(&text)
+}
+
+#[allow(clippy::print_stdout)] // the report is the program's output
+fn print(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes()).and_then(|()| out.flush()).context("writing the report")
+}
+
+impl Report {
+    fn json(&self) -> Value {
+        let secs = |d: Option<Duration>| d.map(|d| d.as_secs_f64());
+        let q = &self.queue;
+        let p = &self.processed;
+        json!({
+            "database": self.database,
+            "generated_at": rfc3339(self.generated_at),
+            "window_seconds": self.window.as_secs_f64(),
+            "queue": {
+                "pending": q.pending,
+                "retrying": q.retrying,
+                "waiting_for_retry": q.waiting,
+                "dead": q.dead,
+                "died_in_window": q.died_in_window,
+                "oldest_pending_seconds": secs(q.oldest_pending),
+            },
+            "processed": {
+                "count": p.processed,
+                "with_retries": p.with_retries,
+                "error_rate": p.error_rate(),
+                "latency_seconds": { "avg": secs(p.avg), "p95": secs(p.p95), "max": secs(p.max) },
+            },
+            "failing_routes": self.routes.iter().map(|r| json!({
+                "source": r.source,
+                "action": r.action,
+                "events": r.events,
+                "failed_attempts": r.failed_attempts,
+                "dead": r.dead,
+                "retrying": r.retrying,
+                "recovered": r.recovered,
+                "latest_error": r.latest_error,
+                "latest_at": r.latest_at.map(rfc3339),
+            })).collect::<Vec<_>>(),
+            "query_seconds": self.elapsed.as_secs_f64(),
+        })
+    }
+
+    fn text(&self) -> String {
+        let window = human(self.window);
+        let q = &self.queue;
+        let p = &self.processed;
+        let mut out = String::new();
+        let _ = writeln!(out, "hook_events at {} ({})", self.database, rfc3339(self.generated_at));
+        let _ = writeln!(out);
+        let _ = writeln!(out, "now");
+        let _ = writeln!(
+            out,
+            "  pending         {:>10}   retrying {}, waiting for a retry {}",
+            num(q.pending),
+            num(q.retrying),
+            num(q.waiting)
+        );
+        let _ = writeln!(
+            out,
+            "  dead            {:>10}   {} died in the last {window}",
+            num(q.dead),
+            num(q.died_in_window)
+        );
+        let _ = writeln!(out, "  oldest pending  {:>10}", q.oldest_pending.map_or("-".to_owned(), human));
+        let _ = writeln!(out);
+        let _ = writeln!(out, "processed in the last {window}");
+        let _ = writeln!(out, "  processed       {:>10}", num(p.processed));
+        let _ = writeln!(
+            out,
+            "  time to process (processed_at - created_at): avg {}, p95 {}, max {}",
+            p.avg.map_or("-".to_owned(), human),
+            p.p95.map_or("-".to_owned(), human),
+            p.max.map_or("-".to_owned(), human)
+        );
+        let _ = writeln!(
+            out,
+            "  error rate      {:>10}   {} of {} needed a retry",
+            p.error_rate().map_or("-".to_owned(), |r| format!("{:.2}%", r * 100.0)),
+            num(p.with_retries),
+            num(p.processed)
+        );
+        let _ = writeln!(out);
+        if self.routes.is_empty() {
+            let _ = writeln!(out, "failing routes: none (no event pending after a failure, or failed and done in the last {window})");
+        } else {
+            let _ = writeln!(out, "failing routes (failed at least once: still pending, or processed or dead in the last {window})");
+            let width = |f: fn(&RouteErrors) -> usize, title: &str| {
+                self.routes.iter().map(f).max().unwrap_or(0).max(title.len())
+            };
+            let ws = width(|r| r.source.chars().count(), "SOURCE");
+            let wa = width(|r| r.action.chars().count(), "ACTION");
+            let _ = writeln!(
+                out,
+                "  {:<ws$}  {:<wa$}  {:>8}  {:>8}  {:>6}  {:>8}  {:>9}  LATEST ERROR",
+                "SOURCE", "ACTION", "EVENTS", "ATTEMPTS", "DEAD", "RETRYING", "RECOVERED"
+            );
+            for r in &self.routes {
+                let when =
+                    r.latest_at.map(|at| format!(" ({})", ago(self.generated_at, at))).unwrap_or_default();
+                let _ = writeln!(
+                    out,
+                    "  {:<ws$}  {:<wa$}  {:>8}  {:>8}  {:>6}  {:>8}  {:>9}  {}{when}",
+                    r.source,
+                    r.action,
+                    num(r.events),
+                    num(r.failed_attempts),
+                    num(r.dead),
+                    num(r.retrying),
+                    num(r.recovered),
+                    one_line(r.latest_error.as_deref().unwrap_or("-"), 100),
+                );
+            }
+        }
+        let _ = writeln!(out);
+        let _ = writeln!(out, "queries took {}", human(self.elapsed));
+        out
+    }
+}
+
+fn rfc3339(at: OffsetDateTime) -> String {
+    at.format(&Rfc3339).unwrap_or_else(|_| at.to_string())
+}
+
+/// 1234567 → "1,234,567".
+fn num(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// "0.4ms", "12ms", "1.53s", "4m 12s", "2h 03m", "3d 04h".
+fn human(d: Duration) -> String {
+    let s = d.as_secs_f64();
+    let whole = d.as_secs();
+    if s < 0.01 {
+        format!("{:.1}ms", s * 1000.0)
+    } else if s < 1.0 {
+        format!("{:.0}ms", s * 1000.0)
+    } else if s < 60.0 {
+        format!("{s:.2}s")
+    } else if whole < 3600 {
+        format!("{}m {:02}s", whole / 60, whole % 60)
+    } else if whole < 86400 {
+        format!("{}h {:02}m", whole / 3600, whole % 3600 / 60)
+    } else {
+        format!("{}d {:02}h", whole / 86400, whole % 86400 / 3600)
+    }
+}
+
+/// "3m ago" or "in 20s" (a next attempt is in the future).
+fn ago(now: OffsetDateTime, at: OffsetDateTime) -> String {
+    let delta = now - at;
+    let magnitude = Duration::try_from(delta.abs()).unwrap_or_default();
+    let magnitude = Duration::from_secs(magnitude.as_secs());
+    if delta.is_negative() {
+        format!("in {}", human(magnitude))
+    } else {
+        format!("{} ago", human(magnitude))
+    }
+}
+
+/// The text on one line, cut to `max` characters.
+fn one_line(text: &str, max: usize) -> String {
+    let flat: String = text.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+    if flat.chars().count() <= max {
+        return flat;
+    }
+    let cut: String = flat.chars().take(max.saturating_sub(1)).collect();
+    format!("{cut}…")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_and_durations_read_well() {
+        assert_eq!(num(0), "0");
+        assert_eq!(num(999), "999");
+        assert_eq!(num(1000), "1,000");
+        assert_eq!(num(1_234_567), "1,234,567");
+        assert_eq!(human(Duration::from_micros(400)), "0.4ms");
+        assert_eq!(human(Duration::from_millis(12)), "12ms");
+        assert_eq!(human(Duration::from_millis(1530)), "1.53s");
+        assert_eq!(human(Duration::from_secs(252)), "4m 12s");
+        assert_eq!(human(Duration::from_secs(7380)), "2h 03m");
+        assert_eq!(human(Duration::from_secs(3 * 86400 + 4 * 3600)), "3d 04h");
+        assert_eq!(one_line("a\nb", 10), "a b");
+        assert_eq!(one_line("abcdef", 4), "abc…");
+    }
+}
