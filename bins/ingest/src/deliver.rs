@@ -19,6 +19,17 @@ use crate::mapping::{sanitized, INGEST_SOURCE};
 use crate::settings::{Database, Settings, EMBEDDED_DATABASE};
 use crate::spool::{Locked, Spool};
 
+/// How one delivery talks to the database.
+#[derive(Debug, Clone, Copy)]
+struct Session {
+    /// When everything must be done.
+    deadline: Instant,
+    /// The budget the deadline came from, for messages.
+    budget: Duration,
+    /// `SET synchronous_commit` to this first, if set.
+    synchronous_commit: Option<&'static str>,
+}
+
 /// Spooled events inserted per statement, at most.
 const CHUNK_EVENTS: usize = 500;
 
@@ -53,7 +64,9 @@ pub fn deliver(settings: &Settings, event: &NewEvent, logged_at: OffsetDateTime)
             .enable_all()
             .build()
             .map_err(|e| format!("starting the async runtime: {e}"))?;
-        let outcome = runtime.block_on(insert(&config, &spool, event, &spooled, deadline, settings.timeout));
+        let session =
+            Session { deadline, budget: settings.timeout, synchronous_commit: settings.synchronous_commit };
+        let outcome = runtime.block_on(insert(&config, &spool, event, &spooled, &session));
         // Don't wait for anything left behind (a DNS lookup, the connection's close).
         runtime.shutdown_background();
         outcome
@@ -77,28 +90,47 @@ async fn insert(
     spool: &Spool,
     event: &NewEvent,
     spooled: &NewEvent,
-    deadline: Instant,
-    budget: Duration,
+    session: &Session,
 ) -> Result<Delivered, String> {
+    let deadline = session.deadline;
     let shown = redacted(config);
-    let budget = ms(budget);
+    let budget = ms(session.budget);
     let connected = tokio::time::timeout_at(deadline.into(), config.connect(NoTls))
         .await
         .map_err(|_| format!("no connection to {shown} within {budget}"))?
         .map_err(|e| format!("connecting to {shown}: {}", chain(&e)))?;
     let (client, connection) = connected;
     tokio::spawn(connection);
+    // Sent ahead of the first insert, in the same round trip (requests are pipelined in the order
+    // they are first polled). Should it fail, the inserts still commit, only more slowly.
+    let set = async {
+        if let Some(value) = session.synchronous_commit {
+            let _ = client.batch_execute(&format!("SET synchronous_commit = {value}")).await;
+        }
+    };
+    let ((), delivered) = tokio::join!(set, flush_and_insert(&client, spool, event, spooled, deadline));
+    delivered
+}
 
+/// Flushes the spool if it holds anything (unless another hook is flushing it right now), and
+/// inserts `event`.
+async fn flush_and_insert(
+    client: &Client,
+    spool: &Spool,
+    event: &NewEvent,
+    spooled: &NewEvent,
+    deadline: Instant,
+) -> Result<Delivered, String> {
     if !spool.is_empty() {
         // A busy lock means another hook is flushing: insert this event right away. The spooled
         // events keep their earlier created_at, so the processor still sees them first.
         match spool.lock(Duration::ZERO) {
-            Ok(Some(locked)) => return flush(&client, locked, event, spooled, deadline).await,
+            Ok(Some(locked)) => return flush(client, locked, event, spooled, deadline).await,
             Ok(None) => {}
             Err(error) => return Err(format!("opening the spool {}: {error}", spool.path().display())),
         }
     }
-    within(deadline, store(&client, std::slice::from_ref(event))).await?;
+    within(deadline, store(client, std::slice::from_ref(event))).await?;
     Ok(Delivered::Inserted)
 }
 

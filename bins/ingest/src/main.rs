@@ -19,6 +19,9 @@ Environment:
   HOOK_INGEST_TIMEOUT     budget for connecting and inserting (default 200ms)
   HOOK_SPOOL              where events wait while the database is away
                           (default $XDG_STATE_HOME/hook-events/spool.jsonl)
+  HOOK_INGEST_SYNCHRONOUS_COMMIT
+                          synchronous_commit for the hook's session (on, off, ...);
+                          default: the server's setting
 
 It always exits 0 and never writes to stdout while working as a hook.
 ";

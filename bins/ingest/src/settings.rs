@@ -16,6 +16,9 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(200);
 /// The longest `HOOK_INGEST_TIMEOUT` accepted (Claude Code's own default hook timeout).
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// The values PostgreSQL accepts for `synchronous_commit`.
+pub const SYNCHRONOUS_COMMIT: [&str; 5] = ["on", "off", "local", "remote_write", "remote_apply"];
+
 /// The database `hook-processor` creates in its embedded cluster.
 pub const EMBEDDED_DATABASE: &str = "hook_events";
 
@@ -39,6 +42,9 @@ pub struct Settings {
     pub spool: PathBuf,
     /// The budget for connecting, flushing and inserting (`HOOK_INGEST_TIMEOUT`).
     pub timeout: Duration,
+    /// `synchronous_commit` for the hook's session (`HOOK_INGEST_SYNCHRONOUS_COMMIT`); `None`
+    /// keeps the server's setting.
+    pub synchronous_commit: Option<&'static str>,
     /// Problems with the variables, one short text each.
     pub warnings: Vec<String>,
 }
@@ -58,6 +64,17 @@ impl Settings {
                 DEFAULT_TIMEOUT
             }
         };
+
+        let synchronous_commit = var("HOOK_INGEST_SYNCHRONOUS_COMMIT").and_then(|text| {
+            let value = SYNCHRONOUS_COMMIT.iter().find(|v| v.eq_ignore_ascii_case(text.trim())).copied();
+            if value.is_none() {
+                warnings.push(format!(
+                    "HOOK_INGEST_SYNCHRONOUS_COMMIT {text:?} is not one of {}; using the server's setting",
+                    SYNCHRONOUS_COMMIT.join(", ")
+                ));
+            }
+            value
+        });
 
         let port = var("POSTGRES_PORT");
         let args = DatabaseArgs {
@@ -90,7 +107,7 @@ impl Settings {
             state.join("hook-events").join("spool.jsonl")
         });
 
-        Settings { database, spool, timeout, warnings }
+        Settings { database, spool, timeout, synchronous_commit, warnings }
     }
 }
 
@@ -195,11 +212,17 @@ mod tests {
         for bad in ["", "fast", "0", "-1s", "61s", "NaN", "0.0001"] {
             assert!(parse_timeout(bad).is_err(), "{bad}");
         }
-        let s = settings(&[("HOOK_INGEST_TIMEOUT", "soon")]);
-        assert_eq!(s.timeout, DEFAULT_TIMEOUT);
+        let s = settings(&[("HOOK_INGEST_TIMEOUT", "soon"), ("HOOK_INGEST_SYNCHRONOUS_COMMIT", "maybe")]);
+        assert_eq!((s.timeout, s.synchronous_commit), (DEFAULT_TIMEOUT, None));
         assert_eq!(
             s.warnings,
-            ["HOOK_INGEST_TIMEOUT \"soon\" is not a duration (e.g. 200ms, 0.5s); using 200ms"]
+            [
+                "HOOK_INGEST_TIMEOUT \"soon\" is not a duration (e.g. 200ms, 0.5s); using 200ms",
+                "HOOK_INGEST_SYNCHRONOUS_COMMIT \"maybe\" is not one of on, off, local, remote_write, \
+                 remote_apply; using the server's setting",
+            ]
         );
+        assert_eq!(settings(&[("HOOK_INGEST_SYNCHRONOUS_COMMIT", "OFF")]).synchronous_commit, Some("off"));
+        assert_eq!(settings(&[]).synchronous_commit, None);
     }
 }

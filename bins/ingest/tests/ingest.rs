@@ -140,7 +140,12 @@ async fn every_fixture_is_stored_under_its_route_and_handled_by_its_handler() {
     let client = db.client().await;
     let scratch = Scratch::new("fixtures");
     let (url, spool) = (db.url(), scratch.spool());
-    let env = [("DATABASE_URL", url.as_str()), ("HOOK_SPOOL", spool.as_str())];
+    // Asynchronous commit, as a deployment that trades the WAL flush for speed would run it.
+    let env = [
+        ("DATABASE_URL", url.as_str()),
+        ("HOOK_SPOOL", spool.as_str()),
+        ("HOOK_INGEST_SYNCHRONOUS_COMMIT", "off"),
+    ];
     // hook_event_name, action, resource, resource_id, a fact its handler reports (or "unknown").
     let cases = [
         ("PreToolUse", "tool_invocation", "tool", "Write", ("tool_name", json!("Write"))),
