@@ -190,7 +190,9 @@ async fn a_bad_event_fails_the_batch_and_inserts_nothing() {
 #[tokio::test]
 async fn the_embedded_service_example_runs() {
     let db = TestDb::migrated("example_service").await;
-    let report = embedded_service::run(db.config(), 4, std::future::pending()).await.unwrap();
+    let service = embedded_service::run(db.config(), 4, std::future::pending());
+    let report =
+        tokio::time::timeout(Duration::from_secs(60), service).await.expect("the service finished").unwrap();
     assert_eq!(report.confirmed, 4, "{report:?}");
     assert_eq!(report.notes, 4, "one note per committed order: {report:?}");
     assert_eq!(report.others, 4, "one billing event per committed order: {report:?}");
