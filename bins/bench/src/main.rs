@@ -49,7 +49,7 @@ struct Args {
     duration: f64,
 
     /// Phases to run, comma separated.
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "limit,drain,latency,baseline,rss")]
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "limit,drain,floor,latency,baseline,rss")]
     phases: Vec<Phase>,
 
     /// PostgreSQL URL to benchmark on; without it, an embedded cluster under --data-dir.
@@ -106,6 +106,8 @@ enum Phase {
     Limit,
     /// Drain the backlog with the engine and a no-op handler.
     Drain,
+    /// The trickle with nobody consuming: the producer's own commit latency.
+    Floor,
     /// Pickup and completion latency of the engine under a steady trickle.
     Latency,
     /// The original's algorithm: its drain rate and latency.
@@ -246,6 +248,9 @@ async fn measure(args: &Args, plan: &Plan, db: &Db) -> anyhow::Result<Report> {
     }
     if wanted(Phase::Drain) {
         report.drain = Some(phases::engine_drain(db, plan).await.context("drain phase")?);
+    }
+    if wanted(Phase::Floor) {
+        report.floor = Some(phases::producer_floor(db, plan).await.context("floor phase")?);
     }
     if wanted(Phase::Latency) {
         report.latency = Some(phases::engine_latency(db, plan).await.context("latency phase")?);

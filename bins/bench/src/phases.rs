@@ -246,6 +246,17 @@ async fn latency(
     })
 }
 
+/// The trickle with nobody consuming: the producer's INSERT round trips alone, the floor under
+/// every pickup latency (a row is invisible until its commit's WAL flush is done).
+pub(crate) async fn producer_floor(db: &Db, plan: &Plan) -> anyhow::Result<Percentiles> {
+    let client = db.connect().await?;
+    bench::truncate(&client).await?;
+    settle(&client).await?;
+    let trickle = trickle(db, plan.rate, plan.duration).await?;
+    bench::truncate(&client).await?;
+    Ok(Percentiles::of(&trickle.round_trips))
+}
+
 /// The engine idle on an empty table, then a steady trickle.
 pub(crate) async fn engine_latency(db: &Db, plan: &Plan) -> anyhow::Result<Latency> {
     let client = db.connect().await?;

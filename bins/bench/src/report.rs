@@ -200,6 +200,8 @@ pub(crate) struct Report {
     /// The limit loop, per number of connections; the best is the limit.
     pub(crate) limit: Vec<LimitRun>,
     pub(crate) drain: Option<Throughput>,
+    /// The producer's INSERT round trips with nobody consuming.
+    pub(crate) floor: Option<Percentiles>,
     pub(crate) latency: Option<Latency>,
     pub(crate) baseline_latency: Option<Latency>,
     pub(crate) baseline_drain: Option<BaselineDrain>,
@@ -245,6 +247,7 @@ impl Report {
             },
             limit: Vec::new(),
             drain: None,
+            floor: None,
             latency: None,
             baseline_latency: None,
             baseline_drain: None,
@@ -396,7 +399,7 @@ impl Report {
                 format!("peak RSS {:.1} MiB", r.peak_rss_kib as f64 / 1024.0),
             );
         }
-        if self.latency.is_some() || self.baseline_latency.is_some() {
+        if self.floor.is_some() || self.latency.is_some() || self.baseline_latency.is_some() {
             let _ = writeln!(out);
             let _ = writeln!(
                 out,
@@ -420,6 +423,9 @@ impl Report {
                     ms(p.max_us)
                 );
             };
+            if let Some(p) = &self.floor {
+                lat("producer alone: INSERT round trip (commit)", p.count, p);
+            }
             if let Some(l) = &self.latency {
                 lat("producer: INSERT round trip (incl. commit)", l.events, &l.producer_insert);
                 lat("engine: handler start - created_at", l.events, &l.pickup);
