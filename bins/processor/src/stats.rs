@@ -96,7 +96,7 @@ impl Report {
     }
 
     fn text(&self) -> String {
-        let window = human(self.window);
+        let window = span(self.window);
         let q = &self.queue;
         let p = &self.processed;
         let mut out = String::new();
@@ -208,6 +208,22 @@ fn human(d: Duration) -> String {
     }
 }
 
+/// A window as it was likely given: "1h", "30m", "7d"; else as [`human`].
+fn span(d: Duration) -> String {
+    let s = d.as_secs();
+    if d.subsec_nanos() != 0 || s == 0 {
+        human(d)
+    } else if s.is_multiple_of(86400) {
+        format!("{}d", s / 86400)
+    } else if s.is_multiple_of(3600) {
+        format!("{}h", s / 3600)
+    } else if s.is_multiple_of(60) {
+        format!("{}m", s / 60)
+    } else {
+        format!("{s}s")
+    }
+}
+
 /// "3m ago" or "in 20s" (a next attempt is in the future).
 fn ago(now: OffsetDateTime, at: OffsetDateTime) -> String {
     let delta = now - at;
@@ -246,6 +262,10 @@ mod tests {
         assert_eq!(human(Duration::from_secs(252)), "4m 12s");
         assert_eq!(human(Duration::from_secs(7380)), "2h 03m");
         assert_eq!(human(Duration::from_secs(3 * 86400 + 4 * 3600)), "3d 04h");
+        assert_eq!(span(Duration::from_secs(3600)), "1h");
+        assert_eq!(span(Duration::from_secs(7 * 86400)), "7d");
+        assert_eq!(span(Duration::from_secs(90)), "90s");
+        assert_eq!(span(Duration::from_secs(1800)), "30m");
         assert_eq!(one_line("a\nb", 10), "a b");
         assert_eq!(one_line("abcdef", 4), "abc…");
     }
