@@ -7,6 +7,7 @@
 //! cut off by it may still commit on the server, which is harmless because the event's id was
 //! assigned before and the spooled copy is skipped when it is flushed.
 
+use std::future::Future;
 use std::time::{Duration, Instant};
 
 use hook_core::NewEvent;
@@ -26,7 +27,7 @@ struct Session {
     deadline: Instant,
     /// The budget the deadline came from, for messages.
     budget: Duration,
-    /// `SET synchronous_commit` to this first, if set.
+    /// `synchronous_commit` for each statement's transaction, if not the server's.
     synchronous_commit: Option<&'static str>,
 }
 
@@ -101,21 +102,14 @@ async fn insert(
         .map_err(|e| format!("connecting to {shown}: {}", chain(&e)))?;
     let (client, connection) = connected;
     tokio::spawn(connection);
-    // Sent ahead of the first insert, in the same round trip (requests are pipelined in the order
-    // they are first polled). Should it fail, the inserts still commit, only more slowly.
-    let set = async {
-        if let Some(value) = session.synchronous_commit {
-            let _ = client.batch_execute(&format!("SET synchronous_commit = {value}")).await;
-        }
-    };
-    let ((), delivered) = tokio::join!(set, flush_and_insert(&client, spool, event, spooled, deadline));
-    delivered
+    let writer = Writer { client: &client, synchronous_commit: session.synchronous_commit };
+    flush_and_insert(&writer, spool, event, spooled, deadline).await
 }
 
 /// Flushes the spool if it holds anything (unless another hook is flushing it right now), and
 /// inserts `event`.
 async fn flush_and_insert(
-    client: &Client,
+    writer: &Writer<'_>,
     spool: &Spool,
     event: &NewEvent,
     spooled: &NewEvent,
@@ -125,19 +119,19 @@ async fn flush_and_insert(
         // A busy lock means another hook is flushing: insert this event right away. The spooled
         // events keep their earlier created_at, so the processor still sees them first.
         match spool.lock(Duration::ZERO) {
-            Ok(Some(locked)) => return flush(client, locked, event, spooled, deadline).await,
+            Ok(Some(locked)) => return flush(writer, locked, event, spooled, deadline).await,
             Ok(None) => {}
             Err(error) => return Err(format!("opening the spool {}: {error}", spool.path().display())),
         }
     }
-    within(deadline, store(client, std::slice::from_ref(event))).await?;
+    within(deadline, writer.store(std::slice::from_ref(event))).await?;
     Ok(Delivered::Inserted)
 }
 
 /// Inserts the spooled events in order, chunk by chunk, drops what went in, then inserts
 /// `event`. When time runs out first, `event` joins the spool behind the rest.
 async fn flush(
-    client: &Client,
+    writer: &Writer<'_>,
     mut locked: Locked,
     event: &NewEvent,
     spooled: &NewEvent,
@@ -153,7 +147,7 @@ async fn flush(
         let Some(last) = entries.last() else { break String::new() };
         let end = last.end;
         let events: Vec<NewEvent> = entries.into_iter().map(|entry| entry.event).collect();
-        match within(deadline, store(client, &events)).await {
+        match within(deadline, writer.store(&events)).await {
             Ok(()) => {
                 flushed = end;
                 count += events.len();
@@ -165,7 +159,7 @@ async fn flush(
         locked
             .discard(flushed)
             .map_err(|e| format!("{count} spooled events flushed, but emptying the spool failed: {e}"))?;
-        within(deadline, store(client, std::slice::from_ref(event))).await?;
+        within(deadline, writer.store(std::slice::from_ref(event))).await?;
         return Ok(Delivered::Inserted);
     }
     // Behind the spooled events, so they keep their order; then drop what did go in.
@@ -176,25 +170,56 @@ async fn flush(
     Ok(Delivered::Spooled(format!("{failure}; event spooled behind the rest")))
 }
 
-/// Inserts `events` in one statement. If the database refuses the data itself (a value it
-/// cannot take, say, rather than being away), inserts them one by one and stores each refused
-/// event as a raw record with its id, so that one bad event can never block the spool.
-async fn store(client: &Client, events: &[NewEvent]) -> Result<(), StoreError> {
-    match enqueue_many(client, events).await {
-        Err(error) if refuses_data(&error) => {}
-        other => return other.map(|_| ()),
-    }
-    for event in events {
-        match enqueue(client, event).await {
-            Err(error) if refuses_data(&error) => {
-                enqueue(client, &refused(event, &error)).await?;
-            }
-            other => {
-                other?;
+/// Writes events through one connection, each statement committed on its own.
+struct Writer<'a> {
+    client: &'a Client,
+    /// `synchronous_commit` for each statement's transaction, if not the server's.
+    synchronous_commit: Option<&'static str>,
+}
+
+impl Writer<'_> {
+    /// Inserts `events` in one statement. If the database refuses the data itself (a value it
+    /// cannot take, say, rather than being away), inserts them one by one and stores each refused
+    /// event as a raw record with its id, so that one bad event can never block the spool.
+    async fn store(&self, events: &[NewEvent]) -> Result<(), StoreError> {
+        match self.committed(enqueue_many(self.client, events)).await {
+            Err(error) if refuses_data(&error) => {}
+            other => return other.map(|_| ()),
+        }
+        for event in events {
+            match self.committed(enqueue(self.client, event)).await {
+                Err(error) if refuses_data(&error) => {
+                    self.committed(enqueue(self.client, &refused(event, &error))).await?;
+                }
+                other => {
+                    other?;
+                }
             }
         }
+        Ok(())
     }
-    Ok(())
+
+    /// Runs one statement in its own transaction. With the server's `synchronous_commit`, that
+    /// is the statement alone (autocommit). Otherwise it is `BEGIN; SET LOCAL
+    /// synchronous_commit`, the statement and `COMMIT`, pipelined into one round trip (requests
+    /// go out in the order they are first polled). `SET LOCAL` ends with the transaction, so
+    /// nothing leaks to the next user of a pooled server connection.
+    async fn committed<T>(
+        &self,
+        statement: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let Some(value) = self.synchronous_commit else {
+            return statement.await;
+        };
+        let begin = format!("BEGIN; SET LOCAL synchronous_commit = {value}");
+        let (begun, result, committed) =
+            tokio::join!(self.client.batch_execute(&begin), statement, self.client.batch_execute("COMMIT"));
+        begun?;
+        // After a failed statement, COMMIT only ends the aborted transaction: report the statement.
+        let result = result?;
+        committed?;
+        Ok(result)
+    }
 }
 
 /// Whether the statement failed on the data it was given: SQLSTATE classes 22 (data exception),
@@ -216,7 +241,7 @@ fn refused(event: &NewEvent, error: &StoreError) -> NewEvent {
 /// Runs `work` until `deadline`.
 async fn within<T>(
     deadline: Instant,
-    work: impl std::future::Future<Output = Result<T, StoreError>>,
+    work: impl Future<Output = Result<T, StoreError>>,
 ) -> Result<T, String> {
     match tokio::time::timeout_at(deadline.into(), work).await {
         Ok(result) => result.map_err(|e| chain(&e)),

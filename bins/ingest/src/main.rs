@@ -20,7 +20,7 @@ Environment:
   HOOK_SPOOL              where events wait while the database is away
                           (default $XDG_STATE_HOME/hook-events/spool.jsonl)
   HOOK_INGEST_SYNCHRONOUS_COMMIT
-                          synchronous_commit for the hook's session (on, off, ...);
+                          synchronous_commit of the hook's inserts (on, off, ...);
                           default: the server's setting
 
 It always exits 0 and never writes to stdout while working as a hook.

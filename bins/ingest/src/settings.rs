@@ -42,8 +42,8 @@ pub struct Settings {
     pub spool: PathBuf,
     /// The budget for connecting, flushing and inserting (`HOOK_INGEST_TIMEOUT`).
     pub timeout: Duration,
-    /// `synchronous_commit` for the hook's session (`HOOK_INGEST_SYNCHRONOUS_COMMIT`); `None`
-    /// keeps the server's setting.
+    /// `synchronous_commit` of the hook's inserts (`HOOK_INGEST_SYNCHRONOUS_COMMIT`), set with
+    /// `SET LOCAL` in each insert's transaction; `None` keeps the server's setting.
     pub synchronous_commit: Option<&'static str>,
     /// Problems with the variables, one short text each.
     pub warnings: Vec<String>,

@@ -418,42 +418,45 @@ async fn a_missing_table_spools_until_it_exists() {
 
 #[tokio::test]
 async fn refused_and_torn_spool_lines_never_block_the_spool() {
-    let db = TestDb::migrated("ingest_poison").await;
-    let scratch = Scratch::new("poison");
-    let (url, spool) = (db.url(), scratch.spool());
-    let good = |n: usize| {
-        json!({"id": Uuid::now_v7(), "source": "Stop", "action": "response_completed", "resource": "session",
-               "resource_id": format!("s{n}"), "created_at": format!("2026-01-01T00:00:0{n}Z")})
-    };
-    // Too long for VARCHAR(255): the database refuses it.
-    let refused_id = Uuid::now_v7();
-    let refused = json!({"id": refused_id, "source": "Stop", "action": "response_completed",
-                         "resource": "session", "resource_id": "x".repeat(300)});
-    let lines = format!("{}\n{refused}\n{{\"id\": \"torn\n{}\n", good(1), good(2));
-    std::fs::write(&spool, &lines).unwrap();
-    let env = [("DATABASE_URL", url.as_str()), ("HOOK_SPOOL", spool.as_str())];
-    assert_eq!(ingest(&stop_event(3), &env).check(), None);
-    assert!(spool_lines(&spool).is_empty());
+    // Also with each statement in its own transaction (BEGIN; SET LOCAL ...; COMMIT), where a
+    // refused statement aborts the transaction it runs in.
+    for synchronous_commit in [None, Some("off")] {
+        let db = TestDb::migrated("ingest_poison").await;
+        let scratch = Scratch::new("poison");
+        let (url, spool) = (db.url(), scratch.spool());
+        let good = |n: usize| {
+            json!({"id": Uuid::now_v7(), "source": "Stop", "action": "response_completed", "resource": "session",
+                   "resource_id": format!("s{n}"), "created_at": format!("2026-01-01T00:00:0{n}Z")})
+        };
+        // Too long for VARCHAR(255): the database refuses it.
+        let refused_id = Uuid::now_v7();
+        let refused = json!({"id": refused_id, "source": "Stop", "action": "response_completed",
+                             "resource": "session", "resource_id": "x".repeat(300)});
+        let lines = format!("{}\n{refused}\n{{\"id\": \"torn\n{}\n", good(1), good(2));
+        std::fs::write(&spool, &lines).unwrap();
+        let mut env = vec![("DATABASE_URL", url.as_str()), ("HOOK_SPOOL", spool.as_str())];
+        env.extend(synchronous_commit.map(|value| ("HOOK_INGEST_SYNCHRONOUS_COMMIT", value)));
+        assert_eq!(ingest(&stop_event(3), &env).check(), None);
+        assert!(spool_lines(&spool).is_empty());
 
-    let client = db.client().await;
-    let got = routes(&client).await;
-    let actions: Vec<&str> = got.iter().map(|[_, action, ..]| action.as_str()).collect();
-    assert_eq!(got.len(), 5, "{got:?}");
-    assert_eq!(actions.iter().filter(|a| **a == "response_completed").count(), 3, "{got:?}");
-    let stand_in: (String, Value) = client
-        .query_one("SELECT action, payload FROM hook_events WHERE id = $1", &[&refused_id])
-        .await
-        .map(|r| (r.get(0), r.get(1)))
-        .unwrap();
-    assert_eq!(stand_in.0, "rejected_event");
-    assert!(stand_in.1["error"].as_str().unwrap().contains("too long"), "{}", stand_in.1);
-    assert_eq!(
-        count(&client, "action = 'malformed_spool_line' AND payload->>'raw' = '{\"id\": \"torn'").await,
-        1
-    );
+        let client = db.client().await;
+        let got = routes(&client).await;
+        let actions: Vec<&str> = got.iter().map(|[_, action, ..]| action.as_str()).collect();
+        assert_eq!(got.len(), 5, "{got:?}");
+        assert_eq!(actions.iter().filter(|a| **a == "response_completed").count(), 3, "{got:?}");
+        let stand_in: (String, Value) = client
+            .query_one("SELECT action, payload FROM hook_events WHERE id = $1", &[&refused_id])
+            .await
+            .map(|r| (r.get(0), r.get(1)))
+            .unwrap();
+        assert_eq!(stand_in.0, "rejected_event");
+        assert!(stand_in.1["error"].as_str().unwrap().contains("too long"), "{}", stand_in.1);
+        let torn = "action = 'malformed_spool_line' AND payload->>'raw' = '{\"id\": \"torn'";
+        assert_eq!(count(&client, torn).await, 1);
 
-    // The same lines again: nothing new.
-    std::fs::write(&spool, &lines).unwrap();
-    assert_eq!(ingest(&stop_event(4), &env).check(), None);
-    assert_eq!(count(&client, "true").await, 6);
+        // The same lines again: nothing new.
+        std::fs::write(&spool, &lines).unwrap();
+        assert_eq!(ingest(&stop_event(4), &env).check(), None);
+        assert_eq!(count(&client, "true").await, 6);
+    }
 }
