@@ -357,3 +357,24 @@ async fn outcomes_are_written_inside_the_claiming_transaction() {
     assert_eq!(count(&client, "SELECT count(*) FROM hook_events WHERE retry_count = 1").await, 2);
     assert_eq!(ids.len(), 4);
 }
+
+#[tokio::test]
+async fn processed_at_is_when_the_outcome_is_written_not_when_the_claim_began() {
+    let db = TestDb::migrated("processed_at_clock").await;
+    let client = db.client().await;
+    let ids = insert_events(&client, 1, "PreToolUse", "tool_invocation").await;
+    let store = db.store(no_listen()).await;
+    let (batch, _) = claim(&store, 1).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let finishing = std::time::SystemTime::now();
+    batch.finish(vec![succeeded(ids[0])]).await.unwrap();
+    let processed_at: std::time::SystemTime = client
+        .query_one("SELECT processed_at FROM hook_events WHERE id = $1", &[&ids[0]])
+        .await
+        .unwrap()
+        .get(0);
+    // Same machine, same clock: the outcome was written after the handler's 300 ms, not at the
+    // claim's start (allow 50 ms for clock granularity and scheduling).
+    let lag = finishing.duration_since(processed_at).unwrap_or_default();
+    assert!(lag < Duration::from_millis(50), "processed_at is {lag:?} before the outcome was written");
+}
