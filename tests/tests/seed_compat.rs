@@ -48,8 +48,8 @@ FROM generate_series(1, 419) AS i;
 async fn seed_table(test: &str) -> (TestDb, tokio_postgres::Client) {
     let db = TestDb::empty(test).await;
     let client = db.client().await;
-    client.batch_execute(SEED_DDL).await.unwrap();
-    client.batch_execute(SEED_ROWS).await.unwrap();
+    client.batch_execute(SEED_DDL).await.expect("the original DDL applies");
+    client.batch_execute(SEED_ROWS).await.expect("the backlog inserts");
     (db, client)
 }
 
