@@ -75,7 +75,13 @@ pub struct MigrationReport {
 /// Waiting for the lock polls `pg_try_advisory_lock` rather than blocking in
 /// `pg_advisory_lock`: a blocked session holds a snapshot, and `CREATE INDEX CONCURRENTLY` in the
 /// lock holder would wait for that snapshot forever.
+///
+/// When every migration is already recorded, nothing is locked or created: a role that may only
+/// read `hook_events_migrations` (the least-privilege processor role) can start.
 pub async fn migrate(client: &Client) -> Result<MigrationReport, StoreError> {
+    if up_to_date(client).await? {
+        return Ok(MigrationReport::default());
+    }
     loop {
         let row = client.query_one("SELECT pg_try_advisory_lock($1)", &[&MIGRATION_LOCK]).await?;
         if row.get::<_, bool>(0) {
@@ -88,6 +94,19 @@ pub async fn migrate(client: &Client) -> Result<MigrationReport, StoreError> {
     let report = result?;
     unlock?;
     Ok(report)
+}
+
+/// Whether every migration of this build is recorded with its checksum.
+async fn up_to_date(client: &Client) -> Result<bool, StoreError> {
+    let exists: bool =
+        client.query_one("SELECT to_regclass('hook_events_migrations') IS NOT NULL", &[]).await?.get(0);
+    if !exists {
+        return Ok(false);
+    }
+    let recorded = client.query("SELECT version, checksum FROM hook_events_migrations", &[]).await?;
+    Ok(MIGRATIONS.iter().all(|m| {
+        recorded.iter().any(|r| r.get::<_, i32>(0) == m.version && r.get::<_, String>(1) == m.checksum())
+    }))
 }
 
 async fn apply_pending(client: &Client) -> Result<MigrationReport, StoreError> {
