@@ -5,7 +5,7 @@ use std::time::Duration;
 use clap::Parser;
 use hook_store::archive::ArchiveOptions;
 
-use crate::db::DatabaseFlags;
+use hook_cli::{parse_age, DatabaseFlags};
 
 /// Moves processed hook events older than --older-than from hook_events into
 /// hook_events_archive, in batches of one statement each, so that a run killed at any moment
@@ -63,27 +63,6 @@ impl Args {
             purge_older_than: self.purge_archive_older_than,
         }
     }
-}
-
-/// Parses a duration: a whole number with a unit, `s`, `m`, `h`, `d` or `w` ("90m", "12h", "30d").
-pub(crate) fn parse_age(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let seconds = match unit.trim() {
-        "s" => 1,
-        "m" => 60,
-        "h" => 3_600,
-        "d" => 86_400,
-        "w" => 604_800,
-        _ => return Err(format!("{text:?} is not a duration: use e.g. 90m, 12h, 30d")),
-    };
-    let number: u64 =
-        number.parse().map_err(|_| format!("{text:?} is not a duration: use e.g. 90m, 12h, 30d"))?;
-    number
-        .checked_mul(seconds)
-        .map(Duration::from_secs)
-        .ok_or_else(|| format!("{text:?} is too long a duration"))
 }
 
 #[cfg(test)]

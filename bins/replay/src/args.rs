@@ -1,7 +1,6 @@
 //! Flags and environment, parsed and checked here, turned into hook-store's [`ReplayFilter`].
 
 use std::io::Read;
-use std::time::Duration;
 
 use clap::Parser;
 use hook_store::replay::{ReplayFilter, ReplayOptions};
@@ -10,8 +9,8 @@ use time::macros::format_description;
 use time::{Date, OffsetDateTime};
 use uuid::Uuid;
 
-use crate::db::DatabaseFlags;
-use crate::UsageError;
+use hook_cli::UsageError;
+use hook_cli::{parse_age, DatabaseFlags};
 
 /// Re-queues failed and dead hook events so that processors handle them again.
 ///
@@ -103,27 +102,6 @@ fn parse_time(text: &str) -> Result<OffsetDateTime, String> {
     Ok(OffsetDateTime::now_utc() - age)
 }
 
-/// Parses an age: a whole number with a unit, `s`, `m`, `h`, `d` or `w` ("90m", "12h", "30d").
-pub(crate) fn parse_age(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let seconds = match unit.trim() {
-        "s" => 1,
-        "m" => 60,
-        "h" => 3_600,
-        "d" => 86_400,
-        "w" => 604_800,
-        _ => return Err(format!("{text:?} is not a duration: use e.g. 90m, 12h, 30d")),
-    };
-    let number: u64 =
-        number.parse().map_err(|_| format!("{text:?} is not a duration: use e.g. 90m, 12h, 30d"))?;
-    number
-        .checked_mul(seconds)
-        .map(Duration::from_secs)
-        .ok_or_else(|| format!("{text:?} is too long a duration"))
-}
-
 impl Args {
     /// The filter the flags describe, reading ids from standard input for `--id -`.
     pub(crate) fn filter(&self) -> Result<ReplayFilter, UsageError> {
@@ -185,8 +163,8 @@ mod tests {
 
     #[test]
     fn ages_and_times() {
-        assert_eq!(parse_age("90m").unwrap(), Duration::from_secs(5_400));
-        assert_eq!(parse_age("30d").unwrap(), Duration::from_secs(2_592_000));
+        assert_eq!(parse_age("90m").unwrap(), std::time::Duration::from_secs(5_400));
+        assert_eq!(parse_age("30d").unwrap(), std::time::Duration::from_secs(2_592_000));
         for bad in ["", "12", "h", "1.5h", "-1d", "3y"] {
             assert!(parse_age(bad).is_err(), "{bad}");
         }

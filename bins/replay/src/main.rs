@@ -4,8 +4,6 @@
 //! the result to an exit code: 0 done or nothing to do, 1 failed, 2 bad usage.
 
 mod args;
-mod db;
-mod progress;
 
 use std::io::Write;
 use std::ops::ControlFlow;
@@ -19,48 +17,22 @@ use clap::Parser;
 use hook_store::replay::{self, ReplayPlan, ReplayReport};
 
 use crate::args::Args;
-use crate::progress::Progress;
+use hook_cli::Progress;
 
 const PROGRAM: &str = "hook-replay";
 /// How many ids a dry run shows.
 const SAMPLE_IDS: usize = 5;
 
-/// A mistake in the flags or input: exit status 2.
-#[derive(Debug)]
-pub(crate) struct UsageError(pub(crate) String);
-
-impl std::fmt::Display for UsageError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for UsageError {}
-
 fn main() -> ExitCode {
-    // A missing .env is normal; a malformed one is an error worth stopping for.
-    if let Err(error) = dotenvy::dotenv() {
-        if !error.not_found() {
-            eprintln!("{PROGRAM}: error: reading .env: {error}");
-            return ExitCode::from(2);
-        }
+    if let Err(code) = hook_cli::load_dotenv(PROGRAM) {
+        return code;
     }
     let args = Args::parse();
-    match run(&args) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("{PROGRAM}: error: {error:#}");
-            if error.is::<UsageError>() {
-                ExitCode::from(2)
-            } else {
-                ExitCode::FAILURE
-            }
-        }
-    }
+    hook_cli::exit_code(PROGRAM, run(&args))
 }
 
 fn run(args: &Args) -> anyhow::Result<()> {
-    init_logging(&args.log_level)?;
+    hook_cli::init_logging(&args.log_level, false)?;
     let filter = args.filter()?;
     let options = args.options();
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -68,7 +40,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async {
-        let connected = db::connect(&args.database, PROGRAM).await?;
+        let connected = hook_cli::connect(&args.database, PROGRAM).await?;
         let shown = connected.shown.clone();
         let mut client =
             connected.store.pool().get().await.with_context(|| format!("connecting to {shown}"))?;
@@ -181,18 +153,4 @@ fn interrupt_flag() -> Arc<AtomicBool> {
         set.store(true, Ordering::SeqCst);
     });
     flag
-}
-
-fn init_logging(level: &str) -> anyhow::Result<()> {
-    let mut directives = level.to_lowercase();
-    if !directives.contains("tokio_postgres") {
-        directives.push_str(",tokio_postgres=warn");
-    }
-    let filter = tracing_subscriber::EnvFilter::try_new(&directives)
-        .map_err(|_| UsageError(format!("LOG_LEVEL {level:?} is not a log level or filter")))?;
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init()
-        .map_err(|e| anyhow::anyhow!("setting up logging: {e}"))
 }

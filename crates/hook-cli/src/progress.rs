@@ -10,7 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 const PLAIN_EVERY: Duration = Duration::from_secs(10);
 
 /// Progress towards `total` units of work.
-pub(crate) struct Progress {
+pub struct Progress {
     bar: Option<ProgressBar>,
     program: &'static str,
     verb: &'static str,
@@ -22,7 +22,7 @@ pub(crate) struct Progress {
 
 impl Progress {
     /// Starts reporting progress of `total` units (`verb` as in "12 of 40 events re-queued").
-    pub(crate) fn new(program: &'static str, verb: &'static str, total: u64) -> Progress {
+    pub fn new(program: &'static str, verb: &'static str, total: u64) -> Progress {
         let bar = std::io::stderr().is_terminal().then(|| {
             let bar = ProgressBar::new(total);
             let style =
@@ -37,7 +37,7 @@ impl Progress {
     }
 
     /// Records `n` more units done.
-    pub(crate) fn advance(&mut self, n: u64) {
+    pub fn advance(&mut self, n: u64) {
         self.done += n;
         if let Some(bar) = &self.bar {
             bar.set_position(self.done);
@@ -59,7 +59,7 @@ impl Progress {
     }
 
     /// Removes the bar (the summary follows).
-    pub(crate) fn finish(&self) {
+    pub fn finish(&self) {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();
         }

@@ -11,7 +11,7 @@ use crate::UsageError;
 
 /// The connection flags, shared with `hook-processor`'s names and variables.
 #[derive(Debug, clap::Args)]
-pub(crate) struct DatabaseFlags {
+pub struct DatabaseFlags {
     /// PostgreSQL connection URL (postgres://user@host:port/db) or key=value string.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     database_url: Option<String>,
@@ -38,17 +38,17 @@ pub(crate) struct DatabaseFlags {
 }
 
 /// A connected, migrated store, and the embedded cluster it runs on, if any.
-pub(crate) struct Connected {
+pub struct Connected {
     /// The store (no LISTEN connection; a small pool).
-    pub(crate) store: PgStore,
+    pub store: PgStore,
     /// The database, redacted, for messages.
-    pub(crate) shown: String,
+    pub shown: String,
     cluster: Option<EmbeddedCluster>,
 }
 
 impl Connected {
     /// Closes the pool and stops the embedded cluster if this process started it.
-    pub(crate) async fn close(self) -> anyhow::Result<()> {
+    pub async fn close(self) -> anyhow::Result<()> {
         drop(self.store);
         if let Some(cluster) = self.cluster {
             cluster.stop().await.context("stopping the embedded PostgreSQL")?;
@@ -62,7 +62,7 @@ fn env_nonempty(name: &str) -> Option<String> {
 }
 
 /// Connects to the chosen database and applies pending migrations.
-pub(crate) async fn connect(flags: &DatabaseFlags, application: &str) -> anyhow::Result<Connected> {
+pub async fn connect(flags: &DatabaseFlags, application: &str) -> anyhow::Result<Connected> {
     let args = DatabaseArgs {
         url: flags.database_url.clone(),
         host: flags.postgres_host.clone(),

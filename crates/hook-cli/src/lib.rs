@@ -1,0 +1,131 @@
+//! What the hook-events binaries (`hook-replay`, `hook-archive`, ...) share: the database flags
+//! and connection, logging, progress on stderr, and the mapping of errors to exit codes
+//! (0 done, 1 failed, 2 bad usage). Not a public library: it serves this workspace's binaries.
+
+mod db;
+mod progress;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+pub use db::{connect, Connected, DatabaseFlags};
+pub use progress::Progress;
+
+/// A mistake in the flags, input or configuration: exit status 2.
+#[derive(Debug)]
+pub struct UsageError(pub String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+/// Reads `.env` from the working directory. A missing file is normal; a malformed one is an
+/// error worth stopping for (exit 2).
+pub fn load_dotenv(program: &str) -> Result<(), ExitCode> {
+    match dotenvy::dotenv() {
+        Err(error) if !error.not_found() => {
+            eprintln!("{program}: error: reading .env: {error}");
+            Err(ExitCode::from(2))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Prints a failed run's error as one line (with its chain) and picks the exit code: 2 for a
+/// [`UsageError`], 1 for anything else, 0 for success.
+pub fn exit_code(program: &str, result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("{program}: error: {error:#}");
+            if error.is::<UsageError>() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+/// Sets up logging to stderr from a level or filter; the database driver's notices stay at warn
+/// unless named. Unknown levels are a [`UsageError`] rather than a silent "log nothing".
+pub fn init_logging(level: &str, json: bool) -> anyhow::Result<()> {
+    let mut directives = level.to_lowercase();
+    check_log_directives(&directives).map_err(|e| UsageError(format!("LOG_LEVEL: {e}")))?;
+    if !directives.contains("tokio_postgres") {
+        directives.push_str(",tokio_postgres=warn");
+    }
+    let filter = tracing_subscriber::EnvFilter::try_new(&directives)
+        .map_err(|_| UsageError(format!("LOG_LEVEL {level:?} is not a log level or filter")))?;
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let result = if json { builder.json().flatten_event(true).try_init() } else { builder.try_init() };
+    result.map_err(|e| anyhow::anyhow!("setting up logging: {e}"))
+}
+
+/// Accepts what a user means by a log level: a level name, or comma-separated `target=level`
+/// directives. `EnvFilter` alone would take any word as a target name and silently log nothing.
+pub fn check_log_directives(directives: &str) -> Result<(), String> {
+    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+    for directive in directives.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let (target, level) = directive.rsplit_once('=').unwrap_or(("", directive));
+        let target_ok = target.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':' || c == '-');
+        if !LEVELS.contains(&level) || !target_ok {
+            return Err(format!(
+                "{directive:?} is not a level (off, error, warn, info, debug, trace) or target=level"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Parses an age: a whole number with a unit, `s`, `m`, `h`, `d` or `w` ("90m", "12h", "30d").
+pub fn parse_age(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let seconds = match unit.trim() {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3_600,
+        "d" => 86_400,
+        "w" => 604_800,
+        _ => return Err(format!("{text:?} is not a duration: use e.g. 90m, 12h, 30d")),
+    };
+    let number: u64 =
+        number.parse().map_err(|_| format!("{text:?} is not a duration: use e.g. 90m, 12h, 30d"))?;
+    number
+        .checked_mul(seconds)
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("{text:?} is too long a duration"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ages() {
+        for (text, seconds) in
+            [("90m", 5_400), ("12h", 43_200), ("30d", 2_592_000), ("1w", 604_800), ("5s", 5)]
+        {
+            assert_eq!(parse_age(text).unwrap(), Duration::from_secs(seconds), "{text}");
+        }
+        for bad in ["", "30", "d", "1.5h", "-1d", "30 days", "99999999999999999999d"] {
+            assert!(parse_age(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn log_levels() {
+        for ok in ["info", "debug", "hook_core=debug,warn", "hook_store::pg=trace"] {
+            assert!(check_log_directives(ok).is_ok(), "{ok}");
+        }
+        for bad in ["garbage(((", "verbose", "hook_core=loud", "a b=info"] {
+            assert!(check_log_directives(bad).is_err(), "{bad}");
+        }
+    }
+}
