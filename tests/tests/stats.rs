@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use hook_store::stats::{self, ERRORS_BY_ROUTE, PROCESSED_SINCE, QUEUE_DEPTH};
+use hook_store::stats::{self, ERRORS_BY_ROUTE, P95_LATENCY, PROCESSED_SINCE, QUEUE_DEPTH};
 use hook_store::testing::TestDb;
 use hook_store::{PgStore, StoreOptions};
 
@@ -75,13 +75,43 @@ async fn processed_since_gives_counts_error_rate_and_latencies_of_the_window() {
     assert_eq!(window.error_rate(), Some(0.25));
     assert!(close(window.avg, 26.5, 0.001), "{window:?}");
     assert!(close(window.max, 100.0, 0.001), "{window:?}");
-    // Four values: the 95th percentile is the largest.
-    assert!(close(window.p95, 100.0, 0.001), "{window:?}");
 
     let wider = stats::processed_since(&client, 3 * HOUR).await.unwrap();
     assert_eq!((wider.processed, wider.with_retries), (5, 2), "{wider:?}");
     let none = stats::processed_since(&client, Duration::from_secs(1)).await.unwrap();
     assert_eq!(none, stats::ProcessedWindow::default());
+}
+
+#[tokio::test]
+async fn p95_is_taken_over_the_latest_events_of_the_window() {
+    let (db, store) = seeded("stats_p95").await;
+    let client = store.pool().get().await.unwrap();
+    // 1 s, 2 s, 3 s, 100 s: with four values the 95th percentile (percentile_disc) is the largest.
+    let all = stats::p95_latency(&client, HOUR, 100_000).await.unwrap();
+    assert_eq!(all.of, 4);
+    assert!(close(all.p95, 100.0, 0.001), "{all:?}");
+    // 100 latencies of 1..=100 ms processed in the last 10 s, the newest the fastest: over the
+    // latest 20 (1..=20 ms) the p95 is 19 ms; over all 105 events of the 3 h window (those, the
+    // five seeded ones of 1 s to 100 s) it is the 100th value, 100 ms.
+    db.client()
+        .await
+        .batch_execute(
+            "INSERT INTO hook_events (id, source, action, resource, resource_id, payload, processed, created_at, processed_at)
+             SELECT gen_random_uuid(), 'PreToolUse', 'tool_invocation', 'r', 'r1', '{}', true,
+                    now() - i * interval '100 milliseconds' - i * interval '1 millisecond',
+                    now() - i * interval '100 milliseconds'
+             FROM generate_series(1, 100) AS i",
+        )
+        .await
+        .unwrap();
+    let latest = stats::p95_latency(&client, 3 * HOUR, 20).await.unwrap();
+    assert_eq!(latest.of, 20);
+    assert!(close(latest.p95, 0.019, 0.0001), "{latest:?}");
+    let window = stats::p95_latency(&client, 3 * HOUR, 100_000).await.unwrap();
+    assert_eq!(window.of, 105);
+    assert!(close(window.p95, 0.100, 0.0001), "{window:?}");
+    let none = stats::p95_latency(&client, Duration::from_millis(50), 10).await.unwrap();
+    assert_eq!(none, stats::Percentile::default());
 }
 
 #[tokio::test]
@@ -140,12 +170,12 @@ async fn each_query_is_served_by_its_index() {
     let client = db.client().await;
     client.batch_execute(FILLER).await.unwrap();
     client.batch_execute("VACUUM ANALYZE hook_events").await.unwrap();
-    let per_decade = i32::try_from(stats::BUCKETS_PER_DECADE).unwrap();
     let window = 3_600_000_000i64;
     let limit = 20i64;
-    let cases: [(&str, &str, Vec<&(dyn tokio_postgres::types::ToSql + Sync)>); 3] = [
+    let cases: [(&str, &str, Vec<&(dyn tokio_postgres::types::ToSql + Sync)>); 4] = [
         (QUEUE_DEPTH, "idx_hook_events_processed", vec![&window]),
-        (PROCESSED_SINCE, "hook_events_archive_idx", vec![&window, &0.001f64, &per_decade]),
+        (PROCESSED_SINCE, "hook_events_archive_idx", vec![&window]),
+        (P95_LATENCY, "hook_events_archive_idx", vec![&window, &limit]),
         (ERRORS_BY_ROUTE, "idx_hook_events_retry", vec![&window, &limit]),
     ];
     for (query, index, params) in cases {

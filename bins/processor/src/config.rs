@@ -147,6 +147,11 @@ pub(crate) struct StatsArgs {
     #[arg(long)]
     pub(crate) json: bool,
 
+    /// The p95 is taken over the latest this many events of the window (a percentile needs a
+    /// sort; this bounds it).
+    #[arg(long, default_value_t = 100_000)]
+    pub(crate) p95_of: u64,
+
     /// At most this many failing routes.
     #[arg(long, default_value_t = 20)]
     pub(crate) routes: usize,

@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use hook_store::stats::{self, ProcessedWindow, QueueDepth, RouteErrors};
+use hook_store::stats::{self, Percentile, ProcessedWindow, QueueDepth, RouteErrors};
 use hook_store::{redacted, PgStore, StoreOptions};
 use serde_json::{json, Value};
 use time::format_description::well_known::Rfc3339;
@@ -20,6 +20,7 @@ struct Report {
     generated_at: OffsetDateTime,
     queue: QueueDepth,
     processed: ProcessedWindow,
+    latency: Percentile,
     routes: Vec<RouteErrors>,
     elapsed: Duration,
 }
@@ -36,6 +37,7 @@ pub(crate) async fn run(config: hook_store::tokio_postgres::Config, args: &Stats
     stats::limit_statement_time(&client, args.timeout).await.with_context(context)?;
     let queue = stats::queue_depth(&client, args.since).await.with_context(context)?;
     let processed = stats::processed_since(&client, args.since).await.with_context(context)?;
+    let latency = stats::p95_latency(&client, args.since, args.p95_of).await.with_context(context)?;
     let routes = stats::errors_by_route(&client, args.since, args.routes).await.with_context(context)?;
     let report = Report {
         database: shown,
@@ -43,6 +45,7 @@ pub(crate) async fn run(config: hook_store::tokio_postgres::Config, args: &Stats
         generated_at: OffsetDateTime::now_utc(),
         queue,
         processed,
+        latency,
         routes,
         elapsed: started.elapsed(),
     };
@@ -78,7 +81,12 @@ impl Report {
                 "count": p.processed,
                 "with_retries": p.with_retries,
                 "error_rate": p.error_rate(),
-                "latency_seconds": { "avg": secs(p.avg), "p95": secs(p.p95), "max": secs(p.max) },
+                "latency_seconds": {
+                    "avg": secs(p.avg),
+                    "p95": secs(self.latency.p95),
+                    "max": secs(p.max),
+                    "p95_of_latest": self.latency.of,
+                },
             },
             "failing_routes": self.routes.iter().map(|r| json!({
                 "source": r.source,
@@ -120,11 +128,16 @@ impl Report {
         let _ = writeln!(out);
         let _ = writeln!(out, "processed in the last {window}");
         let _ = writeln!(out, "  processed       {:>10}", num(p.processed));
+        let of = if self.latency.of < p.processed {
+            format!(" (p95 of the latest {})", num(self.latency.of))
+        } else {
+            String::new()
+        };
         let _ = writeln!(
             out,
-            "  time to process (processed_at - created_at): avg {}, p95 {}, max {}",
+            "  time to process (processed_at - created_at): avg {}, p95 {}, max {}{of}",
             p.avg.map_or("-".to_owned(), human),
-            p.p95.map_or("-".to_owned(), human),
+            self.latency.p95.map_or("-".to_owned(), human),
             p.max.map_or("-".to_owned(), human)
         );
         let _ = writeln!(
@@ -224,15 +237,15 @@ fn span(d: Duration) -> String {
     }
 }
 
-/// "3m ago" or "in 20s" (a next attempt is in the future).
+/// "3m 12s ago", or "retry in 20s" for a next attempt still to come.
 fn ago(now: OffsetDateTime, at: OffsetDateTime) -> String {
     let delta = now - at;
-    let magnitude = Duration::try_from(delta.abs()).unwrap_or_default();
-    let magnitude = Duration::from_secs(magnitude.as_secs());
+    let secs = delta.whole_seconds().unsigned_abs();
+    let magnitude = if secs < 60 { format!("{secs}s") } else { human(Duration::from_secs(secs)) };
     if delta.is_negative() {
-        format!("in {}", human(magnitude))
+        format!("retry in {magnitude}")
     } else {
-        format!("{} ago", human(magnitude))
+        format!("{magnitude} ago")
     }
 }
 
@@ -266,6 +279,10 @@ mod tests {
         assert_eq!(span(Duration::from_secs(7 * 86400)), "7d");
         assert_eq!(span(Duration::from_secs(90)), "90s");
         assert_eq!(span(Duration::from_secs(1800)), "30m");
+        let now = OffsetDateTime::now_utc();
+        assert_eq!(ago(now, now - time::Duration::seconds(4)), "4s ago");
+        assert_eq!(ago(now, now - time::Duration::seconds(192)), "3m 12s ago");
+        assert_eq!(ago(now, now + time::Duration::seconds(20)), "retry in 20s");
         assert_eq!(one_line("a\nb", 10), "a b");
         assert_eq!(one_line("abcdef", 4), "abc…");
     }
