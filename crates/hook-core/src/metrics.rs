@@ -86,7 +86,7 @@ pub fn describe_metrics() {
     describe_histogram!(
         PICKUP_LATENCY,
         Unit::Seconds,
-        "From created_at to the claim, first attempts only (processor clock minus producer clock)"
+        "From created_at to the claim, first attempts only (on the processor's clock)"
     );
     describe_histogram!(BATCH_SIZE, Unit::Count, "Events per claimed batch");
     describe_counter!(DATABASE_ERRORS, "Claims and completions that failed on the database side");
