@@ -1052,3 +1052,48 @@ async fn created_at_far_in_the_future_or_past_neither_stalls_nor_breaks_processe
     .await;
     assert_eq!(retried_ok, 40);
 }
+
+/// Five events in one batch, one handler slot, 0.4 s each: the batch needs 2 s while the claim
+/// timeout is 1 s. The claim must be kept alive while handlers wait for their slot (lease
+/// extension), so every event is handled once and the batch commits.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_longer_than_the_claim_timeout_is_kept_alive_and_commits_once() {
+    let db = TestDb::migrated("faults_lease_extension").await;
+    let client = db.client().await;
+    hook_tests::insert_events(&client, 5, "Slow", "op").await;
+    let invocations = Arc::new(AtomicU32::new(0));
+    let seen = Arc::clone(&invocations);
+    let mut registry = HandlerRegistry::new();
+    registry.register("*", "*", move |_e: Arc<HookEvent>| {
+        let seen = Arc::clone(&seen);
+        async move {
+            seen.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            HandlerResult::ok("slow but fine")
+        }
+    });
+    let config = EngineConfig {
+        batch_size: 5,
+        batches_in_flight: 1,
+        concurrency: 1,
+        handler_timeout: Duration::from_millis(500),
+        claim_timeout: Duration::from_secs(1),
+        drain_timeout: Duration::from_millis(500),
+        ..test_config()
+    };
+    let store = db.store(StoreOptions::default()).await;
+    let running = Running::start(Engine::builder(store).registry(registry).config(config).build().unwrap());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while count(&client, "SELECT count(*) FROM hook_events WHERE NOT processed").await > 0
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let metrics = running.stop().await;
+    let pending = count(&client, "SELECT count(*) FROM hook_events WHERE NOT processed").await;
+    assert_eq!(
+        (pending, invocations.load(Ordering::SeqCst), metrics.succeeded, metrics.errors),
+        (0, 5, 5, 0),
+        "(unprocessed, invocations, succeeded, errors) after 15 s"
+    );
+}

@@ -334,3 +334,90 @@ async fn rows_at_the_retry_limit_and_with_null_errors_are_decided_without_a_chec
     }
     assert_eq!(metrics.errors, 0, "no statement failed");
 }
+
+/// Waits until every one of `ids` is processed.
+async fn wait_processed(client: &Client, ids: &[Uuid], within: Duration) {
+    let query = format!(
+        "SELECT count(*) FROM hook_events WHERE NOT processed AND id IN ({})",
+        ids.iter().map(|id| format!("'{id}'")).collect::<Vec<_>>().join(",")
+    );
+    wait_for_count(client, &query, 0, within).await;
+}
+
+#[tokio::test]
+async fn deeply_nested_json_does_not_stall_the_claim_loop() {
+    let db = TestDb::migrated("hostile_nested").await;
+    let client = db.client().await;
+    // jsonb takes 10,000 levels (PostgreSQL's parser gives up near 50,000 at the default
+    // max_stack_depth of 2 MB); serde_json's default recursion limit is 128.
+    let nested = |depth: usize| format!("{}{}", "[".repeat(depth), "]".repeat(depth));
+    let mut odd = Vec::new();
+    for (column, depth) in [("payload", 100), ("payload", 129), ("payload", 10_000), ("metadata", 10_000)] {
+        let id = Uuid::new_v4();
+        client
+            .execute(
+                &format!(
+                    "INSERT INTO hook_events (id, source, action, resource, resource_id, {column})
+                     VALUES ($1, 'Nested', 'deep', 'r', 'r1', $2::text::jsonb)"
+                ),
+                &[&id, &nested(depth)],
+            )
+            .await
+            .unwrap_or_else(|e| panic!("jsonb of depth {depth}: {e}"));
+        odd.push((id, column, depth));
+    }
+    make_oldest(&client).await;
+    let after = insert_events(&client, 20, "PreToolUse", "tool_invocation").await;
+
+    let seen = Seen::default();
+    let engine = hook_core::Engine::builder(db.store(StoreOptions::default()).await)
+        .registry(recording(&seen))
+        .config(test_config())
+        .build()
+        .expect("valid config");
+    let running = Running::start(engine);
+    wait_processed(&client, &after, Duration::from_secs(15)).await;
+    let metrics = running.stop().await;
+    for (id, column, depth) in odd {
+        let (processed, _, errors, _) = row_state(&client, id).await;
+        assert!(processed || errors.is_some(), "{column} of depth {depth}: neither handled nor refused");
+    }
+    eprintln!("{metrics}");
+}
+
+#[tokio::test]
+async fn timestamps_beyond_the_decodable_range_do_not_stall_the_claim_loop() {
+    let db = TestDb::migrated("hostile_timestamps").await;
+    let client = db.client().await;
+    let mut odd = Vec::new();
+    for created_at in
+        ["-infinity", "4000-01-01 BC", "0001-01-01", "9999-12-31 23:59:59", "20000-01-01", "infinity"]
+    {
+        let id = Uuid::new_v4();
+        client
+            .execute(
+                "INSERT INTO hook_events (id, source, action, resource, resource_id, created_at)
+                 VALUES ($1, 'Time', 'odd', 'r', 'r1', $2::text::timestamptz)",
+                &[&id, &created_at],
+            )
+            .await
+            .unwrap_or_else(|e| panic!("created_at {created_at}: {e}"));
+        odd.push((id, created_at));
+    }
+    let after = insert_events(&client, 20, "PreToolUse", "tool_invocation").await;
+
+    let seen = Seen::default();
+    let engine = hook_core::Engine::builder(db.store(StoreOptions::default()).await)
+        .registry(recording(&seen))
+        .config(test_config())
+        .build()
+        .expect("valid config");
+    let running = Running::start(engine);
+    wait_processed(&client, &after, Duration::from_secs(15)).await;
+    let metrics = running.stop().await;
+    for (id, created_at) in odd {
+        let (processed, _, errors, _) = row_state(&client, id).await;
+        assert!(processed || errors.is_some(), "created_at {created_at}: neither handled nor refused");
+    }
+    eprintln!("{metrics}");
+}

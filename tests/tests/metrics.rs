@@ -123,6 +123,10 @@ impl ClaimedBatch for LosingBatch {
         self.inner.take_events()
     }
 
+    async fn keep_alive(&self) -> Result<(), StoreError> {
+        self.inner.keep_alive().await
+    }
+
     async fn finish(self, outcomes: Vec<Outcome>) -> Result<(), StoreError> {
         if self.fail.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
             drop(self.inner);

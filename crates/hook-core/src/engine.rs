@@ -363,7 +363,14 @@ async fn run_batch<B: ClaimedBatch>(
                 let timer = timer.handler_started();
                 let id = event.id;
                 let retry_count = event.retry_count;
-                let result = attempt(handler, Arc::new(event), timeout).await;
+                let mut result = attempt(handler, Arc::new(event), timeout).await;
+                if !result.success {
+                    // Bound the error now: a batch's results are held until all of it is done,
+                    // and a handler may return megabytes.
+                    let error = bound_text(&result.error_text());
+                    result.error = Some(error);
+                    result.message = String::new();
+                }
                 Attempt { id, retry_count, result, record: timer.finish() }
             }
             .instrument(span)
@@ -372,6 +379,9 @@ async fn run_batch<B: ClaimedBatch>(
 
     let mut attempts = Vec::with_capacity(total);
     let mut deadline = None;
+    let every = config.claim_timeout / 3;
+    let mut keep_alive = tokio::time::interval_at(Instant::now() + every, every);
+    keep_alive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         if deadline.is_none() && *stop.borrow() {
             deadline = Some(Instant::now() + config.drain_timeout);
@@ -382,6 +392,15 @@ async fn run_batch<B: ClaimedBatch>(
                 Some(attempt) => attempts.push(attempt),
             },
             _ = stop.changed(), if deadline.is_none() => {}
+            _ = keep_alive.tick() => {
+                if let Err(error) = batch.keep_alive().await {
+                    // The claim is lost and another processor may hold the events now: stop
+                    // their handlers here rather than run them twice at once.
+                    shared.metrics.add_error();
+                    warn!(error = %error, unfinished = running.len(), "claim lost while handlers ran; cancelling them, the events will be retried");
+                    return;
+                }
+            }
             () = sleep_until(deadline) => {
                 warn!(unfinished = running.len(), "drain timeout: releasing events whose handlers did not finish");
                 // Dropping the futures cancels the handlers; their events get no outcome and

@@ -64,8 +64,7 @@ impl HandlerResult {
 
     /// A failed result; `error` is recorded in `processing_errors`.
     pub fn failed(error: impl Into<String>) -> Self {
-        let error = error.into();
-        Self { success: false, message: error.clone(), error: Some(error), metadata: Map::new() }
+        Self { success: false, message: "failed".to_owned(), error: Some(error.into()), metadata: Map::new() }
     }
 
     /// Adds one metadata entry.

@@ -72,6 +72,9 @@
 //!     fn take_events(&mut self) -> Vec<HookEvent> {
 //!         std::mem::take(&mut self.events)
 //!     }
+//!     async fn keep_alive(&self) -> Result<(), Self::Error> {
+//!         Ok(()) // an in-memory claim cannot lapse
+//!     }
 //!     async fn finish(self, outcomes: Vec<Outcome>) -> Result<(), Self::Error> {
 //!         self.done.lock().unwrap().extend(outcomes);
 //!         Ok(())
@@ -121,14 +124,14 @@ mod metrics;
 mod retry;
 mod store;
 
+pub use crate::metrics::{
+    describe_metrics, names as metric_names, Metrics, MetricsSnapshot, MAX_LABELLED_PAIRS, OTHER_LABEL,
+};
 pub use engine::{bound_text, Engine, EngineBuilder, EngineConfig, MAX_ERROR_BYTES};
 pub use error::ConfigError;
 pub use event::{HandlerResult, HookEvent, NewEvent};
 pub use handler::{Handler, HandlerRegistry, IntoHandlerResult, WILDCARD};
 pub use handlers::register_defaults;
-pub use crate::metrics::{
-    describe_metrics, names as metric_names, Metrics, MetricsSnapshot, MAX_LABELLED_PAIRS, OTHER_LABEL,
-};
 pub use retry::{RetryPolicy, RETRY_COUNT_LIMIT};
 pub use store::{ClaimRequest, ClaimedBatch, Outcome, Resolution, Store};
 

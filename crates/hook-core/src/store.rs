@@ -6,7 +6,8 @@
 //! - a claim that dies (process killed, connection lost) makes its events claimable again;
 //! - [`ClaimedBatch::finish`] applies outcomes only while the claim is still held (fencing): if the
 //!   claim was lost, nothing is written and an error is returned;
-//! - events of the batch without an outcome are released unchanged.
+//! - events of the batch without an outcome are released unchanged;
+//! - a claim whose holder keeps calling [`ClaimedBatch::keep_alive`] does not lapse.
 
 use std::future::Future;
 use std::time::Duration;
@@ -81,6 +82,12 @@ pub trait ClaimedBatch: Send + 'static {
 
     /// Takes the claimed events out of the batch (the engine calls it once).
     fn take_events(&mut self) -> Vec<HookEvent>;
+
+    /// Tells the store the holder is alive and still working on the batch, so the claim does not
+    /// lapse while handlers run (lease extension). The engine calls it every third of the claim
+    /// timeout. An error means the claim is lost: the engine then cancels the batch's handlers,
+    /// since another claimer may already hold the events.
+    fn keep_alive(&self) -> impl Future<Output = Result<(), Self::Error>> + Send;
 
     /// Writes `outcomes` and ends the claim; events without an outcome are released unchanged.
     /// Fails, writing nothing, if the claim was lost.

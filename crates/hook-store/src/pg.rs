@@ -146,6 +146,14 @@ impl ClaimedBatch for PgBatch {
         std::mem::take(&mut self.events)
     }
 
+    /// A trivial statement in the claim's transaction: it restarts the server's
+    /// `idle_in_transaction_session_timeout`, so the claim lives on while handlers run, and fails
+    /// if the session is gone.
+    async fn keep_alive(&self) -> Result<(), StoreError> {
+        self.conn.client()?.batch_execute("SELECT 1").await?;
+        Ok(())
+    }
+
     async fn finish(self, outcomes: Vec<Outcome>) -> Result<(), StoreError> {
         let client = self.conn.client()?;
         let completion = Completion::new(outcomes);

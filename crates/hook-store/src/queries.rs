@@ -6,6 +6,7 @@ use deadpool_postgres::GenericClient;
 use hook_core::{HookEvent, Outcome, Resolution};
 use serde_json::Value;
 use tokio_postgres::Row;
+use tracing::warn;
 use uuid::Uuid;
 
 use crate::error::StoreError;
@@ -32,6 +33,13 @@ const CLAIM: &str = concat!(
      LIMIT $2 \
      FOR UPDATE SKIP LOCKED"
 );
+
+/// Marks claimed rows that cannot be decoded dead, recording why.
+const SET_ASIDE: &str = "UPDATE hook_events AS e \
+     SET dead_at = now(), next_attempt_at = NULL, \
+         processing_errors = array_append(e.processing_errors, r.reason) \
+     FROM unnest($1::uuid[], $2::text[]) AS r(id, reason) \
+     WHERE e.id = r.id";
 
 /// Marks events processed. `processed_at` is when the outcome is written (`clock_timestamp()`,
 /// not the claim transaction's start, `now()`, which is before the handler ran), as in the
@@ -84,7 +92,28 @@ pub async fn claim_events(
     let max = i32::try_from(max_retry_count).unwrap_or(i32::MAX);
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
     let rows = client.query(&statement, &[&max, &limit]).await?;
-    rows.iter().map(event_from_row).collect()
+    let mut events = Vec::with_capacity(rows.len());
+    let (mut undecodable, mut reasons) = (Vec::new(), Vec::new());
+    for row in &rows {
+        match event_from_row(row) {
+            Ok(event) => events.push(event),
+            Err(error) => {
+                // A row this build cannot represent (jsonb nested deeper than serde_json's limit,
+                // a created_at of 'infinity', ...) would otherwise stay first in line and fail
+                // every claim. It is set aside as dead, with the reason, in this transaction.
+                let id: Uuid = row.try_get(0)?;
+                let reason = hook_core::bound_text(&format!("undecodable row, set aside as dead: {error}"));
+                warn!(event_id = %id, reason = %reason, "claimed a row that cannot be decoded");
+                undecodable.push(id);
+                reasons.push(reason);
+            }
+        }
+    }
+    if !undecodable.is_empty() {
+        let statement = client.prepare_cached(SET_ASIDE).await?;
+        client.execute(&statement, &[&undecodable, &reasons]).await?;
+    }
+    Ok(events)
 }
 
 /// The parameters of the two completion statements, split from a batch of outcomes.
