@@ -108,7 +108,8 @@ pub(crate) struct Args {
 
     /// The processing loop counts as stalled when it has neither completed a database round trip
     /// nor finished a handler for this long: /readyz fails and systemd's watchdog is no longer
-    /// fed. Must exceed the handler timeout and the poll interval [default: handler timeout + 15s].
+    /// fed. Must exceed the handler timeout and the poll interval [default: the longer of the
+    /// two + 15s].
     #[arg(long, env = "HOOK_STALL_TIMEOUT", value_parser = parse_duration)]
     stall_timeout: Option<Duration>,
 
@@ -215,7 +216,11 @@ impl Args {
 
     /// The settings around the engine, checked against the engine's.
     pub(crate) fn ops_config(&self, engine: &EngineConfig) -> anyhow::Result<OpsConfig> {
-        let stall_timeout = self.stall_timeout.unwrap_or(engine.handler_timeout + Duration::from_secs(15));
+        // An idle loop claims every poll interval, a busy one finishes a handler at least every
+        // handler timeout: the default leaves 15 s on top of the longer of the two.
+        let stall_timeout = self
+            .stall_timeout
+            .unwrap_or(engine.handler_timeout.max(engine.poll_interval) + Duration::from_secs(15));
         if stall_timeout <= engine.handler_timeout || stall_timeout <= engine.poll_interval {
             anyhow::bail!(
                 "invalid configuration: stall timeout ({stall_timeout:?}) must be longer than the handler \
@@ -402,5 +407,40 @@ mod tests {
         assert!(parse(&[]).is_ok());
         assert!(parse(&["--batch-size", "0"]).unwrap_err().contains("batch size 0"));
         assert!(parse(&["--max-retry-count", "11"]).unwrap_err().contains("max retry count 11"));
+    }
+
+    #[test]
+    fn stall_timeout_defaults_above_handler_timeout_and_poll_interval() {
+        let ops = |extra: &[&str]| {
+            let mut argv = vec!["hook-processor"];
+            argv.extend_from_slice(extra);
+            let args = Args::try_parse_from(argv).unwrap();
+            let engine = args.engine_config().unwrap();
+            args.ops_config(&engine).map_err(|e| format!("{e:#}"))
+        };
+        assert_eq!(ops(&[]).unwrap().stall_timeout, Duration::from_secs(45));
+        assert_eq!(ops(&["--poll-interval", "60"]).unwrap().stall_timeout, Duration::from_secs(75));
+        assert_eq!(ops(&["--stall-timeout", "31s"]).unwrap().stall_timeout, Duration::from_secs(31));
+        assert!(ops(&["--stall-timeout", "30s"]).unwrap_err().contains("stall timeout"));
+        assert_eq!(ops(&[]).unwrap().http_addr, None);
+        let addr = ops(&["--http-addr", "127.0.0.1:9477"]).unwrap().http_addr;
+        assert_eq!(addr, Some("127.0.0.1:9477".parse().unwrap()));
+    }
+
+    #[test]
+    fn stats_takes_its_flags_and_the_global_ones() {
+        let args = Args::try_parse_from([
+            "hook-processor",
+            "stats",
+            "--since",
+            "7d",
+            "--json",
+            "--database-url",
+            "postgres://u@h/d",
+        ])
+        .unwrap();
+        let Some(Command::Stats(stats)) = &args.command else { panic!("not stats: {args:?}") };
+        assert_eq!((stats.since, stats.json, stats.p95_of), (Duration::from_secs(7 * 86400), true, 100_000));
+        assert!(args.stats_database().is_ok());
     }
 }
