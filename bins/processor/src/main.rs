@@ -99,15 +99,21 @@ async fn process(
 ) -> anyhow::Result<()> {
     let pg_config = hook_store::with_service_defaults(pg_config, "hook-processor");
     let shown = redacted(&pg_config);
-    let options = StoreOptions { pool_size: engine_config.batches_in_flight + 2, ..StoreOptions::default() };
-    let store = connect(&pg_config, options, ops.wait_for_database, &notifier)
+    let options = StoreOptions {
+        pool_size: engine_config.batches_in_flight + 2,
+        // libpq's variable for extra trusted roots (sslmode=require); see hook_store::tls.
+        tls_root_cert: std::env::var_os("PGSSLROOTCERT").filter(|v| !v.is_empty()).map(Into::into),
+        ..StoreOptions::default()
+    };
+    let store = connect(&pg_config, options.clone(), ops.wait_for_database, &notifier)
         .await
         .with_context(|| format!("connecting to {shown}"))?;
     notifier.status("applying migrations");
     let report = store.migrate().await.with_context(|| format!("migrating {shown}"))?;
     info!(database = %shown, applied = ?report.applied, "database ready");
     // Probes and gauge queries get a pool of their own, so they never wait behind the engine.
-    let probe_options = StoreOptions { pool_size: 2, listen: false, pool_timeout: PROBE_TIMEOUT };
+    // Same connection settings (TLS included) as the engine's.
+    let probe_options = StoreOptions { pool_size: 2, listen: false, pool_timeout: PROBE_TIMEOUT, ..options };
     let probe =
         PgStore::connect(pg_config, probe_options).await.with_context(|| format!("connecting to {shown}"))?;
     health.attach_probe_pool(probe.pool().clone());

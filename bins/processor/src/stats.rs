@@ -29,7 +29,12 @@ struct Report {
 pub(crate) async fn run(config: hook_store::tokio_postgres::Config, args: &StatsArgs) -> anyhow::Result<()> {
     let config = hook_store::with_service_defaults(config, "hook-processor stats");
     let shown = redacted(&config);
-    let options = StoreOptions { pool_size: 1, listen: false, pool_timeout: Duration::from_secs(10) };
+    let options = StoreOptions {
+        pool_size: 1,
+        listen: false,
+        pool_timeout: Duration::from_secs(10),
+        ..StoreOptions::default()
+    };
     let store = PgStore::connect(config, options).await.with_context(|| format!("connecting to {shown}"))?;
     let client = store.pool().get().await.with_context(|| format!("connecting to {shown}"))?;
     let started = Instant::now();
