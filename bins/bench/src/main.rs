@@ -82,7 +82,7 @@ struct Args {
     limit_batch: i64,
 
     /// Connections running the limit loop side by side, one measurement each, comma separated;
-    /// the best is the limit [default: 1 and the engine's batches in flight].
+    /// the best is the limit [default: 1, the engine's batches in flight, and twice that].
     #[arg(long, value_delimiter = ',')]
     limit_connections: Vec<usize>,
 
@@ -177,10 +177,11 @@ impl Plan {
         };
         engine.validate().context("invalid engine settings")?;
         let mut limit_connections = if args.limit_connections.is_empty() {
-            vec![1, engine.batches_in_flight]
+            vec![1, engine.batches_in_flight, 2 * engine.batches_in_flight]
         } else {
             args.limit_connections.clone()
         };
+        limit_connections.sort_unstable();
         limit_connections.dedup();
         anyhow::ensure!(
             limit_connections.iter().all(|&n| (1..=32).contains(&n)),

@@ -42,7 +42,9 @@ pub struct EngineConfig {
     pub batch_size: usize,
     /// Handlers running at once, over all batches. Default 64.
     pub concurrency: usize,
-    /// Batches claimed and not yet finished, at most. Default 2.
+    /// Batches claimed and not yet finished, at most. Default 4: on two cores, four keep the
+    /// server busy while batches are in the engine's hands (hook-bench drains ~1.3x faster than
+    /// with two; eight is no faster). Each holds one pooled connection.
     pub batches_in_flight: usize,
     /// Longest sleep when idle; the store's wakeup usually comes first. Default 1 s.
     pub poll_interval: Duration,
@@ -64,7 +66,7 @@ impl Default for EngineConfig {
         Self {
             batch_size: 100,
             concurrency: 64,
-            batches_in_flight: 2,
+            batches_in_flight: 4,
             poll_interval: Duration::from_secs(1),
             claim_timeout: Duration::from_secs(60),
             handler_timeout: Duration::from_secs(30),
