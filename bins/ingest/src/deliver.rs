@@ -11,7 +11,7 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 use hook_core::NewEvent;
-use hook_store::tokio_postgres::{Client, Config, NoTls};
+use hook_store::tokio_postgres::{Client, Config};
 use hook_store::{enqueue, enqueue_many, redacted, EmbeddedCluster, StoreError};
 use serde_json::json;
 use time::OffsetDateTime;
@@ -96,7 +96,10 @@ async fn insert(
     let deadline = session.deadline;
     let shown = redacted(config);
     let budget = ms(session.budget);
-    let connected = tokio::time::timeout_at(deadline.into(), config.connect(NoTls))
+    // libpq's PGSSLROOTCERT names extra trusted roots for sslmode=require (hook_store::tls).
+    let root_cert = std::env::var_os("PGSSLROOTCERT").filter(|v| !v.is_empty()).map(std::path::PathBuf::from);
+    let tls = hook_store::tls::make_tls(config, root_cert.as_deref()).map_err(|e| e.to_string())?;
+    let connected = tokio::time::timeout_at(deadline.into(), config.connect(tls))
         .await
         .map_err(|_| format!("no connection to {shown} within {budget}"))?
         .map_err(|e| format!("connecting to {shown}: {}", chain(&e)))?;

@@ -103,7 +103,12 @@ pub async fn connect(flags: &DatabaseFlags, application: &str) -> anyhow::Result
     };
     let config = hook_store::with_service_defaults(config, application);
     let shown = redacted(&config);
-    let options = StoreOptions { pool_size: 2, listen: false, ..StoreOptions::default() };
+    let options = StoreOptions {
+        pool_size: 2,
+        listen: false,
+        tls_root_cert: crate::tls_root_cert(),
+        ..StoreOptions::default()
+    };
     let store = PgStore::connect(config, options).await.with_context(|| format!("connecting to {shown}"))?;
     store.migrate().await.with_context(|| format!("migrating {shown}"))?;
     Ok(Connected { store, shown, cluster })

@@ -11,6 +11,11 @@ use std::time::Duration;
 pub use db::{connect, Connected, DatabaseFlags};
 pub use progress::Progress;
 
+/// Extra trusted root certificates for `sslmode=require`, from libpq's `PGSSLROOTCERT`.
+pub fn tls_root_cert() -> Option<std::path::PathBuf> {
+    std::env::var_os("PGSSLROOTCERT").filter(|v| !v.is_empty()).map(std::path::PathBuf::from)
+}
+
 /// A mistake in the flags, input or configuration: exit status 2.
 #[derive(Debug)]
 pub struct UsageError(pub String);

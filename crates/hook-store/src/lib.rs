@@ -92,6 +92,7 @@ pub mod archive;
 pub mod migrate;
 pub mod replay;
 pub mod stats;
+pub mod tls;
 #[cfg(feature = "test-support")]
 pub mod testing;
 

@@ -4,7 +4,8 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use tokio::sync::watch;
-use tokio_postgres::{AsyncMessage, Config, NoTls};
+use tokio_postgres::{AsyncMessage, Config};
+use tokio_postgres_rustls::MakeRustlsConnect;
 use tracing::{debug, info, warn};
 
 /// The channel the insert trigger notifies (see migration 0002).
@@ -13,11 +14,11 @@ pub const CHANNEL: &str = "hook_events";
 /// Keeps a LISTEN connection open for as long as `wake` has receivers, and marks `wake` changed
 /// for every notification and after every (re)connect, since events may have arrived while the
 /// connection was down. Lost connections are retried with backoff; meanwhile the engine polls.
-pub(crate) async fn listen_loop(config: Config, wake: watch::Sender<()>) {
+pub(crate) async fn listen_loop(config: Config, tls: MakeRustlsConnect, wake: watch::Sender<()>) {
     let mut delay = Duration::from_millis(100);
     let mut connected_before = false;
     while !wake.is_closed() {
-        match listen_once(&config, &wake, &mut connected_before).await {
+        match listen_once(&config, tls.clone(), &wake, &mut connected_before).await {
             Ok(()) => delay = Duration::from_millis(100),
             Err(error) => {
                 warn!(error = %error, retry_in_ms = delay.as_millis() as u64, "LISTEN connection lost; polling until it is back");
@@ -36,10 +37,11 @@ pub(crate) async fn listen_loop(config: Config, wake: watch::Sender<()>) {
 /// every hop is a scheduling delay on a busy machine.
 async fn listen_once(
     config: &Config,
+    tls: MakeRustlsConnect,
     wake: &watch::Sender<()>,
     connected_before: &mut bool,
 ) -> Result<(), tokio_postgres::Error> {
-    let (client, mut connection) = config.connect(NoTls).await?;
+    let (client, mut connection) = config.connect(tls).await?;
     let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
     let statement = format!("LISTEN {CHANNEL}");
     let listen = client.batch_execute(&statement);

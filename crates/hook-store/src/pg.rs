@@ -13,7 +13,7 @@ use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod};
 use hook_core::{ClaimRequest, ClaimedBatch, HookEvent, Outcome, Store};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_postgres::{Config, NoTls};
+use tokio_postgres::Config;
 use tracing::warn;
 
 use crate::error::StoreError;
@@ -30,11 +30,13 @@ pub struct StoreOptions {
     pub listen: bool,
     /// How long to wait for a pooled connection. Default 30 s.
     pub pool_timeout: Duration,
+    /// Extra trusted root certificates (PEM) for `sslmode=require`; see [`crate::tls`].
+    pub tls_root_cert: Option<std::path::PathBuf>,
 }
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        Self { pool_size: 8, listen: true, pool_timeout: Duration::from_secs(30) }
+        Self { pool_size: 8, listen: true, pool_timeout: Duration::from_secs(30), tls_root_cert: None }
     }
 }
 
@@ -64,9 +66,10 @@ impl PgStore {
     /// Connects (checking one connection right away, so bad settings fail here) and, when
     /// `options.listen`, starts the LISTEN task.
     pub async fn connect(config: Config, options: StoreOptions) -> Result<Self, StoreError> {
+        let tls = crate::tls::make_tls(&config, options.tls_root_cert.as_deref())?;
         let manager = Manager::from_config(
             config.clone(),
-            NoTls,
+            tls.clone(),
             ManagerConfig { recycling_method: RecyclingMethod::Fast },
         );
         let pool = Pool::builder(manager)
@@ -78,7 +81,7 @@ impl PgStore {
         drop(pool.get().await?);
         let (wakeups, listener) = if options.listen {
             let (tx, rx) = watch::channel(());
-            (Some(rx), Some(tokio::spawn(listen::listen_loop(config.clone(), tx))))
+            (Some(rx), Some(tokio::spawn(listen::listen_loop(config.clone(), tls, tx))))
         } else {
             (None, None)
         };
