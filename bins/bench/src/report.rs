@@ -178,7 +178,10 @@ pub(crate) struct Settings {
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub(crate) struct Ratios {
+    /// Against the fastest limit run.
     drain_over_limit: Option<f64>,
+    /// Against the one-connection limit loop (the literal definition of the limit).
+    drain_over_one_connection_limit: Option<f64>,
     drain_over_baseline_drain: Option<f64>,
     baseline_p99_pickup_over_engine: Option<f64>,
     baseline_p99_processed_over_engine: Option<f64>,
@@ -266,6 +269,10 @@ impl Report {
         let ratio = |a: f64, b: f64| (b > 0.0).then(|| a / b);
         if let (Some(drain), Some(limit)) = (self.drain, self.best_limit()) {
             self.ratios.drain_over_limit = ratio(drain.events_per_s, limit.events_per_s);
+        }
+        let single = self.limit.iter().find(|run| run.connections == 1).map(|run| run.drain);
+        if let (Some(drain), Some(single)) = (self.drain, single) {
+            self.ratios.drain_over_one_connection_limit = ratio(drain.events_per_s, single.events_per_s);
         }
         if let (Some(drain), Some(baseline)) = (self.drain, self.baseline_drain) {
             self.ratios.drain_over_baseline_drain = ratio(drain.events_per_s, baseline.drain.events_per_s);
@@ -379,10 +386,13 @@ impl Report {
             );
         }
         if let Some(t) = &self.drain {
-            let note = self
+            let mut note = self
                 .ratios
                 .drain_over_limit
                 .map_or_else(String::new, |r| format!("{:.0}% of the limit", r * 100.0));
+            if let Some(r) = self.ratios.drain_over_one_connection_limit {
+                let _ = write!(note, ", {:.0}% of 1 connection's", r * 100.0);
+            }
             row("engine, no-op handler", t, note);
         }
         if let Some(b) = &self.baseline_drain {
