@@ -402,6 +402,7 @@ async fn run_batch<B: ClaimedBatch>(
                     warn!(error = %error, unfinished = running.len(), "claim lost while handlers ran; cancelling them, the events will be retried");
                     return;
                 }
+                shared.metrics.add_keep_alive();
             }
             () = sleep_until(deadline) => {
                 warn!(unfinished = running.len(), "drain timeout: releasing events whose handlers did not finish");

@@ -210,8 +210,8 @@ impl Metrics {
     }
 
     /// How long ago the processing loop last made progress: a store round trip that succeeded
-    /// (a claim, even an empty one, or a completion) or a handler that finished. `None` before
-    /// the first.
+    /// (a claim, even an empty one, a claim's keep-alive, or a completion) or a handler that
+    /// finished. `None` before the first.
     ///
     /// An idle engine claims at least every poll interval, and a busy one finishes a handler at
     /// least every handler timeout, so a value well above both means the loop is stuck (most
@@ -240,6 +240,11 @@ impl Metrics {
         self.record_progress();
         self.claimed.fetch_add(n as u64, Ordering::Relaxed);
         self.batch_size.record(n as f64);
+    }
+
+    /// A claim's keep-alive round trip succeeded (long handlers are running).
+    pub(crate) fn add_keep_alive(&self) {
+        self.record_progress();
     }
 
     pub(crate) fn add_error(&self) {
