@@ -822,10 +822,14 @@ async fn a_frozen_holder_loses_its_claim_and_its_late_completion_is_fenced_and_c
     // Another worker takes over and handles everything.
     let mut other = Worker::start(&url, &flags);
     wait_zero(&client, &mut [&mut other], "SELECT count(*) FROM hook_events WHERE NOT processed").await;
-    // The frozen one wakes up, finishes its handlers and tries to commit: fenced.
+    // The frozen one wakes up and finds its claim lost: either its next keep-alive fails (and it
+    // cancels the handlers) or its handlers finish first and the completion is fenced.
     frozen.signal(Signal::SIGCONT);
     let deadline = Deadline::new("the woken worker to notice its lost claim");
-    while !frozen.log().contains("recording outcomes failed") {
+    while !["recording outcomes failed", "claim lost while handlers ran"]
+        .iter()
+        .any(|m| frozen.log().contains(m))
+    {
         deadline.tick().await;
     }
     let frozen_errors = errors_in(&frozen.terminate().await);

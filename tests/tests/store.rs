@@ -18,7 +18,7 @@ fn no_listen() -> StoreOptions {
 }
 
 async fn claim(store: &PgStore, limit: usize) -> (hook_store::PgBatch, Vec<hook_core::HookEvent>) {
-    let mut batch = store.claim(request(limit)).await.unwrap().expect("a batch");
+    let mut batch = store.claim(request(limit)).await.expect("the claim query").expect("a batch");
     let events = batch.take_events();
     (batch, events)
 }

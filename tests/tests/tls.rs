@@ -1,6 +1,9 @@
 //! TLS to the database: a server with a certificate from a private CA, reached over TCP with each
 //! `sslmode`. The cluster is an embedded one restarted by hand with TCP and TLS turned on.
 
+// Helpers here are test code: a failed step is a failed test.
+#![allow(clippy::unwrap_used)]
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;

@@ -46,9 +46,9 @@ async fn setup(test: &str) -> (TestDb, Client) {
     let db = TestDb::migrated(test).await;
     let admin = db.client().await;
     // Roles are global to the cluster; several test processes may create them at once.
-    admin.batch_execute("SELECT pg_advisory_lock(4242)").await.unwrap();
+    admin.batch_execute("SELECT pg_advisory_lock(4242)").await.expect("lock");
     let result = admin.batch_execute(ROLES_SQL).await;
-    admin.batch_execute("SELECT pg_advisory_unlock(4242)").await.unwrap();
+    admin.batch_execute("SELECT pg_advisory_unlock(4242)").await.expect("unlock");
     result.expect("docs/roles.sql applies");
     (db, admin)
 }

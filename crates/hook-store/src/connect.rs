@@ -173,10 +173,17 @@ mod tests {
     #[test]
     fn database_args_resolve_like_the_processor() {
         assert_eq!(DatabaseArgs::default().resolve().unwrap(), None);
-        let url = DatabaseArgs { url: Some("postgres://u@h:1/d".into()), host: Some("x".into()), ..Default::default() };
+        let url = DatabaseArgs {
+            url: Some("postgres://u@h:1/d".into()),
+            host: Some("x".into()),
+            ..Default::default()
+        };
         assert_eq!(redacted(&url.resolve().unwrap().unwrap()), "postgresql://u@h:1/d");
         let seed = DatabaseArgs { password: Some("pw".into()), ..Default::default() };
-        assert_eq!(redacted(&seed.resolve().unwrap().unwrap()), "postgresql://postgres@localhost:5436/omninode_bridge");
+        assert_eq!(
+            redacted(&seed.resolve().unwrap().unwrap()),
+            "postgresql://postgres@localhost:5436/omninode_bridge"
+        );
         let host = DatabaseArgs { host: Some("db".into()), database: Some("e".into()), ..Default::default() };
         assert_eq!(redacted(&host.resolve().unwrap().unwrap()), "postgresql://postgres@db:5436/e");
         let empty_password = DatabaseArgs { password: Some(String::new()), ..Default::default() };

@@ -86,15 +86,15 @@ mod listen;
 mod pg;
 mod queries;
 
+pub mod archive;
 #[cfg(feature = "bench")]
 pub mod bench;
-pub mod archive;
 pub mod migrate;
 pub mod replay;
 pub mod stats;
-pub mod tls;
 #[cfg(feature = "test-support")]
 pub mod testing;
+pub mod tls;
 
 pub use cluster::{ClusterOptions, EmbeddedCluster, PgBinaries};
 pub use connect::{parse_database_url, redacted, with_service_defaults, DatabaseArgs, SeedSettings};
