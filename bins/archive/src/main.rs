@@ -1,6 +1,6 @@
 //! `hook-archive`: moves old processed events from `hook_events` into `hook_events_archive`, and
 //! optionally purges the archive by age. The batches are hook-store's
-//! [`archive`](hook_store::archive); this binary parses flags, connects, takes the advisory lock,
+//! [`hook_store::archive`]; this binary parses flags, connects, takes the advisory lock,
 //! reports progress and maps the result to an exit code: 0 done, nothing to do or another run
 //! busy, 1 failed, 2 bad usage.
 

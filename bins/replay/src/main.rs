@@ -1,6 +1,6 @@
 //! `hook-replay`: re-queues failed and dead hook events (or, on request, processed ones) so that
 //! processors handle them again. The selection and the batches are hook-store's
-//! [`replay`](hook_store::replay); this binary parses flags, connects, reports progress and maps
+//! [`hook_store::replay`]; this binary parses flags, connects, reports progress and maps
 //! the result to an exit code: 0 done or nothing to do, 1 failed, 2 bad usage.
 
 mod args;
