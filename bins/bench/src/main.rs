@@ -205,8 +205,9 @@ impl Plan {
 }
 
 async fn bench(args: &Args, plan: &Plan) -> anyhow::Result<Report> {
+    let connections = plan.limit_connections.iter().max().copied().unwrap_or(1) + 2;
     let (db, cluster) = match &args.database_url {
-        Some(url) => (Db::new(parse_database_url(url)?, url.clone(), false)?, None),
+        Some(url) => (Db::new(parse_database_url(url)?, url.clone(), false, connections)?, None),
         None => {
             let cluster = EmbeddedCluster::start(ClusterOptions {
                 data_dir: args.data_dir.clone(),
@@ -216,7 +217,7 @@ async fn bench(args: &Args, plan: &Plan) -> anyhow::Result<Report> {
             })
             .await
             .with_context(|| format!("starting the embedded PostgreSQL under {}", args.data_dir.display()))?;
-            let db = Db::new(cluster.config("hook_bench"), cluster.url("hook_bench"), true)?;
+            let db = Db::new(cluster.config("hook_bench"), cluster.url("hook_bench"), true, connections)?;
             (db, Some(cluster))
         }
     };

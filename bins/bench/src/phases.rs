@@ -37,13 +37,20 @@ pub(crate) struct Db {
 }
 
 impl Db {
-    pub(crate) fn new(config: Config, url: String, embedded: bool) -> anyhow::Result<Db> {
+    /// `connections`: the most the bench holds at once (the limit loops, plus two).
+    pub(crate) fn new(config: Config, url: String, embedded: bool, connections: usize) -> anyhow::Result<Db> {
         let manager = Manager::from_config(
             config.clone(),
             NoTls,
             ManagerConfig { recycling_method: RecyclingMethod::Fast },
         );
-        let pool = Pool::builder(manager).max_size(8).build().context("building the connection pool")?;
+        // A bounded wait: a bench that needs more connections than its pool fails, not hangs.
+        let pool = Pool::builder(manager)
+            .max_size(connections)
+            .runtime(hook_store::deadpool_postgres::Runtime::Tokio1)
+            .wait_timeout(Some(Duration::from_secs(60)))
+            .build()
+            .context("building the connection pool")?;
         Ok(Db { config, url, embedded, pool })
     }
 
