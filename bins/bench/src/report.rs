@@ -316,10 +316,11 @@ impl Report {
         }
         if let Some(b) = self.baseline_latency {
             targets.push(Target {
+                // Half the 1 s poll on average, plus the original's commits before the event.
                 what: "baseline p50 pickup (the original's ~0.5 s)",
-                target: "~500 ms",
+                target: "0.3-1 s",
                 measured: ms(b.pickup.p50_us),
-                met: (250_000..=750_000).contains(&b.pickup.p50_us),
+                met: (300_000..=1_000_000).contains(&b.pickup.p50_us),
             });
         }
         self.targets = targets;
