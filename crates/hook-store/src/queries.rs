@@ -52,12 +52,14 @@ const SUCCEED: &str = "UPDATE hook_events AS e \
      WHERE e.id = r.id AND NOT e.processed";
 
 /// Counts a failed attempt, appends its error and schedules the next attempt (or marks it dead).
+/// The delay counts from when the failure is written (`clock_timestamp()`), not from the claim's
+/// start (`now()`), so a retry never comes earlier than the policy says.
 const FAIL: &str = "UPDATE hook_events AS e \
      SET retry_count = LEAST(e.retry_count + 1, 10), \
          processing_errors = array_append(e.processing_errors, r.error), \
          result_metadata = r.metadata, \
-         next_attempt_at = CASE WHEN r.dead THEN NULL ELSE now() + r.delay_ms * interval '1 millisecond' END, \
-         dead_at = CASE WHEN r.dead THEN now() END \
+         next_attempt_at = CASE WHEN r.dead THEN NULL ELSE clock_timestamp() + r.delay_ms * interval '1 millisecond' END, \
+         dead_at = CASE WHEN r.dead THEN clock_timestamp() END \
      FROM unnest($1::uuid[], $2::text[], $3::jsonb[], $4::int8[], $5::bool[]) AS r(id, error, metadata, delay_ms, dead) \
      WHERE e.id = r.id AND NOT e.processed";
 
