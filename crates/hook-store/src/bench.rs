@@ -14,9 +14,9 @@ use crate::queries::{event_columns, event_from_row};
 
 /// Rows `$1..=$2` of the benchmark's event mix: six hook types in turn, with payloads and
 /// metadata shaped like the original producers' (tool calls with their input and output,
-/// prompts, session starts and ends), 300 to 700 bytes each. `metadata.seq` is the row's number,
-/// so the bench can match a handled event with its insert. `created_at` counts up by 1 µs per
-/// row and ends at `now()`, so a one-row insert gets the column's default, `now()`.
+/// prompts, session starts and ends), 250 to 650 bytes of JSON each. `metadata.seq` is the
+/// row's number, so the bench can match a handled event with its insert. `created_at` counts up
+/// by 1 µs per row and ends at `now()`, so a one-row insert gets the column's default, `now()`.
 const INSERT_EVENTS: &str = "INSERT INTO hook_events \
        (id, source, action, resource, resource_id, payload, metadata, created_at) \
      SELECT gen_random_uuid(), \
