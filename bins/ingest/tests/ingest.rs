@@ -357,7 +357,8 @@ async fn a_server_that_does_not_answer_is_given_up_on_within_the_timeout() {
         let warning = run.check().expect("a warning");
         assert!(warning.contains(&format!("within {budget}ms; event spooled")), "{warning}");
         assert!(run.elapsed >= Duration::from_millis(budget), "{:?}", run.elapsed);
-        assert!(run.elapsed < Duration::from_millis(budget + 150), "{:?}", run.elapsed);
+        // A bound against hanging, with room for a loaded machine's scheduling.
+        assert!(run.elapsed < Duration::from_millis(budget + 1000), "{:?}", run.elapsed);
     }
     assert_eq!(spool_lines(&spool).len(), 2);
 }
@@ -402,7 +403,8 @@ async fn a_missing_table_spools_until_it_exists() {
     let db = TestDb::empty("ingest_no_table").await;
     let scratch = Scratch::new("no-table");
     let (url, spool) = (db.url(), scratch.spool());
-    let env = [("DATABASE_URL", url.as_str()), ("HOOK_SPOOL", spool.as_str())];
+    let env =
+        [("DATABASE_URL", url.as_str()), ("HOOK_SPOOL", spool.as_str()), ("HOOK_INGEST_TIMEOUT", "10s")];
     let warning = ingest(&stop_event(0), &env).check().map(str::to_owned).expect("a warning");
     assert!(warning.contains(r#"relation "hook_events" does not exist"#), "{warning}");
     let warning = ingest(&stop_event(1), &env).check().map(str::to_owned).expect("a warning");
@@ -434,7 +436,13 @@ async fn refused_and_torn_spool_lines_never_block_the_spool() {
                              "resource": "session", "resource_id": "x".repeat(300)});
         let lines = format!("{}\n{refused}\n{{\"id\": \"torn\n{}\n", good(1), good(2));
         std::fs::write(&spool, &lines).unwrap();
-        let mut env = vec![("DATABASE_URL", url.as_str()), ("HOOK_SPOOL", spool.as_str())];
+        // A generous budget: this test is about poison lines, not speed, and a loaded machine
+        // must not turn the flush into a timeout.
+        let mut env = vec![
+            ("DATABASE_URL", url.as_str()),
+            ("HOOK_SPOOL", spool.as_str()),
+            ("HOOK_INGEST_TIMEOUT", "10s"),
+        ];
         env.extend(synchronous_commit.map(|value| ("HOOK_INGEST_SYNCHRONOUS_COMMIT", value)));
         assert_eq!(ingest(&stop_event(3), &env).check(), None);
         assert!(spool_lines(&spool).is_empty());
