@@ -68,7 +68,7 @@ pub(crate) struct Args {
     concurrency: usize,
 
     /// Batches claimed and not yet finished, at most.
-    #[arg(long, env = "HOOK_BATCHES_IN_FLIGHT", default_value_t = 2)]
+    #[arg(long, env = "HOOK_BATCHES_IN_FLIGHT", default_value_t = 4)]
     batches_in_flight: usize,
 
     /// Longest a handler may run before the attempt fails.
