@@ -9,8 +9,7 @@ mod args;
 use std::io::Write;
 use std::ops::ControlFlow;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -97,7 +96,7 @@ async fn archive_locked(
         }
         return say(&text);
     }
-    let interrupted = interrupt_flag();
+    let interrupted = hook_cli::interrupt_flag();
     let started = Instant::now();
     let deadline = args.max_duration.map(|d| started + d);
     let mut out_of_time = false;
@@ -187,20 +186,4 @@ fn show_time(time: OffsetDateTime) -> String {
 /// Writes `text` and a newline to stdout.
 fn say(text: &str) -> anyhow::Result<()> {
     writeln!(std::io::stdout().lock(), "{text}").context("writing to standard output")
-}
-
-/// A flag set on SIGINT or SIGTERM: the run stops after the batch in progress, which commits.
-fn interrupt_flag() -> Arc<AtomicBool> {
-    let flag = Arc::new(AtomicBool::new(false));
-    let set = Arc::clone(&flag);
-    tokio::spawn(async move {
-        use tokio::signal::unix::{signal, SignalKind};
-        let Ok(mut term) = signal(SignalKind::terminate()) else { return };
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
-        }
-        set.store(true, Ordering::SeqCst);
-    });
-    flag
 }

@@ -301,7 +301,7 @@ pub(crate) fn init_logging(args: &Args) -> anyhow::Result<()> {
     // A bare level applies to our crates; the database driver's chatter (server NOTICEs) stays
     // at warn unless the user names it.
     let mut directives = args.log_level.to_lowercase();
-    check_log_directives(&directives).map_err(|e| anyhow::anyhow!("LOG_LEVEL: {e}"))?;
+    hook_cli::check_log_directives(&directives).map_err(|e| anyhow::anyhow!("LOG_LEVEL: {e}"))?;
     if !directives.contains("tokio_postgres") {
         directives.push_str(",tokio_postgres=warn");
     }
@@ -321,22 +321,6 @@ pub(crate) fn init_logging(args: &Args) -> anyhow::Result<()> {
         }
     };
     result.map_err(|e| anyhow::anyhow!("setting up logging: {e}"))
-}
-
-/// Accepts what a user means by a log level: a level name, or comma-separated `target=level`
-/// directives. `EnvFilter` alone would take any word as a target name and silently log nothing.
-fn check_log_directives(directives: &str) -> Result<(), String> {
-    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
-    for directive in directives.split(',').map(str::trim).filter(|d| !d.is_empty()) {
-        let (target, level) = directive.rsplit_once('=').unwrap_or(("", directive));
-        let target_ok = target.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':' || c == '-');
-        if !LEVELS.contains(&level) || !target_ok {
-            return Err(format!(
-                "{directive:?} is not a level (off, error, warn, info, debug, trace) or target=level"
-            ));
-        }
-    }
-    Ok(())
 }
 
 /// Parses "1.5" (seconds), "250ms", "2s", "5m", "1h" or "7d".
@@ -384,16 +368,6 @@ mod tests {
         }
         for bad in ["", "x", "-1", "1w", "NaN"] {
             assert!(parse_duration(bad).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
-    fn log_levels() {
-        for ok in ["info", "debug", "hook_core=debug,warn", "hook_store::pg=trace"] {
-            assert!(check_log_directives(ok).is_ok(), "{ok}");
-        }
-        for bad in ["garbage(((", "verbose", "hook_core=loud", "a b=info"] {
-            assert!(check_log_directives(bad).is_err(), "{bad}");
         }
     }
 

@@ -8,8 +8,7 @@ mod args;
 use std::io::Write;
 use std::ops::ControlFlow;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use anyhow::Context;
@@ -55,7 +54,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
                 hint(args.include_processed)
             ))?;
         } else {
-            let interrupted = interrupt_flag();
+            let interrupted = hook_cli::interrupt_flag();
             let started = Instant::now();
             let mut progress = Progress::new(PROGRAM, "events re-queued", plan.total());
             let result = replay::replay(&mut client, &filter, &options, |batch| {
@@ -137,20 +136,4 @@ fn print_report(report: &ReplayReport, seconds: f64) -> anyhow::Result<()> {
         ));
     }
     say(&text)
-}
-
-/// A flag set on SIGINT or SIGTERM: the run stops after the batch in progress, which commits.
-fn interrupt_flag() -> Arc<AtomicBool> {
-    let flag = Arc::new(AtomicBool::new(false));
-    let set = Arc::clone(&flag);
-    tokio::spawn(async move {
-        use tokio::signal::unix::{signal, SignalKind};
-        let Ok(mut term) = signal(SignalKind::terminate()) else { return };
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
-        }
-        set.store(true, Ordering::SeqCst);
-    });
-    flag
 }

@@ -16,6 +16,23 @@ pub fn tls_root_cert() -> Option<std::path::PathBuf> {
     std::env::var_os("PGSSLROOTCERT").filter(|v| !v.is_empty()).map(std::path::PathBuf::from)
 }
 
+/// A flag set on SIGINT or SIGTERM, for tools that stop after the batch in progress (which
+/// commits). Must be called inside a tokio runtime.
+pub fn interrupt_flag() -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+    let flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let set = std::sync::Arc::clone(&flag);
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut term) = signal(SignalKind::terminate()) else { return };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        set.store(true, std::sync::atomic::Ordering::SeqCst);
+    });
+    flag
+}
+
 /// A mistake in the flags, input or configuration: exit status 2.
 #[derive(Debug)]
 pub struct UsageError(pub String);
