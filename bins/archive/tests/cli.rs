@@ -13,20 +13,6 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use uuid::Uuid;
 
-/// The variables the binary reads.
-const READ_VARS: &[&str] = &[
-    "DATABASE_URL",
-    "DB_PASSWORD",
-    "POSTGRES_PASSWORD",
-    "POSTGRES_HOST",
-    "POSTGRES_PORT",
-    "POSTGRES_DB",
-    "POSTGRES_USER",
-    "HOOK_DATA_DIR",
-    "LOG_LEVEL",
-    "RUST_LOG",
-];
-
 const PATIENCE: Duration = Duration::from_secs(60);
 
 /// An empty working directory, so that no `.env` is found.
@@ -38,10 +24,7 @@ fn workdir() -> PathBuf {
 
 /// The binary with a clean environment; on `db` when given.
 fn archive(db: Option<&TestDb>, args: &[&str]) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_hook-archive"));
-    for var in READ_VARS {
-        command.env_remove(var);
-    }
+    let mut command = hook_store::testing::binary_command(env!("CARGO_BIN_EXE_hook-archive"));
     if let Some(db) = db {
         command.env("DATABASE_URL", db.url());
     }

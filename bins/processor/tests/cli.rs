@@ -18,23 +18,6 @@ use nix::unistd::Pid;
 use serde_json::json;
 use uuid::Uuid;
 
-/// The variables the binary reads; any other `HOOK_*` variable is removed too.
-const READ_VARS: &[&str] = &[
-    "DATABASE_URL",
-    "DB_PASSWORD",
-    "POSTGRES_PASSWORD",
-    "POSTGRES_HOST",
-    "POSTGRES_PORT",
-    "POSTGRES_DB",
-    "POSTGRES_USER",
-    "HOOK_DATA_DIR",
-    "BATCH_SIZE",
-    "MAX_RETRY_COUNT",
-    "POLL_INTERVAL",
-    "LOG_LEVEL",
-    "RUST_LOG",
-];
-
 /// Longest wait for anything here. Starting an embedded cluster for the first time runs `initdb`
 /// with fsync on, which can take a while on a loaded machine.
 const PATIENCE: Duration = Duration::from_secs(120);
@@ -69,15 +52,7 @@ impl Scratch {
 
     /// The binary, with a clean environment, run in `cwd/`, with its data directory in `data/`.
     fn processor(&self) -> Command {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_hook-processor"));
-        for var in READ_VARS {
-            command.env_remove(var);
-        }
-        for (name, _) in std::env::vars_os() {
-            if name.to_string_lossy().starts_with("HOOK_") {
-                command.env_remove(name);
-            }
-        }
+        let mut command = hook_store::testing::binary_command(env!("CARGO_BIN_EXE_hook-processor"));
         command
             .env("HOOK_DATA_DIR", self.data_dir())
             .current_dir(self.dir.join("cwd"))

@@ -22,17 +22,7 @@ async fn connect_as(db: &TestDb, user: &str) -> Client {
 fn processor_as(db: &TestDb, user: &str) -> Command {
     let mut config = db.config();
     config.user(user);
-    let mut command = Command::new(env!("CARGO_BIN_EXE_hook-processor"));
-    for (name, _) in std::env::vars_os() {
-        let name = name.to_string_lossy().into_owned();
-        if name.starts_with("HOOK_")
-            || name.starts_with("POSTGRES_")
-            || name == "DB_PASSWORD"
-            || name == "LOG_LEVEL"
-        {
-            command.env_remove(name);
-        }
-    }
+    let mut command = hook_store::testing::binary_command(env!("CARGO_BIN_EXE_hook-processor"));
     command
         .env("DATABASE_URL", config_to_url(&config))
         .env("POLL_INTERVAL", "0.1")

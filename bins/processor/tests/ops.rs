@@ -21,36 +21,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 /// Longest wait for anything that should happen.
 const PATIENCE: Duration = Duration::from_secs(60);
 
-/// Variables of the caller's environment that would change what the binary does.
-const CLEARED: &[&str] = &[
-    "DATABASE_URL",
-    "DB_PASSWORD",
-    "POSTGRES_PASSWORD",
-    "POSTGRES_HOST",
-    "POSTGRES_PORT",
-    "POSTGRES_DB",
-    "POSTGRES_USER",
-    "BATCH_SIZE",
-    "MAX_RETRY_COUNT",
-    "POLL_INTERVAL",
-    "LOG_LEVEL",
-    "RUST_LOG",
-    "NOTIFY_SOCKET",
-    "WATCHDOG_USEC",
-    "WATCHDOG_PID",
-];
-
 /// The binary with a clean environment, `env` on top, run in `cwd`.
 fn processor(cwd: &Path, env: &[(&str, &str)]) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_hook-processor"));
-    for var in CLEARED {
-        command.env_remove(var);
-    }
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("HOOK_") {
-            command.env_remove(name);
-        }
-    }
+    let mut command = hook_store::testing::binary_command(env!("CARGO_BIN_EXE_hook-processor"));
     command.envs(env.iter().copied()).current_dir(cwd).stdin(Stdio::null());
     command
 }

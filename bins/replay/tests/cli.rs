@@ -4,25 +4,11 @@
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
 use hook_store::testing::TestDb;
 use hook_store::tokio_postgres::Client;
 use uuid::Uuid;
-
-/// The variables the binary reads.
-const READ_VARS: &[&str] = &[
-    "DATABASE_URL",
-    "DB_PASSWORD",
-    "POSTGRES_PASSWORD",
-    "POSTGRES_HOST",
-    "POSTGRES_PORT",
-    "POSTGRES_DB",
-    "POSTGRES_USER",
-    "HOOK_DATA_DIR",
-    "LOG_LEVEL",
-    "RUST_LOG",
-];
 
 fn workdir() -> PathBuf {
     let dir = std::env::temp_dir().join(format!("hook-replay-cli-{}", std::process::id()));
@@ -32,10 +18,7 @@ fn workdir() -> PathBuf {
 
 /// Runs the binary on `db` (when given) with `stdin` as its input; returns (status, stdout, stderr).
 fn replay(db: Option<&TestDb>, args: &[&str], stdin: &str) -> (i32, String, String) {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_hook-replay"));
-    for var in READ_VARS {
-        command.env_remove(var);
-    }
+    let mut command = hook_store::testing::binary_command(env!("CARGO_BIN_EXE_hook-replay"));
     if let Some(db) = db {
         command.env("DATABASE_URL", db.url());
     }
