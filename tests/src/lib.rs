@@ -1,6 +1,8 @@
 //! Shared helpers of the integration tests: inserting events, waiting, and counting handler
 //! invocations. Every test owns a fresh database (see `hook_store::testing`).
 
+pub mod worker;
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

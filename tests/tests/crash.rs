@@ -5,15 +5,10 @@
 //! recorded in `test_invocations` outside the claim's transaction, so the table shows every
 //! attempt, including those of a batch that never committed.
 
-use std::os::unix::process::ExitStatusExt;
-use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use hook_store::testing::TestDb;
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use hook_tests::worker::{Deadline, Worker};
 use tokio_postgres::Client;
 
 const BATCH_SIZE: i64 = 100;
@@ -21,96 +16,15 @@ const BATCHES_IN_FLIGHT: i64 = 2;
 /// Longest wait for anything in these tests (a drain, a process exit, sessions ending).
 const PATIENCE: Duration = Duration::from_secs(60);
 
-/// A running `hook-test-worker`, its stderr going to a log file. Dropped while still running
-/// (a failed test), it is killed; its log is printed when the test failed.
-struct Worker {
-    child: Child,
-    pid: i32,
-    log: PathBuf,
-}
-
-impl Worker {
-    fn start(db: &TestDb, delay_ms: u64) -> Worker {
-        static COUNTER: AtomicU32 = AtomicU32::new(0);
-        let log = std::env::temp_dir().join(format!(
-            "hook-test-worker-{}-{}.log",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        let stderr = std::fs::File::create(&log).expect("create the worker's log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_hook-test-worker"))
-            .args(["--url", &db.url()])
-            .args(["--delay-ms", &delay_ms.to_string()])
-            .args(["--batch-size", &BATCH_SIZE.to_string()])
-            .args(["--batches-in-flight", &BATCHES_IN_FLIGHT.to_string()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .expect("start hook-test-worker");
-        let pid = i32::try_from(child.id()).expect("pid fits in i32");
-        Worker { child, pid, log }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// SIGKILL, then waits for the process to be gone.
-    async fn kill_9(&mut self) -> ExitStatus {
-        self.child.kill().expect("SIGKILL the worker");
-        self.wait().await
-    }
-
-    /// SIGTERM, then waits (bounded) for the worker to drain and exit.
-    async fn terminate(&mut self) -> ExitStatus {
-        kill(Pid::from_raw(self.pid), Signal::SIGTERM).expect("SIGTERM the worker");
-        self.wait().await
-    }
-
-    async fn wait(&mut self) -> ExitStatus {
-        let deadline = Deadline::new(format!("worker {} to exit", self.pid));
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait for the worker") {
-                return status;
-            }
-            deadline.tick().await;
-        }
-    }
-
-    fn running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        if self.running() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-        if std::thread::panicking() {
-            eprintln!("--- log of hook-test-worker {} ---\n{}", self.pid, self.log());
-        }
-        let _ = std::fs::remove_file(&self.log);
-    }
-}
-
-/// A bounded polling loop: `tick` sleeps a little, and panics once [`PATIENCE`] has passed.
-struct Deadline {
-    what: String,
-    until: Instant,
-}
-
-impl Deadline {
-    fn new(what: impl Into<String>) -> Deadline {
-        Deadline { what: what.into(), until: Instant::now() + PATIENCE }
-    }
-
-    async fn tick(&self) {
-        assert!(Instant::now() < self.until, "gave up after {PATIENCE:?} waiting for {}", self.what);
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+/// Starts a worker whose handlers take `delay_ms`, with this file's batch settings.
+fn start_worker(db: &TestDb, delay_ms: u64) -> Worker {
+    let (delay, batch, in_flight) =
+        (delay_ms.to_string(), BATCH_SIZE.to_string(), BATCHES_IN_FLIGHT.to_string());
+    Worker::start(
+        env!("CARGO_BIN_EXE_hook-test-worker"),
+        &db.url(),
+        &["--delay-ms", &delay, "--batch-size", &batch, "--batches-in-flight", &in_flight],
+    )
 }
 
 /// Inserts `count` events in one statement, with mixed sources and actions and distinct creation
@@ -155,7 +69,7 @@ async fn invocations(client: &Client) -> i64 {
 }
 
 async fn wait_until_all_processed(client: &Client, total: i64) {
-    let deadline = Deadline::new(format!("all {total} events to be processed"));
+    let deadline = Deadline::new(PATIENCE, format!("all {total} events to be processed"));
     while processed(client).await < total {
         deadline.tick().await;
     }
@@ -165,7 +79,7 @@ async fn wait_until_all_processed(client: &Client, total: i64) {
 /// worker sent before it died has been executed or rolled back, and its row locks are gone.
 async fn wait_for_sessions_to_end(client: &Client, pid: i32) {
     let name = format!("hook-test-worker-{pid}");
-    let deadline = Deadline::new(format!("the sessions of worker {pid} to end"));
+    let deadline = Deadline::new(PATIENCE, format!("the sessions of worker {pid} to end"));
     loop {
         let row = client
             .query_one("SELECT count(*) FROM pg_stat_activity WHERE application_name = $1", &[&name])
@@ -202,18 +116,17 @@ struct AfterKill {
 /// the kill came too late (everything was processed) or landed between batches, so the caller
 /// can try again.
 async fn kill_mid_batch(db: &TestDb, client: &Client, total: i64) -> Option<(Worker, AfterKill)> {
-    let mut worker = Worker::start(db, 20);
-    let deadline = Deadline::new("the first worker to process a third of the events");
+    let mut worker = start_worker(db, 20);
+    let deadline = Deadline::new(PATIENCE, "the first worker to process a third of the events");
     loop {
         let done = processed(client).await;
         if done >= total / 3 && invocations(client).await > done {
             break;
         }
-        assert!(worker.running(), "the worker exited early:\n{}", worker.log());
+        worker.assert_running();
         deadline.tick().await;
     }
-    let status = worker.kill_9().await;
-    assert_eq!(status.signal(), Some(Signal::SIGKILL as i32), "{status:?}");
+    worker.kill_9().await; // asserts that SIGKILL ended it
     wait_for_sessions_to_end(client, worker.pid).await;
 
     client
@@ -257,10 +170,9 @@ async fn a_processor_killed_mid_batch_loses_no_event() {
         // Their row locks went with its sessions.
         assert_eq!(unlocked_rows(&db).await, TOTAL, "rows still locked after the kill");
 
-        let mut second = Worker::start(&db, 20);
+        let mut second = start_worker(&db, 20);
         wait_until_all_processed(&client, TOTAL).await;
-        let status = second.terminate().await;
-        assert!(status.success(), "second worker: {status:?}\n{}", second.log());
+        second.terminate().await; // asserts a clean exit
         wait_for_sessions_to_end(&client, second.pid).await;
 
         check_after_recovery(&db, &client, killed.pid, second.pid, &after, TOTAL).await;
@@ -355,17 +267,16 @@ async fn two_processors_side_by_side_handle_every_event_exactly_once() {
     let client = db.client().await;
     insert_events(&client, TOTAL as i32).await;
 
-    let mut workers = [Worker::start(&db, 1), Worker::start(&db, 1)];
-    let deadline = Deadline::new("two workers to process every event");
+    let mut workers = [start_worker(&db, 1), start_worker(&db, 1)];
+    let deadline = Deadline::new(PATIENCE, "two workers to process every event");
     while processed(&client).await < TOTAL {
         for worker in &mut workers {
-            assert!(worker.running(), "worker {} exited early:\n{}", worker.pid, worker.log());
+            worker.assert_running();
         }
         deadline.tick().await;
     }
     for worker in &mut workers {
-        let status = worker.terminate().await;
-        assert!(status.success(), "worker {}: {status:?}\n{}", worker.pid, worker.log());
+        worker.terminate().await; // asserts a clean exit
         wait_for_sessions_to_end(&client, worker.pid).await;
     }
 

@@ -12,9 +12,7 @@
 //! to replay a run.
 
 use std::collections::BTreeSet;
-use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -23,9 +21,9 @@ use hook_core::{Engine, EngineConfig, HandlerRegistry, HandlerResult, HookEvent,
 use hook_store::testing::{config_to_url, TestDb};
 use hook_store::tokio_postgres::{Client, Config, NoTls};
 use hook_store::{ClusterOptions, EmbeddedCluster, StoreOptions};
+use hook_tests::worker::{Deadline, Worker};
 use hook_tests::{count, test_config, wait_for_count, Running};
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 use uuid::Uuid;
 
 /// Longest wait for anything in these tests (a drain, a process exit, sessions ending).
@@ -56,115 +54,6 @@ impl Rng {
     /// Uniform in `lo..hi`.
     fn range(&mut self, lo: u64, hi: u64) -> u64 {
         lo + self.next() % (hi - lo).max(1)
-    }
-}
-
-/// A bounded polling loop: `tick` sleeps a little, and panics once [`PATIENCE`] has passed.
-struct Deadline {
-    what: String,
-    until: Instant,
-}
-
-impl Deadline {
-    fn new(what: impl Into<String>) -> Deadline {
-        Deadline { what: what.into(), until: Instant::now() + PATIENCE }
-    }
-
-    async fn tick(&self) {
-        assert!(Instant::now() < self.until, "gave up after {PATIENCE:?} waiting for {}", self.what);
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-/// A running `hook-test-worker`, its stderr going to a log file. Dropped while still running (a
-/// failed test), it is killed; its log is printed when the test failed.
-struct Worker {
-    child: Child,
-    pid: i32,
-    log: PathBuf,
-}
-
-impl Worker {
-    /// Starts a worker on the database at `url` with extra flags (see the worker's docs).
-    fn start(url: &str, flags: &[&str]) -> Worker {
-        static COUNTER: AtomicU32 = AtomicU32::new(0);
-        let log = std::env::temp_dir().join(format!(
-            "hook-fault-worker-{}-{}.log",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        let stderr = std::fs::File::create(&log).expect("create the worker's log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_hook-test-worker"))
-            .args(["--url", url])
-            .args(flags)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .expect("start hook-test-worker");
-        let pid = i32::try_from(child.id()).expect("pid fits in i32");
-        Worker { child, pid, log }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn signal(&self, signal: Signal) {
-        kill(Pid::from_raw(self.pid), signal).unwrap_or_else(|e| panic!("{signal} to {}: {e}", self.pid));
-    }
-
-    /// SIGKILL, then waits for the process to be gone.
-    async fn kill_9(&mut self) {
-        self.child.kill().expect("SIGKILL the worker");
-        let status = self.wait().await;
-        assert_eq!(status.signal(), Some(Signal::SIGKILL as i32), "{status:?}");
-    }
-
-    /// SIGTERM, then waits for the worker to drain and exit; asserts a clean exit and returns
-    /// its log.
-    async fn terminate(&mut self) -> String {
-        self.signal(Signal::SIGTERM);
-        let status = self.wait().await;
-        let log = self.log();
-        assert!(status.success(), "worker {}: {status:?}\n{log}", self.pid);
-        log
-    }
-
-    async fn wait(&mut self) -> ExitStatus {
-        let deadline = Deadline::new(format!("worker {} to exit", self.pid));
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait for the worker") {
-                return status;
-            }
-            deadline.tick().await;
-        }
-    }
-
-    /// Panics, with the log, if the worker exited.
-    fn assert_running(&mut self) {
-        if let Some(status) = self.child.try_wait().expect("wait for the worker") {
-            panic!("worker {} exited unasked ({status:?}):\n{}", self.pid, self.log());
-        }
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = kill(Pid::from_raw(self.pid), Signal::SIGCONT);
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-        if std::thread::panicking() {
-            let log = self.log();
-            let tail: Vec<&str> = log.lines().rev().take(40).collect();
-            eprintln!("--- log of hook-test-worker {} (last lines) ---", self.pid);
-            for line in tail.iter().rev() {
-                eprintln!("{line}");
-            }
-        }
-        let _ = std::fs::remove_file(&self.log);
     }
 }
 
@@ -219,7 +108,7 @@ async fn audit_outcomes(client: &Client) {
 
 /// Waits until `query` counts zero, checking on the way that no worker exited.
 async fn wait_zero(client: &Client, workers: &mut [&mut Worker], query: &str) {
-    let deadline = Deadline::new(query);
+    let deadline = Deadline::new(PATIENCE, query);
     while count(client, query).await != 0 {
         for worker in workers.iter_mut() {
             worker.assert_running();
@@ -234,7 +123,7 @@ async fn processed(client: &Client) -> i64 {
 
 /// Waits until `processed` reaches `target`, checking on the way that no worker exited.
 async fn wait_processed(client: &Client, workers: &mut [Worker], target: i64) {
-    let deadline = Deadline::new(format!("{target} events to be processed"));
+    let deadline = Deadline::new(PATIENCE, format!("{target} events to be processed"));
     while processed(client).await < target {
         for worker in workers.iter_mut() {
             worker.assert_running();
@@ -247,7 +136,7 @@ async fn wait_processed(client: &Client, workers: &mut [Worker], target: i64) {
 /// before it died has been executed or rolled back, and its row locks are gone.
 async fn wait_for_sessions_to_end(client: &Client, pid: i32) {
     let name = format!("hook-test-worker-{pid}");
-    let deadline = Deadline::new(format!("the sessions of worker {pid} to end"));
+    let deadline = Deadline::new(PATIENCE, format!("the sessions of worker {pid} to end"));
     while count_sessions(client, &name, "true").await > 0 {
         deadline.tick().await;
     }
@@ -361,7 +250,8 @@ async fn processors_killed_at_random_points_lose_nothing_and_never_handle_an_eve
     let flags = ["--batch-size", "50", "--batches-in-flight", "2", "--delay-ms", "1"];
 
     let begun = Instant::now();
-    let mut workers: Vec<Worker> = (0..WORKERS).map(|_| Worker::start(&url, &flags)).collect();
+    let mut workers: Vec<Worker> =
+        (0..WORKERS).map(|_| Worker::start(env!("CARGO_BIN_EXE_hook-test-worker"), &url, &flags)).collect();
     let mut started: Vec<i32> = workers.iter().map(|w| w.pid).collect();
     // Kill when the drain passes random points between 5% and 90%, a random few ms later.
     let points: BTreeSet<i64> =
@@ -371,7 +261,10 @@ async fn processors_killed_at_random_points_lose_nothing_and_never_handle_an_eve
         wait_processed(&client, &mut workers, point).await;
         tokio::time::sleep(Duration::from_millis(rng.range(0, 40))).await;
         let victim = rng.range(0, WORKERS as u64) as usize;
-        let mut worker = std::mem::replace(&mut workers[victim], Worker::start(&url, &flags));
+        let mut worker = std::mem::replace(
+            &mut workers[victim],
+            Worker::start(env!("CARGO_BIN_EXE_hook-test-worker"), &url, &flags),
+        );
         started.push(workers[victim].pid);
         worker.kill_9().await;
         wait_for_sessions_to_end(&client, worker.pid).await;
@@ -490,7 +383,8 @@ async fn a_database_restart_and_a_ten_second_outage_are_ridden_out_and_listen_re
     insert_events(&client, TOTAL as i32).await;
     // Polling every 5 s: anything picked up sooner came through LISTEN/NOTIFY.
     let flags = ["--poll-ms", "5000", "--batch-size", "50", "--delay-ms", "5", "--concurrency", "16"];
-    let mut workers: Vec<Worker> = (0..3).map(|_| Worker::start(&url, &flags)).collect();
+    let mut workers: Vec<Worker> =
+        (0..3).map(|_| Worker::start(env!("CARGO_BIN_EXE_hook-test-worker"), &url, &flags)).collect();
     let pids: Vec<i32> = workers.iter().map(|w| w.pid).collect();
 
     wait_processed(&client, &mut workers, TOTAL / 5).await;
@@ -519,7 +413,7 @@ async fn a_database_restart_and_a_ten_second_outage_are_ridden_out_and_listen_re
     // well within the 5 s poll interval, three times in a row.
     for &pid in &pids {
         let name = format!("hook-test-worker-{pid}");
-        let deadline = Deadline::new(format!("worker {pid} to LISTEN again"));
+        let deadline = Deadline::new(PATIENCE, format!("worker {pid} to LISTEN again"));
         while count_sessions(&client, &name, "query = 'LISTEN hook_events'").await == 0 {
             deadline.tick().await;
         }
@@ -585,7 +479,7 @@ async fn terminate_when(client: &Client, what: &str, condition: &str) -> i64 {
         "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
          WHERE datname = current_database() AND application_name LIKE 'hook-test-worker-%' AND ({condition})"
     );
-    let deadline = Deadline::new(format!("a session {what}"));
+    let deadline = Deadline::new(PATIENCE, format!("a session {what}"));
     loop {
         let n = count(client, &sql).await;
         if n > 0 {
@@ -607,7 +501,8 @@ async fn sessions_terminated_during_claims_handlers_and_completions_lose_nothing
     insert_events(&client, TOTAL as i32).await;
     let url = db.url();
     let flags = ["--batch-size", "25", "--delay-ms", "20", "--concurrency", "32"];
-    let mut workers: Vec<Worker> = (0..3).map(|_| Worker::start(&url, &flags)).collect();
+    let mut workers: Vec<Worker> =
+        (0..3).map(|_| Worker::start(env!("CARGO_BIN_EXE_hook-test-worker"), &url, &flags)).collect();
     let pids: Vec<i32> = workers.iter().map(|w| w.pid).collect();
 
     let claim_sql = "query LIKE '%FOR UPDATE SKIP LOCKED%'";
@@ -787,10 +682,10 @@ async fn a_frozen_holder_loses_its_claim_and_its_late_completion_is_fenced_and_c
         "--drain-timeout-ms",
         "500",
     ];
-    let mut frozen = Worker::start(&url, &flags);
+    let mut frozen = Worker::start(env!("CARGO_BIN_EXE_hook-test-worker"), &url, &flags);
     let name = format!("hook-test-worker-{}", frozen.pid);
     // Freeze it while its handlers run, with the claim held (as a stopped VM would).
-    let deadline = Deadline::new("the worker to hold a claim with handlers running");
+    let deadline = Deadline::new(PATIENCE, "the worker to hold a claim with handlers running");
     loop {
         let running = count(
             &client,
@@ -813,19 +708,19 @@ async fn a_frozen_holder_loses_its_claim_and_its_late_completion_is_fenced_and_c
         .map(|r| r.get(0))
         .collect();
     // The server ends the frozen holder's claim after the claim timeout.
-    let deadline = Deadline::new("the frozen worker's claim to lapse");
+    let deadline = Deadline::new(PATIENCE, "the frozen worker's claim to lapse");
     while count_sessions(&client, &name, "state = 'idle in transaction'").await > 0 {
         deadline.tick().await;
     }
     let lapsed: String = client.query_one("SELECT clock_timestamp()::text", &[]).await.unwrap().get(0);
 
     // Another worker takes over and handles everything.
-    let mut other = Worker::start(&url, &flags);
+    let mut other = Worker::start(env!("CARGO_BIN_EXE_hook-test-worker"), &url, &flags);
     wait_zero(&client, &mut [&mut other], "SELECT count(*) FROM hook_events WHERE NOT processed").await;
     // The frozen one wakes up and finds its claim lost: either its next keep-alive fails (and it
     // cancels the handlers) or its handlers finish first and the completion is fenced.
     frozen.signal(Signal::SIGCONT);
-    let deadline = Deadline::new("the woken worker to notice its lost claim");
+    let deadline = Deadline::new(PATIENCE, "the woken worker to notice its lost claim");
     while !["recording outcomes failed", "claim lost while handlers ran"]
         .iter()
         .any(|m| frozen.log().contains(m))
@@ -905,7 +800,7 @@ async fn a_processor_whose_handlers_panic_hang_and_return_huge_errors_stays_heal
         "--batch-size",
         "4",
     ];
-    let mut worker = Worker::start(&url, &flags);
+    let mut worker = Worker::start(env!("CARGO_BIN_EXE_hook-test-worker"), &url, &flags);
     let insert = |source: &'static str, n: i32| {
         let client = &client;
         async move {
