@@ -6,6 +6,7 @@
 
 mod phases;
 mod report;
+mod soak;
 
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -13,7 +14,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Parser, ValueEnum};
+use clap::{Parser, Subcommand, ValueEnum};
 use hook_core::EngineConfig;
 use hook_store::{parse_database_url, ClusterOptions, EmbeddedCluster};
 
@@ -27,11 +28,18 @@ use crate::report::{LimitRun, Report};
 /// steady trickle; the original service's algorithm (1 s poll, batch 100, one commit per event)
 /// measured the same way; and the peak RSS of the real hook-processor draining a backlog.
 ///
+/// `hook-bench soak` instead runs hook-processor children under a steady load for minutes while
+/// killing them and restarting the database, then checks that nothing was lost, stranded or done
+/// twice.
+///
 /// hook-bench empties `hook_events` before each phase. On DATABASE_URL it refuses a non-empty
 /// table unless --truncate is given: point it at a scratch database.
 #[derive(Debug, Parser)]
 #[command(name = "hook-bench", version, about, long_about)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
+
     /// Backlog size of the drain, limit and RSS phases.
     #[arg(long, default_value_t = 100_000)]
     events: u64,
@@ -53,28 +61,28 @@ struct Args {
     phases: Vec<Phase>,
 
     /// PostgreSQL URL to benchmark on; without it, an embedded cluster under --data-dir.
-    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true, global = true)]
     database_url: Option<String>,
 
     /// Directory of the embedded cluster (created on first use, durable: fsync and
     /// synchronous_commit on).
-    #[arg(long, default_value = "/tmp/hook-bench-data")]
+    #[arg(long, default_value = "/tmp/hook-bench-data", global = true)]
     data_dir: PathBuf,
 
     /// Allow emptying a non-empty hook_events table on DATABASE_URL.
-    #[arg(long)]
+    #[arg(long, global = true)]
     truncate: bool,
 
     /// Engine: events per claim [default: the engine's default].
-    #[arg(long)]
+    #[arg(long, global = true)]
     batch_size: Option<usize>,
 
     /// Engine: batches in flight [default: the engine's default].
-    #[arg(long)]
+    #[arg(long, global = true)]
     batches_in_flight: Option<usize>,
 
     /// Engine: handlers running at once [default: the engine's default].
-    #[arg(long)]
+    #[arg(long, global = true)]
     concurrency: Option<usize>,
 
     /// Rows claimed and completed per statement by the limit loop.
@@ -86,17 +94,57 @@ struct Args {
     #[arg(long, value_delimiter = ',')]
     limit_connections: Vec<usize>,
 
-    /// The hook-processor binary of the RSS phase [default: next to hook-bench].
-    #[arg(long)]
+    /// The hook-processor binary of the RSS phase and the soak [default: next to hook-bench].
+    #[arg(long, global = true)]
     processor_bin: Option<PathBuf>,
 
     /// Print the report as JSON instead of a table.
-    #[arg(long)]
+    #[arg(long, global = true)]
     json: bool,
 
     /// Log level or filter for hook-bench's own logs (stderr).
-    #[arg(long, default_value = "warn")]
+    #[arg(long, default_value = "warn", global = true)]
     log_level: String,
+}
+
+/// Another kind of run than the measurements.
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Steady load on hook-processor children for minutes, with SIGKILLs and database restarts,
+    /// then a consistency check: counts, no duplicates, no stranded leases. Exits 1 if a check
+    /// fails.
+    Soak(SoakArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct SoakArgs {
+    /// How long the load runs, in minutes.
+    #[arg(long, default_value_t = 10.0)]
+    minutes: f64,
+
+    /// Events per second the producer inserts.
+    #[arg(long, default_value_t = 500.0)]
+    rate: f64,
+
+    /// hook-processor children running at once.
+    #[arg(long, default_value_t = 3)]
+    processors: usize,
+
+    /// Mean seconds between two SIGKILLs of a random child (each replaced at once); 0 for none.
+    #[arg(long, default_value_t = 20.0)]
+    kill_every: f64,
+
+    /// Database restarts, spread evenly over the run (needs the embedded cluster).
+    #[arg(long, default_value_t = 2)]
+    restarts: usize,
+
+    /// Seconds the database stays down at each restart.
+    #[arg(long, default_value_t = 5.0)]
+    down_secs: f64,
+
+    /// Seed of the random choices (which child, when) [default: from the clock; printed].
+    #[arg(long)]
+    seed: Option<u64>,
 }
 
 /// One measurement of a run.
@@ -129,20 +177,99 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> anyhow::Result<()> {
     init_logging(&args.log_level)?;
-    let plan = Plan::from_args(&args)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let report = runtime.block_on(bench(&args, &plan))?;
-    let text = if args.json {
-        serde_json::to_string_pretty(&report).context("encoding the report")? + "\n"
-    } else {
-        report.table()
+    let (text, passed) = match &args.command {
+        None => {
+            let plan = Plan::from_args(&args)?;
+            let report = runtime.block_on(bench(&args, &plan))?;
+            (render(&report, args.json, Report::table)?, true)
+        }
+        Some(Command::Soak(soak)) => {
+            let plan = soak_plan(&args, soak)?;
+            let report = runtime.block_on(run_soak(&args, &plan))?;
+            (render(&report, args.json, soak::SoakReport::table)?, report.passed)
+        }
     };
     // The report is the program's output: stdout, where a pipe or redirect takes it.
     std::io::stdout().lock().write_all(text.as_bytes()).context("writing the report")?;
+    anyhow::ensure!(passed, "the soak's consistency checks failed (see the report)");
     Ok(())
+}
+
+fn render<R: serde::Serialize>(report: &R, json: bool, table: fn(&R) -> String) -> anyhow::Result<String> {
+    Ok(if json {
+        serde_json::to_string_pretty(report).context("encoding the report")? + "\n"
+    } else {
+        table(report)
+    })
+}
+
+/// The engine settings of the flags shared by the measurements and the soak.
+fn engine_config(args: &Args) -> anyhow::Result<EngineConfig> {
+    let defaults = EngineConfig::default();
+    let engine = EngineConfig {
+        batch_size: args.batch_size.unwrap_or(defaults.batch_size),
+        batches_in_flight: args.batches_in_flight.unwrap_or(defaults.batches_in_flight),
+        concurrency: args.concurrency.unwrap_or(defaults.concurrency),
+        metrics_interval: None,
+        ..defaults
+    };
+    engine.validate().context("invalid engine settings")?;
+    Ok(engine)
+}
+
+fn processor_bin(args: &Args) -> anyhow::Result<PathBuf> {
+    match &args.processor_bin {
+        Some(path) => Ok(path.clone()),
+        None => Ok(std::env::current_exe().context("locating hook-bench")?.with_file_name("hook-processor")),
+    }
+}
+
+fn soak_plan(args: &Args, soak: &SoakArgs) -> anyhow::Result<soak::SoakPlan> {
+    anyhow::ensure!(soak.minutes > 0.0 && soak.minutes <= 24.0 * 60.0, "--minutes must be in (0, 1440]");
+    anyhow::ensure!(soak.rate > 0.0 && soak.rate <= 20_000.0, "--rate must be in (0, 20000]");
+    anyhow::ensure!((1..=32).contains(&soak.processors), "--processors must be in 1..=32");
+    anyhow::ensure!(
+        soak.kill_every >= 0.0 && soak.kill_every.is_finite(),
+        "--kill-every must be 0 or more seconds"
+    );
+    anyhow::ensure!(soak.down_secs >= 0.0 && soak.down_secs <= 600.0, "--down-secs must be in [0, 600]");
+    let seed = soak.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64)
+    });
+    eprintln!("hook-bench soak: seed {seed} (replay the same faults with --seed {seed})");
+    Ok(soak::SoakPlan {
+        duration: Duration::from_secs_f64(soak.minutes * 60.0),
+        rate: soak.rate,
+        processors: soak.processors,
+        // No kills: one "kill" after the end of the run.
+        kill_every: if soak.kill_every == 0.0 {
+            Duration::from_secs_f64(soak.minutes * 60.0 * 4.0)
+        } else {
+            Duration::from_secs_f64(soak.kill_every)
+        },
+        restarts: soak.restarts,
+        down_for: Duration::from_secs_f64(soak.down_secs),
+        seed,
+        engine: engine_config(args)?,
+        processor_bin: processor_bin(args)?,
+    })
+}
+
+async fn run_soak(args: &Args, plan: &soak::SoakPlan) -> anyhow::Result<soak::SoakReport> {
+    let (db, cluster) = open(args, 4).await?;
+    let result = async {
+        let client = db.connect().await?;
+        hook_store::migrate::migrate(&client).await.context("migrating the soak database")?;
+        refuse_foreign_rows(args, &db, &client).await?;
+        soak::soak(&db, cluster.as_ref(), plan).await
+    }
+    .await;
+    close(db, cluster).await?;
+    result
 }
 
 /// What to measure, checked once.
@@ -167,15 +294,7 @@ impl Plan {
         anyhow::ensure!(args.rate > 0.0 && args.rate <= 10_000.0, "--rate must be in (0, 10000]");
         anyhow::ensure!(args.duration > 0.0 && args.duration <= 3600.0, "--duration must be in (0, 3600]");
         anyhow::ensure!((1..=10_000).contains(&args.limit_batch), "--limit-batch must be in 1..=10000");
-        let defaults = EngineConfig::default();
-        let engine = EngineConfig {
-            batch_size: args.batch_size.unwrap_or(defaults.batch_size),
-            batches_in_flight: args.batches_in_flight.unwrap_or(defaults.batches_in_flight),
-            concurrency: args.concurrency.unwrap_or(defaults.concurrency),
-            metrics_interval: None,
-            ..defaults
-        };
-        engine.validate().context("invalid engine settings")?;
+        let engine = engine_config(args)?;
         let mut limit_connections = if args.limit_connections.is_empty() {
             vec![1, engine.batches_in_flight, 2 * engine.batches_in_flight]
         } else {
@@ -187,10 +306,7 @@ impl Plan {
             limit_connections.iter().all(|&n| (1..=32).contains(&n)),
             "--limit-connections must be in 1..=32"
         );
-        let processor_bin = match &args.processor_bin {
-            Some(path) => path.clone(),
-            None => std::env::current_exe().context("locating hook-bench")?.with_file_name("hook-processor"),
-        };
+        let processor_bin = processor_bin(args)?;
         Ok(Plan {
             events: args.events,
             baseline_events: args.baseline_events,
@@ -204,9 +320,9 @@ impl Plan {
     }
 }
 
-async fn bench(args: &Args, plan: &Plan) -> anyhow::Result<Report> {
-    let connections = plan.limit_connections.iter().max().copied().unwrap_or(1) + 2;
-    let (db, cluster) = match &args.database_url {
+/// The database of the run: DATABASE_URL, or the durable embedded cluster under --data-dir.
+async fn open(args: &Args, connections: usize) -> anyhow::Result<(Db, Option<EmbeddedCluster>)> {
+    Ok(match &args.database_url {
         Some(url) => (Db::new(parse_database_url(url)?, url.clone(), false, connections)?, None),
         None => {
             let cluster = EmbeddedCluster::start(ClusterOptions {
@@ -220,26 +336,46 @@ async fn bench(args: &Args, plan: &Plan) -> anyhow::Result<Report> {
             let db = Db::new(cluster.config("hook_bench"), cluster.url("hook_bench"), true, connections)?;
             (db, Some(cluster))
         }
-    };
-    let result = measure(args, plan, &db).await;
+    })
+}
+
+async fn close(db: Db, cluster: Option<EmbeddedCluster>) -> anyhow::Result<()> {
     // Close the bench's connections before the server goes, so none of them logs its death.
     drop(db);
     if let Some(cluster) = cluster {
         cluster.stop().await.context("stopping the embedded PostgreSQL")?;
     }
+    Ok(())
+}
+
+async fn bench(args: &Args, plan: &Plan) -> anyhow::Result<Report> {
+    let connections = plan.limit_connections.iter().max().copied().unwrap_or(1) + 2;
+    let (db, cluster) = open(args, connections).await?;
+    let result = measure(args, plan, &db).await;
+    close(db, cluster).await?;
     result
+}
+
+/// hook-bench empties `hook_events`: on DATABASE_URL only when it is empty or --truncate says so.
+async fn refuse_foreign_rows(
+    args: &Args,
+    db: &Db,
+    client: &hook_store::deadpool_postgres::Object,
+) -> anyhow::Result<()> {
+    let rows = hook_store::bench::row_count(client).await?;
+    if rows > 0 && !db.embedded && !args.truncate {
+        anyhow::bail!(
+            "hook_events already holds {rows} rows and hook-bench empties it; \
+             point DATABASE_URL at a scratch database, or pass --truncate"
+        );
+    }
+    Ok(())
 }
 
 async fn measure(args: &Args, plan: &Plan, db: &Db) -> anyhow::Result<Report> {
     let client = db.connect().await?;
     hook_store::migrate::migrate(&client).await.context("migrating the bench database")?;
-    let rows = hook_store::bench::row_count(&client).await?;
-    if rows > 0 && !db.embedded && !args.truncate {
-        anyhow::bail!(
-            "hook_events already holds {rows} rows and hook-bench empties it before each phase; \
-             point DATABASE_URL at a scratch database, or pass --truncate"
-        );
-    }
+    refuse_foreign_rows(args, db, &client).await?;
     let mut report = Report::begin(plan, db).await?;
     let wanted = |phase| args.phases.contains(&phase);
     if wanted(Phase::Limit) {
@@ -271,8 +407,9 @@ async fn measure(args: &Args, plan: &Plan, db: &Db) -> anyhow::Result<Report> {
 }
 
 fn init_logging(level: &str) -> anyhow::Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_new(format!("{level},tokio_postgres=warn"))
-        .with_context(|| format!("--log-level {level:?} is not a log level or filter"))?;
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(format!("{level},tokio_postgres=warn,deadpool=error"))
+            .with_context(|| format!("--log-level {level:?} is not a log level or filter"))?;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use hdrhistogram::Histogram;
-use hook_core::{Engine, HandlerResult, HookEvent, Store};
+use hook_core::{Engine, EngineConfig, HandlerResult, HookEvent, Store};
 use hook_store::deadpool_postgres::{Manager, ManagerConfig, Object as Client, Pool, RecyclingMethod};
 use hook_store::tokio_postgres::{Config, NoTls};
 use hook_store::{bench, PgStore, StoreOptions};
@@ -29,8 +29,8 @@ const MAX_RETRY_COUNT: i32 = 3;
 /// The database under test.
 pub(crate) struct Db {
     config: Config,
-    /// The same, as a URL for the hook-processor child.
-    url: String,
+    /// The same, as a URL for the hook-processor children.
+    pub(crate) url: String,
     pub(crate) embedded: bool,
     /// The bench's own connections (producer, limit loop, baseline, read-outs).
     pool: Pool,
@@ -395,25 +395,7 @@ pub(crate) async fn processor_rss(db: &Db, plan: &Plan) -> anyhow::Result<Rss> {
     let log = std::fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
     let clock = CpuClock::start();
     let started = Instant::now();
-    let mut child = tokio::process::Command::new(&plan.processor_bin)
-        .current_dir(&workdir)
-        .env_remove("POSTGRES_HOST")
-        .env_remove("POSTGRES_PORT")
-        .env_remove("POSTGRES_DB")
-        .env_remove("POSTGRES_USER")
-        .env_remove("POSTGRES_PASSWORD")
-        .env_remove("DB_PASSWORD")
-        .env("DATABASE_URL", &db.url)
-        // Its default log level (info), as deployed.
-        .env_remove("LOG_LEVEL")
-        .env("HOOK_METRICS_INTERVAL", "0")
-        .env("BATCH_SIZE", plan.engine.batch_size.to_string())
-        .env("HOOK_BATCHES_IN_FLIGHT", plan.engine.batches_in_flight.to_string())
-        .env("HOOK_CONCURRENCY", plan.engine.concurrency.to_string())
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(log)
-        .kill_on_drop(true)
+    let mut child = processor_command(&plan.processor_bin, &db.url, &plan.engine, &workdir, log)
         .spawn()
         .with_context(|| format!("starting {}", plan.processor_bin.display()))?;
     let pid = child.id().context("the processor exited at once")?;
@@ -442,6 +424,42 @@ pub(crate) async fn processor_rss(db: &Db, plan: &Plan) -> anyhow::Result<Rss> {
     anyhow::ensure!(status.success(), "hook-processor failed ({status}); its log: {}", tail(&log_path));
     let _ = std::fs::remove_dir_all(&workdir);
     Ok(Rss { drain, peak_rss_kib: peak_kib })
+}
+
+/// The hook-processor at `program` on the database at `url` with the engine's settings, in the
+/// scratch directory `workdir` (so that no `.env` of the caller's is read), its stderr to `log`,
+/// and nothing else of the caller's environment that it reads. Killed if dropped.
+pub(crate) fn processor_command(
+    program: &Path,
+    url: &str,
+    engine: &EngineConfig,
+    workdir: &Path,
+    log: std::fs::File,
+) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(program);
+    command
+        .current_dir(workdir)
+        .env_remove("POSTGRES_HOST")
+        .env_remove("POSTGRES_PORT")
+        .env_remove("POSTGRES_DB")
+        .env_remove("POSTGRES_USER")
+        .env_remove("POSTGRES_PASSWORD")
+        .env_remove("DB_PASSWORD")
+        .env_remove("HOOK_HTTP_ADDR")
+        .env_remove("HOOK_LOG_FORMAT")
+        .env_remove("HOOK_WAIT_FOR_DATABASE")
+        // Its default log level (info), as deployed.
+        .env_remove("LOG_LEVEL")
+        .env("DATABASE_URL", url)
+        .env("HOOK_METRICS_INTERVAL", "0")
+        .env("BATCH_SIZE", engine.batch_size.to_string())
+        .env("HOOK_BATCHES_IN_FLIGHT", engine.batches_in_flight.to_string())
+        .env("HOOK_CONCURRENCY", engine.concurrency.to_string())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true);
+    command
 }
 
 /// The `VmHWM` (peak resident set) of a process, in KiB.

@@ -499,7 +499,7 @@ fn loads(l: [f64; 3]) -> String {
 }
 
 /// The 1, 5 and 15 minute load averages.
-fn load() -> [f64; 3] {
+pub(crate) fn load() -> [f64; 3] {
     let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let mut parts = text.split_whitespace().map(|p| p.parse().unwrap_or(0.0));
     [parts.next().unwrap_or(0.0), parts.next().unwrap_or(0.0), parts.next().unwrap_or(0.0)]

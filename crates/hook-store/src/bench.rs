@@ -94,9 +94,15 @@ pub async fn insert_backlog(
 /// Inserts event `i` of the benchmark mix as a producer does: one autocommitted statement, whose
 /// trigger sends NOTIFY. `created_at` is the statement's `now()`.
 pub async fn insert_one(client: &impl GenericClient, i: i64) -> Result<(), StoreError> {
+    insert_range(client, i, i).await.map(drop)
+}
+
+/// Inserts events `first..=last` of the benchmark mix in one autocommitted statement, whose
+/// trigger sends one NOTIFY, as a producer writing a few events at once does. Returns the number
+/// of rows.
+pub async fn insert_range(client: &impl GenericClient, first: i64, last: i64) -> Result<u64, StoreError> {
     let statement = client.prepare_cached(INSERT_EVENTS).await?;
-    client.execute(&statement, &[&i, &i]).await?;
-    Ok(())
+    Ok(client.execute(&statement, &[&first, &last]).await?)
 }
 
 /// Empties `hook_events` (the bench's own database only; the caller checks).
@@ -166,6 +172,25 @@ pub async fn completion_latencies_us(client: &impl GenericClient) -> Result<Vec<
     Ok(rows.iter().map(|row| row.get(0)).collect())
 }
 
+/// `processed_at - created_at` in microseconds of every processed event created outside the
+/// windows `[from[i], until[i]]`, in no order.
+pub async fn completion_latencies_outside_us(
+    client: &impl GenericClient,
+    from: &[time::OffsetDateTime],
+    until: &[time::OffsetDateTime],
+) -> Result<Vec<i64>, StoreError> {
+    let rows = client
+        .query(
+            "SELECT (EXTRACT(EPOCH FROM processed_at - created_at) * 1000000)::int8 \
+             FROM hook_events AS e WHERE processed AND NOT EXISTS ( \
+                 SELECT 1 FROM unnest($1::timestamptz[], $2::timestamptz[]) AS w(a, b) \
+                 WHERE e.created_at BETWEEN w.a AND w.b)",
+            &[&from, &until],
+        )
+        .await?;
+    Ok(rows.iter().map(|row| row.get(0)).collect())
+}
+
 /// Facts about the server that a benchmark report should state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerFacts {
@@ -198,4 +223,141 @@ pub async fn server_facts(client: &impl GenericClient) -> Result<ServerFacts, St
         shared_buffers: row.get(3),
         wal_sync_method: row.get(4),
     })
+}
+
+// ---------------------------------------------------------------------------------------------
+// The soak's read-outs
+// ---------------------------------------------------------------------------------------------
+
+/// Records every committed write of an outcome in `hook_soak_outcomes`: one row when an event is
+/// marked processed, one per failed attempt, one when it is set aside dead. A completion fenced
+/// off (rolled back with its claim, say because its process was killed) leaves none, so in a run
+/// whose handlers all succeed every event must end with exactly one success row.
+const INSTALL_OUTCOME_AUDIT: &str = "\
+     DROP TRIGGER IF EXISTS hook_soak_audit ON hook_events; \
+     DROP FUNCTION IF EXISTS hook_soak_audit(); \
+     DROP TABLE IF EXISTS hook_soak_outcomes; \
+     CREATE TABLE hook_soak_outcomes ( \
+         event_id uuid NOT NULL, processed bool NOT NULL, retry_count int NOT NULL, dead bool NOT NULL, \
+         at timestamptz NOT NULL DEFAULT clock_timestamp()); \
+     CREATE FUNCTION hook_soak_audit() RETURNS trigger LANGUAGE plpgsql AS $$ \
+     BEGIN \
+         IF NEW.processed IS DISTINCT FROM OLD.processed OR NEW.retry_count IS DISTINCT FROM OLD.retry_count \
+            OR NEW.dead_at IS DISTINCT FROM OLD.dead_at THEN \
+             INSERT INTO hook_soak_outcomes (event_id, processed, retry_count, dead) \
+             VALUES (NEW.id, NEW.processed, NEW.retry_count, NEW.dead_at IS NOT NULL); \
+         END IF; \
+         RETURN NEW; \
+     END $$; \
+     CREATE TRIGGER hook_soak_audit AFTER UPDATE ON hook_events \
+         FOR EACH ROW EXECUTE FUNCTION hook_soak_audit();";
+
+const REMOVE_OUTCOME_AUDIT: &str = "\
+     DROP TRIGGER IF EXISTS hook_soak_audit ON hook_events; \
+     DROP FUNCTION IF EXISTS hook_soak_audit(); \
+     DROP TABLE IF EXISTS hook_soak_outcomes;";
+
+/// Installs the soak's audit of committed outcomes (see [`outcome_audit`]), replacing any left
+/// by an earlier run.
+pub async fn install_outcome_audit(client: &impl GenericClient) -> Result<(), StoreError> {
+    client.batch_execute(INSTALL_OUTCOME_AUDIT).await?;
+    Ok(())
+}
+
+/// Removes the soak's audit trigger and its table.
+pub async fn remove_outcome_audit(client: &impl GenericClient) -> Result<(), StoreError> {
+    client.batch_execute(REMOVE_OUTCOME_AUDIT).await?;
+    Ok(())
+}
+
+/// What the audit recorded: every outcome that committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct OutcomeAudit {
+    /// Commits that marked an event processed.
+    pub successes: i64,
+    /// Commits of a failed attempt or of a dead event.
+    pub failures: i64,
+    /// Events whose successful completion did not commit exactly once (none or several).
+    pub events_without_one_success: i64,
+}
+
+/// Reads the audit installed by [`install_outcome_audit`].
+pub async fn outcome_audit(client: &impl GenericClient) -> Result<OutcomeAudit, StoreError> {
+    let row = client
+        .query_one(
+            "SELECT (SELECT count(*) FROM hook_soak_outcomes WHERE processed), \
+                    (SELECT count(*) FROM hook_soak_outcomes WHERE NOT processed), \
+                    (SELECT count(*) FROM hook_events AS e \
+                       LEFT JOIN (SELECT event_id, count(*) AS n FROM hook_soak_outcomes WHERE processed \
+                                  GROUP BY event_id) AS o ON o.event_id = e.id \
+                     WHERE o.n IS DISTINCT FROM 1)",
+            &[],
+        )
+        .await?;
+    Ok(OutcomeAudit { successes: row.get(0), failures: row.get(1), events_without_one_success: row.get(2) })
+}
+
+/// `metadata.seq` of every row (the number [`insert_range`] gave it; -1 for a row without one),
+/// in no order.
+pub async fn sequence_numbers(client: &impl GenericClient) -> Result<Vec<i64>, StoreError> {
+    let rows = client.query("SELECT coalesce((metadata->>'seq')::int8, -1) FROM hook_events", &[]).await?;
+    Ok(rows.iter().map(|row| row.get(0)).collect())
+}
+
+/// How the rows of `hook_events` ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct EndStates {
+    /// Processed.
+    pub processed: i64,
+    /// Set aside dead.
+    pub dead: i64,
+    /// Neither processed nor dead: still queued.
+    pub queued: i64,
+    /// Processed with `processed_at < created_at`, which the seed's checks reject.
+    pub processed_before_created: i64,
+}
+
+/// Counts the rows of `hook_events` by how they ended.
+pub async fn end_states(client: &impl GenericClient) -> Result<EndStates, StoreError> {
+    let row = client
+        .query_one(
+            "SELECT count(*) FILTER (WHERE processed), \
+                    count(*) FILTER (WHERE NOT processed AND dead_at IS NOT NULL), \
+                    count(*) FILTER (WHERE NOT processed AND dead_at IS NULL), \
+                    count(*) FILTER (WHERE processed AND (processed_at IS NULL OR processed_at < created_at)) \
+             FROM hook_events",
+            &[],
+        )
+        .await?;
+    Ok(EndStates {
+        processed: row.get(0),
+        dead: row.get(1),
+        queued: row.get(2),
+        processed_before_created: row.get(3),
+    })
+}
+
+/// Rows of `hook_events` some transaction holds a lock on: a claim that was not released.
+pub async fn locked_rows(client: &mut impl GenericClient) -> Result<i64, StoreError> {
+    let tx = client.transaction().await?;
+    let row = tx
+        .query_one(
+            "SELECT (SELECT count(*) FROM hook_events) \
+                  - (SELECT count(*) FROM (SELECT id FROM hook_events FOR UPDATE SKIP LOCKED) AS free)",
+            &[],
+        )
+        .await?;
+    tx.rollback().await?;
+    Ok(row.get(0))
+}
+
+/// Sessions on this database with this `application_name`.
+pub async fn sessions(client: &impl GenericClient, application_name: &str) -> Result<i64, StoreError> {
+    Ok(client
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND application_name = $1",
+            &[&application_name],
+        )
+        .await?
+        .get(0))
 }

@@ -1,0 +1,687 @@
+//! `hook-bench soak`: hook-processor children under a steady load for minutes, while the soak
+//! kills one with SIGKILL every so often and restarts the database; then a consistency check.
+//!
+//! What is checked, and from where:
+//! - **Nothing lost, nothing added.** The producer numbers its events (`metadata.seq`) and keeps
+//!   the ranges whose INSERT was acknowledged, and those whose INSERT failed (their commit is
+//!   unknown). Every acknowledged number must be in the table exactly once, and no row may carry a
+//!   number the producer never sent.
+//! - **Nothing stranded.** Once the producer stops, the queue must drain; then no row may be
+//!   left unprocessed, none locked (a lease nobody releases), and `processed_at >= created_at`.
+//! - **Nothing done twice.** A trigger records every committed outcome (the table
+//!   `hook_soak_outcomes`): each event must have exactly one committed success. The children log
+//!   every handled event (`LOG_LEVEL=info,hook_core::engine=debug`, JSON), also those whose batch
+//!   never commits; an event handled more than once is excused only when the earlier handling was
+//!   by a process killed afterwards, or happened while the database went down under it. Anything
+//!   else is a handling under a live claim, and fails the soak.
+//! - **Nobody gives up.** A processor that exits without being told to fails the soak; so does
+//!   one that does not exit 0 on SIGTERM at the end.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use hdrhistogram::Histogram;
+use hook_store::{bench, EmbeddedCluster};
+use rand::rngs::StdRng;
+use rand::{Rng as _, SeedableRng as _};
+use serde::Serialize;
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+use tokio::sync::watch;
+
+use crate::phases::{processor_command, Db};
+use crate::report::{Percentiles, Throughput};
+
+/// Most rows one producer statement inserts (after an outage the producer catches up in these).
+const PRODUCER_CHUNK: i64 = 1_000;
+/// How often the soak samples the backlog and looks at its children.
+const TICK: Duration = Duration::from_millis(100);
+/// A handling that ended this long before the database went down may still have had its
+/// commit in flight.
+const OUTAGE_SLACK: Duration = Duration::from_secs(2);
+/// Events created this soon after the database was back are counted with the outage.
+const AFTER_OUTAGE: Duration = Duration::from_secs(10);
+/// How often the soak reports its progress on stderr.
+const PROGRESS_EVERY: Duration = Duration::from_secs(60);
+/// Longest wait for the queue to drain once the producer stops.
+const DRAIN_PATIENCE: Duration = Duration::from_secs(300);
+
+/// What a soak run does.
+#[derive(Debug, Clone)]
+pub(crate) struct SoakPlan {
+    pub(crate) duration: Duration,
+    /// Events per second the producer inserts.
+    pub(crate) rate: f64,
+    /// hook-processor children running at once.
+    pub(crate) processors: usize,
+    /// Mean time between two SIGKILLs (each lands uniformly in 0.5x..1.5x of it).
+    pub(crate) kill_every: Duration,
+    /// Database restarts, spread evenly over the run.
+    pub(crate) restarts: usize,
+    /// How long the database stays down at each restart.
+    pub(crate) down_for: Duration,
+    pub(crate) seed: u64,
+    pub(crate) engine: hook_core::EngineConfig,
+    pub(crate) processor_bin: PathBuf,
+}
+
+/// One hook-processor child.
+struct Processor {
+    child: tokio::process::Child,
+    pid: u32,
+    /// Its sessions' `application_name`.
+    name: String,
+    log: PathBuf,
+    killed_at: Option<OffsetDateTime>,
+}
+
+/// The children, live and gone, and where they write.
+struct Fleet<'a> {
+    plan: &'a SoakPlan,
+    url: &'a str,
+    workdir: PathBuf,
+    all: Vec<Processor>,
+    /// Indices into `all` of the children that should be running.
+    live: Vec<usize>,
+    unexpected_exits: Vec<String>,
+}
+
+impl<'a> Fleet<'a> {
+    fn new(plan: &'a SoakPlan, url: &'a str) -> anyhow::Result<Fleet<'a>> {
+        anyhow::ensure!(
+            plan.processor_bin.is_file(),
+            "no hook-processor binary at {} (build it with `cargo build --release -p hook-processor`, \
+             or pass --processor-bin)",
+            plan.processor_bin.display()
+        );
+        anyhow::ensure!(
+            url.starts_with("postgres://") || url.starts_with("postgresql://"),
+            "the soak needs DATABASE_URL as a postgresql:// URL (it adds an application_name per child)"
+        );
+        let workdir = std::env::temp_dir().join(format!("hook-bench-soak-{}", std::process::id()));
+        std::fs::create_dir_all(&workdir).with_context(|| format!("creating {}", workdir.display()))?;
+        Ok(Fleet { plan, url, workdir, all: Vec::new(), live: Vec::new(), unexpected_exits: Vec::new() })
+    }
+
+    /// Starts a child and returns its index in `all`.
+    fn spawn(&mut self) -> anyhow::Result<usize> {
+        let n = self.all.len();
+        let name = format!("hook-soak-{}-{n}", std::process::id());
+        let log = self.workdir.join(format!("{name}.log"));
+        let file = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let separator = if self.url.contains('?') { '&' } else { '?' };
+        let url = format!("{}{separator}application_name={name}", self.url);
+        let child = processor_command(&self.plan.processor_bin, &url, &self.plan.engine, &self.workdir, file)
+            // Every handled event in the log, as JSON with its timestamp.
+            .env("LOG_LEVEL", "info,hook_core::engine=debug")
+            .env("HOOK_LOG_FORMAT", "json")
+            // A replacement started while the database is down waits for it, as a unit with
+            // Restart= would.
+            .env("HOOK_WAIT_FOR_DATABASE", "120s")
+            .spawn()
+            .with_context(|| format!("starting {}", self.plan.processor_bin.display()))?;
+        let pid = child.id().context("a hook-processor child exited at once")?;
+        self.all.push(Processor { child, pid, name, log, killed_at: None });
+        self.live.push(n);
+        Ok(n)
+    }
+
+    /// Records and replaces every child that exited on its own.
+    fn check(&mut self) -> anyhow::Result<()> {
+        let mut exited = Vec::new();
+        for &i in &self.live {
+            if let Some(status) = self.all[i].child.try_wait()? {
+                let p = &self.all[i];
+                self.unexpected_exits.push(format!("pid {} exited ({status}): {}", p.pid, tail(&p.log)));
+                exited.push(i);
+            }
+        }
+        for i in exited {
+            self.live.retain(|&j| j != i);
+            self.spawn()?;
+        }
+        Ok(())
+    }
+
+    /// SIGKILLs the child at `live[victim]`, starts its replacement, and returns the killed
+    /// child's index.
+    async fn kill(&mut self, victim: usize) -> anyhow::Result<usize> {
+        let i = self.live.remove(victim);
+        let p = &mut self.all[i];
+        p.child.start_kill().context("SIGKILL to a hook-processor child")?;
+        p.killed_at = Some(OffsetDateTime::now_utc());
+        p.child.wait().await.context("reaping a killed child")?;
+        self.spawn()?;
+        Ok(i)
+    }
+
+    /// SIGTERMs every live child; returns those that did not exit 0 within a minute.
+    async fn stop(&mut self) -> Vec<String> {
+        let mut failures = Vec::new();
+        for &i in &self.live {
+            let pid = nix::unistd::Pid::from_raw(i32::try_from(self.all[i].pid).unwrap_or(i32::MAX));
+            if let Err(e) = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM) {
+                failures.push(format!("SIGTERM to {pid}: {e}"));
+            }
+        }
+        for i in std::mem::take(&mut self.live) {
+            let p = &mut self.all[i];
+            match tokio::time::timeout(Duration::from_secs(60), p.child.wait()).await {
+                Ok(Ok(status)) if status.success() => {}
+                Ok(Ok(status)) => failures.push(format!("pid {} exited ({status}): {}", p.pid, tail(&p.log))),
+                Ok(Err(e)) => failures.push(format!("pid {}: {e}", p.pid)),
+                Err(_) => {
+                    let _ = p.child.start_kill();
+                    failures.push(format!("pid {} did not exit within 60 s of SIGTERM", p.pid));
+                }
+            }
+        }
+        failures
+    }
+}
+
+/// What the producer did.
+#[derive(Debug, Default)]
+struct Produced {
+    /// Ranges of `seq` whose INSERT was acknowledged.
+    acked: Vec<(i64, i64)>,
+    /// Ranges whose INSERT failed: they may or may not have committed.
+    uncertain: Vec<(i64, i64)>,
+    /// Times the producer could not get a connection.
+    refused: u64,
+}
+
+impl Produced {
+    fn count(ranges: &[(i64, i64)]) -> u64 {
+        ranges.iter().map(|&(first, last)| (last - first + 1).unsigned_abs()).sum()
+    }
+}
+
+/// Inserts `rate` events per second in small statements until told to stop, catching up after
+/// an outage in chunks of [`PRODUCER_CHUNK`].
+async fn produce(db: &Db, rate: f64, mut stop: watch::Receiver<bool>) -> Produced {
+    let mut produced = Produced::default();
+    let mut next = 1_i64;
+    let started = Instant::now();
+    let mut ticks = tokio::time::interval(Duration::from_millis(10));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = stop.changed() => return produced,
+        }
+        let due = (rate * started.elapsed().as_secs_f64()) as i64;
+        if due < next {
+            continue;
+        }
+        let last = due.min(next + PRODUCER_CHUNK - 1);
+        let Ok(client) = db.connect().await else {
+            produced.refused += 1;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        match bench::insert_range(&client, next, last).await {
+            Ok(_) => produced.acked.push((next, last)),
+            Err(error) => {
+                tracing::debug!(%error, "producer insert failed");
+                produced.uncertain.push((next, last));
+            }
+        }
+        next = last + 1;
+    }
+}
+
+/// A database restart: when it went down and when it was back, on the wall clock (to compare
+/// with the children's log timestamps) and on the monotonic one.
+#[derive(Debug, Clone, Copy)]
+struct Outage {
+    down: OffsetDateTime,
+    up: OffsetDateTime,
+    up_instant: Instant,
+}
+
+/// Figures and verdict of one soak run.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct SoakReport {
+    pub(crate) minutes: f64,
+    pub(crate) rate: f64,
+    pub(crate) processors: usize,
+    pub(crate) seed: u64,
+    pub(crate) load_before: [f64; 3],
+    pub(crate) load_after: [f64; 3],
+    /// Events whose INSERT was acknowledged.
+    pub(crate) produced: u64,
+    /// Events whose INSERT failed (during an outage); in the table or not.
+    pub(crate) producer_uncertain: u64,
+    pub(crate) producer_refused_connections: u64,
+    pub(crate) rows: u64,
+    pub(crate) processed: u64,
+    pub(crate) dead: u64,
+    /// The whole run, producer and drain, as throughput.
+    pub(crate) throughput: Throughput,
+    pub(crate) kills: usize,
+    pub(crate) restarts: usize,
+    pub(crate) down_s: f64,
+    /// After a SIGKILL, until the server had ended every session of the killed child (its
+    /// leases released).
+    pub(crate) lease_release_after_kill: Option<Percentiles>,
+    /// After the database was back, until the backlog fell below a second's worth of events.
+    pub(crate) recovery_after_restart_ms: Vec<u64>,
+    pub(crate) max_backlog: i64,
+    /// processed_at − created_at of every processed event.
+    pub(crate) processed_latency: Percentiles,
+    /// The same, of the events created neither while the database was down nor in the
+    /// [`AFTER_OUTAGE`] after it was back.
+    pub(crate) processed_latency_outside_outages: Percentiles,
+    /// From the producer's stop until nothing was queued.
+    pub(crate) final_drain_s: f64,
+    /// Handlings seen in the children's logs.
+    pub(crate) handlings: u64,
+    /// Events handled more than once, each excused by a kill, an outage, or nothing.
+    pub(crate) rehandled_after_kill: u64,
+    pub(crate) rehandled_after_outage: u64,
+    pub(crate) checks: Vec<Check>,
+    pub(crate) passed: bool,
+    pub(crate) seconds: f64,
+}
+
+/// One consistency check: how many things were wrong (0 passes).
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Check {
+    pub(crate) what: &'static str,
+    pub(crate) found: u64,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub(crate) examples: Vec<String>,
+}
+
+/// Runs the soak. `cluster` is the embedded cluster to restart (required when
+/// `plan.restarts > 0`).
+pub(crate) async fn soak(
+    db: &Db,
+    cluster: Option<&EmbeddedCluster>,
+    plan: &SoakPlan,
+) -> anyhow::Result<SoakReport> {
+    anyhow::ensure!(
+        plan.restarts == 0 || cluster.is_some(),
+        "--restarts needs the embedded cluster (run without DATABASE_URL), or pass --restarts 0"
+    );
+    let began = Instant::now();
+    let load_before = crate::report::load();
+    let mut rng = StdRng::seed_from_u64(plan.seed);
+    {
+        let client = db.connect().await?;
+        bench::truncate(&client).await?;
+        bench::install_outcome_audit(&client).await.context("installing the outcome audit")?;
+    }
+    let mut fleet = Fleet::new(plan, &db.url)?;
+    for _ in 0..plan.processors {
+        fleet.spawn()?;
+    }
+    let clock = crate::report::CpuClock::start();
+    let (stop_producer, stopped) = watch::channel(false);
+    let producer = produce(db, plan.rate, stopped);
+    tokio::pin!(producer);
+
+    let started = Instant::now();
+    let mut next_kill = started + jitter(&mut rng, plan.kill_every);
+    let mut restarts_at: Vec<Instant> = (1..=plan.restarts)
+        .map(|i| started + plan.duration.mul_f64(i as f64 / (plan.restarts + 1) as f64))
+        .collect();
+    restarts_at.reverse();
+    let mut outages: Vec<Outage> = Vec::new();
+    let mut recovering: Option<Instant> = None;
+    let mut recoveries = Vec::new();
+    let mut lease_release = Histogram::<u64>::new(3).context("histogram")?;
+    let mut kills = 0;
+    let mut max_backlog = 0;
+    let calm_backlog = (plan.rate as i64).max(50);
+
+    // The run: the producer runs as a branch of this select, the fault schedule in the other.
+    let faults = async {
+        let mut next_progress = started + PROGRESS_EVERY;
+        while started.elapsed() < plan.duration {
+            tokio::time::sleep(TICK).await;
+            fleet.check()?;
+            let backlog = backlog(db).await;
+            if Instant::now() >= next_progress {
+                next_progress += PROGRESS_EVERY;
+                eprintln!(
+                    "hook-bench soak: {:>4.0} s, backlog {}, {kills} kills, {} restarts",
+                    started.elapsed().as_secs_f64(),
+                    backlog.map_or_else(|| "unknown".into(), |b| b.to_string()),
+                    outages.len()
+                );
+            }
+            if let Some(backlog) = backlog {
+                max_backlog = max_backlog.max(backlog);
+                if let Some(since) = recovering.filter(|_| backlog <= calm_backlog) {
+                    recoveries.push(since.elapsed().as_millis() as u64);
+                    recovering = None;
+                }
+            }
+            let now = Instant::now();
+            if now >= next_kill {
+                let victim = rng.gen_range(0..fleet.live.len());
+                let killed = fleet.kill(victim).await?;
+                kills += 1;
+                let name = fleet.all[killed].name.clone();
+                if let Some(release) = sessions_gone(db, &name).await {
+                    lease_release.record(release.as_micros() as u64).ok();
+                }
+                tracing::info!(pid = fleet.all[killed].pid, "killed a processor");
+                next_kill = Instant::now() + jitter(&mut rng, plan.kill_every);
+            }
+            if restarts_at.last().is_some_and(|&at| now >= at) {
+                restarts_at.pop();
+                let cluster = cluster.context("no cluster to restart")?;
+                let down = OffsetDateTime::now_utc();
+                cluster.stop_server().await.context("stopping the database")?;
+                tokio::time::sleep(plan.down_for).await;
+                cluster.start_server().await.context("starting the database again")?;
+                let outage = Outage { down, up: OffsetDateTime::now_utc(), up_instant: Instant::now() };
+                recovering = Some(outage.up_instant);
+                tracing::info!("restarted the database");
+                outages.push(outage);
+            }
+        }
+        anyhow::Ok(())
+    };
+    let produced = tokio::select! {
+        result = faults => {
+            result?;
+            let _ = stop_producer.send(true);
+            (&mut producer).await
+        }
+        produced = &mut producer => produced,
+    };
+    // The tail: the queue drains with every child alive.
+    let producer_stopped = Instant::now();
+    let drained = loop {
+        fleet.check()?;
+        if backlog(db).await == Some(0) {
+            break true;
+        }
+        if producer_stopped.elapsed() > DRAIN_PATIENCE {
+            break false;
+        }
+        tokio::time::sleep(TICK).await;
+    };
+    let final_drain = producer_stopped.elapsed();
+    let mut client = db.connect().await?;
+    let locked_while_idle = bench::locked_rows(&mut client).await?;
+    let stop_failures = fleet.stop().await;
+    let throughput = Throughput::new(Produced::count(&produced.acked), clock);
+
+    let states = bench::end_states(&client).await?;
+    let audit = bench::outcome_audit(&client).await?;
+    let locked_after = bench::locked_rows(&mut client).await?;
+    let seqs = bench::sequence_numbers(&client).await?;
+    let latency = histogram(bench::completion_latencies_us(&client).await?)?;
+    let (from, until): (Vec<_>, Vec<_>) =
+        outages.iter().map(|o| (o.down - OUTAGE_SLACK, o.up + AFTER_OUTAGE)).unzip();
+    let calm_latency = histogram(bench::completion_latencies_outside_us(&client, &from, &until).await?)?;
+    bench::remove_outcome_audit(&client).await?;
+
+    let rows = ranges_check(&seqs, &produced);
+    let handlings = read_handlings(&fleet.all)?;
+    let rehandled = classify_rehandlings(&handlings, &fleet.all, &outages);
+    let mut checks = rows.checks;
+    checks.extend([
+        Check::count("events still queued after the drain", states.queued, !drained),
+        Check::count("events set aside dead (every handler succeeds)", states.dead, false),
+        Check::count("events processed before they were created", states.processed_before_created, false),
+        Check::count("events without exactly one committed success", audit.events_without_one_success, false),
+        Check::count("committed failures (every handler succeeds)", audit.failures, false),
+        Check::count("rows locked once the queue was empty", locked_while_idle, false),
+        Check::count("rows locked after every processor stopped", locked_after, false),
+        Check::count(
+            "processed events never seen handled in a log",
+            (states.processed - i64::try_from(handlings.len()).unwrap_or(i64::MAX)).max(0),
+            false,
+        ),
+        Check::list("events handled again under a live claim", rehandled.unexplained),
+        Check::list("processors that exited without being told to", fleet.unexpected_exits.clone()),
+        Check::list("processors that did not exit 0 on SIGTERM", stop_failures),
+    ]);
+    let passed = checks.iter().all(|c| c.found == 0);
+    let report = SoakReport {
+        minutes: plan.duration.as_secs_f64() / 60.0,
+        rate: plan.rate,
+        processors: plan.processors,
+        seed: plan.seed,
+        load_before,
+        load_after: crate::report::load(),
+        produced: Produced::count(&produced.acked),
+        producer_uncertain: Produced::count(&produced.uncertain),
+        producer_refused_connections: produced.refused,
+        rows: seqs.len() as u64,
+        processed: states.processed.unsigned_abs(),
+        dead: states.dead.unsigned_abs(),
+        throughput,
+        kills,
+        restarts: outages.len(),
+        down_s: plan.down_for.as_secs_f64(),
+        lease_release_after_kill: (!lease_release.is_empty()).then(|| Percentiles::of(&lease_release)),
+        recovery_after_restart_ms: recoveries,
+        max_backlog,
+        processed_latency: Percentiles::of(&latency),
+        processed_latency_outside_outages: Percentiles::of(&calm_latency),
+        final_drain_s: final_drain.as_secs_f64(),
+        handlings: handlings.values().map(|h| h.len() as u64).sum(),
+        rehandled_after_kill: rehandled.after_kill,
+        rehandled_after_outage: rehandled.after_outage,
+        checks,
+        passed,
+        seconds: began.elapsed().as_secs_f64(),
+    };
+    if passed {
+        let _ = std::fs::remove_dir_all(&fleet.workdir);
+    } else {
+        eprintln!("hook-bench: the children's logs are kept in {}", fleet.workdir.display());
+    }
+    Ok(report)
+}
+
+impl Check {
+    fn count(what: &'static str, found: i64, failed: bool) -> Check {
+        Check { what, found: found.max(i64::from(failed)).unsigned_abs(), examples: Vec::new() }
+    }
+
+    fn list(what: &'static str, mut examples: Vec<String>) -> Check {
+        let found = examples.len() as u64;
+        examples.truncate(5);
+        Check { what, found, examples }
+    }
+}
+
+fn histogram(values: Vec<i64>) -> anyhow::Result<Histogram<u64>> {
+    let mut histogram = Histogram::<u64>::new(3).context("histogram")?;
+    for value in values {
+        histogram.record(value.max(0).unsigned_abs()).ok();
+    }
+    Ok(histogram)
+}
+
+/// Uniform in 0.5x..1.5x of `mean`.
+fn jitter(rng: &mut StdRng, mean: Duration) -> Duration {
+    mean.mul_f64(rng.gen_range(0.5..1.5))
+}
+
+/// Live queued events, or `None` while the database cannot be asked.
+async fn backlog(db: &Db) -> Option<i64> {
+    let client = db.connect().await.ok()?;
+    bench::unprocessed_count(&client).await.ok()
+}
+
+/// How long until the server has no session named `name`, or `None` if that could not be seen
+/// within 30 s.
+async fn sessions_gone(db: &Db, name: &str) -> Option<Duration> {
+    let since = Instant::now();
+    let client = db.connect().await.ok()?;
+    while since.elapsed() < Duration::from_secs(30) {
+        if bench::sessions(&client, name).await.ok()? == 0 {
+            return Some(since.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    None
+}
+
+/// The checks of the rows against what the producer sent.
+struct RowChecks {
+    checks: Vec<Check>,
+}
+
+fn ranges_check(seqs: &[i64], produced: &Produced) -> RowChecks {
+    let mut seen: HashMap<i64, u32> = HashMap::with_capacity(seqs.len());
+    for &seq in seqs {
+        *seen.entry(seq).or_default() += 1;
+    }
+    let in_ranges = |ranges: &[(i64, i64)], seq: i64| ranges.iter().any(|&(a, b)| (a..=b).contains(&seq));
+    let mut lost = Vec::new();
+    for &(first, last) in &produced.acked {
+        lost.extend((first..=last).filter(|seq| !seen.contains_key(seq)).map(|seq| format!("seq {seq}")));
+    }
+    let duplicated: Vec<String> =
+        seen.iter().filter(|&(_, &n)| n > 1).map(|(seq, n)| format!("seq {seq} x{n}")).collect();
+    let strangers: Vec<String> = seen
+        .keys()
+        .filter(|&&seq| !in_ranges(&produced.acked, seq) && !in_ranges(&produced.uncertain, seq))
+        .map(|seq| format!("seq {seq}"))
+        .collect();
+    RowChecks {
+        checks: vec![
+            Check::list("acknowledged events missing from the table", lost),
+            Check::list("events in the table more than once", duplicated),
+            Check::list("rows the producer never sent", strangers),
+        ],
+    }
+}
+
+/// Every handling in the children's logs: event id → (when, index of the child), in time order.
+fn read_handlings(all: &[Processor]) -> anyhow::Result<HashMap<String, Vec<(OffsetDateTime, usize)>>> {
+    #[derive(serde::Deserialize)]
+    struct Line {
+        timestamp: String,
+        message: String,
+        event_id: Option<String>,
+    }
+    let mut handlings: HashMap<String, Vec<(OffsetDateTime, usize)>> = HashMap::new();
+    for (i, p) in all.iter().enumerate() {
+        let text = std::fs::read_to_string(&p.log).with_context(|| format!("reading {}", p.log.display()))?;
+        // A line cut short by SIGKILL does not parse, and its batch never committed.
+        for line in text.lines().filter(|l| l.contains("\"handled\"")) {
+            let Ok(line) = serde_json::from_str::<Line>(line) else { continue };
+            let (Some(id), "handled") = (line.event_id, line.message.as_str()) else { continue };
+            let at = OffsetDateTime::parse(&line.timestamp, &Rfc3339)
+                .with_context(|| format!("a timestamp in {}: {:?}", p.log.display(), line.timestamp))?;
+            handlings.entry(id).or_default().push((at, i));
+        }
+    }
+    for list in handlings.values_mut() {
+        list.sort_unstable();
+    }
+    Ok(handlings)
+}
+
+#[derive(Debug, Default)]
+struct Rehandled {
+    after_kill: u64,
+    after_outage: u64,
+    unexplained: Vec<String>,
+}
+
+/// Sorts every handling but an event's last (the one that committed) by what excuses it.
+fn classify_rehandlings(
+    handlings: &HashMap<String, Vec<(OffsetDateTime, usize)>>,
+    all: &[Processor],
+    outages: &[Outage],
+) -> Rehandled {
+    let mut rehandled = Rehandled::default();
+    for (id, list) in handlings {
+        let Some((_, earlier)) = list.split_last() else { continue };
+        for &(at, i) in earlier {
+            if all[i].killed_at.is_some_and(|killed| at <= killed) {
+                rehandled.after_kill += 1;
+            } else if outages.iter().any(|o| at >= o.down - OUTAGE_SLACK && at <= o.up) {
+                rehandled.after_outage += 1;
+            } else {
+                rehandled.unexplained.push(format!("event {id}: by pid {} at {at}, again later", all[i].pid));
+            }
+        }
+    }
+    rehandled
+}
+
+fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(5)..].join(" | ")
+}
+
+impl SoakReport {
+    /// The report as a table for a terminal.
+    pub(crate) fn table(&self) -> String {
+        use std::fmt::Write as _;
+        let ms = |us: u64| format!("{:.1} ms", us as f64 / 1000.0);
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "hook-bench soak: {:.1} min, {} events/s, {} processors, seed {}, load {:.2} -> {:.2}",
+            self.minutes, self.rate, self.processors, self.seed, self.load_before[0], self.load_after[0]
+        );
+        let _ = writeln!(
+            out,
+            "produced {} acknowledged (+{} with unknown commit, {} refused connections); table {} rows: {} processed, {} dead",
+            self.produced, self.producer_uncertain, self.producer_refused_connections, self.rows, self.processed, self.dead
+        );
+        let _ = writeln!(
+            out,
+            "faults: {} SIGKILLs, {} database restarts ({:.1} s down each)",
+            self.kills, self.restarts, self.down_s
+        );
+        if let Some(l) = &self.lease_release_after_kill {
+            let _ =
+                writeln!(out, "leases released after SIGKILL: p50 {}, max {}", ms(l.p50_us), ms(l.max_us));
+        }
+        let _ = writeln!(
+            out,
+            "recovery after restart (backlog back under 1 s of load): {:?} ms; max backlog {}",
+            self.recovery_after_restart_ms, self.max_backlog
+        );
+        for (what, p) in [
+            ("all events", &self.processed_latency),
+            ("outside restarts", &self.processed_latency_outside_outages),
+        ] {
+            let _ = writeln!(
+                out,
+                "processed_at - created_at, {what}: p50 {}, p95 {}, p99 {}, max {}",
+                ms(p.p50_us),
+                ms(p.p95_us),
+                ms(p.p99_us),
+                ms(p.max_us)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "handlings {}; handled again after a kill {}, after an outage {}; final drain {:.2} s; machine CPU busy {:.0}%",
+            self.handlings,
+            self.rehandled_after_kill,
+            self.rehandled_after_outage,
+            self.final_drain_s,
+            self.throughput.machine_cpu_busy * 100.0
+        );
+        let _ = writeln!(out, "checks:");
+        for check in &self.checks {
+            let mark = if check.found == 0 { "ok  " } else { "FAIL" };
+            let _ = writeln!(out, "  {mark} {:<55} {}", check.what, check.found);
+            for example in &check.examples {
+                let _ = writeln!(out, "         {example}");
+            }
+        }
+        let _ = writeln!(out, "{} ({:.0} s)", if self.passed { "PASSED" } else { "FAILED" }, self.seconds);
+        out
+    }
+}
