@@ -312,11 +312,22 @@ async fn rows_at_the_retry_limit_and_with_null_errors_are_decided_without_a_chec
     let retry = RetryPolicy { max_retry_count: 10, base_delay: hour, max_delay: hour, ..test_config().retry };
     let config = EngineConfig { retry, ..test_config() };
     let undecided = "SELECT count(*) FROM hook_events \
-                     WHERE NOT processed AND dead_at IS NULL AND next_attempt_at IS NULL AND retry_count < 10";
+                     WHERE NOT processed AND dead_at IS NULL AND next_attempt_at IS NULL";
     let metrics = run_until(&db, registry, config, undecided).await;
 
-    // At the limit already: never claimed, never changed.
-    assert_eq!(row_state(&client, at_limit).await, (false, 10, Some(vec![Some("old error".into())]), false));
+    // At the limit already: not attempted, set aside as dead with the reason, its count and
+    // earlier errors kept.
+    let (processed, retries, errors, dead) = row_state(&client, at_limit).await;
+    assert_eq!((processed, retries, dead), (false, 10, true));
+    let errors = errors.expect("errors kept");
+    assert_eq!(errors[0].as_deref(), Some("old error"));
+    assert!(
+        errors.len() == 2
+            && errors[1]
+                .as_deref()
+                .is_some_and(|e| e.starts_with("retry_count 10 is at MAX_RETRY_COUNT (10)")),
+        "{errors:?}"
+    );
     // Its last try fails: counted up to the limit (not past the CHECK) and marked dead.
     assert_eq!(
         row_state(&client, last_try_fails).await,

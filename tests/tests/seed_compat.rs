@@ -210,6 +210,76 @@ async fn the_seed_reset_sql_requeues_dead_events() {
 }
 
 #[tokio::test]
+async fn events_the_original_stranded_at_the_retry_limit_are_set_aside_dead_and_stay_resettable() {
+    let (db, client) = seed_table("seed_stranded").await;
+    // The original left events that hit the limit unprocessed with retry_count 3, for good.
+    let stranded = client
+        .execute(
+            "UPDATE hook_events SET retry_count = 3, processing_errors = ARRAY['e1', 'e2', 'e3'] \
+             WHERE resource_id IN ('r7', 'r8', 'r9')",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(stranded, 3);
+    let store = db.store(StoreOptions::default()).await;
+    store.migrate().await.unwrap();
+    let invocations = hook_tests::Invocations::default();
+    let mut registry = hook_core::HandlerRegistry::new();
+    registry.register("*", "*", invocations.handler());
+    let config =
+        EngineConfig { retry: RetryPolicy { max_retry_count: 3, ..test_config().retry }, ..test_config() };
+    let running = Running::start(Engine::builder(store).registry(registry).config(config).build().unwrap());
+    // Decided, every one: none left live and unprocessed.
+    wait_for_count(
+        &client,
+        "SELECT count(*) FROM hook_events WHERE NOT processed AND dead_at IS NULL",
+        0,
+        Duration::from_secs(60),
+    )
+    .await;
+    let rows = client
+        .query(
+            "SELECT processed, dead_at IS NOT NULL, retry_count, processing_errors FROM hook_events \
+             WHERE resource_id IN ('r7', 'r8', 'r9')",
+            &[],
+        )
+        .await
+        .unwrap();
+    for row in &rows {
+        let errors: Vec<String> = row.get(3);
+        assert_eq!((row.get::<_, bool>(0), row.get::<_, bool>(1), row.get::<_, i32>(2)), (false, true, 3));
+        assert_eq!(&errors[..3], ["e1", "e2", "e3"]);
+        assert!(errors[3].starts_with("retry_count 3 is at MAX_RETRY_COUNT (3)"), "{errors:?}");
+    }
+    assert_eq!(invocations.total(), 416, "the stranded rows were not attempted again");
+    // The original's view of failures still lists them.
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM hook_events WHERE retry_count >= 3 AND NOT processed").await,
+        3
+    );
+
+    // Its reset SQL brings them back, and they are processed.
+    client
+        .execute(
+            "UPDATE hook_events SET retry_count = 0, processing_errors = NULL \
+             WHERE retry_count >= 3 AND created_at > NOW() - INTERVAL '3 days'",
+            &[],
+        )
+        .await
+        .unwrap();
+    wait_for_count(
+        &client,
+        "SELECT count(*) FROM hook_events WHERE NOT processed",
+        0,
+        Duration::from_secs(60),
+    )
+    .await;
+    running.stop().await;
+    assert_eq!(invocations.total(), 419);
+}
+
+#[tokio::test]
 async fn an_empty_database_gets_the_seed_table() {
     let db = TestDb::empty("seed_fresh").await;
     db.store(StoreOptions::default()).await.migrate().await.unwrap();

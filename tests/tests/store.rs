@@ -197,6 +197,14 @@ async fn eligibility_respects_schedule_limit_and_dead_mark() {
     let (batch, events) = claim(&store, 10).await;
     assert_eq!(events.iter().map(|e| e.id).collect::<Vec<_>>(), [due]);
     batch.finish(vec![]).await.unwrap();
+    // The row at the limit was not handed out, but set aside in the claim: dead, with the reason.
+    let row = client
+        .query_one("SELECT dead_at IS NOT NULL, processing_errors FROM hook_events WHERE id = $1", &[&at_limit])
+        .await
+        .unwrap();
+    let errors: Vec<String> = row.get(1);
+    assert!(row.get::<_, bool>(0));
+    assert!(errors.len() == 1 && errors[0].starts_with("retry_count 10 is at MAX_RETRY_COUNT"), "{errors:?}");
 }
 
 #[tokio::test]

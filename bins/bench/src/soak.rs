@@ -424,10 +424,10 @@ pub(crate) async fn soak(
     let calm_latency = histogram(bench::completion_latencies_outside_us(&client, &from, &until).await?)?;
     bench::remove_outcome_audit(&client).await?;
 
-    let rows = ranges_check(&seqs, &produced);
     let handlings = read_handlings(&fleet.all)?;
-    let rehandled = classify_rehandlings(&handlings, &fleet.all, &outages);
-    let mut checks = rows.checks;
+    let killed_at: Vec<_> = fleet.all.iter().map(|p| p.killed_at).collect();
+    let rehandled = classify_rehandlings(&handlings, &killed_at, &outages);
+    let mut checks = ranges_check(&seqs, &produced);
     checks.extend([
         Check::count("events still queued after the drain", states.queued, !drained),
         Check::count("events set aside dead (every handler succeeds)", states.dead, false),
@@ -529,12 +529,8 @@ async fn sessions_gone(db: &Db, name: &str) -> Option<Duration> {
     None
 }
 
-/// The checks of the rows against what the producer sent.
-struct RowChecks {
-    checks: Vec<Check>,
-}
-
-fn ranges_check(seqs: &[i64], produced: &Produced) -> RowChecks {
+/// The checks of the rows' sequence numbers against what the producer sent.
+fn ranges_check(seqs: &[i64], produced: &Produced) -> Vec<Check> {
     let mut seen: HashMap<i64, u32> = HashMap::with_capacity(seqs.len());
     for &seq in seqs {
         *seen.entry(seq).or_default() += 1;
@@ -551,39 +547,46 @@ fn ranges_check(seqs: &[i64], produced: &Produced) -> RowChecks {
         .filter(|&&seq| !in_ranges(&produced.acked, seq) && !in_ranges(&produced.uncertain, seq))
         .map(|seq| format!("seq {seq}"))
         .collect();
-    RowChecks {
-        checks: vec![
-            Check::list("acknowledged events missing from the table", lost),
-            Check::list("events in the table more than once", duplicated),
-            Check::list("rows the producer never sent", strangers),
-        ],
-    }
+    vec![
+        Check::list("acknowledged events missing from the table", lost),
+        Check::list("events in the table more than once", duplicated),
+        Check::list("rows the producer never sent", strangers),
+    ]
 }
 
-/// Every handling in the children's logs: event id → (when, index of the child), in time order.
-fn read_handlings(all: &[Processor]) -> anyhow::Result<HashMap<String, Vec<(OffsetDateTime, usize)>>> {
+/// Handlings by event id: (when, index of the child), in time order.
+type Handlings = HashMap<String, Vec<(OffsetDateTime, usize)>>;
+
+/// Every handling in the children's logs.
+fn read_handlings(all: &[Processor]) -> anyhow::Result<Handlings> {
+    let mut handlings = Handlings::new();
+    for (i, p) in all.iter().enumerate() {
+        let text = std::fs::read_to_string(&p.log).with_context(|| format!("reading {}", p.log.display()))?;
+        parse_handlings(&text, i, &mut handlings).with_context(|| format!("reading {}", p.log.display()))?;
+    }
+    for list in handlings.values_mut() {
+        list.sort_unstable();
+    }
+    Ok(handlings)
+}
+
+/// Adds the handlings of child `child`'s JSON log to `handlings`, unsorted.
+fn parse_handlings(text: &str, child: usize, handlings: &mut Handlings) -> anyhow::Result<()> {
     #[derive(serde::Deserialize)]
     struct Line {
         timestamp: String,
         message: String,
         event_id: Option<String>,
     }
-    let mut handlings: HashMap<String, Vec<(OffsetDateTime, usize)>> = HashMap::new();
-    for (i, p) in all.iter().enumerate() {
-        let text = std::fs::read_to_string(&p.log).with_context(|| format!("reading {}", p.log.display()))?;
-        // A line cut short by SIGKILL does not parse, and its batch never committed.
-        for line in text.lines().filter(|l| l.contains("\"handled\"")) {
-            let Ok(line) = serde_json::from_str::<Line>(line) else { continue };
-            let (Some(id), "handled") = (line.event_id, line.message.as_str()) else { continue };
-            let at = OffsetDateTime::parse(&line.timestamp, &Rfc3339)
-                .with_context(|| format!("a timestamp in {}: {:?}", p.log.display(), line.timestamp))?;
-            handlings.entry(id).or_default().push((at, i));
-        }
+    // A line cut short by SIGKILL does not parse, and its batch never committed.
+    for line in text.lines().filter(|l| l.contains("\"handled\"")) {
+        let Ok(line) = serde_json::from_str::<Line>(line) else { continue };
+        let (Some(id), "handled") = (line.event_id, line.message.as_str()) else { continue };
+        let at = OffsetDateTime::parse(&line.timestamp, &Rfc3339)
+            .with_context(|| format!("a timestamp: {:?}", line.timestamp))?;
+        handlings.entry(id).or_default().push((at, child));
     }
-    for list in handlings.values_mut() {
-        list.sort_unstable();
-    }
-    Ok(handlings)
+    Ok(())
 }
 
 #[derive(Debug, Default)]
@@ -594,21 +597,22 @@ struct Rehandled {
 }
 
 /// Sorts every handling but an event's last (the one that committed) by what excuses it.
+/// `killed_at[i]`: when child `i` was killed, if it was.
 fn classify_rehandlings(
-    handlings: &HashMap<String, Vec<(OffsetDateTime, usize)>>,
-    all: &[Processor],
+    handlings: &Handlings,
+    killed_at: &[Option<OffsetDateTime>],
     outages: &[Outage],
 ) -> Rehandled {
     let mut rehandled = Rehandled::default();
     for (id, list) in handlings {
         let Some((_, earlier)) = list.split_last() else { continue };
         for &(at, i) in earlier {
-            if all[i].killed_at.is_some_and(|killed| at <= killed) {
+            if killed_at.get(i).copied().flatten().is_some_and(|killed| at <= killed) {
                 rehandled.after_kill += 1;
             } else if outages.iter().any(|o| at >= o.down - OUTAGE_SLACK && at <= o.up) {
                 rehandled.after_outage += 1;
             } else {
-                rehandled.unexplained.push(format!("event {id}: by pid {} at {at}, again later", all[i].pid));
+                rehandled.unexplained.push(format!("event {id}: by child #{i} at {at}, again later"));
             }
         }
     }
@@ -683,5 +687,81 @@ impl SoakReport {
         }
         let _ = writeln!(out, "{} ({:.0} s)", if self.passed { "PASSED" } else { "FAILED" }, self.seconds);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use time::macros::datetime;
+
+    use super::*;
+
+    const ID: &str = "0b6f2c1e-6a51-4c57-9d4e-2f1f4b1f0a01";
+
+    fn handled(at: &str, id: &str) -> String {
+        format!(
+            r#"{{"timestamp":"{at}","level":"DEBUG","message":"handled","event_id":"{id}","source":"Stop","action":"response_completed","attempt":1,"target":"hook_core::engine"}}"#
+        )
+    }
+
+    #[test]
+    fn handlings_are_read_from_json_logs_and_a_line_cut_short_is_skipped() {
+        let log = [
+            r#"{"timestamp":"2026-11-25T17:00:00.000001Z","level":"INFO","message":"listening"}"#.to_owned(),
+            handled("2026-11-25T17:00:01.5Z", ID),
+            r#"{"timestamp":"2026-11-25T17:00:01.6Z","level":"DEBUG","message":"handled session end","event_id":"x"}"#
+                .to_owned(),
+            handled("2026-11-25T17:00:02Z", "other")[..60].to_owned(),
+        ]
+        .join("\n");
+        let mut handlings = Handlings::new();
+        parse_handlings(&log, 3, &mut handlings).unwrap();
+        assert_eq!(handlings.len(), 1, "{handlings:?}");
+        assert_eq!(handlings[ID], vec![(datetime!(2026-11-25 17:00:01.5 UTC), 3)]);
+    }
+
+    #[test]
+    fn a_rehandling_is_excused_only_by_a_later_kill_or_an_outage_around_it() {
+        let t = |s: i64| datetime!(2026-11-25 17:00:00 UTC) + time::Duration::seconds(s);
+        let killed_at = [Some(t(10)), None, None];
+        let outage = Outage { down: t(100), up: t(105), up_instant: Instant::now() };
+        let mut handlings = Handlings::new();
+        // Child 0 handled it, was killed later; child 1 committed.
+        handlings.insert("killed".into(), vec![(t(9), 0), (t(11), 1)]);
+        // Child 1 handled it just before the database went down; child 2 committed.
+        handlings.insert("outage".into(), vec![(t(99), 1), (t(106), 2)]);
+        // Child 1 handled it and was neither killed nor hit by an outage: a live claim.
+        handlings.insert("live".into(), vec![(t(50), 1), (t(51), 2)]);
+        // Handled once: nothing to excuse.
+        handlings.insert("once".into(), vec![(t(1), 2)]);
+        let rehandled = classify_rehandlings(&handlings, &killed_at, &[outage]);
+        assert_eq!((rehandled.after_kill, rehandled.after_outage), (1, 1));
+        assert_eq!(rehandled.unexplained.len(), 1, "{:?}", rehandled.unexplained);
+        assert!(
+            rehandled.unexplained[0].starts_with("event live: by child #1"),
+            "{:?}",
+            rehandled.unexplained
+        );
+    }
+
+    #[test]
+    fn rows_are_checked_against_what_the_producer_sent() {
+        let produced = Produced { acked: vec![(1, 5), (8, 9)], uncertain: vec![(6, 7)], refused: 0 };
+        // 3 lost, 5 twice, 6 from an uncertain insert (fine), 42 from nowhere.
+        let seqs = [1, 2, 4, 5, 5, 6, 8, 9, 42];
+        let checks = ranges_check(&seqs, &produced);
+        let found: Vec<(&str, u64)> = checks.iter().map(|c| (c.what, c.found)).collect();
+        assert_eq!(
+            found,
+            [
+                ("acknowledged events missing from the table", 1),
+                ("events in the table more than once", 1),
+                ("rows the producer never sent", 1),
+            ]
+        );
+        assert_eq!(checks[0].examples, ["seq 3"]);
+        assert_eq!(checks[2].examples, ["seq 42"]);
+        let clean = ranges_check(&[1, 2, 3, 4, 5, 8, 9], &produced);
+        assert!(clean.iter().all(|c| c.found == 0), "{clean:?}");
     }
 }

@@ -21,20 +21,24 @@ macro_rules! event_columns {
 #[cfg_attr(not(feature = "bench"), allow(unused_imports))]
 pub(crate) use event_columns;
 
-/// Locks up to `$2` eligible events, oldest first, skipping rows another claim holds. The locks
-/// last until the claiming transaction ends; that transaction is the claim.
+/// Locks up to `$1` live events that are due, oldest first, skipping rows another claim holds.
+/// The locks last until the claiming transaction ends; that transaction is the claim.
+///
+/// Rows whose `retry_count` is already at the limit are claimed too, and set aside as dead by
+/// [`claim_events`]: left out here they would never be decided, and would lie at the head of
+/// the claim index for every claim to step over.
 const CLAIM: &str = concat!(
     "SELECT ",
     event_columns!(),
     " FROM hook_events \
-     WHERE NOT processed AND dead_at IS NULL AND retry_count < $1 \
+     WHERE NOT processed AND dead_at IS NULL \
        AND (next_attempt_at IS NULL OR next_attempt_at <= now()) \
      ORDER BY created_at \
-     LIMIT $2 \
+     LIMIT $1 \
      FOR UPDATE SKIP LOCKED"
 );
 
-/// Marks claimed rows that cannot be decoded dead, recording why.
+/// Marks claimed rows that cannot be attempted dead, recording why.
 const SET_ASIDE: &str = "UPDATE hook_events AS e \
      SET dead_at = now(), next_attempt_at = NULL, \
          processing_errors = array_append(e.processing_errors, r.reason) \
@@ -85,35 +89,46 @@ pub(crate) fn event_from_row(row: &Row) -> Result<HookEvent, StoreError> {
 
 /// Claims up to `limit` eligible events with `FOR UPDATE SKIP LOCKED`. Must run inside a
 /// transaction, which then holds the claim.
+///
+/// Claimed rows that cannot be attempted are set aside as dead in the same transaction, with
+/// the reason appended to `processing_errors`, and not returned: rows this build cannot decode,
+/// and rows whose `retry_count` is already `max_retry_count` or more (inserted that way, or left
+/// by a processor with a higher limit).
 pub async fn claim_events(
     client: &impl GenericClient,
     limit: usize,
     max_retry_count: u32,
 ) -> Result<Vec<HookEvent>, StoreError> {
     let statement = client.prepare_cached(CLAIM).await?;
-    let max = i32::try_from(max_retry_count).unwrap_or(i32::MAX);
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-    let rows = client.query(&statement, &[&max, &limit]).await?;
+    let rows = client.query(&statement, &[&limit]).await?;
     let mut events = Vec::with_capacity(rows.len());
-    let (mut undecodable, mut reasons) = (Vec::new(), Vec::new());
+    let (mut set_aside, mut reasons) = (Vec::new(), Vec::new());
     for row in &rows {
-        match event_from_row(row) {
-            Ok(event) => events.push(event),
-            Err(error) => {
-                // A row this build cannot represent (jsonb nested deeper than serde_json's limit,
-                // a created_at of 'infinity', ...) would otherwise stay first in line and fail
-                // every claim. It is set aside as dead, with the reason, in this transaction.
-                let id: Uuid = row.try_get(0)?;
-                let reason = hook_core::bound_text(&format!("undecodable row, set aside as dead: {error}"));
-                warn!(event_id = %id, reason = %reason, "claimed a row that cannot be decoded");
-                undecodable.push(id);
-                reasons.push(reason);
+        let reason = match event_from_row(row) {
+            Ok(event) if u32::try_from(event.retry_count).unwrap_or(u32::MAX) < max_retry_count => {
+                events.push(event);
+                continue;
             }
-        }
+            Ok(event) => format!(
+                "retry_count {} is at MAX_RETRY_COUNT ({max_retry_count}) or past it before an attempt; \
+                 set aside as dead",
+                event.retry_count
+            ),
+            // A row this build cannot represent (jsonb nested deeper than serde_json's limit,
+            // a created_at of 'infinity', ...) would otherwise stay first in line and fail
+            // every claim.
+            Err(error) => format!("undecodable row, set aside as dead: {error}"),
+        };
+        let id: Uuid = row.try_get(0)?;
+        let reason = hook_core::bound_text(&reason);
+        warn!(event_id = %id, reason = %reason, "claimed a row that cannot be attempted");
+        set_aside.push(id);
+        reasons.push(reason);
     }
-    if !undecodable.is_empty() {
+    if !set_aside.is_empty() {
         let statement = client.prepare_cached(SET_ASIDE).await?;
-        client.execute(&statement, &[&undecodable, &reasons]).await?;
+        client.execute(&statement, &[&set_aside, &reasons]).await?;
     }
     Ok(events)
 }
