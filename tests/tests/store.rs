@@ -199,7 +199,10 @@ async fn eligibility_respects_schedule_limit_and_dead_mark() {
     batch.finish(vec![]).await.unwrap();
     // The row at the limit was not handed out, but set aside in the claim: dead, with the reason.
     let row = client
-        .query_one("SELECT dead_at IS NOT NULL, processing_errors FROM hook_events WHERE id = $1", &[&at_limit])
+        .query_one(
+            "SELECT dead_at IS NOT NULL, processing_errors FROM hook_events WHERE id = $1",
+            &[&at_limit],
+        )
         .await
         .unwrap();
     let errors: Vec<String> = row.get(1);

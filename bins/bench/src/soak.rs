@@ -19,6 +19,8 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -36,6 +38,8 @@ use crate::report::{Percentiles, Throughput};
 
 /// Most rows one producer statement inserts (after an outage the producer catches up in these).
 const PRODUCER_CHUNK: i64 = 1_000;
+/// Events inserted at once just before each kill, 0 to 20 ms ahead of it.
+const KILL_BURST: i64 = 500;
 /// How often the soak samples the backlog and looks at its children.
 const TICK: Duration = Duration::from_millis(100);
 /// A handling that ended this long before the database went down may still have had its
@@ -199,37 +203,66 @@ impl Produced {
     }
 }
 
+/// The producer's numbering, shared by the steady load and the bursts before kills, and what
+/// became of each statement.
+struct Ledger {
+    next: AtomicI64,
+    produced: Mutex<Produced>,
+}
+
+impl Ledger {
+    fn new() -> Ledger {
+        Ledger { next: AtomicI64::new(1), produced: Mutex::new(Produced::default()) }
+    }
+
+    /// Inserts the next `n` events in one statement and records the outcome; returns false
+    /// when no connection could be had (nothing was sent).
+    async fn insert(&self, db: &Db, n: i64) -> bool {
+        let Ok(client) = db.connect().await else {
+            self.lock().refused += 1;
+            return false;
+        };
+        let first = self.next.fetch_add(n, Ordering::SeqCst);
+        let last = first + n - 1;
+        let result = bench::insert_range(&client, first, last).await;
+        let mut produced = self.lock();
+        match result {
+            Ok(_) => produced.acked.push((first, last)),
+            Err(error) => {
+                tracing::debug!(%error, "producer insert failed");
+                produced.uncertain.push((first, last));
+            }
+        }
+        true
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Produced> {
+        self.produced.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
 /// Inserts `rate` events per second in small statements until told to stop, catching up after
 /// an outage in chunks of [`PRODUCER_CHUNK`].
-async fn produce(db: &Db, rate: f64, mut stop: watch::Receiver<bool>) -> Produced {
-    let mut produced = Produced::default();
-    let mut next = 1_i64;
+async fn produce(db: &Db, ledger: &Ledger, rate: f64, mut stop: watch::Receiver<bool>) {
+    let mut sent = 0_i64;
     let started = Instant::now();
     let mut ticks = tokio::time::interval(Duration::from_millis(10));
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = ticks.tick() => {}
-            _ = stop.changed() => return produced,
+            _ = stop.changed() => return,
         }
-        let due = (rate * started.elapsed().as_secs_f64()) as i64;
-        if due < next {
+        let due = (rate * started.elapsed().as_secs_f64()) as i64 - sent;
+        if due <= 0 {
             continue;
         }
-        let last = due.min(next + PRODUCER_CHUNK - 1);
-        let Ok(client) = db.connect().await else {
-            produced.refused += 1;
+        let n = due.min(PRODUCER_CHUNK);
+        if ledger.insert(db, n).await {
+            sent += n;
+        } else {
             tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
-        };
-        match bench::insert_range(&client, next, last).await {
-            Ok(_) => produced.acked.push((next, last)),
-            Err(error) => {
-                tracing::debug!(%error, "producer insert failed");
-                produced.uncertain.push((next, last));
-            }
         }
-        next = last + 1;
     }
 }
 
@@ -321,7 +354,8 @@ pub(crate) async fn soak(
     }
     let clock = crate::report::CpuClock::start();
     let (stop_producer, stopped) = watch::channel(false);
-    let producer = produce(db, plan.rate, stopped);
+    let ledger = Ledger::new();
+    let producer = produce(db, &ledger, plan.rate, stopped);
     tokio::pin!(producer);
 
     let started = Instant::now();
@@ -363,6 +397,9 @@ pub(crate) async fn soak(
             }
             let now = Instant::now();
             if now >= next_kill {
+                // A burst first, so that the kill most likely lands while batches are in flight.
+                ledger.insert(db, KILL_BURST).await;
+                tokio::time::sleep(Duration::from_millis(rng.gen_range(0..20))).await;
                 let victim = rng.gen_range(0..fleet.live.len());
                 let killed = fleet.kill(victim).await?;
                 kills += 1;
@@ -388,14 +425,15 @@ pub(crate) async fn soak(
         }
         anyhow::Ok(())
     };
-    let produced = tokio::select! {
+    tokio::select! {
         result = faults => {
             result?;
             let _ = stop_producer.send(true);
-            (&mut producer).await
+            (&mut producer).await;
         }
-        produced = &mut producer => produced,
-    };
+        () = &mut producer => {}
+    }
+    let produced = std::mem::take(&mut *ledger.lock());
     // The tail: the queue drains with every child alive.
     let producer_stopped = Instant::now();
     let drained = loop {
