@@ -123,7 +123,7 @@ struct SoakArgs {
     minutes: f64,
 
     /// Events per second the producer inserts.
-    #[arg(long, default_value_t = 500.0)]
+    #[arg(long, default_value_t = 1000.0)]
     rate: f64,
 
     /// hook-processor children running at once.
@@ -131,7 +131,7 @@ struct SoakArgs {
     processors: usize,
 
     /// Mean seconds between two SIGKILLs of a random child (each replaced at once); 0 for none.
-    #[arg(long, default_value_t = 20.0)]
+    #[arg(long, default_value_t = 15.0)]
     kill_every: f64,
 
     /// Database restarts, spread evenly over the run (needs the embedded cluster).
@@ -237,6 +237,10 @@ fn soak_plan(args: &Args, soak: &SoakArgs) -> anyhow::Result<soak::SoakPlan> {
         "--kill-every must be 0 or more seconds"
     );
     anyhow::ensure!(soak.down_secs >= 0.0 && soak.down_secs <= 600.0, "--down-secs must be in [0, 600]");
+    anyhow::ensure!(
+        soak.restarts == 0 || args.database_url.is_none(),
+        "--restarts needs the embedded cluster (run without DATABASE_URL), or pass --restarts 0"
+    );
     let seed = soak.seed.unwrap_or_else(|| {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64)
     });
@@ -265,7 +269,15 @@ async fn run_soak(args: &Args, plan: &soak::SoakPlan) -> anyhow::Result<soak::So
         let client = db.connect().await?;
         hook_store::migrate::migrate(&client).await.context("migrating the soak database")?;
         refuse_foreign_rows(args, &db, &client).await?;
-        soak::soak(&db, cluster.as_ref(), plan).await
+        drop(client);
+        let report = soak::soak(&db, cluster.as_ref(), plan).await;
+        // Also after a failed run: the audit trigger must not slow whatever runs next. (A new
+        // connection: the soak restarted the server.)
+        let client = db.connect().await?;
+        hook_store::bench::remove_outcome_audit(&client)
+            .await
+            .context("removing the soak's audit trigger")?;
+        report
     }
     .await;
     close(db, cluster).await?;

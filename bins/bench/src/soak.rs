@@ -1,5 +1,6 @@
 //! `hook-bench soak`: hook-processor children under a steady load for minutes, while the soak
-//! kills one with SIGKILL every so often and restarts the database; then a consistency check.
+//! kills one with SIGKILL every so often (just after a burst of events, so that batches are in
+//! flight) and restarts the database; then a consistency check.
 //!
 //! What is checked, and from where:
 //! - **Nothing lost, nothing added.** The producer numbers its events (`metadata.seq`) and keeps
@@ -18,7 +19,7 @@
 //!   one that does not exit 0 on SIGTERM at the end.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -33,7 +34,7 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 use tokio::sync::watch;
 
-use crate::phases::{processor_command, Db};
+use crate::phases::{processor_command, tail, Db};
 use crate::report::{Percentiles, Throughput};
 
 /// Most rows one producer statement inserts (after an outage the producer catches up in these).
@@ -460,7 +461,6 @@ pub(crate) async fn soak(
     let (from, until): (Vec<_>, Vec<_>) =
         outages.iter().map(|o| (o.down - OUTAGE_SLACK, o.up + AFTER_OUTAGE)).unzip();
     let calm_latency = histogram(bench::completion_latencies_outside_us(&client, &from, &until).await?)?;
-    bench::remove_outcome_audit(&client).await?;
 
     let handlings = read_handlings(&fleet.all)?;
     let killed_at: Vec<_> = fleet.all.iter().map(|p| p.killed_at).collect();
@@ -655,12 +655,6 @@ fn classify_rehandlings(
         }
     }
     rehandled
-}
-
-fn tail(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(5)..].join(" | ")
 }
 
 impl SoakReport {
