@@ -338,3 +338,43 @@ async fn a_database_outage_is_survived_and_nothing_is_lost() {
     cluster.stop_server().await.unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn thousands_of_rows_at_the_retry_limit_ahead_of_live_events_do_not_hold_them_up() {
+    let db = TestDb::migrated("stranded_ahead").await;
+    let client = db.client().await;
+    // 2,000 rows the original left at its limit, older than everything else, then live events.
+    client
+        .batch_execute(
+            "INSERT INTO hook_events (id, source, action, resource, resource_id, retry_count, created_at)
+             SELECT gen_random_uuid(), 'Stop', 'response_completed', 'session', 's' || i, 3,
+                    now() - interval '1 day' + i * interval '1 ms'
+             FROM generate_series(1, 2000) AS i",
+        )
+        .await
+        .unwrap();
+    let live = insert_events(&client, 20, "Stop", "response_completed").await;
+    let invocations = Invocations::default();
+    let mut registry = HandlerRegistry::new();
+    registry.register("*", "*", invocations.handler());
+    // Polling once an hour, and no insert while it runs to send NOTIFY: only claiming again at
+    // once after a claim that set rows aside gets past them.
+    let config = EngineConfig { batch_size: 50, poll_interval: Duration::from_secs(3600), ..test_config() };
+    let running = Running::start(engine(db.store(StoreOptions::default()).await, registry, config));
+    wait_for_count(
+        &client,
+        "SELECT count(*) FROM hook_events WHERE NOT processed AND dead_at IS NULL",
+        0,
+        Duration::from_secs(30),
+    )
+    .await;
+    running.stop().await;
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM hook_events WHERE dead_at IS NOT NULL AND retry_count = 3")
+            .await,
+        2000
+    );
+    let snapshot = invocations.snapshot();
+    assert_eq!(snapshot.len(), 20, "only the live events were handled");
+    assert!(live.iter().all(|id| snapshot.get(id) == Some(&1)));
+}

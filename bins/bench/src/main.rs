@@ -231,7 +231,7 @@ fn processor_bin(args: &Args) -> anyhow::Result<PathBuf> {
 fn soak_plan(args: &Args, soak: &SoakArgs) -> anyhow::Result<soak::SoakPlan> {
     anyhow::ensure!(soak.minutes > 0.0 && soak.minutes <= 24.0 * 60.0, "--minutes must be in (0, 1440]");
     anyhow::ensure!(soak.rate > 0.0 && soak.rate <= 20_000.0, "--rate must be in (0, 20000]");
-    anyhow::ensure!((1..=32).contains(&soak.processors), "--processors must be in 1..=32");
+    anyhow::ensure!((1..=8).contains(&soak.processors), "--processors must be in 1..=8");
     anyhow::ensure!(
         soak.kill_every >= 0.0 && soak.kill_every.is_finite(),
         "--kill-every must be 0 or more seconds"
@@ -261,6 +261,19 @@ fn soak_plan(args: &Args, soak: &SoakArgs) -> anyhow::Result<soak::SoakPlan> {
         engine: engine_config(args)?,
         processor_bin: processor_bin(args)?,
     })
+    .and_then(|plan| {
+        // Each child holds its batches' connections, two more and a LISTEN session; the
+        // embedded cluster allows 100, and a replacement overlaps the killed child's last ones.
+        let connections = (plan.processors + 1) * (plan.engine.batches_in_flight + 3) + 4;
+        anyhow::ensure!(
+            connections <= 90,
+            "--processors {} with {} batches in flight needs about {connections} connections; \
+             the embedded cluster allows 100",
+            plan.processors,
+            plan.engine.batches_in_flight
+        );
+        Ok(plan)
+    })
 }
 
 async fn run_soak(args: &Args, plan: &soak::SoakPlan) -> anyhow::Result<soak::SoakReport> {
@@ -272,12 +285,21 @@ async fn run_soak(args: &Args, plan: &soak::SoakPlan) -> anyhow::Result<soak::So
         drop(client);
         let report = soak::soak(&db, cluster.as_ref(), plan).await;
         // Also after a failed run: the audit trigger must not slow whatever runs next. (A new
-        // connection: the soak restarted the server.)
-        let client = db.connect().await?;
-        hook_store::bench::remove_outcome_audit(&client)
-            .await
-            .context("removing the soak's audit trigger")?;
-        report
+        // connection: the soak restarted the server.) A failure here must not hide the soak's.
+        let removed = match db.connect().await {
+            Ok(client) => hook_store::bench::remove_outcome_audit(&client).await.map_err(anyhow::Error::from),
+            Err(error) => Err(error),
+        };
+        match (report, removed) {
+            (Ok(report), Ok(())) => Ok(report),
+            (Ok(_), Err(error)) => Err(error.context("removing the soak's audit trigger")),
+            (Err(error), removed) => {
+                if let Err(cleanup) = removed {
+                    tracing::warn!(error = %cleanup, "could not remove the soak's audit trigger");
+                }
+                Err(error)
+            }
+        }
     }
     .await;
     close(db, cluster).await?;

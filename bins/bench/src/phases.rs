@@ -428,7 +428,8 @@ pub(crate) async fn processor_rss(db: &Db, plan: &Plan) -> anyhow::Result<Rss> {
 
 /// The hook-processor at `program` on the database at `url` with the engine's settings, in the
 /// scratch directory `workdir` (so that no `.env` of the caller's is read), its stderr to `log`,
-/// and nothing else of the caller's environment that it reads. Killed if dropped.
+/// and none of the caller's variables that it reads (its default log level, as deployed).
+/// Killed if dropped.
 pub(crate) fn processor_command(
     program: &Path,
     url: &str,
@@ -436,20 +437,9 @@ pub(crate) fn processor_command(
     workdir: &Path,
     log: std::fs::File,
 ) -> tokio::process::Command {
-    let mut command = tokio::process::Command::new(program);
+    let mut command = tokio::process::Command::from(hook_store::binary_command(&program.to_string_lossy()));
     command
         .current_dir(workdir)
-        .env_remove("POSTGRES_HOST")
-        .env_remove("POSTGRES_PORT")
-        .env_remove("POSTGRES_DB")
-        .env_remove("POSTGRES_USER")
-        .env_remove("POSTGRES_PASSWORD")
-        .env_remove("DB_PASSWORD")
-        .env_remove("HOOK_HTTP_ADDR")
-        .env_remove("HOOK_LOG_FORMAT")
-        .env_remove("HOOK_WAIT_FOR_DATABASE")
-        // Its default log level (info), as deployed.
-        .env_remove("LOG_LEVEL")
         .env("DATABASE_URL", url)
         .env("HOOK_METRICS_INTERVAL", "0")
         .env("BATCH_SIZE", engine.batch_size.to_string())

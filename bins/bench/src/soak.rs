@@ -10,11 +10,14 @@
 //! - **Nothing stranded.** Once the producer stops, the queue must drain; then no row may be
 //!   left unprocessed, none locked (a lease nobody releases), and `processed_at >= created_at`.
 //! - **Nothing done twice.** A trigger records every committed outcome (the table
-//!   `hook_soak_outcomes`): each event must have exactly one committed success. The children log
-//!   every handled event (`LOG_LEVEL=info,hook_core::engine=debug`, JSON), also those whose batch
-//!   never commits; an event handled more than once is excused only when the earlier handling was
-//!   by a process killed afterwards, or happened while the database went down under it. Anything
-//!   else is a handling under a live claim, and fails the soak.
+//!   `hook_soak_outcomes`): each event must have exactly one committed success (the success
+//!   update only matches unprocessed rows, so this finds events whose success never committed;
+//!   a second completion shows as the processor's warning "some outcomes matched no unprocessed
+//!   row", which must not appear). The children log every handled event
+//!   (`LOG_LEVEL=info,hook_core::engine=debug`, JSON), also those whose batch never commits; each
+//!   handling of an event but the last is excused only when its process was killed after it and
+//!   before the next handling, or the database went down under it. Anything else is a handling
+//!   under a live claim, and fails the soak.
 //! - **Nobody gives up.** A processor that exits without being told to fails the soak; so does
 //!   one that does not exit 0 on SIGTERM at the end.
 
@@ -150,16 +153,23 @@ impl<'a> Fleet<'a> {
         Ok(())
     }
 
-    /// SIGKILLs the child at `live[victim]`, starts its replacement, and returns the killed
-    /// child's index.
-    async fn kill(&mut self, victim: usize) -> anyhow::Result<usize> {
-        let i = self.live.remove(victim);
+    /// SIGKILLs the child at `live[victim]` and starts its replacement; returns the killed
+    /// child's index and when the signal went. `None` if that child had already exited (it is
+    /// recorded as an unexpected exit, and replaced, instead).
+    async fn kill(&mut self, victim: usize) -> anyhow::Result<Option<(usize, Instant)>> {
+        let i = self.live[victim];
+        if self.all[i].child.try_wait()?.is_some() {
+            self.check()?;
+            return Ok(None);
+        }
+        self.live.remove(victim);
         let p = &mut self.all[i];
+        let sent = Instant::now();
         p.child.start_kill().context("SIGKILL to a hook-processor child")?;
         p.killed_at = Some(OffsetDateTime::now_utc());
         p.child.wait().await.context("reaping a killed child")?;
         self.spawn()?;
-        Ok(i)
+        Ok(Some((i, sent)))
     }
 
     /// SIGTERMs every live child; returns those that did not exit 0 within a minute.
@@ -402,13 +412,14 @@ pub(crate) async fn soak(
                 ledger.insert(db, KILL_BURST).await;
                 tokio::time::sleep(Duration::from_millis(rng.gen_range(0..20))).await;
                 let victim = rng.gen_range(0..fleet.live.len());
-                let killed = fleet.kill(victim).await?;
-                kills += 1;
-                let name = fleet.all[killed].name.clone();
-                if let Some(release) = sessions_gone(db, &name).await {
-                    lease_release.record(release.as_micros() as u64).ok();
+                if let Some((killed, sent)) = fleet.kill(victim).await? {
+                    kills += 1;
+                    let name = fleet.all[killed].name.clone();
+                    if let Some(release) = sessions_gone(db, &name, sent).await {
+                        lease_release.record(release.as_micros() as u64).ok();
+                    }
+                    tracing::info!(pid = fleet.all[killed].pid, "killed a processor");
                 }
-                tracing::info!(pid = fleet.all[killed].pid, "killed a processor");
                 next_kill = Instant::now() + jitter(&mut rng, plan.kill_every);
             }
             if restarts_at.last().is_some_and(|&at| now >= at) {
@@ -462,7 +473,7 @@ pub(crate) async fn soak(
         outages.iter().map(|o| (o.down - OUTAGE_SLACK, o.up + AFTER_OUTAGE)).unzip();
     let calm_latency = histogram(bench::completion_latencies_outside_us(&client, &from, &until).await?)?;
 
-    let handlings = read_handlings(&fleet.all)?;
+    let Logs { handlings, fenced_completions } = read_logs(&fleet.all)?;
     let killed_at: Vec<_> = fleet.all.iter().map(|p| p.killed_at).collect();
     let rehandled = classify_rehandlings(&handlings, &killed_at, &outages);
     let mut checks = ranges_check(&seqs, &produced);
@@ -480,6 +491,7 @@ pub(crate) async fn soak(
             false,
         ),
         Check::list("events handled again under a live claim", rehandled.unexplained),
+        Check::list("completions that found their events already processed", fenced_completions),
         Check::list("processors that exited without being told to", fleet.unexpected_exits.clone()),
         Check::list("processors that did not exit 0 on SIGTERM", stop_failures),
     ]);
@@ -553,10 +565,9 @@ async fn backlog(db: &Db) -> Option<i64> {
     bench::unprocessed_count(&client).await.ok()
 }
 
-/// How long until the server has no session named `name`, or `None` if that could not be seen
-/// within 30 s.
-async fn sessions_gone(db: &Db, name: &str) -> Option<Duration> {
-    let since = Instant::now();
+/// How long after `since` the server had no session named `name` left, or `None` if that
+/// could not be seen within 30 s.
+async fn sessions_gone(db: &Db, name: &str, since: Instant) -> Option<Duration> {
     let client = db.connect().await.ok()?;
     while since.elapsed() < Duration::from_secs(30) {
         if bench::sessions(&client, name).await.ok()? == 0 {
@@ -573,18 +584,21 @@ fn ranges_check(seqs: &[i64], produced: &Produced) -> Vec<Check> {
     for &seq in seqs {
         *seen.entry(seq).or_default() += 1;
     }
-    let in_ranges = |ranges: &[(i64, i64)], seq: i64| ranges.iter().any(|&(a, b)| (a..=b).contains(&seq));
+    let mut sent: Vec<(i64, i64)> = produced.acked.iter().chain(&produced.uncertain).copied().collect();
+    sent.sort_unstable();
+    // The ranges do not overlap: the last one starting at or before `seq` is the only candidate.
+    let was_sent = |seq: i64| {
+        let after = sent.partition_point(|&(first, _)| first <= seq);
+        after > 0 && seq <= sent[after - 1].1
+    };
     let mut lost = Vec::new();
     for &(first, last) in &produced.acked {
         lost.extend((first..=last).filter(|seq| !seen.contains_key(seq)).map(|seq| format!("seq {seq}")));
     }
     let duplicated: Vec<String> =
         seen.iter().filter(|&(_, &n)| n > 1).map(|(seq, n)| format!("seq {seq} x{n}")).collect();
-    let strangers: Vec<String> = seen
-        .keys()
-        .filter(|&&seq| !in_ranges(&produced.acked, seq) && !in_ranges(&produced.uncertain, seq))
-        .map(|seq| format!("seq {seq}"))
-        .collect();
+    let strangers: Vec<String> =
+        seen.keys().filter(|&&seq| !was_sent(seq)).map(|seq| format!("seq {seq}")).collect();
     vec![
         Check::list("acknowledged events missing from the table", lost),
         Check::list("events in the table more than once", duplicated),
@@ -595,36 +609,56 @@ fn ranges_check(seqs: &[i64], produced: &Produced) -> Vec<Check> {
 /// Handlings by event id: (when, index of the child), in time order.
 type Handlings = HashMap<String, Vec<(OffsetDateTime, usize)>>;
 
-/// Every handling in the children's logs.
-fn read_handlings(all: &[Processor]) -> anyhow::Result<Handlings> {
-    let mut handlings = Handlings::new();
-    for (i, p) in all.iter().enumerate() {
-        let text = std::fs::read_to_string(&p.log).with_context(|| format!("reading {}", p.log.display()))?;
-        parse_handlings(&text, i, &mut handlings).with_context(|| format!("reading {}", p.log.display()))?;
-    }
-    for list in handlings.values_mut() {
-        list.sort_unstable();
-    }
-    Ok(handlings)
+/// What the processor logs when a batch's outcomes matched fewer unprocessed rows than it had:
+/// some event was completed by someone else meanwhile.
+const FENCED_COMPLETION: &str = "some outcomes matched no unprocessed row";
+
+/// What the children's logs say.
+#[derive(Debug, Default)]
+struct Logs {
+    handlings: Handlings,
+    /// Batches whose completion found some of their events already processed.
+    fenced_completions: Vec<String>,
 }
 
-/// Adds the handlings of child `child`'s JSON log to `handlings`, unsorted.
-fn parse_handlings(text: &str, child: usize, handlings: &mut Handlings) -> anyhow::Result<()> {
-    #[derive(serde::Deserialize)]
-    struct Line {
-        timestamp: String,
-        message: String,
-        event_id: Option<String>,
+/// Reads every child's log.
+fn read_logs(all: &[Processor]) -> anyhow::Result<Logs> {
+    let mut logs = Logs::default();
+    for (i, p) in all.iter().enumerate() {
+        let text = std::fs::read_to_string(&p.log).with_context(|| format!("reading {}", p.log.display()))?;
+        logs.parse(&text, i).with_context(|| format!("reading {}", p.log.display()))?;
     }
-    // A line cut short by SIGKILL does not parse, and its batch never committed.
-    for line in text.lines().filter(|l| l.contains("\"handled\"")) {
-        let Ok(line) = serde_json::from_str::<Line>(line) else { continue };
-        let (Some(id), "handled") = (line.event_id, line.message.as_str()) else { continue };
-        let at = OffsetDateTime::parse(&line.timestamp, &Rfc3339)
-            .with_context(|| format!("a timestamp: {:?}", line.timestamp))?;
-        handlings.entry(id).or_default().push((at, child));
+    for list in logs.handlings.values_mut() {
+        list.sort_unstable();
     }
-    Ok(())
+    Ok(logs)
+}
+
+impl Logs {
+    /// Adds what child `child`'s JSON log says; the handlings are left unsorted.
+    fn parse(&mut self, text: &str, child: usize) -> anyhow::Result<()> {
+        #[derive(serde::Deserialize)]
+        struct Line {
+            timestamp: String,
+            message: String,
+            event_id: Option<String>,
+        }
+        // A line cut short by SIGKILL does not parse, and its batch never committed.
+        for line in text.lines() {
+            if line.contains(FENCED_COMPLETION) {
+                self.fenced_completions.push(format!("child #{child}: {line}"));
+            }
+            if !line.contains("\"handled\"") {
+                continue;
+            }
+            let Ok(line) = serde_json::from_str::<Line>(line) else { continue };
+            let (Some(id), "handled") = (line.event_id, line.message.as_str()) else { continue };
+            let at = OffsetDateTime::parse(&line.timestamp, &Rfc3339)
+                .with_context(|| format!("a timestamp: {:?}", line.timestamp))?;
+            self.handlings.entry(id).or_default().push((at, child));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Default)]
@@ -634,8 +668,10 @@ struct Rehandled {
     unexplained: Vec<String>,
 }
 
-/// Sorts every handling but an event's last (the one that committed) by what excuses it.
-/// `killed_at[i]`: when child `i` was killed, if it was.
+/// Sorts every handling but an event's last (the one that committed) by what excuses it: its
+/// child was killed after it and before the next handling of the event, or the database went
+/// down around it (from [`OUTAGE_SLACK`] before the stop until it was back) and the next
+/// handling came after the stop. `killed_at[i]`: when child `i` was killed, if it was.
 fn classify_rehandlings(
     handlings: &Handlings,
     killed_at: &[Option<OffsetDateTime>],
@@ -643,14 +679,14 @@ fn classify_rehandlings(
 ) -> Rehandled {
     let mut rehandled = Rehandled::default();
     for (id, list) in handlings {
-        let Some((_, earlier)) = list.split_last() else { continue };
-        for &(at, i) in earlier {
-            if killed_at.get(i).copied().flatten().is_some_and(|killed| at <= killed) {
+        for pair in list.windows(2) {
+            let ((at, i), (next, _)) = (pair[0], pair[1]);
+            if killed_at.get(i).copied().flatten().is_some_and(|killed| at <= killed && killed <= next) {
                 rehandled.after_kill += 1;
-            } else if outages.iter().any(|o| at >= o.down - OUTAGE_SLACK && at <= o.up) {
+            } else if outages.iter().any(|o| at >= o.down - OUTAGE_SLACK && at <= o.up && next >= o.down) {
                 rehandled.after_outage += 1;
             } else {
-                rehandled.unexplained.push(format!("event {id}: by child #{i} at {at}, again later"));
+                rehandled.unexplained.push(format!("event {id}: by child #{i} at {at}, again at {next}"));
             }
         }
     }
@@ -737,7 +773,7 @@ mod tests {
     }
 
     #[test]
-    fn handlings_are_read_from_json_logs_and_a_line_cut_short_is_skipped() {
+    fn handlings_and_fenced_completions_are_read_from_json_logs_and_a_line_cut_short_is_skipped() {
         let log = [
             r#"{"timestamp":"2026-11-25T17:00:00.000001Z","level":"INFO","message":"listening"}"#.to_owned(),
             handled("2026-11-25T17:00:01.5Z", ID),
@@ -746,10 +782,14 @@ mod tests {
             handled("2026-11-25T17:00:02Z", "other")[..60].to_owned(),
         ]
         .join("\n");
-        let mut handlings = Handlings::new();
-        parse_handlings(&log, 3, &mut handlings).unwrap();
-        assert_eq!(handlings.len(), 1, "{handlings:?}");
-        assert_eq!(handlings[ID], vec![(datetime!(2026-11-25 17:00:01.5 UTC), 3)]);
+        let mut logs = Logs::default();
+        logs.parse(&log, 3).unwrap();
+        assert_eq!(logs.handlings.len(), 1, "{:?}", logs.handlings);
+        assert_eq!(logs.handlings[ID], vec![(datetime!(2026-11-25 17:00:01.5 UTC), 3)]);
+        assert!(logs.fenced_completions.is_empty());
+        let fenced = r#"{"timestamp":"2026-11-25T17:00:03Z","level":"WARN","expected":100,"written":99,"message":"some outcomes matched no unprocessed row"}"#;
+        logs.parse(fenced, 1).unwrap();
+        assert_eq!(logs.fenced_completions.len(), 1);
     }
 
     #[test]
@@ -764,16 +804,18 @@ mod tests {
         handlings.insert("outage".into(), vec![(t(99), 1), (t(106), 2)]);
         // Child 1 handled it and was neither killed nor hit by an outage: a live claim.
         handlings.insert("live".into(), vec![(t(50), 1), (t(51), 2)]);
+        // Child 0 handled it, then child 2 did, and only then was child 0 killed: the two
+        // handlings overlapped under child 0's live claim.
+        handlings.insert("late kill".into(), vec![(t(8), 0), (t(9), 2)]);
         // Handled once: nothing to excuse.
         handlings.insert("once".into(), vec![(t(1), 2)]);
         let rehandled = classify_rehandlings(&handlings, &killed_at, &[outage]);
         assert_eq!((rehandled.after_kill, rehandled.after_outage), (1, 1));
-        assert_eq!(rehandled.unexplained.len(), 1, "{:?}", rehandled.unexplained);
-        assert!(
-            rehandled.unexplained[0].starts_with("event live: by child #1"),
-            "{:?}",
-            rehandled.unexplained
-        );
+        let mut unexplained = rehandled.unexplained;
+        unexplained.sort();
+        assert_eq!(unexplained.len(), 2, "{unexplained:?}");
+        assert!(unexplained[0].starts_with("event late kill: by child #0"), "{unexplained:?}");
+        assert!(unexplained[1].starts_with("event live: by child #1"), "{unexplained:?}");
     }
 
     #[test]

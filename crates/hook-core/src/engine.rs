@@ -258,7 +258,7 @@ impl<S: Store> Engine<S> {
                 Ok(Some(mut batch)) => {
                     error_backoff.reset();
                     let events = batch.take_events();
-                    let full = events.len() >= config.batch_size;
+                    let full = events.len() + batch.set_aside() >= config.batch_size;
                     shared.metrics.add_claimed(events.len());
                     debug!(events = events.len(), "claimed batch");
                     let task = run_batch(

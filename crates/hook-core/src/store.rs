@@ -23,7 +23,8 @@ use crate::event::HookEvent;
 pub struct ClaimRequest {
     /// At most this many events.
     pub limit: usize,
-    /// Only events with `retry_count` below this.
+    /// Only events with `retry_count` below this are returned; the store sets aside rows at or
+    /// above it as dead (see [`ClaimedBatch::set_aside`]).
     pub max_retry_count: u32,
     /// How long the claim may go without hearing from the engine before the store may consider
     /// its holder dead and release it.
@@ -62,7 +63,8 @@ pub trait Store: Send + Sync + 'static {
     /// A claimed batch.
     type Batch: ClaimedBatch<Error = Self::Error>;
 
-    /// Claims up to `request.limit` eligible events, oldest first; `None` when there are none.
+    /// Claims up to `request.limit` eligible events, oldest first; `None` when there are none
+    /// (and nothing was set aside).
     fn claim(
         &self,
         request: ClaimRequest,
@@ -82,6 +84,15 @@ pub trait ClaimedBatch: Send + 'static {
 
     /// Takes the claimed events out of the batch (the engine calls it once).
     fn take_events(&mut self) -> Vec<HookEvent>;
+
+    /// Rows the claim took but set aside as dead instead of returning them as events (rows that
+    /// cannot be decoded, or whose `retry_count` is already at the limit); written when the
+    /// batch finishes. They count toward the claim's limit, so a batch of few events but many
+    /// set-asides still tells the engine to claim again at once. A batch may hold no events at
+    /// all when it holds set-asides.
+    fn set_aside(&self) -> usize {
+        0
+    }
 
     /// Tells the store the holder is alive and still working on the batch, so the claim does not
     /// lapse while handlers run (lease extension). The engine calls it every third of the claim

@@ -89,6 +89,8 @@ mod queries;
 pub mod archive;
 #[cfg(feature = "bench")]
 pub mod bench;
+#[cfg(any(feature = "test-support", feature = "bench"))]
+mod children;
 pub mod migrate;
 pub mod replay;
 pub mod stats;
@@ -96,6 +98,8 @@ pub mod stats;
 pub mod testing;
 pub mod tls;
 
+#[cfg(any(feature = "test-support", feature = "bench"))]
+pub use children::binary_command;
 pub use cluster::{ClusterOptions, EmbeddedCluster, PgBinaries};
 pub use connect::{parse_database_url, redacted, with_service_defaults, DatabaseArgs, SeedSettings};
 pub use deadpool_postgres;
@@ -103,5 +107,5 @@ pub use enqueue::{enqueue, enqueue_many, AsGenericClient};
 pub use error::StoreError;
 pub use listen::CHANNEL;
 pub use pg::{PgBatch, PgStore, StoreOptions};
-pub use queries::claim_events;
+pub use queries::{claim_events, Claimed};
 pub use tokio_postgres;

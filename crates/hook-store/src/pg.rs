@@ -19,7 +19,7 @@ use tracing::warn;
 use crate::error::StoreError;
 use crate::listen;
 use crate::migrate::{self, MigrationReport};
-use crate::queries::{self, Completion};
+use crate::queries::{self, Claimed, Completion};
 
 /// How a [`PgStore`] connects.
 #[derive(Debug, Clone)]
@@ -122,13 +122,15 @@ impl Store for PgStore {
             queries::claim_events(client, request.limit, request.max_retry_count)
         );
         begun?;
-        let events = claimed?;
-        if events.is_empty() {
+        let Claimed { events, set_aside } = claimed?;
+        if events.is_empty() && set_aside == 0 {
             client.batch_execute("COMMIT").await?;
             conn.release();
             return Ok(None);
         }
-        Ok(Some(PgBatch { conn, events }))
+        // With rows set aside and no events, the batch still goes to the engine: finishing it
+        // commits the set-asides, and its size tells the engine to claim again at once.
+        Ok(Some(PgBatch { conn, events, set_aside }))
     }
 
     fn wakeups(&self) -> Option<watch::Receiver<()>> {
@@ -140,6 +142,7 @@ impl Store for PgStore {
 pub struct PgBatch {
     conn: TxConn,
     events: Vec<HookEvent>,
+    set_aside: usize,
 }
 
 impl ClaimedBatch for PgBatch {
@@ -147,6 +150,10 @@ impl ClaimedBatch for PgBatch {
 
     fn take_events(&mut self) -> Vec<HookEvent> {
         std::mem::take(&mut self.events)
+    }
+
+    fn set_aside(&self) -> usize {
+        self.set_aside
     }
 
     /// A trivial statement in the claim's transaction: it restarts the server's

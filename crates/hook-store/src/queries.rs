@@ -87,18 +87,29 @@ pub(crate) fn event_from_row(row: &Row) -> Result<HookEvent, StoreError> {
     })
 }
 
-/// Claims up to `limit` eligible events with `FOR UPDATE SKIP LOCKED`. Must run inside a
+/// What one claim took: the events to attempt, and how many rows it set aside instead.
+#[derive(Debug, Default)]
+pub struct Claimed {
+    /// The events to hand to handlers, oldest first.
+    pub events: Vec<HookEvent>,
+    /// Rows the claim took but marked dead instead of returning (see [`claim_events`]). They
+    /// count toward the claim's `limit`: when `events.len() + set_aside` reaches it, more rows
+    /// may be waiting.
+    pub set_aside: usize,
+}
+
+/// Claims up to `limit` eligible rows with `FOR UPDATE SKIP LOCKED`. Must run inside a
 /// transaction, which then holds the claim.
 ///
 /// Claimed rows that cannot be attempted are set aside as dead in the same transaction, with
 /// the reason appended to `processing_errors`, and not returned: rows this build cannot decode,
-/// and rows whose `retry_count` is already `max_retry_count` or more (inserted that way, or left
-/// by a processor with a higher limit).
+/// and rows whose `retry_count` is already `max_retry_count` or more (inserted that way, left by
+/// the original service, or by a processor with a higher limit).
 pub async fn claim_events(
     client: &impl GenericClient,
     limit: usize,
     max_retry_count: u32,
-) -> Result<Vec<HookEvent>, StoreError> {
+) -> Result<Claimed, StoreError> {
     let statement = client.prepare_cached(CLAIM).await?;
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
     let rows = client.query(&statement, &[&limit]).await?;
@@ -118,19 +129,23 @@ pub async fn claim_events(
             // A row this build cannot represent (jsonb nested deeper than serde_json's limit,
             // a created_at of 'infinity', ...) would otherwise stay first in line and fail
             // every claim.
-            Err(error) => format!("undecodable row, set aside as dead: {error}"),
+            Err(error) => {
+                let id: Uuid = row.try_get(0)?;
+                warn!(event_id = %id, error = %error, "claimed a row that cannot be decoded; setting it aside as dead");
+                format!("undecodable row, set aside as dead: {error}")
+            }
         };
-        let id: Uuid = row.try_get(0)?;
-        let reason = hook_core::bound_text(&reason);
-        warn!(event_id = %id, reason = %reason, "claimed a row that cannot be attempted");
-        set_aside.push(id);
-        reasons.push(reason);
+        set_aside.push(row.try_get::<_, Uuid>(0)?);
+        reasons.push(hook_core::bound_text(&reason));
     }
     if !set_aside.is_empty() {
+        // One line per claim, not per row: after an upgrade a claim may meet thousands of rows
+        // the original left at the limit. Each row's reason is in its processing_errors.
+        warn!(rows = set_aside.len(), first = %set_aside[0], reason = %reasons[0], "set aside rows that cannot be attempted");
         let statement = client.prepare_cached(SET_ASIDE).await?;
         client.execute(&statement, &[&set_aside, &reasons]).await?;
     }
-    Ok(events)
+    Ok(Claimed { events, set_aside: set_aside.len() })
 }
 
 /// The parameters of the two completion statements, split from a batch of outcomes.

@@ -219,42 +219,7 @@ impl Drop for TestDb {
     }
 }
 
-/// The variables of the caller's environment that would change what a hook-events binary does:
-/// its database, its settings, its logging and systemd's notification socket.
-const BINARY_VARIABLES: &[&str] = &[
-    "DATABASE_URL",
-    "DB_PASSWORD",
-    "POSTGRES_PASSWORD",
-    "POSTGRES_HOST",
-    "POSTGRES_PORT",
-    "POSTGRES_DB",
-    "POSTGRES_USER",
-    "PGSSLROOTCERT",
-    "BATCH_SIZE",
-    "MAX_RETRY_COUNT",
-    "POLL_INTERVAL",
-    "LOG_LEVEL",
-    "RUST_LOG",
-    "NOTIFY_SOCKET",
-    "WATCHDOG_USEC",
-    "WATCHDOG_PID",
-];
-
-/// A command for one of the workspace's binaries with none of the variables it reads inherited
-/// from the test's environment (the list above and every `HOOK_*`), so a developer's settings
-/// cannot change what a test sees. Set what the test needs on the returned command.
-pub fn binary_command(program: &str) -> std::process::Command {
-    let mut command = std::process::Command::new(program);
-    for var in BINARY_VARIABLES {
-        command.env_remove(var);
-    }
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("HOOK_") {
-            command.env_remove(name);
-        }
-    }
-    command
-}
+pub use crate::children::binary_command;
 
 /// A `key=value` connection string for `config` (including any password: for tests only).
 pub fn config_to_url(config: &Config) -> String {
