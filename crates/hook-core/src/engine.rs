@@ -202,7 +202,7 @@ impl<S: Store> Engine<S> {
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut wakeups = store.wakeups();
         let mut batches = JoinSet::new();
-        let mut error_backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        let mut error_backoff = Backoff::new(Duration::from_millis(100), STORE_RETRY_MAX);
         let mut metrics_tick = config.metrics_interval.map(|every| {
             let mut tick = tokio::time::interval_at(Instant::now() + every, every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -522,6 +522,11 @@ fn sanitize_value(value: Value) -> Value {
         other => other,
     }
 }
+
+/// The longest wait between two claims while the store fails. No longer than the original's
+/// 1 s poll: when the database comes back, the processor is back within a second, as a poller
+/// would be; while it is down, that is one connection attempt a second.
+const STORE_RETRY_MAX: Duration = Duration::from_secs(1);
 
 /// Exponential backoff for store errors.
 struct Backoff {

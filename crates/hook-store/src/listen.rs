@@ -25,7 +25,8 @@ pub(crate) async fn listen_loop(config: Config, tls: MakeRustlsConnect, wake: wa
             }
         }
         tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(5));
+        // As the engine's claim retries: back within a second of the database.
+        delay = (delay * 2).min(Duration::from_secs(1));
     }
 }
 
