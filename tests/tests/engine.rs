@@ -12,6 +12,8 @@ use hook_tests::{count, insert_event, insert_events, test_config, wait_for_count
 use serde_json::json;
 
 const ALL_PROCESSED: &str = "SELECT count(*) FROM hook_events WHERE NOT processed";
+/// Counts to 0 once every event is processed or dead.
+const ALL_DECIDED: &str = "SELECT count(*) FROM hook_events WHERE NOT processed AND dead_at IS NULL";
 
 fn engine(store: PgStore, registry: HandlerRegistry, config: EngineConfig) -> Engine<PgStore> {
     Engine::builder(store).registry(registry).config(config).build().expect("valid config")
@@ -166,13 +168,7 @@ async fn panics_timeouts_and_errors_are_failed_attempts_and_the_processor_carrie
         ..test_config()
     };
     let running = Running::start(engine(db.store(StoreOptions::default()).await, registry, config));
-    wait_for_count(
-        &client,
-        "SELECT count(*) FROM hook_events WHERE NOT processed AND dead_at IS NULL",
-        0,
-        Duration::from_secs(30),
-    )
-    .await;
+    wait_for_count(&client, ALL_DECIDED, 0, Duration::from_secs(30)).await;
     let metrics = running.stop().await;
 
     let errors = |id| {
@@ -361,13 +357,7 @@ async fn thousands_of_rows_at_the_retry_limit_ahead_of_live_events_do_not_hold_t
     // once after a claim that set rows aside gets past them.
     let config = EngineConfig { batch_size: 50, poll_interval: Duration::from_secs(3600), ..test_config() };
     let running = Running::start(engine(db.store(StoreOptions::default()).await, registry, config));
-    wait_for_count(
-        &client,
-        "SELECT count(*) FROM hook_events WHERE NOT processed AND dead_at IS NULL",
-        0,
-        Duration::from_secs(30),
-    )
-    .await;
+    wait_for_count(&client, ALL_DECIDED, 0, Duration::from_secs(30)).await;
     running.stop().await;
     assert_eq!(
         count(&client, "SELECT count(*) FROM hook_events WHERE dead_at IS NOT NULL AND retry_count = 3")
