@@ -358,12 +358,13 @@ async fn thousands_of_rows_at_the_retry_limit_ahead_of_live_events_do_not_hold_t
     let config = EngineConfig { batch_size: 50, poll_interval: Duration::from_secs(3600), ..test_config() };
     let running = Running::start(engine(db.store(StoreOptions::default()).await, registry, config));
     wait_for_count(&client, ALL_DECIDED, 0, Duration::from_secs(30)).await;
-    running.stop().await;
+    let metrics = running.stop().await;
     assert_eq!(
         count(&client, "SELECT count(*) FROM hook_events WHERE dead_at IS NOT NULL AND retry_count = 3")
             .await,
         2000
     );
+    assert_eq!((metrics.set_aside, metrics.dead, metrics.succeeded), (2000, 0, 20));
     let snapshot = invocations.snapshot();
     assert_eq!(snapshot.len(), 20, "only the live events were handled");
     assert!(live.iter().all(|id| snapshot.get(id) == Some(&1)));

@@ -294,7 +294,7 @@ impl<S: Store> Engine<S> {
         let _ = stop_tx.send(true);
         while batches.join_next().await.is_some() {}
         let snapshot = shared.metrics.snapshot();
-        info!(dead = snapshot.dead, claimed = snapshot.claimed, "{snapshot}");
+        info!(dead = snapshot.dead, claimed = snapshot.claimed, set_aside = snapshot.set_aside, "{snapshot}");
         snapshot
     }
 }
@@ -320,7 +320,7 @@ async fn changed(rx: &mut Option<watch::Receiver<()>>) {
 
 fn log_metrics(metrics: &Metrics) {
     let snapshot = metrics.snapshot();
-    info!(dead = snapshot.dead, claimed = snapshot.claimed, "{snapshot}");
+    info!(dead = snapshot.dead, claimed = snapshot.claimed, set_aside = snapshot.set_aside, "{snapshot}");
 }
 
 /// What one handler's attempt reports back.
@@ -443,9 +443,10 @@ async fn run_batch<B: ClaimedBatch>(
         };
         outcomes.push(Outcome { id, resolution, metadata });
     }
+    let set_aside = batch.set_aside() as u64;
     match batch.finish(outcomes).await {
         Ok(()) => {
-            shared.metrics.add_committed(succeeded, retried, dead);
+            shared.metrics.add_committed(succeeded, retried, dead, set_aside);
             tally.commit();
         }
         Err(error) => {

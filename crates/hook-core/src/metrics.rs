@@ -49,6 +49,9 @@ pub mod names {
     pub const BATCH_SIZE: &str = "hook_events_batch_size";
     /// Counter: claims and completions that failed on the database side.
     pub const DATABASE_ERRORS: &str = "hook_events_database_errors_total";
+    /// Counter: rows a claim set aside as dead without an attempt (undecodable, or already at
+    /// the retry limit), counted once committed.
+    pub const SET_ASIDE: &str = "hook_events_set_aside_total";
     /// Gauge: events waiting to be processed (not processed, not dead), retries included.
     pub const PENDING: &str = "hook_events_pending";
     /// Gauge: pending events that have failed at least once.
@@ -90,6 +93,10 @@ pub fn describe_metrics() {
     );
     describe_histogram!(BATCH_SIZE, Unit::Count, "Events per claimed batch");
     describe_counter!(DATABASE_ERRORS, "Claims and completions that failed on the database side");
+    describe_counter!(
+        SET_ASIDE,
+        "Rows set aside as dead without an attempt (undecodable, or already at the retry limit)"
+    );
     describe_gauge!(PENDING, "Events not processed and not dead (retries included)");
     describe_gauge!(RETRYING, "Pending events that failed at least once");
     describe_gauge!(DEAD_EVENTS, "Events that reached the retry limit and are not processed");
@@ -115,12 +122,14 @@ pub struct Metrics {
     dead: AtomicU64,
     errors: AtomicU64,
     claimed: AtomicU64,
+    set_aside: AtomicU64,
     /// Milliseconds after `started` of the last progress, plus one; 0 before any.
     last_progress: AtomicU64,
     ready: AtomicBool,
     series: Mutex<SeriesCache>,
     batch_size: Histogram,
     database_errors: Counter,
+    set_aside_total: Counter,
 }
 
 impl fmt::Debug for Metrics {
@@ -141,11 +150,13 @@ impl Default for Metrics {
             dead: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             claimed: AtomicU64::new(0),
+            set_aside: AtomicU64::new(0),
             last_progress: AtomicU64::new(0),
             ready: AtomicBool::new(false),
             series: Mutex::new(SeriesCache::default()),
             batch_size: histogram!(names::BATCH_SIZE),
             database_errors: counter!(names::DATABASE_ERRORS),
+            set_aside_total: counter!(names::SET_ASIDE),
         }
     }
 }
@@ -167,6 +178,8 @@ pub struct MetricsSnapshot {
     pub errors: u64,
     /// Events claimed.
     pub claimed: u64,
+    /// Rows set aside as dead without an attempt (undecodable, or already at the retry limit).
+    pub set_aside: u64,
     /// Time since the engine was built.
     pub uptime: Duration,
 }
@@ -199,6 +212,7 @@ impl Metrics {
             dead: get(&self.dead),
             errors: get(&self.errors),
             claimed: get(&self.claimed),
+            set_aside: get(&self.set_aside),
             uptime: self.started.elapsed(),
         }
     }
@@ -252,8 +266,10 @@ impl Metrics {
         self.database_errors.increment(1);
     }
 
-    pub(crate) fn add_committed(&self, succeeded: u64, retried: u64, dead: u64) {
+    pub(crate) fn add_committed(&self, succeeded: u64, retried: u64, dead: u64, set_aside: u64) {
         self.record_progress();
+        self.set_aside.fetch_add(set_aside, Ordering::Relaxed);
+        self.set_aside_total.increment(set_aside);
         let failed = retried + dead;
         self.processed.fetch_add(succeeded + failed, Ordering::Relaxed);
         self.succeeded.fetch_add(succeeded, Ordering::Relaxed);
@@ -427,7 +443,7 @@ mod tests {
     #[test]
     fn seed_line_format() {
         let m = Metrics::default();
-        m.add_committed(415, 2, 2);
+        m.add_committed(415, 2, 2, 0);
         m.add_error();
         let line = MetricsSnapshot { uptime: Duration::from_secs(120), ..m.snapshot() }.to_string();
         assert_eq!(line, "Metrics: Processed=419, Succeeded=415, Failed=4, Retried=2, Errors=1, Uptime=120s");
