@@ -283,7 +283,7 @@ async fn run_soak(args: &Args, plan: &soak::SoakPlan) -> anyhow::Result<soak::So
         hook_store::migrate::migrate(&client).await.context("migrating the soak database")?;
         refuse_foreign_rows(args, &db, &client).await?;
         drop(client);
-        let report = soak::soak(&db, cluster.as_ref(), plan).await;
+        let report = interruptible(soak::soak(&db, cluster.as_ref(), plan)).await;
         // Also after a failed run: the audit trigger must not slow whatever runs next. (A new
         // connection: the soak restarted the server.) A failure here must not hide the soak's.
         let removed = match db.connect().await {
@@ -354,6 +354,16 @@ impl Plan {
     }
 }
 
+/// Runs `work` unless Ctrl-C comes first, in which case `work` is dropped (its hook-processor
+/// children are killed with it) and the caller still closes the connections and stops the
+/// embedded cluster.
+async fn interruptible<T>(work: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    tokio::select! {
+        result = work => result,
+        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+    }
+}
+
 /// The database of the run: DATABASE_URL, or the durable embedded cluster under --data-dir.
 async fn open(args: &Args, connections: usize) -> anyhow::Result<(Db, Option<EmbeddedCluster>)> {
     Ok(match &args.database_url {
@@ -385,7 +395,7 @@ async fn close(db: Db, cluster: Option<EmbeddedCluster>) -> anyhow::Result<()> {
 async fn bench(args: &Args, plan: &Plan) -> anyhow::Result<Report> {
     let connections = plan.limit_connections.iter().max().copied().unwrap_or(1) + 2;
     let (db, cluster) = open(args, connections).await?;
-    let result = measure(args, plan, &db).await;
+    let result = interruptible(measure(args, plan, &db)).await;
     close(db, cluster).await?;
     result
 }
