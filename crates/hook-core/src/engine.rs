@@ -244,7 +244,12 @@ impl<S: Store> Engine<S> {
                 Err(error) => {
                     shared.metrics.add_error();
                     let delay = error_backoff.next();
-                    warn!(error = %error, retry_in_ms = delay.as_millis() as u64, "claim failed");
+                    let failures = error_backoff.failures;
+                    if Backoff::is_loud(failures) {
+                        warn!(error = %error, retry_in_ms = delay.as_millis() as u64, failures, "claim failed");
+                    } else {
+                        debug!(error = %error, retry_in_ms = delay.as_millis() as u64, failures, "claim failed");
+                    }
                     drop(permit);
                     tokio::select! {
                         () = &mut shutdown => break,
@@ -252,6 +257,7 @@ impl<S: Store> Engine<S> {
                     }
                 }
                 Ok(None) => {
+                    error_backoff.reset();
                     shared.metrics.add_empty_claim();
                     false
                 }
@@ -529,28 +535,45 @@ fn sanitize_value(value: Value) -> Value {
 /// would be; while it is down, that is one connection attempt a second.
 const STORE_RETRY_MAX: Duration = Duration::from_secs(1);
 
-/// Exponential backoff for store errors.
+/// Exponential backoff for store errors, and a count of the failures in a row.
 struct Backoff {
     first: Duration,
     max: Duration,
     current: Option<Duration>,
+    failures: u32,
 }
 
 impl Backoff {
     fn new(first: Duration, max: Duration) -> Self {
-        Self { first, max, current: None }
+        Self { first, max, current: None, failures: 0 }
     }
 
     fn next(&mut self) -> Duration {
         let next = self.current.map_or(self.first, |d| (d * 2).min(self.max));
         self.current = Some(next);
+        self.failures = self.failures.saturating_add(1);
         next
     }
 
+    /// After a success; logs when it ends a streak of failures.
     fn reset(&mut self) {
+        if self.failures > 0 {
+            info!(failures = self.failures, "claims succeed again");
+        }
         self.current = None;
+        self.failures = 0;
+    }
+
+    /// Whether the `failures`-th failure in a row is worth a warning: the first, then one in
+    /// [`LOUD_EVERY`] (about every half minute at the 1 s cap), so an hour-long outage logs a
+    /// few hundred lines, not thousands. The others are logged at debug.
+    fn is_loud(failures: u32) -> bool {
+        failures <= 1 || failures.is_multiple_of(LOUD_EVERY)
     }
 }
+
+/// See [`Backoff::is_loud`].
+const LOUD_EVERY: u32 = 30;
 
 #[cfg(test)]
 mod tests {
@@ -578,8 +601,15 @@ mod tests {
         let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(350));
         let seen: Vec<_> = (0..4).map(|_| b.next().as_millis()).collect();
         assert_eq!(seen, [100, 200, 350, 350]);
+        assert_eq!(b.failures, 4);
         b.reset();
-        assert_eq!(b.next().as_millis(), 100);
+        assert_eq!((b.next().as_millis(), b.failures), (100, 1));
+    }
+
+    #[test]
+    fn a_streak_of_store_failures_warns_on_the_first_and_every_thirtieth() {
+        let loud: Vec<u32> = (1..=95).filter(|&n| Backoff::is_loud(n)).collect();
+        assert_eq!(loud, [1, 30, 60, 90]);
     }
 
     #[test]

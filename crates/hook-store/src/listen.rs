@@ -17,11 +17,20 @@ pub const CHANNEL: &str = "hook_events";
 pub(crate) async fn listen_loop(config: Config, tls: MakeRustlsConnect, wake: watch::Sender<()>) {
     let mut delay = Duration::from_millis(100);
     let mut connected_before = false;
+    // Failures in a row: the first and every 30th are warnings (as the engine's claim
+    // failures), the others debug, so a long outage does not flood the log.
+    let mut failures = 0_u32;
     while !wake.is_closed() {
-        match listen_once(&config, tls.clone(), &wake, &mut connected_before).await {
+        match listen_once(&config, tls.clone(), &wake, &mut connected_before, &mut failures).await {
             Ok(()) => delay = Duration::from_millis(100),
             Err(error) => {
-                warn!(error = %error, retry_in_ms = delay.as_millis() as u64, "LISTEN connection lost; polling until it is back");
+                failures = failures.saturating_add(1);
+                let retry_in_ms = delay.as_millis() as u64;
+                if failures == 1 || failures.is_multiple_of(30) {
+                    warn!(error = %error, retry_in_ms, failures, "LISTEN connection lost; polling until it is back");
+                } else {
+                    debug!(error = %error, retry_in_ms, failures, "LISTEN connection lost; polling until it is back");
+                }
             }
         }
         tokio::time::sleep(delay).await;
@@ -41,6 +50,7 @@ async fn listen_once(
     tls: MakeRustlsConnect,
     wake: &watch::Sender<()>,
     connected_before: &mut bool,
+    failures: &mut u32,
 ) -> Result<(), tokio_postgres::Error> {
     let (client, mut connection) = config.connect(tls).await?;
     let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
@@ -62,9 +72,10 @@ async fn listen_once(
         }
     }
     if *connected_before {
-        info!("LISTEN connection re-established");
+        info!(failures = *failures, "LISTEN connection re-established");
     }
     *connected_before = true;
+    *failures = 0;
     // Events may have arrived while we were not listening.
     wake.send_replace(());
     loop {
