@@ -83,27 +83,11 @@ async fn insert_events(client: &Client, total: i32) {
         .expect("insert events");
 }
 
-/// Records every committed write of an outcome in `test_outcomes`: one row when an event is
-/// marked processed, one per failed attempt. A completion that is fenced (rolled back with its
-/// claim) leaves none, so each event of a run where every handler succeeds must have exactly one.
+/// The outcome audit of `hook_store::bench` (table `hook_outcome_audit_rows`): one row per
+/// committed outcome. A completion that is fenced (rolled back with its claim) leaves none, so
+/// each event of a run where every handler succeeds must have exactly one.
 async fn audit_outcomes(client: &Client) {
-    client
-        .batch_execute(
-            "CREATE TABLE test_outcomes (event_id uuid NOT NULL, processed bool NOT NULL, retry_count int NOT NULL, \
-                                         at timestamptz NOT NULL DEFAULT clock_timestamp());
-             CREATE FUNCTION test_audit_outcome() RETURNS trigger LANGUAGE plpgsql AS $$
-             BEGIN
-                 IF NEW.processed IS DISTINCT FROM OLD.processed OR NEW.retry_count IS DISTINCT FROM OLD.retry_count THEN
-                     INSERT INTO test_outcomes (event_id, processed, retry_count)
-                     VALUES (NEW.id, NEW.processed, NEW.retry_count);
-                 END IF;
-                 RETURN NEW;
-             END $$;
-             CREATE TRIGGER test_audit_outcome AFTER UPDATE ON hook_events
-                 FOR EACH ROW EXECUTE FUNCTION test_audit_outcome();",
-        )
-        .await
-        .expect("install the outcome audit");
+    hook_store::bench::install_outcome_audit(client).await.expect("install the outcome audit");
 }
 
 /// Waits until `query` counts zero, checking on the way that no worker exited.
@@ -198,7 +182,7 @@ async fn check_exactly_once_outcomes(client: &Client, config: &Config, total: i6
             (
                 "events whose committed outcomes are not exactly one success",
                 "SELECT count(*) FROM hook_events AS e \
-                 LEFT JOIN (SELECT event_id, count(*) AS n, bool_and(processed) AS ok FROM test_outcomes \
+                 LEFT JOIN (SELECT event_id, count(*) AS n, bool_and(processed) AS ok FROM hook_outcome_audit_rows \
                             GROUP BY event_id) AS o ON o.event_id = e.id \
                  WHERE o.n IS DISTINCT FROM 1 OR NOT o.ok"
                     .into(),
@@ -650,7 +634,7 @@ async fn with_a_short_claim_timeout_no_event_is_handled_by_two_engines_at_once()
         timed_out as u64,
         "the hanging ones timed out once"
     );
-    let outcomes = count(&client, "SELECT count(*) FROM test_outcomes").await;
+    let outcomes = count(&client, "SELECT count(*) FROM hook_outcome_audit_rows").await;
     assert_eq!(outcomes, TOTAL + timed_out, "one committed outcome per attempt");
 }
 

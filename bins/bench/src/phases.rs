@@ -437,7 +437,7 @@ pub(crate) fn processor_command(
     workdir: &Path,
     log: std::fs::File,
 ) -> tokio::process::Command {
-    let mut command = tokio::process::Command::from(hook_store::binary_command(&program.to_string_lossy()));
+    let mut command = tokio::process::Command::from(hook_store::binary_command(program));
     command
         .current_dir(workdir)
         .env("DATABASE_URL", url)

@@ -10,7 +10,7 @@
 //! - **Nothing stranded.** Once the producer stops, the queue must drain; then no row may be
 //!   left unprocessed, none locked (a lease nobody releases), and `processed_at >= created_at`.
 //! - **Nothing done twice.** A trigger records every committed outcome (the table
-//!   `hook_soak_outcomes`): each event must have exactly one committed success (the success
+//!   `hook_outcome_audit_rows`): each event must have exactly one committed success (the success
 //!   update only matches unprocessed rows, so this finds events whose success never committed;
 //!   a second completion shows as the processor's warning "some outcomes matched no unprocessed
 //!   row", which must not appear). The children log every handled event

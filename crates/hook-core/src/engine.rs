@@ -245,7 +245,7 @@ impl<S: Store> Engine<S> {
                     shared.metrics.add_error();
                     let delay = error_backoff.next();
                     let failures = error_backoff.failures;
-                    if Backoff::is_loud(failures) {
+                    if is_loud_failure(failures) {
                         warn!(error = %error, retry_in_ms = delay.as_millis() as u64, failures, "claim failed");
                     } else {
                         debug!(error = %error, retry_in_ms = delay.as_millis() as u64, failures, "claim failed");
@@ -563,17 +563,15 @@ impl Backoff {
         self.current = None;
         self.failures = 0;
     }
-
-    /// Whether the `failures`-th failure in a row is worth a warning: the first, then one in
-    /// [`LOUD_EVERY`] (about every half minute at the 1 s cap), so an hour-long outage logs a
-    /// few hundred lines, not thousands. The others are logged at debug.
-    fn is_loud(failures: u32) -> bool {
-        failures <= 1 || failures.is_multiple_of(LOUD_EVERY)
-    }
 }
 
-/// See [`Backoff::is_loud`].
-const LOUD_EVERY: u32 = 30;
+/// Whether the `failures`-th store failure in a row is worth a warning: the first, then one in
+/// 30 (about every half minute at the 1 s retry cap), so an hour-long outage logs a few hundred
+/// lines, not thousands; log the others at debug. Shared by the engine's claims and the store's
+/// LISTEN connection.
+pub fn is_loud_failure(failures: u32) -> bool {
+    failures <= 1 || failures.is_multiple_of(30)
+}
 
 #[cfg(test)]
 mod tests {
@@ -608,7 +606,7 @@ mod tests {
 
     #[test]
     fn a_streak_of_store_failures_warns_on_the_first_and_every_thirtieth() {
-        let loud: Vec<u32> = (1..=95).filter(|&n| Backoff::is_loud(n)).collect();
+        let loud: Vec<u32> = (1..=95).filter(|&n| is_loud_failure(n)).collect();
         assert_eq!(loud, [1, 30, 60, 90]);
     }
 

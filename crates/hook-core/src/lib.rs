@@ -127,7 +127,7 @@ mod store;
 pub use crate::metrics::{
     describe_metrics, names as metric_names, Metrics, MetricsSnapshot, MAX_LABELLED_PAIRS, OTHER_LABEL,
 };
-pub use engine::{bound_text, Engine, EngineBuilder, EngineConfig, MAX_ERROR_BYTES};
+pub use engine::{bound_text, is_loud_failure, Engine, EngineBuilder, EngineConfig, MAX_ERROR_BYTES};
 pub use error::ConfigError;
 pub use event::{HandlerResult, HookEvent, NewEvent};
 pub use handler::{Handler, HandlerRegistry, IntoHandlerResult, WILDCARD};

@@ -230,43 +230,44 @@ pub async fn server_facts(client: &impl GenericClient) -> Result<ServerFacts, St
 // The soak's read-outs
 // ---------------------------------------------------------------------------------------------
 
-/// Records every committed write of an outcome in `hook_soak_outcomes`: one row when an event is
+/// Records every committed write of an outcome in `hook_outcome_audit_rows` (used by the soak and
+/// by the fault tests): one row when an event is
 /// marked processed, one per failed attempt, one when it is set aside dead. A completion fenced
 /// off (rolled back with its claim, say because its process was killed) leaves none, so in a run
 /// whose handlers all succeed every event must end with exactly one success row.
 const INSTALL_OUTCOME_AUDIT: &str = "\
-     DROP TRIGGER IF EXISTS hook_soak_audit ON hook_events; \
-     DROP FUNCTION IF EXISTS hook_soak_audit(); \
-     DROP TABLE IF EXISTS hook_soak_outcomes; \
-     CREATE TABLE hook_soak_outcomes ( \
+     DROP TRIGGER IF EXISTS hook_outcome_audit ON hook_events; \
+     DROP FUNCTION IF EXISTS hook_outcome_audit(); \
+     DROP TABLE IF EXISTS hook_outcome_audit_rows; \
+     CREATE TABLE hook_outcome_audit_rows ( \
          event_id uuid NOT NULL, processed bool NOT NULL, retry_count int NOT NULL, dead bool NOT NULL, \
          at timestamptz NOT NULL DEFAULT clock_timestamp()); \
-     CREATE FUNCTION hook_soak_audit() RETURNS trigger LANGUAGE plpgsql AS $$ \
+     CREATE FUNCTION hook_outcome_audit() RETURNS trigger LANGUAGE plpgsql AS $$ \
      BEGIN \
          IF NEW.processed IS DISTINCT FROM OLD.processed OR NEW.retry_count IS DISTINCT FROM OLD.retry_count \
             OR NEW.dead_at IS DISTINCT FROM OLD.dead_at THEN \
-             INSERT INTO hook_soak_outcomes (event_id, processed, retry_count, dead) \
+             INSERT INTO hook_outcome_audit_rows (event_id, processed, retry_count, dead) \
              VALUES (NEW.id, NEW.processed, NEW.retry_count, NEW.dead_at IS NOT NULL); \
          END IF; \
          RETURN NEW; \
      END $$; \
-     CREATE TRIGGER hook_soak_audit AFTER UPDATE ON hook_events \
-         FOR EACH ROW EXECUTE FUNCTION hook_soak_audit();";
+     CREATE TRIGGER hook_outcome_audit AFTER UPDATE ON hook_events \
+         FOR EACH ROW EXECUTE FUNCTION hook_outcome_audit();";
 
 const REMOVE_OUTCOME_AUDIT: &str = "\
-     DROP TRIGGER IF EXISTS hook_soak_audit ON hook_events; \
-     DROP FUNCTION IF EXISTS hook_soak_audit(); \
-     DROP TABLE IF EXISTS hook_soak_outcomes;";
+     DROP TRIGGER IF EXISTS hook_outcome_audit ON hook_events; \
+     DROP FUNCTION IF EXISTS hook_outcome_audit(); \
+     DROP TABLE IF EXISTS hook_outcome_audit_rows;";
 
 /// Installs the soak's audit of committed outcomes (see [`outcome_audit`]), replacing any left
 /// by an earlier run.
-pub async fn install_outcome_audit(client: &impl GenericClient) -> Result<(), StoreError> {
+pub async fn install_outcome_audit(client: &tokio_postgres::Client) -> Result<(), StoreError> {
     client.batch_execute(INSTALL_OUTCOME_AUDIT).await?;
     Ok(())
 }
 
 /// Removes the soak's audit trigger and its table.
-pub async fn remove_outcome_audit(client: &impl GenericClient) -> Result<(), StoreError> {
+pub async fn remove_outcome_audit(client: &tokio_postgres::Client) -> Result<(), StoreError> {
     client.batch_execute(REMOVE_OUTCOME_AUDIT).await?;
     Ok(())
 }
@@ -283,13 +284,13 @@ pub struct OutcomeAudit {
 }
 
 /// Reads the audit installed by [`install_outcome_audit`].
-pub async fn outcome_audit(client: &impl GenericClient) -> Result<OutcomeAudit, StoreError> {
+pub async fn outcome_audit(client: &tokio_postgres::Client) -> Result<OutcomeAudit, StoreError> {
     let row = client
         .query_one(
-            "SELECT (SELECT count(*) FROM hook_soak_outcomes WHERE processed), \
-                    (SELECT count(*) FROM hook_soak_outcomes WHERE NOT processed), \
+            "SELECT (SELECT count(*) FROM hook_outcome_audit_rows WHERE processed), \
+                    (SELECT count(*) FROM hook_outcome_audit_rows WHERE NOT processed), \
                     (SELECT count(*) FROM hook_events AS e \
-                       LEFT JOIN (SELECT event_id, count(*) AS n FROM hook_soak_outcomes WHERE processed \
+                       LEFT JOIN (SELECT event_id, count(*) AS n FROM hook_outcome_audit_rows WHERE processed \
                                   GROUP BY event_id) AS o ON o.event_id = e.id \
                      WHERE o.n IS DISTINCT FROM 1)",
             &[],

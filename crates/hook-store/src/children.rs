@@ -25,7 +25,7 @@ const BINARY_VARIABLES: &[&str] = &[
 /// A command for one of the workspace's binaries with none of the variables it reads inherited
 /// from the caller's environment (the list above and every `HOOK_*`), so a developer's settings
 /// cannot change what a test or a benchmark sees. Set what the test needs on the returned command.
-pub fn binary_command(program: &str) -> std::process::Command {
+pub fn binary_command(program: impl AsRef<std::ffi::OsStr>) -> std::process::Command {
     let mut command = std::process::Command::new(program);
     for var in BINARY_VARIABLES {
         command.env_remove(var);

@@ -17,8 +17,7 @@ pub const CHANNEL: &str = "hook_events";
 pub(crate) async fn listen_loop(config: Config, tls: MakeRustlsConnect, wake: watch::Sender<()>) {
     let mut delay = Duration::from_millis(100);
     let mut connected_before = false;
-    // Failures in a row: the first and every 30th are warnings (as the engine's claim
-    // failures), the others debug, so a long outage does not flood the log.
+    // Failures in a row, logged as the engine's claim failures are (`is_loud_failure`).
     let mut failures = 0_u32;
     while !wake.is_closed() {
         match listen_once(&config, tls.clone(), &wake, &mut connected_before, &mut failures).await {
@@ -26,7 +25,7 @@ pub(crate) async fn listen_loop(config: Config, tls: MakeRustlsConnect, wake: wa
             Err(error) => {
                 failures = failures.saturating_add(1);
                 let retry_in_ms = delay.as_millis() as u64;
-                if failures == 1 || failures.is_multiple_of(30) {
+                if hook_core::is_loud_failure(failures) {
                     warn!(error = %error, retry_in_ms, failures, "LISTEN connection lost; polling until it is back");
                 } else {
                     debug!(error = %error, retry_in_ms, failures, "LISTEN connection lost; polling until it is back");

@@ -116,15 +116,18 @@ pub async fn claim_events(
     let mut events = Vec::with_capacity(rows.len());
     let (mut set_aside, mut reasons) = (Vec::new(), Vec::new());
     for row in &rows {
-        let reason = match event_from_row(row) {
+        let (id, reason) = match event_from_row(row) {
             Ok(event) if u32::try_from(event.retry_count).unwrap_or(u32::MAX) < max_retry_count => {
                 events.push(event);
                 continue;
             }
-            Ok(event) => format!(
-                "retry_count {} is at MAX_RETRY_COUNT ({max_retry_count}) or past it before an attempt; \
-                 set aside as dead",
-                event.retry_count
+            Ok(event) => (
+                event.id,
+                format!(
+                    "retry_count {} is at MAX_RETRY_COUNT ({max_retry_count}) or past it before an attempt; \
+                     set aside as dead",
+                    event.retry_count
+                ),
             ),
             // A row this build cannot represent (jsonb nested deeper than serde_json's limit,
             // a created_at of 'infinity', ...) would otherwise stay first in line and fail
@@ -132,10 +135,10 @@ pub async fn claim_events(
             Err(error) => {
                 let id: Uuid = row.try_get(0)?;
                 warn!(event_id = %id, error = %error, "claimed a row that cannot be decoded; setting it aside as dead");
-                format!("undecodable row, set aside as dead: {error}")
+                (id, format!("undecodable row, set aside as dead: {error}"))
             }
         };
-        set_aside.push(row.try_get::<_, Uuid>(0)?);
+        set_aside.push(id);
         reasons.push(hook_core::bound_text(&reason));
     }
     if !set_aside.is_empty() {
