@@ -35,11 +35,25 @@ fn processor_as(db: &TestDb, user: &str) -> Command {
 async fn setup(test: &str) -> (TestDb, Client) {
     let db = TestDb::migrated(test).await;
     let admin = db.client().await;
-    // Roles are global to the cluster; several test processes may create them at once.
-    admin.batch_execute("SELECT pg_advisory_lock(4242)").await.expect("lock");
-    let result = admin.batch_execute(ROLES_SQL).await;
-    admin.batch_execute("SELECT pg_advisory_unlock(4242)").await.expect("unlock");
-    result.expect("docs/roles.sql applies");
+    // Roles are global to the cluster and several tests (each in its own database, so an
+    // advisory lock would not serialize them) may create them at once: the script's
+    // `IF NOT EXISTS` checks can race, and the loser of a race sees a unique violation. The
+    // script is idempotent, so run it again.
+    let mut attempt = 0;
+    loop {
+        match admin.batch_execute(ROLES_SQL).await {
+            Ok(()) => break,
+            Err(error)
+                if attempt < 5
+                    && error.code()
+                        == Some(&hook_store::tokio_postgres::error::SqlState::UNIQUE_VIOLATION) =>
+            {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(error) => panic!("docs/roles.sql applies: {error}"),
+        }
+    }
     (db, admin)
 }
 
