@@ -213,43 +213,53 @@ impl Spool {
 
     /// The batch files nobody holds, oldest first, each locked by this process. A temporary file
     /// abandoned by a dead process is renamed into a batch first.
-    // `File::try_lock` is stable since Rust 1.89; the workspace's rust-version says 1.85.
-    #[allow(clippy::incompatible_msrv)]
     pub fn batches(&self) -> io::Result<Vec<Batch>> {
         let mut found = Vec::new();
+        for path in self.batch_paths()? {
+            found.extend(self.adopt(&path)?);
+        }
+        Ok(found)
+    }
+
+    /// The batch files' paths, oldest first, after renaming abandoned temporary files into batches.
+    fn batch_paths(&self) -> io::Result<Vec<PathBuf>> {
+        let mut paths = Vec::new();
         for side in self.side_files()? {
-            let path = if side.batch {
-                side.path
+            if side.batch {
+                paths.push(side.path);
             } else if side.pending() {
                 let name = self.side_name("batch");
-                match fs::rename(&side.path, &name) {
-                    Ok(()) => name,
-                    Err(_) => continue, // someone else adopted it
-                }
-            } else {
-                continue;
-            };
-            let file = match OpenOptions::new().read(true).open(&path) {
-                Ok(file) => file,
-                Err(error) if error.kind() == io::ErrorKind::NotFound => continue,
-                Err(error) => return Err(error),
-            };
-            match file.try_lock() {
-                Ok(()) => {}
-                Err(TryLockError::WouldBlock) => continue, // being flushed
-                Err(TryLockError::Error(error)) => return Err(error),
-            }
-            // Deleted or replaced by the flusher we waited behind: skip this copy.
-            let inode = file.metadata()?.ino();
-            match fs::metadata(&path) {
-                Ok(meta) if meta.ino() == inode => found.push(Batch { file, path }),
-                Ok(_) => {}
-                Err(error) if error.kind() == io::ErrorKind::NotFound => {}
-                Err(error) => return Err(error),
+                if fs::rename(&side.path, &name).is_ok() {
+                    paths.push(name);
+                } // else someone else adopted it
             }
         }
-        found.sort_by(|a, b| a.path.cmp(&b.path));
-        Ok(found)
+        paths.sort();
+        Ok(paths)
+    }
+
+    /// The batch at `path`, locked, unless someone holds it or it is gone.
+    // `File::try_lock` is stable since Rust 1.89; the workspace's rust-version says 1.85.
+    #[allow(clippy::incompatible_msrv)]
+    fn adopt(&self, path: &Path) -> io::Result<Option<Batch>> {
+        let file = match OpenOptions::new().read(true).open(path) {
+            Ok(file) => file,
+            Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(error) => return Err(error),
+        };
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => return Ok(None), // being flushed
+            Err(TryLockError::Error(error)) => return Err(error),
+        }
+        // Deleted or replaced by the flusher that held it a moment ago: not this copy.
+        let inode = file.metadata()?.ino();
+        match fs::metadata(path) {
+            Ok(meta) if meta.ino() == inode => Ok(Some(Batch { file, path: path.to_path_buf() })),
+            Ok(_) => Ok(None),
+            Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(error) => Err(error),
+        }
     }
 
     /// Hands every spooled event to `insert`, in chunks of up to `max_events` events or about
@@ -263,28 +273,20 @@ impl Spool {
         Fut: Future<Output = Result<(), String>>,
     {
         let mut flushed = Flushed::default();
-        let mut pending = self.batches()?;
-        let mut claimed_spool = false;
-        loop {
-            let batch = if pending.is_empty() {
-                if claimed_spool {
-                    return Ok(flushed);
-                }
-                claimed_spool = true;
-                match self.claim()? {
-                    Some(batch) => batch,
-                    None => return Ok(flushed),
-                }
-            } else {
-                pending.remove(0)
-            };
+        // Locked one at a time, so that concurrent flushes share the work.
+        for path in self.batch_paths()? {
+            let Some(batch) = self.adopt(&path)? else { continue };
             if let Err(failure) = batch.drain(max_events, max_bytes, &mut insert, &mut flushed.events).await {
-                // Drop the other batches' locks: someone else may try them.
-                drop(pending);
                 flushed.failure = Some(failure);
                 return Ok(flushed);
             }
         }
+        if let Some(batch) = self.claim()? {
+            if let Err(failure) = batch.drain(max_events, max_bytes, &mut insert, &mut flushed.events).await {
+                flushed.failure = Some(failure);
+            }
+        }
+        Ok(flushed)
     }
 
     /// Writes `bytes` to a new batch file: a temporary file, `fsync`ed, renamed into place, and
@@ -772,10 +774,10 @@ mod tests {
                     block_on(spool.flush(7, usize::MAX, |events| {
                         chunk += 1;
                         // Paused inside the critical section, its batch claimed.
-                        std::thread::sleep(Duration::from_millis(5 + (chunk % 4) as u64 * 5));
-                        // Every fifth chunk is "cut off by the deadline": it may have committed
+                        std::thread::sleep(Duration::from_millis(1 + (chunk % 4) as u64 * 2));
+                        // Every ninth chunk is "cut off by the deadline": it may have committed
                         // (recorded) or not, and is reported as failed either way.
-                        let cut_off = (chunk + n) % 5 == 0;
+                        let cut_off = (chunk + n) % 9 == 0;
                         if !cut_off || chunk % 2 == 0 {
                             inserted.lock().unwrap().extend(events.iter().map(|e| e.id));
                         }
@@ -783,8 +785,10 @@ mod tests {
                     }))
                     .unwrap();
                 }
+                chunk
             })
         };
+        let started = Instant::now();
         let flushers = [flusher(0), flusher(1)];
         let holder = {
             let (spool, writing) = (spool.clone(), Arc::clone(&writing));
@@ -792,10 +796,10 @@ mod tests {
                 while writing.load(Ordering::SeqCst) {
                     // A frozen appender: the lock held past every writer's patience.
                     if let Ok(Some(held)) = spool.lock(Duration::from_millis(100)) {
-                        std::thread::sleep(Duration::from_millis(80));
+                        std::thread::sleep(Duration::from_millis(50));
                         drop(held);
                     }
-                    std::thread::sleep(Duration::from_millis(40));
+                    std::thread::sleep(Duration::from_millis(50));
                 }
             })
         };
@@ -811,6 +815,7 @@ mod tests {
                             own_batches += 1;
                         }
                         ids.push(event.id);
+                        std::thread::sleep(Duration::from_millis(((w + i) % 5) as u64 * 25));
                     }
                     (ids, own_batches)
                 })
@@ -824,9 +829,8 @@ mod tests {
             own_batches += own;
         }
         writing.store(false, Ordering::SeqCst);
-        for flusher in flushers {
-            flusher.join().unwrap();
-        }
+        let (writing_took, during) = (started.elapsed(), inserted.lock().unwrap().len());
+        let chunks: usize = flushers.into_iter().map(|f| f.join().unwrap()).sum();
         holder.join().unwrap();
         let rest = flush_all(&spool);
         let mut inserted = inserted.lock().unwrap().clone();
@@ -835,7 +839,8 @@ mod tests {
         assert_eq!(appended.len(), WRITERS * EACH);
         let lost: Vec<&Uuid> = appended.iter().filter(|id| !inserted.contains(id)).collect();
         eprintln!(
-            "{} appends, {own_batches} to a batch of their own, {} left for the last flush, {} lost",
+            "{} appends in {writing_took:?}, {own_batches} to a batch of their own; {during} flushed \
+             meanwhile in {chunks} chunks, {} left for the last flush; {} lost",
             appended.len(),
             rest.len(),
             lost.len()

@@ -234,6 +234,29 @@ mod tests {
     }
 
     #[test]
+    fn url_mistakes_say_what_to_fix_and_hide_the_password() {
+        for (url, expected) in [
+            ("postgres://app:zq@xv@db/events", "percent-encode @ in the user name or password as %40"),
+            ("postgres://app:zq@xv:w0rd@db:5432/events", "percent-encode @"),
+            ("postgres://app:zq:xv@db:notaport/events", "the port is not a number"),
+            ("postgres://app@db/events?sslmode=verify-full", "sslmode must be disable, prefer or require"),
+            ("mysql://app:zqxv@db/events", "must start with postgres:// or postgresql://, not mysql://"),
+            ("postgresql+psycopg2://app@db/events", "not postgresql+psycopg2://"),
+            ("db.internal:5432/events", "neither a postgres://user@host:port/database URL nor key=value"),
+            ("host=db sslmode=maybe", "sslmode must be"),
+            ("host=db colour=blue", "unknown option `colour`"),
+        ] {
+            let error = parse_database_url(url).unwrap_err().to_string();
+            assert!(error.starts_with("invalid database configuration: DATABASE_URL is not a valid"), "{error}");
+            assert!(error.contains(expected), "{url}: {error}");
+            for secret in ["zq", "xv", "w0rd"] {
+                assert!(!error.contains(secret), "{url}: {error}");
+            }
+        }
+        assert!(parse_database_url("postgres://app:zq%40xv@db/events").is_ok());
+    }
+
+    #[test]
     fn database_args_resolve_like_the_processor() {
         assert_eq!(DatabaseArgs::default().resolve().unwrap(), None);
         let url = DatabaseArgs {
