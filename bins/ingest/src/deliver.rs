@@ -125,7 +125,9 @@ async fn flush_and_insert(
 ) -> Result<Delivered, String> {
     if !spool.is_empty() {
         let flushed = spool
-            .flush(CHUNK_EVENTS, CHUNK_BYTES, |events| async move { within(deadline, writer.store(&events)).await })
+            .flush(CHUNK_EVENTS, CHUNK_BYTES, |events| async move {
+                within(deadline, writer.store(&events)).await
+            })
             .await
             .map_err(|error| format!("reading the spool {}: {error}", spool.path().display()))?;
         if let Some(failure) = flushed.failure {

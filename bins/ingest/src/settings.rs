@@ -98,7 +98,8 @@ impl Settings {
             (Ok(None), None) => match var("HOOK_DATA_DIR") {
                 Some(dir) => Database::Embedded(absolute(Path::new(&dir))),
                 None => Database::Unusable(
-                    "no database configured (set DATABASE_URL, POSTGRES_HOST, PGHOST or HOOK_DATA_DIR)".into(),
+                    "no database configured (set DATABASE_URL, POSTGRES_HOST, PGHOST or HOOK_DATA_DIR)"
+                        .into(),
                 ),
             },
         };
@@ -172,7 +173,10 @@ mod tests {
             ),
             (&[("HOOK_DATA_DIR", "/srv/hooks")], "embedded /srv/hooks"),
             (&[("DATABASE_URL", ""), ("HOOK_DATA_DIR", "/srv/hooks")], "embedded /srv/hooks"),
-            (&[], "unusable: no database configured (set DATABASE_URL, POSTGRES_HOST, PGHOST or HOOK_DATA_DIR)"),
+            (
+                &[],
+                "unusable: no database configured (set DATABASE_URL, POSTGRES_HOST, PGHOST or HOOK_DATA_DIR)",
+            ),
             (&[("POSTGRES_PORT", "high")], "unusable: POSTGRES_PORT \"high\" is not a port number"),
         ];
         for (vars, expected) in cases {

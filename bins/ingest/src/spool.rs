@@ -267,7 +267,12 @@ impl Spool {
     /// first, then the spool file (claimed with [`claim`](Self::claim)), unless a batch failed.
     /// What `insert` accepted is dropped; what it did not stays spooled. `Err` only for an IO
     /// error of the spool itself; an insert's failure is in [`Flushed::failure`].
-    pub async fn flush<F, Fut>(&self, max_events: usize, max_bytes: usize, mut insert: F) -> io::Result<Flushed>
+    pub async fn flush<F, Fut>(
+        &self,
+        max_events: usize,
+        max_bytes: usize,
+        mut insert: F,
+    ) -> io::Result<Flushed>
     where
         F: FnMut(Vec<NewEvent>) -> Fut,
         Fut: Future<Output = Result<(), String>>,
@@ -334,7 +339,8 @@ impl Spool {
             let Some(file_name) = file_name.to_str() else { continue };
             let batch = file_name.starts_with(&batch_prefix);
             if batch || file_name.starts_with(&tmp_prefix) {
-                let age = entry.metadata().ok().and_then(|m| m.modified().ok()).and_then(|t| t.elapsed().ok());
+                let age =
+                    entry.metadata().ok().and_then(|m| m.modified().ok()).and_then(|t| t.elapsed().ok());
                 found.push(SideFile { path: entry.path(), batch, age });
             }
         }
@@ -561,7 +567,9 @@ mod tests {
         /// The names of the files in the spool's directory, sorted.
         fn files(&self) -> Vec<String> {
             let mut names: Vec<String> = fs::read_dir(&self.0)
-                .map(|entries| entries.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+                .map(|entries| {
+                    entries.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect()
+                })
                 .unwrap_or_default();
             names.sort();
             names
@@ -610,7 +618,11 @@ mod tests {
         assert_eq!(dir_mode, 0o700);
         assert_eq!(flush_all(&spool), events);
         assert!(spool.is_empty());
-        assert_eq!(Scratch(scratch.0.join("deep/dir")).files(), Vec::<String>::new(), "the claimed batch is gone");
+        assert_eq!(
+            Scratch(scratch.0.join("deep/dir")).files(),
+            Vec::<String>::new(),
+            "the claimed batch is gone"
+        );
     }
 
     #[test]
@@ -781,7 +793,13 @@ mod tests {
                         if !cut_off || chunk % 2 == 0 {
                             inserted.lock().unwrap().extend(events.iter().map(|e| e.id));
                         }
-                        async move { if cut_off { Err("cut off".to_owned()) } else { Ok(()) } }
+                        async move {
+                            if cut_off {
+                                Err("cut off".to_owned())
+                            } else {
+                                Ok(())
+                            }
+                        }
                     }))
                     .unwrap();
                 }

@@ -511,7 +511,10 @@ async fn a_paused_flusher_loses_none_of_1000_concurrent_hooks() {
             let spool_path = spool_path.clone();
             std::thread::spawn(move || {
                 for n in (t..RUNS).step_by(PARALLEL) {
-                    let run = ingest(&stop_event(n), &[("DATABASE_URL", down), ("HOOK_SPOOL", spool_path.as_str())]);
+                    let run = ingest(
+                        &stop_event(n),
+                        &[("DATABASE_URL", down), ("HOOK_SPOOL", spool_path.as_str())],
+                    );
                     let warning = run.check().expect("a warning: the database is down");
                     assert!(warning.contains("event spooled to"), "{warning}");
                 }
@@ -556,13 +559,16 @@ async fn a_paused_flusher_loses_none_of_1000_concurrent_hooks() {
     }
     holder.join().unwrap();
     let left = spool_lines(&spool_path).len();
-    let last = spool
-        .flush(500, usize::MAX, |events| {
-            let client = &client;
-            async move { hook_store::enqueue_many(client, &events).await.map(|_| ()).map_err(|e| e.to_string()) }
-        })
-        .await
-        .unwrap();
+    let last =
+        spool
+            .flush(500, usize::MAX, |events| {
+                let client = &client;
+                async move {
+                    hook_store::enqueue_many(client, &events).await.map(|_| ()).map_err(|e| e.to_string())
+                }
+            })
+            .await
+            .unwrap();
     assert_eq!(last.failure, None);
     assert!(spool.is_empty());
     let stored = count(&client, "true").await;

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args as ClapArgs, Parser, Subcommand, ValueEnum};
-use hook_core::{EngineConfig, RetryPolicy};
 use hook_cli::{parse_duration, UsageError};
+use hook_core::{EngineConfig, RetryPolicy};
 use hook_store::tokio_postgres::Config;
 use hook_store::{ClusterOptions, DatabaseArgs, PasswordSource};
 
@@ -235,7 +235,9 @@ impl Args {
             .into());
         }
         if self.gauge_interval.is_zero() {
-            return Err(UsageError("invalid configuration: gauge interval must be greater than zero".into()).into());
+            return Err(
+                UsageError("invalid configuration: gauge interval must be greater than zero".into()).into()
+            );
         }
         Ok(OpsConfig {
             http_addr: self.http_addr,
@@ -251,14 +253,15 @@ impl Args {
         match self.database()? {
             Database::Configured(config, password) => Ok((*config, password)),
             Database::Embedded(options) => {
-                let config = hook_store::EmbeddedCluster::running_config(&options.data_dir, &options.database)
-                    .ok_or_else(|| {
-                        UsageError(format!(
+                let config =
+                    hook_store::EmbeddedCluster::running_config(&options.data_dir, &options.database)
+                        .ok_or_else(|| {
+                            UsageError(format!(
                             "no database configured (DATABASE_URL, POSTGRES_* or PGHOST) and no embedded \
                              PostgreSQL running under {}",
                             options.data_dir.display()
                         ))
-                    })?;
+                        })?;
                 Ok((config, PasswordSource::None))
             }
         }
@@ -328,8 +331,9 @@ mod tests {
 
     #[test]
     fn durations_take_the_shared_forms() {
-        let args = Args::try_parse_from(["hook-processor", "--poll-interval", "0.25", "--handler-timeout", "2w"])
-            .unwrap();
+        let args =
+            Args::try_parse_from(["hook-processor", "--poll-interval", "0.25", "--handler-timeout", "2w"])
+                .unwrap();
         assert_eq!(args.poll_interval, Duration::from_millis(250));
         assert_eq!(args.handler_timeout, Duration::from_secs(14 * 86_400));
         assert!(Args::try_parse_from(["hook-processor", "--poll-interval", "soon"]).is_err());

@@ -14,9 +14,9 @@ pub fn parse_args<T: Parser>(program: &str) -> Result<T, ExitCode> {
     let argv: Vec<OsString> = std::env::args_os().collect();
     let result = T::command().try_get_matches_from(&argv).and_then(|matches| T::from_arg_matches(&matches));
     result.map_err(|error| match error.kind() {
-        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
-            error.exit()
-        }
+        ErrorKind::DisplayHelp
+        | ErrorKind::DisplayVersion
+        | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => error.exit(),
         _ => {
             eprintln!("{program}: error: {}", usage_line::<T>(&error, &argv, |name| std::env::var_os(name)));
             ExitCode::from(2)
@@ -56,9 +56,11 @@ pub fn usage_line<T: CommandFactory>(
         return first;
     };
     let flag = format!("--{long}");
-    let on_command_line = argv.iter().skip(1).filter_map(|a| a.to_str()).any(|a| {
-        a == flag || a.strip_prefix(flag.as_str()).is_some_and(|rest| rest.starts_with('='))
-    });
+    let on_command_line = argv
+        .iter()
+        .skip(1)
+        .filter_map(|a| a.to_str())
+        .any(|a| a == flag || a.strip_prefix(flag.as_str()).is_some_and(|rest| rest.starts_with('=')));
     let Some(value) = var(variable).filter(|v| !v.is_empty()) else {
         return first;
     };
@@ -91,7 +93,8 @@ mod tests {
     }
 
     fn line(argv: &[&str], vars: &[(&str, &str)]) -> String {
-        let argv: Vec<OsString> = std::iter::once("prog").chain(argv.iter().copied()).map(Into::into).collect();
+        let argv: Vec<OsString> =
+            std::iter::once("prog").chain(argv.iter().copied()).map(Into::into).collect();
         let var = |name: &str| vars.iter().find(|(k, _)| *k == name).map(|(_, v)| OsString::from(*v));
         // clap reads the real environment; emulate it by passing the value as the flag would.
         let mut parse_argv = argv.clone();
@@ -113,7 +116,9 @@ mod tests {
         let duration = line(&["--older-than", "5x"], &[]);
         assert!(duration.contains("--older-than") && duration.contains("is not a duration"), "{duration}");
         let unknown = line(&["--bogus"], &[]);
-        assert!(unknown.starts_with("unexpected argument '--bogus' found") && unknown.ends_with("(see --help)"));
+        assert!(
+            unknown.starts_with("unexpected argument '--bogus' found") && unknown.ends_with("(see --help)")
+        );
         for text in [from_env, duration, unknown] {
             assert!(!text.contains('\n'), "{text}");
         }

@@ -84,11 +84,13 @@ impl DatabaseArgs {
 /// would name a host such as `ss@db`), with a hint to percent-encode it; other mistakes get a
 /// message saying what is wrong (see [`url_problem`]).
 pub fn parse_database_url(url: &str) -> Result<Config, StoreError> {
-    let invalid = |what: String| StoreError::Config(format!("DATABASE_URL is not a valid connection string: {what}"));
+    let invalid =
+        |what: String| StoreError::Config(format!("DATABASE_URL is not a valid connection string: {what}"));
     if let Some(problem) = url_problem(url, None) {
         return Err(invalid(problem));
     }
-    url.parse::<Config>().map_err(|e| invalid(url_problem(url, Some(&e)).unwrap_or_else(|| parse_error_text(&e))))
+    url.parse::<Config>()
+        .map_err(|e| invalid(url_problem(url, Some(&e)).unwrap_or_else(|| parse_error_text(&e))))
 }
 
 /// What is wrong with a connection string, in words a person can act on, without repeating any
@@ -132,7 +134,10 @@ pub fn url_problem(url: &str, error: Option<&tokio_postgres::Error>) -> Option<S
     }
     if let Some(end) = scheme_end {
         let scheme = &url[..end];
-        if !scheme.is_empty() && scheme.len() <= 30 && scheme.chars().all(|c| c.is_ascii_alphanumeric() || "+-.:".contains(c)) {
+        if !scheme.is_empty()
+            && scheme.len() <= 30
+            && scheme.chars().all(|c| c.is_ascii_alphanumeric() || "+-.:".contains(c))
+        {
             return Some(format!("it must start with postgres:// or postgresql://, not {scheme}://"));
         }
         return Some("it must start with postgres:// or postgresql://".into());
@@ -247,7 +252,10 @@ mod tests {
             ("host=db colour=blue", "unknown option `colour`"),
         ] {
             let error = parse_database_url(url).unwrap_err().to_string();
-            assert!(error.starts_with("invalid database configuration: DATABASE_URL is not a valid"), "{error}");
+            assert!(
+                error.starts_with("invalid database configuration: DATABASE_URL is not a valid"),
+                "{error}"
+            );
             assert!(error.contains(expected), "{url}: {error}");
             for secret in ["zq", "xv", "w0rd"] {
                 assert!(!error.contains(secret), "{url}: {error}");

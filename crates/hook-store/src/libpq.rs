@@ -301,7 +301,9 @@ fn apply_pg_hosts(config: &mut Config, env: &LibpqEnv) -> Result<(), StoreError>
     if let Some(addrs) = &env.hostaddr {
         for addr in addrs.split(',').map(str::trim).filter(|a| !a.is_empty()) {
             let ip = addr.parse().map_err(|_| {
-                StoreError::Config(format!("PGHOSTADDR {addr:?} is not an IP address (a name goes in PGHOST)"))
+                StoreError::Config(format!(
+                    "PGHOSTADDR {addr:?} is not an IP address (a name goes in PGHOST)"
+                ))
             })?;
             config.hostaddr(ip);
         }
@@ -335,10 +337,7 @@ fn parse_sslmode(text: &str) -> Result<SslMode, StoreError> {
 
 /// The first of libpq's usual socket directories holding a server socket for `port`.
 fn default_socket_dir(port: u16) -> Option<PathBuf> {
-    SOCKET_DIRS
-        .iter()
-        .map(PathBuf::from)
-        .find(|dir| dir.join(format!(".s.PGSQL.{port}")).exists())
+    SOCKET_DIRS.iter().map(PathBuf::from).find(|dir| dir.join(format!(".s.PGSQL.{port}")).exists())
 }
 
 /// What a password file line is matched against.
@@ -579,9 +578,8 @@ mod tests {
     }
 
     fn env(vars: &[(&str, &str)]) -> LibpqEnv {
-        let mut env = LibpqEnv::from_vars(|name| {
-            vars.iter().find(|(k, _)| *k == name).map(|(_, v)| (*v).to_owned())
-        });
+        let mut env =
+            LibpqEnv::from_vars(|name| vars.iter().find(|(k, _)| *k == name).map(|(_, v)| (*v).to_owned()));
         env.login = Some("login".into());
         if !vars.iter().any(|(k, _)| *k == "PGPASSFILE") {
             env.passfile = None;
@@ -605,14 +603,17 @@ mod tests {
             resolve(url("postgres:///"), &pg),
             Some(("postgresql://pguser@pghost:5432/pgdb".into(), PasswordSource::PgPassword))
         );
-        assert_eq!(
-            resolve(url("postgres://app:own@db/events"), &pg).map(|r| r.1),
-            Some(PasswordSource::Url)
-        );
-        let with_seed_password =
-            DatabaseArgs { url: Some("postgres://app@db/e".into()), password: Some("s".into()), ..Default::default() };
+        assert_eq!(resolve(url("postgres://app:own@db/events"), &pg).map(|r| r.1), Some(PasswordSource::Url));
+        let with_seed_password = DatabaseArgs {
+            url: Some("postgres://app@db/e".into()),
+            password: Some("s".into()),
+            ..Default::default()
+        };
         assert_eq!(resolve(with_seed_password, &pg).map(|r| r.1), Some(PasswordSource::Variable));
-        assert_eq!(resolve(url("host=db dbname=e"), &[]).map(|r| r.0), Some("postgresql://login@db:5432/e".into()));
+        assert_eq!(
+            resolve(url("host=db dbname=e"), &[]).map(|r| r.0),
+            Some("postgresql://login@db:5432/e".into())
+        );
     }
 
     #[test]
@@ -649,17 +650,18 @@ mod tests {
         };
         assert_eq!(mode("verify-full"), SslMode::Require);
         assert_eq!(mode("disable"), SslMode::Disable);
-        let url_says = DatabaseArgs { url: Some("postgres://u@h/d?sslmode=disable".into()), ..Default::default() };
+        let url_says =
+            DatabaseArgs { url: Some("postgres://u@h/d?sslmode=disable".into()), ..Default::default() };
         let config = url_says.resolve_with(&env(&[("PGSSLMODE", "require")])).unwrap().unwrap().config;
         assert_eq!(config.get_ssl_mode(), SslMode::Disable, "the URL's sslmode wins");
     }
 
     #[test]
     fn keys_of_connection_strings_skip_values() {
-        assert_eq!(connection_string_keys("postgres://u:p?w@h/d?sslmode=require&application_name=x"), [
-            "sslmode",
-            "application_name"
-        ]);
+        assert_eq!(
+            connection_string_keys("postgres://u:p?w@h/d?sslmode=require&application_name=x"),
+            ["sslmode", "application_name"]
+        );
         assert!(connection_string_keys("postgres://u@h/d").is_empty());
         assert_eq!(
             connection_string_keys("host=h password='a b\\' sslmode=x' sslmode = disable"),
