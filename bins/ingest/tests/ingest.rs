@@ -581,3 +581,69 @@ async fn a_paused_flusher_loses_none_of_1000_concurrent_hooks() {
     );
     assert_eq!((stored, sessions), (RUNS as i64, RUNS as i64), "every event once");
 }
+
+/// Each way libpq users give a password reaches a server that demands one (scram-sha-256); a
+/// wrong one is one warning line that says where it came from and does not show it (and the
+/// event is spooled).
+#[tokio::test]
+async fn passwords_are_found_the_way_libpq_finds_them() {
+    let cluster = hook_store::testing::PasswordCluster::start("ingest").await;
+    let role = cluster.role("ingester").await;
+    let mut config = hook_store::tokio_postgres::Config::new();
+    config
+        .host_path(&cluster.socket_dir)
+        .port(cluster.port)
+        .user(&role.user)
+        .dbname(&role.user)
+        .password(role.password.as_str());
+    let client = connect(&config).await;
+    hook_store::migrate::migrate(&client).await.unwrap();
+    let scratch = Scratch::new("passwords");
+    let spool = scratch.spool();
+    let ways = role.ways();
+    for (n, (way, vars)) in ways.iter().enumerate() {
+        let mut env: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        env.extend([("HOOK_SPOOL", spool.as_str()), ("HOOK_INGEST_TIMEOUT", "10s")]);
+        assert_eq!(ingest(&stop_event(n), &env).check(), None, "{way}");
+    }
+    assert_eq!(count(&client, "true").await, ways.len() as i64);
+
+    let wrong = role.wrong("not-the-password");
+    let mut env: Vec<(&str, &str)> = wrong.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    env.extend([("HOOK_SPOOL", spool.as_str()), ("HOOK_INGEST_TIMEOUT", "10s")]);
+    let run = ingest(&stop_event(99), &env);
+    let warning = run.check().expect("a warning");
+    assert!(warning.contains(r#"password authentication failed for user "ingester""#), "{warning}");
+    assert!(
+        warning.contains("(password from PGPASSWORD)") && warning.contains("event spooled to"),
+        "{warning}"
+    );
+    assert!(!warning.contains("not-the-password") && !warning.contains(&role.password), "{warning}");
+}
+
+/// The common mistakes: the hook still exits 0 and prints one warning line that says what to fix.
+#[test]
+fn common_mistakes_get_one_warning_that_says_what_to_fix() {
+    let scratch = Scratch::new("mistakes");
+    let spool = scratch.spool();
+    let refused = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let refused_url = format!("postgres://app:zqxv@127.0.0.1:{refused}/events");
+    let cases: Vec<(Vec<(&str, &str)>, String)> = vec![
+        (vec![("DATABASE_URL", "postgres://app:zq@xv@db/events")], "percent-encode @ in the user name or password as %40".into()),
+        (vec![("DATABASE_URL", "mysql://app@db/events")], "must start with postgres:// or postgresql://, not mysql://".into()),
+        (vec![("DATABASE_URL", &refused_url)], format!("connecting to postgresql://app@127.0.0.1:{refused}/events (password from DATABASE_URL): Connection refused")),
+        (vec![("POSTGRES_PORT", "high")], "POSTGRES_PORT \"high\" is not a port number".into()),
+        (vec![("PGHOST", "db"), ("PGPORT", "high")], "PGPORT \"high\" is not a port number".into()),
+        (vec![("HOOK_DATA_DIR", "/nonexistent"), ("HOOK_INGEST_TIMEOUT", "soon")], "HOOK_INGEST_TIMEOUT \"soon\" is not a duration".into()),
+    ];
+    for (mut env, expected) in cases {
+        env.push(("HOOK_SPOOL", spool.as_str()));
+        let run = ingest(&stop_event(0), &env);
+        let warning = run.check().expect("a warning");
+        eprintln!("{env:?} -> {warning}");
+        assert!(warning.contains(&expected), "{env:?}: {expected:?} missing from: {warning}");
+        for repeated in ["error connecting to server", "db error", "zq", "xv"] {
+            assert!(!warning.contains(repeated), "{warning}");
+        }
+    }
+}
