@@ -3,8 +3,8 @@
 //! The server comes from, in order:
 //! 1. `HOOK_TEST_DATABASE_URL`, a server URL (its database is used only to create test databases);
 //! 2. a cluster this harness starts from the machine's PostgreSQL binaries, shared by all test
-//!    processes of the user under `$TMPDIR/hook-events-test-<uid>` and left running for reuse
-//!    (built without fsync: a test cluster needs no durability);
+//!    processes of the user under `$TMPDIR/hook-events-test-<uid>` (built without fsync: a test
+//!    cluster needs no durability), and stopped about a second after the last of them exits;
 //! 3. with the `testcontainers` feature, a `postgres` container when a Docker engine answers
 //!    (trust authentication: no password is involved);
 //! 4. otherwise a panic saying what to install.
@@ -12,6 +12,21 @@
 //! Databases are named after the test and the process (`t_<test>_<pid>_<n>`), dropped when the
 //! [`TestDb`] is dropped, kept when the test panicked (for debugging), and removed by the first
 //! test of a later run once their process is gone.
+//!
+//! # Who stops the shared cluster
+//!
+//! Test binaries run one after another and side by side, and none knows whether it is the last.
+//! Each one that uses the shared cluster holds a *shared* `flock` on `users.lock` in the cluster's
+//! directory for as long as it lives (the kernel drops it when the process ends, however it ends).
+//! The first of them also starts a small watchdog (`sh` and util-linux's `flock`, in a process
+//! group of its own), which holds `watchdog.lock` and, twice a second, tries an *exclusive* lock
+//! on `users.lock`: when it gets one twice in a row, no test process is left, so it stops the
+//! server (SIGINT, a fast shutdown) while holding that lock, and exits. A test process starting
+//! meanwhile waits for the lock, finds no watchdog, starts a new one and starts the server again.
+//! The data directory is kept, so the next run skips `initdb`; `rm -rf
+//! $TMPDIR/hook-events-test-$(id -u)` removes it. Without `flock` on `PATH` no watchdog runs and
+//! the server stays up for the next run, as `pg_ctl -D $TMPDIR/hook-events-test-$(id -u)/pgdata
+//! stop` would stop it.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -57,8 +72,10 @@ async fn start_server() -> Result<Config, StoreError> {
     if let Ok(url) = std::env::var("HOOK_TEST_DATABASE_URL") {
         return crate::parse_database_url(&url);
     }
+    let dir = shared_cluster_dir();
+    register_user(&dir).await?;
     let local = EmbeddedCluster::start(ClusterOptions {
-        data_dir: shared_cluster_dir(),
+        data_dir: dir,
         database: "postgres".into(),
         durable: false,
         max_connections: 400,
@@ -69,6 +86,95 @@ async fn start_server() -> Result<Config, StoreError> {
         Err(StoreError::NoPostgresBinaries) => container().await,
         Err(other) => Err(other),
     }
+}
+
+/// This process's shared lock on the shared cluster's `users.lock`, held until it exits.
+static USER_LOCK: std::sync::OnceLock<std::fs::File> = std::sync::OnceLock::new();
+
+/// What the watchdog runs: `$1` is the shared cluster's directory. Its children get neither of
+/// its lock descriptors (8, 9), which would keep the locks alive.
+const WATCHDOG: &str = r#"
+dir="$1"
+exec 8>>"$dir/watchdog.lock" || exit 0
+flock -n 8 || exit 0
+idle=0
+while :; do
+    sleep 0.5 8>&- 9>&-
+    exec 9>>"$dir/users.lock" || exit 0
+    if flock -n -x 9 8>&-; then
+        idle=$((idle + 1))
+        if [ "$idle" -ge 2 ]; then
+            pid=$(head -n 1 "$dir/pgdata/postmaster.pid" 2>/dev/null)
+            if [ -n "$pid" ] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = postgres ]; then
+                kill -INT "$pid"
+                n=0
+                while [ -f "$dir/pgdata/postmaster.pid" ] && [ "$n" -lt 600 ]; do
+                    sleep 0.1 8>&- 9>&-
+                    n=$((n + 1))
+                done
+            fi
+            exec 8>&-
+            exit 0
+        fi
+        flock -u 9 8>&-
+    else
+        idle=0
+    fi
+    exec 9>&-
+done
+"#;
+
+/// Marks this process as a user of the shared cluster under `dir` (see the module docs), and
+/// makes sure a watchdog will stop the server once no user is left.
+// `File::lock_shared` and `File::try_lock` are stable since Rust 1.89; the workspace's
+// rust-version says 1.85.
+#[allow(clippy::incompatible_msrv)]
+async fn register_user(dir: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::process::CommandExt;
+
+    if USER_LOCK.get().is_some() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir).map_err(|e| StoreError::io(format!("creating {}", dir.display()), e))?;
+    let open = |name: &str| {
+        let path = dir.join(name);
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| StoreError::io(format!("opening {}", path.display()), e))
+    };
+    // Waits while a watchdog is stopping the server.
+    let users = open("users.lock")?;
+    let users = tokio::task::spawn_blocking(move || users.lock_shared().map(|()| users))
+        .await
+        .map_err(|e| StoreError::Config(format!("waiting for users.lock: {e}")))?
+        .map_err(|e| StoreError::io("locking users.lock", e))?;
+    let _ = USER_LOCK.set(users);
+    let watchdog = open("watchdog.lock")?;
+    match watchdog.try_lock() {
+        Ok(()) => {
+            drop(watchdog);
+            let spawned = std::process::Command::new("sh")
+                .arg("-c")
+                .arg(WATCHDOG)
+                .arg("hook-events-test-watchdog")
+                .arg(dir)
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .process_group(0)
+                .spawn();
+            if let Err(error) = spawned {
+                tracing::warn!(%error, "no watchdog for the shared test cluster; it stays running");
+            }
+        }
+        Err(std::fs::TryLockError::WouldBlock) => {} // one is running
+        Err(std::fs::TryLockError::Error(e)) => return Err(StoreError::io("locking watchdog.lock", e)),
+    }
+    Ok(())
 }
 
 #[cfg(feature = "testcontainers")]
