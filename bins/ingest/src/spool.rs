@@ -789,8 +789,8 @@ mod tests {
                         std::thread::sleep(Duration::from_millis(1 + (chunk % 4) as u64 * 2));
                         // Every ninth chunk is "cut off by the deadline": it may have committed
                         // (recorded) or not, and is reported as failed either way.
-                        let cut_off = (chunk + n) % 9 == 0;
-                        if !cut_off || chunk % 2 == 0 {
+                        let cut_off = (chunk + n).is_multiple_of(9);
+                        if !cut_off || chunk.is_multiple_of(2) {
                             inserted.lock().unwrap().extend(events.iter().map(|e| e.id));
                         }
                         async move {

@@ -107,8 +107,8 @@ fn stop_event(n: usize) -> Vec<u8> {
 /// file last: the order a flush reads them in).
 fn spool_lines(spool: &str) -> Vec<Value> {
     let path = Path::new(spool);
-    let prefix = format!("{}.batch-", path.file_name().unwrap().to_string_lossy());
-    let mut files: Vec<PathBuf> = std::fs::read_dir(path.parent().unwrap())
+    let prefix = format!("{}.batch-", path.file_name().expect("a spool file name").to_string_lossy());
+    let mut files: Vec<PathBuf> = std::fs::read_dir(path.parent().expect("a spool directory"))
         .map(|entries| entries.flatten().map(|e| e.path()).collect())
         .unwrap_or_default();
     files.retain(|f| f.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&prefix)));

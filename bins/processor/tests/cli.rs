@@ -333,6 +333,9 @@ async fn a_garbage_log_level_is_refused() {
     check(&[("LOG_LEVEL", "garbage(((")], "LOG_LEVEL").await;
 }
 
+/// A common mistake: the variables and flags, the exit status and the text of the one line.
+type Mistake = (Vec<(String, String)>, &'static [&'static str], i32, String);
+
 fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
     pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
 }
@@ -383,7 +386,7 @@ async fn common_mistakes_get_one_line_that_says_what_to_fix() {
     let mut nobody = hook_store::testing::server().await;
     nobody.user("nobody").dbname("postgres");
     let nobody = hook_store::testing::config_to_url(&nobody);
-    let cases: Vec<(Vec<(String, String)>, &[&str], i32, String)> = vec![
+    let cases: Vec<Mistake> = vec![
         (vars(&[("BATCH_SIZE", "abc")]), &[], 2, "BATCH_SIZE=\"abc\": invalid digit found in string".into()),
         (vars(&[("BATCH_SIZE", "0")]), &[], 2, "invalid configuration: batch size 0".into()),
         (vars(&[("MAX_RETRY_COUNT", "11")]), &[], 2, "max retry count 11".into()),

@@ -160,6 +160,9 @@ fn replay_with(vars: &[(String, String)], args: &[&str]) -> std::process::Output
         .expect("run hook-replay")
 }
 
+/// A common mistake: the variables and flags, the exit status and the text of the one line.
+type Mistake = (Vec<(String, String)>, &'static [&'static str], i32, String);
+
 fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
     pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
 }
@@ -215,7 +218,7 @@ async fn common_mistakes_get_one_line_that_says_what_to_fix() {
     let mut nobody = hook_store::testing::server().await;
     nobody.user("nobody").dbname("postgres");
     let nobody = hook_store::testing::config_to_url(&nobody);
-    let cases: Vec<(Vec<(String, String)>, &[&str], i32, String)> = vec![
+    let cases: Vec<Mistake> = vec![
         (vec![], &[], 2, "no database configured: set DATABASE_URL".into()),
         (
             vars(&[("DATABASE_URL", "postgres://app:zq@xv@db/events")]),
