@@ -13,7 +13,6 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use clap::Parser;
 use hook_store::archive::{self, ArchiveReport, Cutoffs};
 use time::macros::format_description;
 use time::{OffsetDateTime, UtcOffset};
@@ -27,7 +26,10 @@ fn main() -> ExitCode {
     if let Err(code) = hook_cli::load_dotenv(PROGRAM) {
         return code;
     }
-    let args = Args::parse();
+    let args = match hook_cli::parse_args::<Args>(PROGRAM) {
+        Ok(args) => args,
+        Err(code) => return code,
+    };
     hook_cli::exit_code(PROGRAM, run(&args))
 }
 

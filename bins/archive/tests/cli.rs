@@ -17,7 +17,8 @@ const PATIENCE: Duration = Duration::from_secs(60);
 
 /// An empty working directory, so that no `.env` is found.
 fn workdir() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("hook-archive-cli-{}", std::process::id()));
+    // Under cargo's temporary directory for tests (in target/), so that runs leave nothing in /tmp.
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("hook-archive-cli");
     std::fs::create_dir_all(&dir).expect("create a working directory");
     dir
 }
@@ -241,4 +242,132 @@ fn bad_usage_exits_2_and_failures_exit_1_with_one_line() {
     );
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(!stderr.contains("s3cret"), "{stderr}");
+}
+
+/// The binary with a clean environment plus `vars`, in an empty working directory.
+fn archive_with(vars: &[(String, String)], args: &[&str]) -> Output {
+    hook_store::testing::binary_command(env!("CARGO_BIN_EXE_hook-archive"))
+        .envs(vars.iter().map(|(k, v)| (k, v)))
+        .args(args)
+        .current_dir(workdir())
+        .stdin(Stdio::null())
+        .output()
+        .expect("run hook-archive")
+}
+
+/// A common mistake: the variables and flags, the exit status and the text of the one line.
+type Mistake = (Vec<(String, String)>, &'static [&'static str], i32, String);
+
+fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+}
+
+/// Each way libpq users give a password reaches a server that demands one (scram-sha-256); a
+/// wrong one fails with one line that does not show it.
+#[tokio::test]
+async fn passwords_are_found_the_way_libpq_finds_them() {
+    let cluster = hook_store::testing::PasswordCluster::start("archive").await;
+    let role = cluster.role("archiver").await;
+    for (way, vars) in role.ways() {
+        let output = archive_with(&vars, &["--dry-run"]);
+        let (stdout, stderr) =
+            (String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+        assert_eq!(output.status.code(), Some(0), "{way}: {stderr}");
+        assert!(stdout.starts_with("hook-archive: dry run: would move 0 rows"), "{way}: {stdout}{stderr}");
+        assert_eq!(stderr, "", "{way}");
+    }
+    let output = archive_with(&role.wrong("not-the-password"), &["--dry-run"]);
+    let (code, line) = hook_store::testing::error_line("hook-archive", &output);
+    assert_eq!(code, Some(1), "{line}");
+    assert!(line.contains(r#"password authentication failed for user "archiver""#), "{line}");
+    assert!(!line.contains("not-the-password") && !line.contains(&role.password), "{line}");
+}
+
+/// A bare number is seconds, as for every duration of hook-events: `--older-than 30` moves what
+/// was processed more than 30 seconds ago.
+#[tokio::test]
+async fn a_bare_number_is_seconds_like_everywhere() {
+    let db = TestDb::migrated("archive_cli_seconds").await;
+    let client = db.client().await;
+    for seconds_ago in [10.0_f64, 90.0, 4000.0] {
+        client
+            .execute(
+                "INSERT INTO hook_events (id, source, action, resource, resource_id, created_at, processed,
+                                          processed_at)
+                 VALUES (gen_random_uuid(), 'Stop', 'response_completed', 'session', 's',
+                         now() - ($1::float8 + 1) * interval '1 second', TRUE, now() - $1::float8 * interval '1 second')",
+                &[&seconds_ago],
+            )
+            .await
+            .expect("insert a processed event");
+    }
+    for (older_than, rows) in [("30", 2), ("30s", 2), ("0.5m", 2), ("1h", 1), ("1.5 hours", 0)] {
+        let (code, stdout, stderr) = run(Some(&db), &["--dry-run", "--older-than", older_than]);
+        assert_eq!(code, 0, "{older_than}: {stderr}");
+        assert!(
+            stdout.starts_with(&format!("hook-archive: dry run: would move {rows} rows")),
+            "{older_than}: {stdout}"
+        );
+    }
+}
+
+/// The common mistakes, each with the one line it gets and its exit status.
+#[tokio::test]
+async fn common_mistakes_get_one_line_that_says_what_to_fix() {
+    let refused = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let refused_url = format!("postgres://app@127.0.0.1:{refused}/events");
+    let mut nobody = hook_store::testing::server().await;
+    nobody.user("nobody").dbname("postgres");
+    let nobody = hook_store::testing::config_to_url(&nobody);
+    let cases: Vec<Mistake> = vec![
+        (vec![], &[], 2, "no database configured: set DATABASE_URL".into()),
+        (
+            vec![],
+            &["--older-than", "5x"],
+            2,
+            "invalid value '5x' for '--older-than <OLDER_THAN>': \"5x\" is not a duration".into(),
+        ),
+        (
+            vec![],
+            &["--max-duration", "soon"],
+            2,
+            "'--max-duration <DURATION>': \"soon\" is not a duration".into(),
+        ),
+        (
+            vars(&[("DATABASE_URL", "postgres://app:zq@xv@db/events")]),
+            &[],
+            2,
+            "percent-encode @ in the user name or password as %40".into(),
+        ),
+        (
+            vars(&[("POSTGRES_PORT", "abc")]),
+            &[],
+            2,
+            "POSTGRES_PORT=\"abc\": invalid digit found in string".into(),
+        ),
+        (
+            vars(&[("PGHOST", "db"), ("PGSSLMODE", "always")]),
+            &[],
+            2,
+            "PGSSLMODE \"always\" is not one of".into(),
+        ),
+        (
+            vars(&[("DATABASE_URL", &refused_url)]),
+            &[],
+            1,
+            format!("connecting to postgresql://app@127.0.0.1:{refused}/events: Connection refused"),
+        ),
+        (vars(&[("DATABASE_URL", &nobody)]), &[], 1, r#": FATAL: role "nobody" does not exist"#.into()),
+    ];
+    for (vars, args, code, expected) in cases {
+        let output = archive_with(&vars, args);
+        let (got, line) = hook_store::testing::error_line("hook-archive", &output);
+        eprintln!("{vars:?} {args:?} -> {got:?} {line}");
+        assert_eq!(got, Some(code), "{vars:?} {args:?}: {line}");
+        assert!(line.contains(&expected), "{vars:?} {args:?}: {expected:?} missing from: {line}");
+        for repeated in ["error connecting to server", "db error"] {
+            assert!(!line.contains(repeated), "{line}");
+        }
+        assert!(!line.contains("zq") && !line.contains("xv"), "{line}");
+    }
 }

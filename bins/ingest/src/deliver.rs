@@ -12,13 +12,13 @@ use std::time::{Duration, Instant};
 
 use hook_core::NewEvent;
 use hook_store::tokio_postgres::{Client, Config};
-use hook_store::{enqueue, enqueue_many, redacted, EmbeddedCluster, StoreError};
+use hook_store::{enqueue, enqueue_many, redacted, EmbeddedCluster, PasswordSource, StoreError};
 use serde_json::json;
 use time::OffsetDateTime;
 
 use crate::mapping::{sanitized, INGEST_SOURCE};
 use crate::settings::{Database, Settings, EMBEDDED_DATABASE};
-use crate::spool::{Locked, Spool};
+use crate::spool::Spool;
 
 /// How one delivery talks to the database.
 #[derive(Debug, Clone, Copy)]
@@ -55,19 +55,20 @@ pub fn deliver(settings: &Settings, event: &NewEvent, logged_at: OffsetDateTime)
     let spool = Spool::new(&settings.spool);
     let spooled = event.clone().with_created_at(logged_at);
     let config = match &settings.database {
-        Database::Configured(config) => Ok(Config::clone(config)),
+        Database::Configured(config, password) => Ok((Config::clone(config), password.clone())),
         Database::Embedded(dir) => EmbeddedCluster::running_config(dir, EMBEDDED_DATABASE)
+            .map(|config| (config, PasswordSource::None))
             .ok_or_else(|| format!("the embedded PostgreSQL under {} is not running", dir.display())),
         Database::Unusable(why) => Err(why.clone()),
     };
-    let outcome = config.and_then(|config| {
+    let outcome = config.and_then(|(config, password)| {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(|e| format!("starting the async runtime: {e}"))?;
         let session =
             Session { deadline, budget: settings.timeout, synchronous_commit: settings.synchronous_commit };
-        let outcome = runtime.block_on(insert(&config, &spool, event, &spooled, &session));
+        let outcome = runtime.block_on(insert(&config, &password, &spool, event, &spooled, &session));
         // Don't wait for anything left behind (a DNS lookup, the connection's close).
         runtime.shutdown_background();
         outcome
@@ -75,7 +76,7 @@ pub fn deliver(settings: &Settings, event: &NewEvent, logged_at: OffsetDateTime)
     match outcome {
         Ok(delivered) => delivered,
         Err(why) => match spool.append(&spooled) {
-            Ok(()) => Delivered::Spooled(format!("{why}; event spooled to {}", spool.path().display())),
+            Ok(_) => Delivered::Spooled(format!("{why}; event spooled to {}", spool.path().display())),
             Err(error) => Delivered::Lost(format!(
                 "{why}; event lost: writing the spool {}: {error}",
                 spool.path().display()
@@ -88,13 +89,17 @@ pub fn deliver(settings: &Settings, event: &NewEvent, logged_at: OffsetDateTime)
 /// now), and inserts `event`. `Err` means the event is not stored anywhere yet.
 async fn insert(
     config: &Config,
+    password: &PasswordSource,
     spool: &Spool,
     event: &NewEvent,
     spooled: &NewEvent,
     session: &Session,
 ) -> Result<Delivered, String> {
     let deadline = session.deadline;
-    let shown = redacted(config);
+    let shown = match password {
+        PasswordSource::None => redacted(config),
+        source => format!("{} ({source})", redacted(config)),
+    };
     let budget = ms(session.budget);
     // libpq's PGSSLROOTCERT names extra trusted roots for sslmode=require (hook_store::tls).
     let root_cert = std::env::var_os("PGSSLROOTCERT").filter(|v| !v.is_empty()).map(std::path::PathBuf::from);
@@ -102,15 +107,15 @@ async fn insert(
     let connected = tokio::time::timeout_at(deadline.into(), config.connect(tls))
         .await
         .map_err(|_| format!("no connection to {shown} within {budget}"))?
-        .map_err(|e| format!("connecting to {shown}: {}", chain(&e)))?;
+        .map_err(|e| format!("connecting to {shown}: {}", StoreError::from(e)))?;
     let (client, connection) = connected;
     tokio::spawn(connection);
     let writer = Writer { client: &client, synchronous_commit: session.synchronous_commit };
     flush_and_insert(&writer, spool, event, spooled, deadline).await
 }
 
-/// Flushes the spool if it holds anything (unless another hook is flushing it right now), and
-/// inserts `event`.
+/// Flushes the spool if it holds anything (what another hook is flushing right now is left to
+/// it), then inserts `event`. When the flush stops early, `event` is spooled behind the rest.
 async fn flush_and_insert(
     writer: &Writer<'_>,
     spool: &Spool,
@@ -119,58 +124,22 @@ async fn flush_and_insert(
     deadline: Instant,
 ) -> Result<Delivered, String> {
     if !spool.is_empty() {
-        // A busy lock means another hook is flushing: insert this event right away. The spooled
-        // events keep their earlier created_at, so the processor still sees them first.
-        match spool.lock(Duration::ZERO) {
-            Ok(Some(locked)) => return flush(writer, locked, event, spooled, deadline).await,
-            Ok(None) => {}
-            Err(error) => return Err(format!("opening the spool {}: {error}", spool.path().display())),
+        let flushed = spool
+            .flush(CHUNK_EVENTS, CHUNK_BYTES, |events| async move {
+                within(deadline, writer.store(&events)).await
+            })
+            .await
+            .map_err(|error| format!("reading the spool {}: {error}", spool.path().display()))?;
+        if let Some(failure) = flushed.failure {
+            // Spooled events keep their created_at, so the processor still sees them first.
+            return match spool.append(spooled) {
+                Ok(_) => Ok(Delivered::Spooled(format!("{failure}; event spooled behind the rest"))),
+                Err(error) => Err(format!("{failure}; appending to the spool: {error}")),
+            };
         }
     }
     within(deadline, writer.store(std::slice::from_ref(event))).await?;
     Ok(Delivered::Inserted)
-}
-
-/// Inserts the spooled events in order, chunk by chunk, drops what went in, then inserts
-/// `event`. When time runs out first, `event` joins the spool behind the rest.
-async fn flush(
-    writer: &Writer<'_>,
-    mut locked: Locked,
-    event: &NewEvent,
-    spooled: &NewEvent,
-    deadline: Instant,
-) -> Result<Delivered, String> {
-    let mut flushed = 0;
-    let mut count = 0usize;
-    let failure = loop {
-        let entries = match locked.read(flushed, CHUNK_EVENTS, CHUNK_BYTES) {
-            Ok(entries) => entries,
-            Err(error) => break format!("reading the spool: {error}"),
-        };
-        let Some(last) = entries.last() else { break String::new() };
-        let end = last.end;
-        let events: Vec<NewEvent> = entries.into_iter().map(|entry| entry.event).collect();
-        match within(deadline, writer.store(&events)).await {
-            Ok(()) => {
-                flushed = end;
-                count += events.len();
-            }
-            Err(why) => break format!("flushing the spool after {count} events: {why}"),
-        }
-    };
-    if failure.is_empty() {
-        locked
-            .discard(flushed)
-            .map_err(|e| format!("{count} spooled events flushed, but emptying the spool failed: {e}"))?;
-        within(deadline, writer.store(std::slice::from_ref(event))).await?;
-        return Ok(Delivered::Inserted);
-    }
-    // Behind the spooled events, so they keep their order; then drop what did go in.
-    if let Err(error) = locked.append(spooled) {
-        return Err(format!("{failure}; appending to the spool: {error}"));
-    }
-    let _ = locked.discard(flushed);
-    Ok(Delivered::Spooled(format!("{failure}; event spooled behind the rest")))
 }
 
 /// Writes events through one connection, each statement committed on its own.

@@ -14,7 +14,9 @@ hook-ingest: stores a Claude Code hook's input (JSON on stdin) as a row of hook_
 Usage: hook-ingest < hook-input.json
 
 Environment:
-  DATABASE_URL            connection URL; else the POSTGRES_* variables of hook-processor
+  DATABASE_URL            connection URL; else the POSTGRES_* variables of hook-processor;
+                          else libpq's PGHOST (PG* variables fill in the rest; the password
+                          from the URL, DB_PASSWORD, PGPASSWORD or ~/.pgpass)
   HOOK_DATA_DIR           else: the embedded cluster of hook-processor in this directory
   HOOK_INGEST_TIMEOUT     budget for connecting and inserting (default 200ms)
   HOOK_SPOOL              where events wait while the database is away

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use hook_store::tokio_postgres::Config;
-use hook_store::DatabaseArgs;
+use hook_store::{DatabaseArgs, LibpqEnv, PasswordSource};
 
 /// How long connecting, flushing the spool and inserting may take together, by default.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(200);
@@ -25,8 +25,9 @@ pub const EMBEDDED_DATABASE: &str = "hook_events";
 /// Where events go.
 #[derive(Debug, Clone)]
 pub enum Database {
-    /// `DATABASE_URL`, or the original service's `POSTGRES_*` variables.
-    Configured(Box<Config>),
+    /// `DATABASE_URL`, the original service's `POSTGRES_*` variables or libpq's `PGHOST`, and
+    /// where the password came from.
+    Configured(Box<Config>, PasswordSource),
     /// The embedded cluster of `hook-processor` under `HOOK_DATA_DIR`, if it is running.
     Embedded(PathBuf),
     /// Nothing usable is configured; the text says why.
@@ -86,14 +87,19 @@ impl Settings {
             password: var("DB_PASSWORD").or_else(|| var("POSTGRES_PASSWORD")),
         };
         let bad_port = port.filter(|_| args.url.is_none() && args.port.is_none());
-        let database = match (args.resolve(), bad_port) {
+        let env = LibpqEnv::from_vars(|name| var(name));
+        let database = match (args.resolve_with(&env), bad_port) {
             (_, Some(port)) => Database::Unusable(format!("POSTGRES_PORT {port:?} is not a port number")),
-            (Ok(Some(config)), None) => Database::Configured(Box::new(with_ingest_defaults(config))),
+            (Ok(Some(resolved)), None) => {
+                warnings.extend(resolved.warnings);
+                Database::Configured(Box::new(with_ingest_defaults(resolved.config)), resolved.password)
+            }
             (Err(error), None) => Database::Unusable(error.to_string()),
             (Ok(None), None) => match var("HOOK_DATA_DIR") {
                 Some(dir) => Database::Embedded(absolute(Path::new(&dir))),
                 None => Database::Unusable(
-                    "no database configured (set DATABASE_URL, POSTGRES_HOST or HOOK_DATA_DIR)".into(),
+                    "no database configured (set DATABASE_URL, POSTGRES_HOST, PGHOST or HOOK_DATA_DIR)"
+                        .into(),
                 ),
             },
         };
@@ -126,24 +132,14 @@ fn absolute(path: &Path) -> PathBuf {
     std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
 }
 
-/// Parses `250ms`, `1s`, `1.5s` or plain seconds (`0.2`), between 1 ms and [`MAX_TIMEOUT`].
+/// Parses a duration the way every binary does ([`hook_core::parse_duration`]: `250ms`, `1s`,
+/// `1.5s`, plain seconds `0.2`), between 1 ms and [`MAX_TIMEOUT`].
 pub fn parse_timeout(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let (number, scale) = match text.strip_suffix("ms") {
-        Some(number) => (number, 0.001),
-        None => (text.strip_suffix('s').unwrap_or(text), 1.0),
-    };
-    let seconds = number
-        .trim()
-        .parse::<f64>()
-        .ok()
-        .filter(|n| n.is_finite())
-        .map(|n| n * scale)
-        .ok_or_else(|| format!("{text:?} is not a duration (e.g. 200ms, 0.5s)"))?;
-    if !(0.001..=MAX_TIMEOUT.as_secs_f64()).contains(&seconds) {
-        return Err(format!("{text:?} is not between 1ms and 60s"));
+    let timeout = hook_core::parse_duration(text)?;
+    if timeout < Duration::from_millis(1) || timeout > MAX_TIMEOUT {
+        return Err(format!("{:?} is not between 1ms and 60s", text.trim()));
     }
-    Ok(Duration::from_secs_f64(seconds))
+    Ok(timeout)
 }
 
 #[cfg(test)]
@@ -160,7 +156,7 @@ mod tests {
 
     fn shown(database: &Database) -> String {
         match database {
-            Database::Configured(config) => hook_store::redacted(config),
+            Database::Configured(config, _) => hook_store::redacted(config),
             Database::Embedded(dir) => format!("embedded {}", dir.display()),
             Database::Unusable(why) => format!("unusable: {why}"),
         }
@@ -177,7 +173,10 @@ mod tests {
             ),
             (&[("HOOK_DATA_DIR", "/srv/hooks")], "embedded /srv/hooks"),
             (&[("DATABASE_URL", ""), ("HOOK_DATA_DIR", "/srv/hooks")], "embedded /srv/hooks"),
-            (&[], "unusable: no database configured (set DATABASE_URL, POSTGRES_HOST or HOOK_DATA_DIR)"),
+            (
+                &[],
+                "unusable: no database configured (set DATABASE_URL, POSTGRES_HOST, PGHOST or HOOK_DATA_DIR)",
+            ),
             (&[("POSTGRES_PORT", "high")], "unusable: POSTGRES_PORT \"high\" is not a port number"),
         ];
         for (vars, expected) in cases {
@@ -217,7 +216,8 @@ mod tests {
         assert_eq!(
             s.warnings,
             [
-                "HOOK_INGEST_TIMEOUT \"soon\" is not a duration (e.g. 200ms, 0.5s); using 200ms",
+                "HOOK_INGEST_TIMEOUT \"soon\" is not a duration: use seconds (30, 1.5) or a number with a \
+                 unit (250ms, 30s, 5m, 12h, 30d, 2w); using 200ms",
                 "HOOK_INGEST_SYNCHRONOUS_COMMIT \"maybe\" is not one of on, off, local, remote_write, \
                  remote_apply; using the server's setting",
             ]

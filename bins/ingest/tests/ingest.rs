@@ -103,11 +103,26 @@ fn stop_event(n: usize) -> Vec<u8> {
         .expect("serialize")
 }
 
+/// The lines of the spool file and of the batch files beside it (oldest batch first, the spool
+/// file last: the order a flush reads them in).
 fn spool_lines(spool: &str) -> Vec<Value> {
-    std::fs::read_to_string(spool)
-        .unwrap_or_default()
-        .lines()
-        .map(|line| serde_json::from_str(line).expect("a spool line is JSON"))
+    let path = Path::new(spool);
+    let prefix = format!("{}.batch-", path.file_name().expect("a spool file name").to_string_lossy());
+    let mut files: Vec<PathBuf> = std::fs::read_dir(path.parent().expect("a spool directory"))
+        .map(|entries| entries.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    files.retain(|f| f.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&prefix)));
+    files.sort();
+    files.push(path.to_path_buf());
+    files
+        .iter()
+        .flat_map(|file| {
+            std::fs::read_to_string(file)
+                .unwrap_or_default()
+                .lines()
+                .map(|line| serde_json::from_str(line).expect("a spool line is JSON"))
+                .collect::<Vec<Value>>()
+        })
         .collect()
 }
 
@@ -472,5 +487,163 @@ async fn refused_and_torn_spool_lines_never_block_the_spool() {
         std::fs::write(&spool, &lines).unwrap();
         assert_eq!(ingest(&stop_event(4), &env).check(), None);
         assert_eq!(count(&client, "true").await, 6);
+    }
+}
+
+/// The spool's acceptance test with real hooks: 1,000 `hook-ingest` runs, eight at a time, spool
+/// their events (the database they are given is down) while this test flushes the same spool
+/// into a real database with a flusher paused inside its critical section (100 ms per chunk,
+/// its batch claimed), and while the spool's lock is held past the hooks' 2 s patience. Every
+/// event arrives once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_paused_flusher_loses_none_of_1000_concurrent_hooks() {
+    const RUNS: usize = 1_000;
+    const PARALLEL: usize = 8;
+    let db = TestDb::migrated("ingest_paused_flusher").await;
+    let scratch = Scratch::new("paused");
+    let spool_path = scratch.spool();
+    let spool = hook_ingest::spool::Spool::new(&spool_path);
+    let down = "host=/nonexistent-hook-events user=postgres dbname=x";
+    let running = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+
+    let hooks: Vec<_> = (0..PARALLEL)
+        .map(|t| {
+            let spool_path = spool_path.clone();
+            std::thread::spawn(move || {
+                for n in (t..RUNS).step_by(PARALLEL) {
+                    let run = ingest(
+                        &stop_event(n),
+                        &[("DATABASE_URL", down), ("HOOK_SPOOL", spool_path.as_str())],
+                    );
+                    let warning = run.check().expect("a warning: the database is down");
+                    assert!(warning.contains("event spooled to"), "{warning}");
+                }
+            })
+        })
+        .collect();
+    let holder = {
+        let (spool, running) = (spool.clone(), std::sync::Arc::clone(&running));
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(500));
+            // A frozen appender: longer than the hooks' patience (2 s).
+            let held = spool.lock(Duration::from_secs(10)).unwrap();
+            std::thread::sleep(Duration::from_millis(2_500));
+            drop(held);
+            while running.load(std::sync::atomic::Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        })
+    };
+    let client = db.client().await;
+    let mut chunks = 0;
+    let mut flushed_meanwhile = 0;
+    while hooks.iter().any(|h| !h.is_finished()) {
+        let flushed = spool
+            .flush(50, usize::MAX, |events| {
+                chunks += 1;
+                let client = &client;
+                async move {
+                    // Paused inside the critical section: the batch is claimed, the hooks append.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    hook_store::enqueue_many(client, &events).await.map(|_| ()).map_err(|e| e.to_string())
+                }
+            })
+            .await
+            .unwrap();
+        assert_eq!(flushed.failure, None);
+        flushed_meanwhile += flushed.events;
+    }
+    running.store(false, std::sync::atomic::Ordering::SeqCst);
+    for hook in hooks {
+        hook.join().unwrap();
+    }
+    holder.join().unwrap();
+    let left = spool_lines(&spool_path).len();
+    let last =
+        spool
+            .flush(500, usize::MAX, |events| {
+                let client = &client;
+                async move {
+                    hook_store::enqueue_many(client, &events).await.map(|_| ()).map_err(|e| e.to_string())
+                }
+            })
+            .await
+            .unwrap();
+    assert_eq!(last.failure, None);
+    assert!(spool.is_empty());
+    let stored = count(&client, "true").await;
+    let sessions: i64 =
+        client.query_one("SELECT count(DISTINCT resource_id) FROM hook_events", &[]).await.unwrap().get(0);
+    eprintln!(
+        "{RUNS} hooks: {flushed_meanwhile} flushed while they ran ({chunks} chunks), {left} left for the \
+         last flush; {stored} rows, {} lost",
+        RUNS as i64 - sessions
+    );
+    assert_eq!((stored, sessions), (RUNS as i64, RUNS as i64), "every event once");
+}
+
+/// Each way libpq users give a password reaches a server that demands one (scram-sha-256); a
+/// wrong one is one warning line that says where it came from and does not show it (and the
+/// event is spooled).
+#[tokio::test]
+async fn passwords_are_found_the_way_libpq_finds_them() {
+    let cluster = hook_store::testing::PasswordCluster::start("ingest").await;
+    let role = cluster.role("ingester").await;
+    let mut config = hook_store::tokio_postgres::Config::new();
+    config
+        .host_path(&cluster.socket_dir)
+        .port(cluster.port)
+        .user(&role.user)
+        .dbname(&role.user)
+        .password(role.password.as_str());
+    let client = connect(&config).await;
+    hook_store::migrate::migrate(&client).await.unwrap();
+    let scratch = Scratch::new("passwords");
+    let spool = scratch.spool();
+    let ways = role.ways();
+    for (n, (way, vars)) in ways.iter().enumerate() {
+        let mut env: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        env.extend([("HOOK_SPOOL", spool.as_str()), ("HOOK_INGEST_TIMEOUT", "10s")]);
+        assert_eq!(ingest(&stop_event(n), &env).check(), None, "{way}");
+    }
+    assert_eq!(count(&client, "true").await, ways.len() as i64);
+
+    let wrong = role.wrong("not-the-password");
+    let mut env: Vec<(&str, &str)> = wrong.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    env.extend([("HOOK_SPOOL", spool.as_str()), ("HOOK_INGEST_TIMEOUT", "10s")]);
+    let run = ingest(&stop_event(99), &env);
+    let warning = run.check().expect("a warning");
+    assert!(warning.contains(r#"password authentication failed for user "ingester""#), "{warning}");
+    assert!(
+        warning.contains("(password from PGPASSWORD)") && warning.contains("event spooled to"),
+        "{warning}"
+    );
+    assert!(!warning.contains("not-the-password") && !warning.contains(&role.password), "{warning}");
+}
+
+/// The common mistakes: the hook still exits 0 and prints one warning line that says what to fix.
+#[test]
+fn common_mistakes_get_one_warning_that_says_what_to_fix() {
+    let scratch = Scratch::new("mistakes");
+    let spool = scratch.spool();
+    let refused = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let refused_url = format!("postgres://app:zqxv@127.0.0.1:{refused}/events");
+    let cases: Vec<(Vec<(&str, &str)>, String)> = vec![
+        (vec![("DATABASE_URL", "postgres://app:zq@xv@db/events")], "percent-encode @ in the user name or password as %40".into()),
+        (vec![("DATABASE_URL", "mysql://app@db/events")], "must start with postgres:// or postgresql://, not mysql://".into()),
+        (vec![("DATABASE_URL", &refused_url)], format!("connecting to postgresql://app@127.0.0.1:{refused}/events (password from DATABASE_URL): Connection refused")),
+        (vec![("POSTGRES_PORT", "high")], "POSTGRES_PORT \"high\" is not a port number".into()),
+        (vec![("PGHOST", "db"), ("PGPORT", "high")], "PGPORT \"high\" is not a port number".into()),
+        (vec![("HOOK_DATA_DIR", "/nonexistent"), ("HOOK_INGEST_TIMEOUT", "soon")], "HOOK_INGEST_TIMEOUT \"soon\" is not a duration".into()),
+    ];
+    for (mut env, expected) in cases {
+        env.push(("HOOK_SPOOL", spool.as_str()));
+        let run = ingest(&stop_event(0), &env);
+        let warning = run.check().expect("a warning");
+        eprintln!("{env:?} -> {warning}");
+        assert!(warning.contains(&expected), "{env:?}: {expected:?} missing from: {warning}");
+        for repeated in ["error connecting to server", "db error", "zq", "xv"] {
+            assert!(!warning.contains(repeated), "{warning}");
+        }
     }
 }

@@ -7,16 +7,21 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args as ClapArgs, Parser, Subcommand, ValueEnum};
+use hook_cli::{parse_duration, UsageError};
 use hook_core::{EngineConfig, RetryPolicy};
 use hook_store::tokio_postgres::Config;
-use hook_store::{parse_database_url, ClusterOptions, SeedSettings};
+use hook_store::{ClusterOptions, DatabaseArgs, PasswordSource};
 
 /// Processes hook events from PostgreSQL.
 ///
 /// The database comes from DATABASE_URL; else from the original service's variables
 /// (POSTGRES_HOST, POSTGRES_PORT, POSTGRES_DB, POSTGRES_USER, DB_PASSWORD or POSTGRES_PASSWORD);
-/// else an embedded cluster is started under --data-dir. A .env file in the working directory is
-/// read first. Passwords are accepted only from the environment, never as flags.
+/// else from libpq's PGHOST; else an embedded cluster is started under --data-dir. What these
+/// leave open comes from libpq's PG* variables; the password from the URL, DB_PASSWORD or
+/// POSTGRES_PASSWORD, PGPASSWORD or ~/.pgpass, in that order. A .env file in the working directory
+/// is read first. Passwords are accepted only from the environment, never as flags.
+///
+/// Durations are seconds (30, 1.5) or a number with a unit (250ms, 30s, 5m, 12h, 7d, 2w).
 ///
 /// `hook-processor stats` prints the queue's numbers instead of processing.
 #[derive(Debug, Parser)]
@@ -186,8 +191,8 @@ pub(crate) enum LogFormat {
 
 /// Where the events are.
 pub(crate) enum Database {
-    /// A server the user configured.
-    Configured(Box<Config>),
+    /// A server the user configured, and where its password came from.
+    Configured(Box<Config>, PasswordSource),
     /// The embedded cluster.
     Embedded(ClusterOptions),
 }
@@ -210,7 +215,7 @@ impl Args {
             },
             metrics_interval: (!self.metrics_interval.is_zero()).then_some(self.metrics_interval),
         };
-        config.validate().context("invalid configuration")?;
+        config.validate().map_err(|e| UsageError(format!("invalid configuration: {e}")))?;
         Ok(config)
     }
 
@@ -222,15 +227,17 @@ impl Args {
             .stall_timeout
             .unwrap_or(engine.handler_timeout.max(engine.poll_interval) + Duration::from_secs(15));
         if stall_timeout <= engine.handler_timeout || stall_timeout <= engine.poll_interval {
-            anyhow::bail!(
+            return Err(UsageError(format!(
                 "invalid configuration: stall timeout ({stall_timeout:?}) must be longer than the handler \
                  timeout ({:?}) and the poll interval ({:?})",
-                engine.handler_timeout,
-                engine.poll_interval
-            );
+                engine.handler_timeout, engine.poll_interval
+            ))
+            .into());
         }
         if self.gauge_interval.is_zero() {
-            anyhow::bail!("invalid configuration: gauge interval must be greater than zero");
+            return Err(
+                UsageError("invalid configuration: gauge interval must be greater than zero".into()).into()
+            );
         }
         Ok(OpsConfig {
             http_addr: self.http_addr,
@@ -242,42 +249,37 @@ impl Args {
 
     /// The database for `stats`: like [`database`](Self::database), but an embedded cluster is
     /// only used when its server is already running (a report starts no server).
-    pub(crate) fn stats_database(&self) -> anyhow::Result<Config> {
+    pub(crate) fn stats_database(&self) -> anyhow::Result<(Config, PasswordSource)> {
         match self.database()? {
-            Database::Configured(config) => Ok(*config),
+            Database::Configured(config, password) => Ok((*config, password)),
             Database::Embedded(options) => {
-                hook_store::EmbeddedCluster::running_config(&options.data_dir, &options.database)
-                    .with_context(|| {
-                        format!(
-                            "no database configured (DATABASE_URL or POSTGRES_*) and no embedded PostgreSQL \
-                             running under {}",
+                let config =
+                    hook_store::EmbeddedCluster::running_config(&options.data_dir, &options.database)
+                        .ok_or_else(|| {
+                            UsageError(format!(
+                            "no database configured (DATABASE_URL, POSTGRES_* or PGHOST) and no embedded \
+                             PostgreSQL running under {}",
                             options.data_dir.display()
-                        )
-                    })
+                        ))
+                        })?;
+                Ok((config, PasswordSource::None))
             }
         }
     }
 
+    /// The database: the one the flags, `POSTGRES_*`, `DB_PASSWORD` and libpq's variables name
+    /// (see `hook_store::DatabaseArgs::resolve_with`), else the embedded cluster.
     pub(crate) fn database(&self) -> anyhow::Result<Database> {
-        if let Some(url) = &self.database_url {
-            return Ok(Database::Configured(Box::new(parse_database_url(url)?)));
-        }
-        let password = env_nonempty("DB_PASSWORD").or_else(|| env_nonempty("POSTGRES_PASSWORD"));
-        let seed_configured = password.is_some()
-            || self.postgres_host.is_some()
-            || self.postgres_port.is_some()
-            || self.postgres_db.is_some()
-            || self.postgres_user.is_some();
-        if seed_configured {
-            let defaults = SeedSettings::default();
-            let settings = SeedSettings {
-                host: self.postgres_host.clone().unwrap_or(defaults.host),
-                port: self.postgres_port.unwrap_or(defaults.port),
-                database: self.postgres_db.clone().unwrap_or(defaults.database),
-                user: self.postgres_user.clone().unwrap_or(defaults.user),
-                password,
-            };
-            return Ok(Database::Configured(Box::new(settings.to_config())));
+        let args = DatabaseArgs {
+            url: self.database_url.clone(),
+            host: self.postgres_host.clone(),
+            port: self.postgres_port,
+            database: self.postgres_db.clone(),
+            user: self.postgres_user.clone(),
+            password: env_nonempty("DB_PASSWORD").or_else(|| env_nonempty("POSTGRES_PASSWORD")),
+        };
+        if let Some(resolved) = hook_cli::resolve_database("hook-processor", &args)? {
+            return Ok(Database::Configured(Box::new(resolved.config), resolved.password));
         }
         let data_dir = if self.data_dir.is_absolute() {
             self.data_dir.clone()
@@ -301,12 +303,12 @@ pub(crate) fn init_logging(args: &Args) -> anyhow::Result<()> {
     // A bare level applies to our crates; the database driver's chatter (server NOTICEs) stays
     // at warn unless the user names it.
     let mut directives = args.log_level.to_lowercase();
-    hook_cli::check_log_directives(&directives).map_err(|e| anyhow::anyhow!("LOG_LEVEL: {e}"))?;
+    hook_cli::check_log_directives(&directives).map_err(|e| UsageError(format!("LOG_LEVEL: {e}")))?;
     if !directives.contains("tokio_postgres") {
         directives.push_str(",tokio_postgres=warn");
     }
     let filter = tracing_subscriber::EnvFilter::try_new(&directives)
-        .with_context(|| format!("LOG_LEVEL {:?} is not a log level or filter", args.log_level))?;
+        .map_err(|_| UsageError(format!("LOG_LEVEL {:?} is not a log level or filter", args.log_level)))?;
     // Colours only on a terminal: journald and log files get plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -323,52 +325,18 @@ pub(crate) fn init_logging(args: &Args) -> anyhow::Result<()> {
     result.map_err(|e| anyhow::anyhow!("setting up logging: {e}"))
 }
 
-/// Parses "1.5" (seconds), "250ms", "2s", "5m", "1h" or "7d".
-pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let (number, scale) = if let Some(n) = text.strip_suffix("ms") {
-        (n, 0.001)
-    } else if let Some(n) = text.strip_suffix('s') {
-        (n, 1.0)
-    } else if let Some(n) = text.strip_suffix('m') {
-        (n, 60.0)
-    } else if let Some(n) = text.strip_suffix('h') {
-        (n, 3600.0)
-    } else if let Some(n) = text.strip_suffix('d') {
-        (n, 86400.0)
-    } else {
-        (text, 1.0)
-    };
-    let value: f64 = number
-        .trim()
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration (try 1.5, 250ms, 2s, 5m, 1h, 7d)"))?;
-    if !value.is_finite() || value < 0.0 {
-        return Err(format!("{text:?} is not a non-negative duration"));
-    }
-    Duration::try_from_secs_f64(value * scale).map_err(|e| format!("{text:?}: {e}"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn durations() {
-        for (text, ms) in [
-            ("1.0", 1000),
-            ("0.25", 250),
-            ("250ms", 250),
-            ("2s", 2000),
-            ("5m", 300_000),
-            ("1h", 3_600_000),
-            ("7d", 604_800_000),
-        ] {
-            assert_eq!(parse_duration(text).unwrap().as_millis(), ms, "{text}");
-        }
-        for bad in ["", "x", "-1", "1w", "NaN"] {
-            assert!(parse_duration(bad).is_err(), "{bad}");
-        }
+    fn durations_take_the_shared_forms() {
+        let args =
+            Args::try_parse_from(["hook-processor", "--poll-interval", "0.25", "--handler-timeout", "2w"])
+                .unwrap();
+        assert_eq!(args.poll_interval, Duration::from_millis(250));
+        assert_eq!(args.handler_timeout, Duration::from_secs(14 * 86_400));
+        assert!(Args::try_parse_from(["hook-processor", "--poll-interval", "soon"]).is_err());
     }
 
     #[test]

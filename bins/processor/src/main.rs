@@ -17,14 +17,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use clap::Parser;
 use hook_core::{default_registry, Engine};
-use hook_store::{redacted, EmbeddedCluster, PgStore, StoreError, StoreOptions};
+use hook_store::{redacted, EmbeddedCluster, PasswordSource, PgStore, StoreError, StoreOptions};
 use tracing::{info, warn};
 
 use crate::config::{Args, Command, Database, OpsConfig};
 use crate::health::{Health, PROBE_TIMEOUT};
 use crate::notify::Notifier;
+
+const PROGRAM: &str = "hook-processor";
 
 fn main() -> ExitCode {
     // A missing .env is normal; a malformed one is an error worth stopping for.
@@ -34,27 +35,25 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     }
-    let args = Args::parse();
+    let args = match hook_cli::parse_args::<Args>(PROGRAM) {
+        Ok(args) => args,
+        Err(code) => return code,
+    };
     // systemd's variables are read, and removed from the environment, before any thread starts.
     let notifier = Arc::new(Notifier::from_env());
-    match run(args, notifier) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("hook-processor: error: {error:#}");
-            ExitCode::FAILURE
-        }
-    }
+    // One line on stderr; exit 2 for a mistake in the configuration, 1 for anything else.
+    hook_cli::exit_code(PROGRAM, run(args, notifier))
 }
 
 fn run(args: Args, notifier: Arc<Notifier>) -> anyhow::Result<()> {
     config::init_logging(&args)?;
     if let Some(Command::Stats(stats_args)) = &args.command {
-        let database = args.stats_database()?;
+        let (database, password) = args.stats_database()?;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .context("starting the async runtime")?;
-        return runtime.block_on(stats::run(database, stats_args));
+        return runtime.block_on(stats::run(database, &password, stats_args));
     }
     let engine_config = args.engine_config()?;
     let ops = args.ops_config(&engine_config)?;
@@ -70,18 +69,18 @@ fn run(args: Args, notifier: Arc<Notifier>) -> anyhow::Result<()> {
         }
         let starting = tokio::spawn(notify::extend_while_starting(Arc::clone(&notifier)));
         notifier.status("connecting to the database");
-        let (pg_config, cluster) = match args.database()? {
-            Database::Configured(config) => (*config, None),
+        let (pg_config, password, cluster) = match args.database()? {
+            Database::Configured(config, password) => (*config, password, None),
             Database::Embedded(options) => {
                 let dir = options.data_dir.clone();
                 let cluster = EmbeddedCluster::start(options)
                     .await
                     .with_context(|| format!("starting the embedded PostgreSQL under {}", dir.display()))?;
                 info!(url = %cluster.url("hook_events"), "embedded PostgreSQL ready; insert events with: psql \"{}\"", cluster.url("hook_events"));
-                (cluster.config("hook_events"), Some(cluster))
+                (cluster.config("hook_events"), PasswordSource::None, Some(cluster))
             }
         };
-        let result = process(pg_config, engine_config, &ops, health, notifier, starting).await;
+        let result = process(pg_config, &password, engine_config, &ops, health, notifier, starting).await;
         if let Some(cluster) = cluster {
             cluster.stop().await.context("stopping the embedded PostgreSQL")?;
         }
@@ -91,6 +90,7 @@ fn run(args: Args, notifier: Arc<Notifier>) -> anyhow::Result<()> {
 
 async fn process(
     pg_config: hook_store::tokio_postgres::Config,
+    password: &PasswordSource,
     engine_config: hook_core::EngineConfig,
     ops: &OpsConfig,
     health: Health,
@@ -107,7 +107,7 @@ async fn process(
     };
     let store = connect(&pg_config, options.clone(), ops.wait_for_database, &notifier)
         .await
-        .with_context(|| format!("connecting to {shown}"))?;
+        .with_context(|| hook_cli::connecting_to(&shown, password))?;
     notifier.status("applying migrations");
     let report = store.migrate().await.with_context(|| format!("migrating {shown}"))?;
     info!(database = %shown, applied = ?report.applied, "database ready");

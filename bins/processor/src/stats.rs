@@ -26,7 +26,11 @@ struct Report {
 }
 
 /// Runs the queries against `config` and prints the report on stdout.
-pub(crate) async fn run(config: hook_store::tokio_postgres::Config, args: &StatsArgs) -> anyhow::Result<()> {
+pub(crate) async fn run(
+    config: hook_store::tokio_postgres::Config,
+    password: &hook_store::PasswordSource,
+    args: &StatsArgs,
+) -> anyhow::Result<()> {
     let config = hook_store::with_service_defaults(config, "hook-processor stats");
     let shown = redacted(&config);
     let options = StoreOptions {
@@ -35,7 +39,8 @@ pub(crate) async fn run(config: hook_store::tokio_postgres::Config, args: &Stats
         pool_timeout: Duration::from_secs(10),
         ..StoreOptions::default()
     };
-    let store = PgStore::connect(config, options).await.with_context(|| format!("connecting to {shown}"))?;
+    let store =
+        PgStore::connect(config, options).await.with_context(|| hook_cli::connecting_to(&shown, password))?;
     let client = store.pool().get().await.with_context(|| format!("connecting to {shown}"))?;
     let started = Instant::now();
     let context = || format!("querying {shown}");

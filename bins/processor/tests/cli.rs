@@ -332,3 +332,90 @@ async fn a_database_nobody_listens_on_is_reported_without_the_password() {
 async fn a_garbage_log_level_is_refused() {
     check(&[("LOG_LEVEL", "garbage(((")], "LOG_LEVEL").await;
 }
+
+/// A common mistake: the variables and flags, the exit status and the text of the one line.
+type Mistake = (Vec<(String, String)>, &'static [&'static str], i32, String);
+
+fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+}
+
+/// Each way libpq users give a password reaches a server that demands one (scram-sha-256), for
+/// the processor and for `hook-processor stats`; a wrong one fails with one line that says where
+/// it came from and does not show it.
+#[tokio::test(flavor = "multi_thread")]
+async fn passwords_are_found_the_way_libpq_finds_them() {
+    let cluster = hook_store::testing::PasswordCluster::start("processor").await;
+    let role = cluster.role("processor").await;
+    for (way, vars) in role.ways() {
+        let scratch = Scratch::new("password");
+        let mut command = scratch.processor();
+        command.envs(vars.iter().map(|(k, v)| (k, v)));
+        let mut run = Running::spawn(command);
+        run.line("engine started", |l| l.contains("engine started")).await;
+        let (status, stderr) = run.terminate().await;
+        assert_eq!(status.code(), Some(0), "{way}: {stderr}");
+        assert!(!scratch.data_dir().exists(), "{way}: no embedded cluster");
+
+        let mut stats = scratch.processor();
+        stats.envs(vars.iter().map(|(k, v)| (k, v))).arg("stats").stdout(Stdio::piped());
+        let output = stats.output().expect("run hook-processor stats");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert_eq!(output.status.code(), Some(0), "{way}: {}", String::from_utf8_lossy(&output.stderr));
+        assert!(stdout.contains("pending"), "{way}: {stdout}");
+    }
+    for extra in [&[][..], &["stats"][..]] {
+        let scratch = Scratch::new("wrong-password");
+        let mut command = scratch.processor();
+        command.envs(role.wrong("not-the-password")).env("LOG_LEVEL", "warn").args(extra);
+        let output = command.output().expect("run hook-processor");
+        let (code, line) = hook_store::testing::error_line("hook-processor", &output);
+        assert_eq!(code, Some(1), "{extra:?}: {line}");
+        assert!(line.contains(r#"password authentication failed for user "processor""#), "{line}");
+        assert!(line.contains("(password from PGPASSWORD)"), "{line}");
+        assert!(!line.contains("not-the-password") && !line.contains(&role.password), "{line}");
+    }
+}
+
+/// The common mistakes, each with the one line it gets and its exit status: 2 for a mistake in
+/// the configuration, 1 for a database that refuses.
+#[tokio::test]
+async fn common_mistakes_get_one_line_that_says_what_to_fix() {
+    let refused = free_port();
+    let refused_url = format!("postgres://app:secretpw@127.0.0.1:{refused}/events");
+    let mut nobody = hook_store::testing::server().await;
+    nobody.user("nobody").dbname("postgres");
+    let nobody = hook_store::testing::config_to_url(&nobody);
+    let cases: Vec<Mistake> = vec![
+        (vars(&[("BATCH_SIZE", "abc")]), &[], 2, "BATCH_SIZE=\"abc\": invalid digit found in string".into()),
+        (vars(&[("BATCH_SIZE", "0")]), &[], 2, "invalid configuration: batch size 0".into()),
+        (vars(&[("MAX_RETRY_COUNT", "11")]), &[], 2, "max retry count 11".into()),
+        (vars(&[("POLL_INTERVAL", "soon")]), &[], 2, "POLL_INTERVAL=\"soon\": \"soon\" is not a duration".into()),
+        (vars(&[("HOOK_HANDLER_TIMEOUT", "30 sec")]), &["--claim-timeout", "20"], 2, "claim timeout".into()),
+        (vec![], &["--batch-size", "abc"], 2, "invalid value 'abc' for '--batch-size <BATCH_SIZE>'".into()),
+        (vars(&[("POSTGRES_PORT", "high")]), &[], 2, "POSTGRES_PORT=\"high\": invalid digit found in string".into()),
+        (vars(&[("PGHOST", "db"), ("PGPORT", "high")]), &[], 2, "PGPORT \"high\" is not a port number".into()),
+        (vars(&[("DATABASE_URL", "postgres://app:secret@pw@db/events")]), &[], 2, "percent-encode @ in the user name or password as %40".into()),
+        (vars(&[("DATABASE_URL", "postgres://app:secretpw@db:notaport/events")]), &[], 2, "the port is not a number".into()),
+        (vars(&[("DATABASE_URL", "postgresql+psycopg2://app@db/events")]), &[], 2, "must start with postgres:// or postgresql://".into()),
+        (vars(&[("LOG_LEVEL", "garbage(((")]), &[], 2, "LOG_LEVEL".into()),
+        (vec![], &["--bogus"], 2, "unexpected argument '--bogus' found (see --help)".into()),
+        (vec![], &["stats", "--since", "soon"], 2, "'--since <SINCE>': \"soon\" is not a duration".into()),
+        (vars(&[("DATABASE_URL", &refused_url)]), &[], 1, format!("connecting to postgresql://app@127.0.0.1:{refused}/events (password from DATABASE_URL): Connection refused")),
+        (vars(&[("DATABASE_URL", &nobody)]), &[], 1, r#": FATAL: role "nobody" does not exist"#.into()),
+    ];
+    for (vars, args, code, expected) in cases {
+        let scratch = Scratch::new("mistake");
+        let mut command = scratch.processor();
+        command.env("LOG_LEVEL", "warn").envs(vars.iter().map(|(k, v)| (k, v))).args(args);
+        let output = command.output().expect("run hook-processor");
+        let (got, line) = hook_store::testing::error_line("hook-processor", &output);
+        eprintln!("{vars:?} {args:?} -> {got:?} {line}");
+        assert_eq!(got, Some(code), "{vars:?} {args:?}: {line}");
+        assert!(line.contains(&expected), "{vars:?} {args:?}: {expected:?} missing from: {line}");
+        for repeated in ["error connecting to server", "db error", "secret"] {
+            assert!(!line.contains(repeated), "{line}");
+        }
+        assert!(!scratch.data_dir().exists(), "{vars:?}: an embedded cluster was set up");
+    }
+}

@@ -10,7 +10,7 @@ use time::{Date, OffsetDateTime};
 use uuid::Uuid;
 
 use hook_cli::UsageError;
-use hook_cli::{parse_age, DatabaseFlags};
+use hook_cli::{parse_duration, DatabaseFlags};
 
 /// Re-queues failed and dead hook events so that processors handle them again.
 ///
@@ -37,7 +37,8 @@ pub(crate) struct Args {
     action: Vec<String>,
 
     /// Only events created at or after this time: RFC 3339 (2025-10-19T18:00:00Z), a date
-    /// (2025-10-19, UTC), or an age (90m, 12h, 7d: that long ago).
+    /// (2025-10-19, UTC), or an age (90m, 12h, 7d: that long ago; a bare number is seconds, as in
+    /// every duration of hook-events).
     #[arg(long, value_name = "TIME", value_parser = parse_time)]
     since: Option<OffsetDateTime>,
 
@@ -96,7 +97,7 @@ fn parse_time(text: &str) -> Result<OffsetDateTime, String> {
     if let Ok(date) = Date::parse(text, format_description!("[year]-[month]-[day]")) {
         return Ok(date.midnight().assume_utc());
     }
-    let age = parse_age(text).map_err(|_| {
+    let age = parse_duration(text).map_err(|_| {
         format!("{text:?} is not a time: use RFC 3339 (2025-10-19T18:00:00Z), a date (2025-10-19) or an age (12h, 7d)")
     })?;
     Ok(OffsetDateTime::now_utc() - age)
@@ -163,11 +164,12 @@ mod tests {
 
     #[test]
     fn ages_and_times() {
-        assert_eq!(parse_age("90m").unwrap(), std::time::Duration::from_secs(5_400));
-        assert_eq!(parse_age("30d").unwrap(), std::time::Duration::from_secs(2_592_000));
-        for bad in ["", "12", "h", "1.5h", "-1d", "3y"] {
-            assert!(parse_age(bad).is_err(), "{bad}");
+        for bad in ["", "h", "-1d", "3y"] {
+            assert!(parse_time(bad).is_err(), "{bad}");
         }
+        let ago = |text: &str| (OffsetDateTime::now_utc() - parse_time(text).unwrap()).whole_seconds();
+        assert!((ago("90") - 90).abs() < 60, "a bare number is seconds, as everywhere");
+        assert!((ago("1.5h") - 5_400).abs() < 60);
         assert_eq!(parse_time("2025-10-19").unwrap().unix_timestamp(), 1_760_832_000);
         assert_eq!(parse_time("2025-10-19T00:00:00+02:00").unwrap().unix_timestamp(), 1_760_824_800);
         let ago = OffsetDateTime::now_utc() - parse_time("2h").unwrap();

@@ -12,7 +12,6 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use anyhow::Context;
-use clap::Parser;
 use hook_store::replay::{self, ReplayPlan, ReplayReport};
 
 use crate::args::Args;
@@ -26,7 +25,10 @@ fn main() -> ExitCode {
     if let Err(code) = hook_cli::load_dotenv(PROGRAM) {
         return code;
     }
-    let args = Args::parse();
+    let args = match hook_cli::parse_args::<Args>(PROGRAM) {
+        Ok(args) => args,
+        Err(code) => return code,
+    };
     hook_cli::exit_code(PROGRAM, run(&args))
 }
 

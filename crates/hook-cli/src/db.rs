@@ -1,11 +1,15 @@
 //! Which database, and connecting to it, the way `hook-processor` chooses: `DATABASE_URL`, else
-//! the original service's `POSTGRES_*` variables, else the processor's embedded cluster when one
-//! exists under `--data-dir` (this tool never creates one).
+//! the original service's `POSTGRES_*` variables, else libpq's `PGHOST`, else the processor's
+//! embedded cluster when one exists under `--data-dir` (this tool never creates one). Passwords
+//! and what the chosen source leaves open follow libpq ([`hook_store::LibpqEnv`]).
 
 use std::path::PathBuf;
 
 use anyhow::Context;
-use hook_store::{redacted, ClusterOptions, DatabaseArgs, EmbeddedCluster, PgStore, StoreOptions};
+use hook_store::{
+    redacted, ClusterOptions, DatabaseArgs, EmbeddedCluster, LibpqEnv, PasswordSource, PgStore, Resolved,
+    StoreOptions,
+};
 
 use crate::UsageError;
 
@@ -61,6 +65,32 @@ fn env_nonempty(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.is_empty())
 }
 
+/// libpq's variables and password file, from this process's environment.
+pub fn libpq_env() -> LibpqEnv {
+    LibpqEnv::from_vars(|name| std::env::var(name).ok())
+}
+
+/// The server the arguments (and `DB_PASSWORD`/`POSTGRES_PASSWORD`, and libpq's variables) name,
+/// if any. A mistake in them is a [`UsageError`]; warnings (an unsafe password file) are printed
+/// as `<program>: warning: ...` lines.
+pub fn resolve_database(program: &str, args: &DatabaseArgs) -> anyhow::Result<Option<Resolved>> {
+    let resolved = args.resolve_with(&libpq_env()).map_err(|e| UsageError(e.to_string()))?;
+    for warning in resolved.iter().flat_map(|r| &r.warnings) {
+        eprintln!("{program}: warning: {warning}");
+    }
+    Ok(resolved)
+}
+
+/// What a failed connection's message says it was connecting to: the redacted URL, and where the
+/// password came from when there was one (`postgresql://app@db:5432/events (password from
+/// PGPASSWORD)`), so that "password authentication failed" says which password to fix.
+pub fn connecting_to(shown: &str, password: &PasswordSource) -> String {
+    match password {
+        PasswordSource::None => format!("connecting to {shown}"),
+        source => format!("connecting to {shown} ({source})"),
+    }
+}
+
 /// Connects to the chosen database and applies pending migrations.
 pub async fn connect(flags: &DatabaseFlags, application: &str) -> anyhow::Result<Connected> {
     let args = DatabaseArgs {
@@ -71,8 +101,8 @@ pub async fn connect(flags: &DatabaseFlags, application: &str) -> anyhow::Result
         user: flags.postgres_user.clone(),
         password: env_nonempty("DB_PASSWORD").or_else(|| env_nonempty("POSTGRES_PASSWORD")),
     };
-    let (config, cluster) = match args.resolve().map_err(|e| UsageError(e.to_string()))? {
-        Some(config) => (config, None),
+    let (config, password, cluster) = match resolve_database(application, &args)? {
+        Some(resolved) => (resolved.config, resolved.password, None),
         None => {
             let data_dir = if flags.data_dir.is_absolute() {
                 flags.data_dir.clone()
@@ -82,8 +112,8 @@ pub async fn connect(flags: &DatabaseFlags, application: &str) -> anyhow::Result
             if !data_dir.join("pgdata/PG_VERSION").is_file() {
                 return Err(UsageError(format!(
                     "no database configured: set DATABASE_URL (or POSTGRES_HOST, POSTGRES_DB, \
-                     POSTGRES_USER and DB_PASSWORD), or point --data-dir at hook-processor's \
-                     embedded cluster (none under {})",
+                     POSTGRES_USER and DB_PASSWORD, or libpq's PGHOST), or point --data-dir at \
+                     hook-processor's embedded cluster (none under {})",
                     data_dir.display()
                 ))
                 .into());
@@ -98,7 +128,7 @@ pub async fn connect(flags: &DatabaseFlags, application: &str) -> anyhow::Result
             let cluster = EmbeddedCluster::start(options)
                 .await
                 .with_context(|| format!("starting the embedded PostgreSQL under {}", dir.display()))?;
-            (cluster.config("hook_events"), Some(cluster))
+            (cluster.config("hook_events"), PasswordSource::None, Some(cluster))
         }
     };
     let config = hook_store::with_service_defaults(config, application);
@@ -109,7 +139,7 @@ pub async fn connect(flags: &DatabaseFlags, application: &str) -> anyhow::Result
         tls_root_cert: crate::tls_root_cert(),
         ..StoreOptions::default()
     };
-    let store = PgStore::connect(config, options).await.with_context(|| format!("connecting to {shown}"))?;
+    let store = PgStore::connect(config, options).await.with_context(|| connecting_to(&shown, &password))?;
     store.migrate().await.with_context(|| format!("migrating {shown}"))?;
     Ok(Connected { store, shown, cluster })
 }

@@ -2,13 +2,15 @@
 //! and connection, logging, progress on stderr, and the mapping of errors to exit codes
 //! (0 done, 1 failed, 2 bad usage). Not a public library: it serves this workspace's binaries.
 
+mod args;
 mod db;
 mod progress;
 
 use std::process::ExitCode;
-use std::time::Duration;
 
-pub use db::{connect, Connected, DatabaseFlags};
+pub use args::{parse_args, usage_line};
+pub use db::{connect, connecting_to, libpq_env, resolve_database, Connected, DatabaseFlags};
+pub use hook_core::parse_duration;
 pub use progress::Progress;
 
 /// Extra trusted root certificates for `sslmode=require`, from libpq's `PGSSLROOTCERT`.
@@ -104,42 +106,9 @@ pub fn check_log_directives(directives: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Parses an age: a whole number with a unit, `s`, `m`, `h`, `d` or `w` ("90m", "12h", "30d").
-pub fn parse_age(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let seconds = match unit.trim() {
-        "s" => 1,
-        "m" => 60,
-        "h" => 3_600,
-        "d" => 86_400,
-        "w" => 604_800,
-        _ => return Err(format!("{text:?} is not a duration: use e.g. 90m, 12h, 30d")),
-    };
-    let number: u64 =
-        number.parse().map_err(|_| format!("{text:?} is not a duration: use e.g. 90m, 12h, 30d"))?;
-    number
-        .checked_mul(seconds)
-        .map(Duration::from_secs)
-        .ok_or_else(|| format!("{text:?} is too long a duration"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn ages() {
-        for (text, seconds) in
-            [("90m", 5_400), ("12h", 43_200), ("30d", 2_592_000), ("1w", 604_800), ("5s", 5)]
-        {
-            assert_eq!(parse_age(text).unwrap(), Duration::from_secs(seconds), "{text}");
-        }
-        for bad in ["", "30", "d", "1.5h", "-1d", "30 days", "99999999999999999999d"] {
-            assert!(parse_age(bad).is_err(), "{bad}");
-        }
-    }
 
     #[test]
     fn log_levels() {

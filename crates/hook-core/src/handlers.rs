@@ -217,7 +217,7 @@ fn session_end(event: &HookEvent) -> HandlerResult {
 
 /// `*/*`: any event without a route. Successful, so that it is not retried forever.
 fn unknown_event(event: &HookEvent) -> HandlerResult {
-    tracing::info!(
+    tracing::debug!(
         event_id = %event.id,
         source = %event.source,
         action = %event.action,

@@ -12,6 +12,7 @@
 //! | [`Handler`], [`HandlerRegistry`], [`default_registry`] | routing by `(source, action)`: exact, then `(source, *)`, then `(*, *)` |
 //! | [`Engine`], [`EngineConfig`] | claim batches, run handlers concurrently with a timeout, record outcomes, retry with backoff |
 //! | [`RetryPolicy`] | the delay before the next attempt, a pure function of the attempt |
+//! | [`parse_duration`] | durations as every binary reads them (`30`, `1.5`, `250ms`, `12h`, `30d`) |
 //! | [`Metrics`], [`MetricsSnapshot`] | counters of committed outcomes |
 //! | [`Store`], [`ClaimedBatch`] | what the engine needs of a database |
 //!
@@ -115,6 +116,7 @@
 
 #![deny(missing_docs)]
 
+mod duration;
 mod engine;
 mod error;
 mod event;
@@ -127,6 +129,7 @@ mod store;
 pub use crate::metrics::{
     describe_metrics, names as metric_names, Metrics, MetricsSnapshot, MAX_LABELLED_PAIRS, OTHER_LABEL,
 };
+pub use duration::parse_duration;
 pub use engine::{bound_text, is_loud_failure, Engine, EngineBuilder, EngineConfig, MAX_ERROR_BYTES};
 pub use error::ConfigError;
 pub use event::{HandlerResult, HookEvent, NewEvent};

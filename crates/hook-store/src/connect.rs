@@ -69,36 +69,104 @@ impl DatabaseArgs {
     /// The connection settings: `url` when set; else [`SeedSettings`] filled from the other
     /// fields when any of them is set; else `None` (nothing configured; the caller decides
     /// whether that means the embedded cluster or an error).
+    ///
+    /// This ignores libpq's `PG*` variables and password file; the binaries use
+    /// [`resolve_with`](Self::resolve_with), which applies them.
     pub fn resolve(&self) -> Result<Option<Config>, StoreError> {
-        if let Some(url) = &self.url {
-            return parse_database_url(url).map(Some);
-        }
-        let password = self.password.clone().filter(|p| !p.is_empty());
-        let configured = password.is_some()
-            || self.host.is_some()
-            || self.port.is_some()
-            || self.database.is_some()
-            || self.user.is_some();
-        if !configured {
-            return Ok(None);
-        }
-        let defaults = SeedSettings::default();
-        let settings = SeedSettings {
-            host: self.host.clone().unwrap_or(defaults.host),
-            port: self.port.unwrap_or(defaults.port),
-            database: self.database.clone().unwrap_or(defaults.database),
-            user: self.user.clone().unwrap_or(defaults.user),
-            password,
-        };
-        Ok(Some(settings.to_config()))
+        Ok(self.resolve_with(&crate::LibpqEnv::default())?.map(|resolved| resolved.config))
     }
 }
 
 /// Parses a `postgres://` URL or a `key=value` connection string. The error never repeats the
 /// input, which may hold a password.
+///
+/// A URL whose user name or password holds an unescaped `@` is refused even when it parses (it
+/// would name a host such as `ss@db`), with a hint to percent-encode it; other mistakes get a
+/// message saying what is wrong (see [`url_problem`]).
 pub fn parse_database_url(url: &str) -> Result<Config, StoreError> {
+    let invalid =
+        |what: String| StoreError::Config(format!("DATABASE_URL is not a valid connection string: {what}"));
+    if let Some(problem) = url_problem(url, None) {
+        return Err(invalid(problem));
+    }
     url.parse::<Config>()
-        .map_err(|e| StoreError::Config(format!("DATABASE_URL is not a valid connection string: {e}")))
+        .map_err(|e| invalid(url_problem(url, Some(&e)).unwrap_or_else(|| parse_error_text(&e))))
+}
+
+/// What is wrong with a connection string, in words a person can act on, without repeating any
+/// part of it that may be secret. With `error` (tokio-postgres's parse error), always `Some`
+/// when the mistake is recognised; without, only the mistakes tokio-postgres does not catch.
+pub fn url_problem(url: &str, error: Option<&tokio_postgres::Error>) -> Option<String> {
+    let url = url.trim();
+    let scheme_end = url.find("://");
+    if let Some(rest) = url.strip_prefix("postgres://").or_else(|| url.strip_prefix("postgresql://")) {
+        // tokio-postgres (like libpq) ends the credentials at the first `@`; the host is what
+        // follows the last `@` before the path or query.
+        let authority_end = rest.rfind('@').map_or(0, |at| at + 1);
+        let authority = &rest[..authority_end];
+        if authority.matches('@').count() > 1 {
+            return Some(
+                "it has more than one @ before the host: percent-encode @ in the user name or \
+                 password as %40 (and : / ? # as %3A %2F %3F %23)"
+                    .into(),
+            );
+        }
+        let error = error?;
+        let text = parse_error_text(error);
+        if text.contains("option `port`") {
+            return Some(
+                "the port is not a number (if the password holds : / ? or #, percent-encode them \
+                 as %3A %2F %3F %23)"
+                    .into(),
+            );
+        }
+        if text.contains("option `sslmode`") {
+            return Some(
+                "sslmode must be disable, prefer or require (require verifies the server's \
+                 certificate, as libpq's verify-full does)"
+                    .into(),
+            );
+        }
+        if text.contains("invalid utf-8") {
+            return Some("a percent-encoded part is not UTF-8 text".into());
+        }
+        return Some(text);
+    }
+    if let Some(end) = scheme_end {
+        let scheme = &url[..end];
+        if !scheme.is_empty()
+            && scheme.len() <= 30
+            && scheme.chars().all(|c| c.is_ascii_alphanumeric() || "+-.:".contains(c))
+        {
+            return Some(format!("it must start with postgres:// or postgresql://, not {scheme}://"));
+        }
+        return Some("it must start with postgres:// or postgresql://".into());
+    }
+    let error = error?;
+    let text = parse_error_text(error);
+    if text.contains("option `sslmode`") {
+        return Some(
+            "sslmode must be disable, prefer or require (require verifies the server's certificate, \
+             as libpq's verify-full does)"
+                .into(),
+        );
+    }
+    if text.starts_with("unknown option") || text.contains("option `") {
+        return Some(text);
+    }
+    Some(format!(
+        "it is neither a postgres://user@host:port/database URL nor key=value pairs \
+         (host=... dbname=...): {text}"
+    ))
+}
+
+/// tokio-postgres's parse error with its cause ("invalid value for option `port`"), which it
+/// keeps as the error's source.
+fn parse_error_text(error: &tokio_postgres::Error) -> String {
+    match std::error::Error::source(error) {
+        Some(cause) => cause.to_string(),
+        None => error.to_string(),
+    }
 }
 
 /// Fills in what a long-running service needs when the user left it unset: a connect timeout,
@@ -168,6 +236,32 @@ mod tests {
         let err = parse_database_url("postgres://u:topsecret@h:notaport/d").unwrap_err().to_string();
         assert!(err.contains("DATABASE_URL"), "{err}");
         assert!(!err.contains("topsecret"), "{err}");
+    }
+
+    #[test]
+    fn url_mistakes_say_what_to_fix_and_hide_the_password() {
+        for (url, expected) in [
+            ("postgres://app:zq@xv@db/events", "percent-encode @ in the user name or password as %40"),
+            ("postgres://app:zq@xv:w0rd@db:5432/events", "percent-encode @"),
+            ("postgres://app:zq:xv@db:notaport/events", "the port is not a number"),
+            ("postgres://app@db/events?sslmode=verify-full", "sslmode must be disable, prefer or require"),
+            ("mysql://app:zqxv@db/events", "must start with postgres:// or postgresql://, not mysql://"),
+            ("postgresql+psycopg2://app@db/events", "not postgresql+psycopg2://"),
+            ("db.internal:5432/events", "neither a postgres://user@host:port/database URL nor key=value"),
+            ("host=db sslmode=maybe", "sslmode must be"),
+            ("host=db colour=blue", "unknown option `colour`"),
+        ] {
+            let error = parse_database_url(url).unwrap_err().to_string();
+            assert!(
+                error.starts_with("invalid database configuration: DATABASE_URL is not a valid"),
+                "{error}"
+            );
+            assert!(error.contains(expected), "{url}: {error}");
+            for secret in ["zq", "xv", "w0rd"] {
+                assert!(!error.contains(secret), "{url}: {error}");
+            }
+        }
+        assert!(parse_database_url("postgres://app:zq%40xv@db/events").is_ok());
     }
 
     #[test]

@@ -8,9 +8,11 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
-    /// A query or connection failed.
-    #[error("database error: {0}")]
-    Db(#[from] tokio_postgres::Error),
+    /// A query or connection failed. Shown as one line that says it all (the server's
+    /// `SEVERITY: message`, or the driver's error with its cause), so the driver's error is not
+    /// exposed as a separate `source` that a printed chain would repeat.
+    #[error("{}", describe_db_error(.0))]
+    Db(tokio_postgres::Error),
 
     /// No connection could be taken from the pool.
     #[error("connection pool: {0}")]
@@ -56,6 +58,51 @@ pub enum StoreError {
         /// The underlying error.
         source: std::io::Error,
     },
+}
+
+impl From<tokio_postgres::Error> for StoreError {
+    fn from(error: tokio_postgres::Error) -> Self {
+        StoreError::Db(error)
+    }
+}
+
+/// One line for a driver error, without repeating itself: the server's `SEVERITY: message`
+/// (plus its hint; never its `DETAIL`, which can quote row data), or the driver's words and their
+/// causes. "error connecting to server" is dropped in front of its cause ("Connection refused
+/// (os error 111)"), since the binaries already say what they were connecting to.
+pub(crate) fn describe_db_error(error: &tokio_postgres::Error) -> String {
+    if let Some(db) = error.as_db_error() {
+        let mut text = format!("{}: {}", db.severity(), db.message());
+        if let Some(hint) = db.hint() {
+            text.push_str(&format!(" (hint: {hint})"));
+        }
+        return one_line(&text);
+    }
+    let own = error.to_string();
+    let mut causes = Vec::new();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        let shown = cause.to_string();
+        if !causes.contains(&shown) && shown != own {
+            causes.push(shown);
+        }
+        source = cause.source();
+    }
+    let text = match (own.as_str(), causes.as_slice()) {
+        ("error connecting to server", [_, ..]) => causes.join(": "),
+        ("invalid configuration", [only]) if only == "password missing" => {
+            "the server asks for a password and none was given (in the URL, DB_PASSWORD, \
+             POSTGRES_PASSWORD, PGPASSWORD or the password file ~/.pgpass)"
+                .to_owned()
+        }
+        (_, []) => own,
+        _ => format!("{own}: {}", causes.join(": ")),
+    };
+    one_line(&text)
+}
+
+fn one_line(text: &str) -> String {
+    text.split(['\n', '\r']).map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" ")
 }
 
 impl From<deadpool_postgres::PoolError> for StoreError {

@@ -82,6 +82,7 @@ mod cluster;
 mod connect;
 mod enqueue;
 mod error;
+mod libpq;
 mod listen;
 mod pg;
 mod queries;
@@ -101,10 +102,13 @@ pub mod tls;
 #[cfg(any(feature = "test-support", feature = "bench"))]
 pub use children::binary_command;
 pub use cluster::{ClusterOptions, EmbeddedCluster, PgBinaries};
-pub use connect::{parse_database_url, redacted, with_service_defaults, DatabaseArgs, SeedSettings};
+pub use connect::{
+    parse_database_url, redacted, url_problem, with_service_defaults, DatabaseArgs, SeedSettings,
+};
 pub use deadpool_postgres;
 pub use enqueue::{enqueue, enqueue_many, AsGenericClient};
 pub use error::StoreError;
+pub use libpq::{read_passfile, LibpqEnv, PassfileKey, PasswordSource, Resolved};
 pub use listen::CHANNEL;
 pub use pg::{PgBatch, PgStore, StoreOptions};
 pub use queries::{claim_events, Claimed};
