@@ -16,6 +16,19 @@ pub enum StoreError {
     #[error("connection pool: {0}")]
     Pool(String),
 
+    /// The database did not answer a call within its deadline ([`StoreOptions::call_timeout`]):
+    /// the network or the server went silent. The call's connection has been closed; whether a
+    /// statement already sent (a `COMMIT`) took effect is unknown.
+    ///
+    /// [`StoreOptions::call_timeout`]: crate::StoreOptions::call_timeout
+    #[error("{what}: no answer from the database within {}s", after.as_secs_f64())]
+    Timeout {
+        /// The call: `claim`, `keep-alive`, `recording outcomes`, `LISTEN`, ...
+        what: &'static str,
+        /// The deadline that passed.
+        after: std::time::Duration,
+    },
+
     /// The connection settings are not usable.
     #[error("invalid database configuration: {0}")]
     Config(String),
