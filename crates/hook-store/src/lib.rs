@@ -8,7 +8,7 @@
 //!
 //! | feature | default | what it adds |
 //! |---|---|---|
-//! | `test-support` | no | `testing`: a fresh, optionally migrated database per test |
+//! | `test-support` | no | `testing`: a fresh, optionally migrated database per test, and a TCP proxy that can go silent |
 //! | `testcontainers` | no | with `test-support`: a PostgreSQL container when the machine has no server binaries |
 //! | `bench` | no | `bench`: the SQL of `hook-bench` (event generation, the limit loop, the original's algorithm) |
 //!
@@ -93,6 +93,8 @@ pub mod bench;
 #[cfg(any(feature = "test-support", feature = "bench"))]
 mod children;
 pub mod migrate;
+#[cfg(feature = "test-support")]
+mod proxy;
 pub mod replay;
 pub mod stats;
 #[cfg(feature = "test-support")]

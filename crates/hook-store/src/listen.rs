@@ -15,10 +15,12 @@ use crate::error::StoreError;
 /// The channel the insert trigger notifies (see migration 0002).
 pub const CHANNEL: &str = "hook_events";
 
-/// How often the LISTEN connection, otherwise only ever read from, asks the server something, so
-/// that a connection gone silent (which TCP keepalives miss when something between us and the
-/// server still acknowledges) is noticed within this plus the call timeout, and replaced.
-const PING_EVERY: Duration = Duration::from_secs(10);
+/// How often, at most, the LISTEN connection (otherwise only ever read from) asks the server
+/// something, so that a connection gone silent (which TCP keepalives miss when something between
+/// us and the server still acknowledges) is noticed within the ping interval plus the call
+/// timeout, and replaced. The interval is half the call timeout when that is shorter: with the
+/// default 20 s, a ping every 10 s and a silent LISTEN connection replaced within 30 s.
+const PING_EVERY_MAX: Duration = Duration::from_secs(10);
 
 /// Keeps a LISTEN connection open for as long as `wake` has receivers, and marks `wake` changed
 /// for every notification and after every (re)connect, since events may have arrived while the
@@ -89,7 +91,8 @@ impl Session<'_> {
         *failures = 0;
         // Events may have arrived while we were not listening.
         self.wake.send_replace(());
-        let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + PING_EVERY, PING_EVERY);
+        let every = (self.call_timeout / 2).clamp(Duration::from_millis(10), PING_EVERY_MAX);
+        let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
