@@ -134,22 +134,31 @@ async fn process(
     let supervisor = tokio::spawn(notify::supervise(Arc::clone(&notifier), health.clone()));
     let gauges =
         ops.http_addr.map(|_| tokio::spawn(http::refresh_gauges(health.clone(), ops.gauge_interval)));
-    let (signalled, on_signal) = tokio::sync::oneshot::channel::<()>();
-    let shutdown = {
+    // The signal is awaited in a task of its own: the engine polls its shutdown future only
+    // between store calls, and the bound below must start when the signal arrives.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let signals = {
         let (health, notifier) = (health.clone(), Arc::clone(&notifier));
-        async move {
+        tokio::spawn(async move {
             shutdown_signal().await;
             health.set_stopping();
             notifier.stopping();
-            let _ = signalled.send(());
+            stop_tx.send_replace(true);
+        })
+    };
+    let shutdown = {
+        let mut stop = stop_rx.clone();
+        async move {
+            let _ = stop.wait_for(|stop| *stop).await;
         }
     };
     // The engine bounds its drain, but recording the drained outcomes and a claim under way at
     // the signal wait for the database, each up to the database timeout: past the drain timeout
     // plus a grace the processor stops waiting. Dropping the engine closes its connections; the
     // server rolls back what they had not committed, and those events are claimed again later.
-    let overdue = async {
-        if on_signal.await.is_ok() {
+    let overdue = async move {
+        let mut stop = stop_rx;
+        if stop.wait_for(|stop| *stop).await.is_ok() {
             tokio::time::sleep(stop_within).await;
         } else {
             std::future::pending::<()>().await;
@@ -160,6 +169,7 @@ async fn process(
         () = overdue => None,
     };
     supervisor.abort();
+    signals.abort();
     if let Some(gauges) = gauges {
         gauges.abort();
     }

@@ -75,6 +75,10 @@ impl From<deadpool_postgres::PoolError> for StoreError {
     fn from(error: deadpool_postgres::PoolError) -> Self {
         match error {
             deadpool_postgres::PoolError::Backend(e) => StoreError::Db(e),
+            // The pool's create and recycle timeouts are `StoreOptions::call_timeout`.
+            deadpool_postgres::PoolError::Timeout(
+                deadpool_postgres::TimeoutType::Create | deadpool_postgres::TimeoutType::Recycle,
+            ) => StoreError::Pool("connect: no answer from the database within the call timeout".into()),
             other => StoreError::Pool(other.to_string()),
         }
     }

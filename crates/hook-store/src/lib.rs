@@ -104,8 +104,10 @@ pub mod tls;
 #[cfg(any(feature = "test-support", feature = "bench"))]
 pub use children::binary_command;
 pub use cluster::{ClusterOptions, EmbeddedCluster, PgBinaries};
+pub use connect::{
+    apply_network_defaults, KEEPALIVES_IDLE, KEEPALIVES_INTERVAL, KEEPALIVES_RETRIES, TCP_USER_TIMEOUT,
+};
 pub use connect::{parse_database_url, redacted, with_service_defaults, DatabaseArgs, SeedSettings};
-pub use connect::{apply_network_defaults, KEEPALIVES_IDLE, KEEPALIVES_INTERVAL, KEEPALIVES_RETRIES, TCP_USER_TIMEOUT};
 pub use deadline::DEFAULT_CALL_TIMEOUT;
 pub use deadpool_postgres;
 pub use enqueue::{enqueue, enqueue_many, AsGenericClient};

@@ -150,7 +150,11 @@ async fn forward(client: TcpStream, target: Upstream, mut frozen: watch::Receive
 }
 
 /// Copies `from` into `to`, reading and writing only while not frozen; on EOF, shuts `to` down.
-async fn copy(mut from: impl AsyncRead + Unpin, mut to: impl AsyncWrite + Unpin, mut frozen: watch::Receiver<bool>) {
+async fn copy(
+    mut from: impl AsyncRead + Unpin,
+    mut to: impl AsyncWrite + Unpin,
+    mut frozen: watch::Receiver<bool>,
+) {
     let mut buffer = vec![0_u8; 16 * 1024];
     loop {
         if thawed(&mut frozen).await.is_err() {
