@@ -6,8 +6,11 @@
 //! the kernel, but only one whose peer stops acknowledging: a proxy, a pooler or a frozen server
 //! process that still acknowledges packets but never answers is caught by these deadlines alone.
 //! A call past its deadline is dropped halfway; every such call here owns its connection
-//! (the claim's `TxConn` in `pg.rs`, the LISTEN task's own client), which is then closed rather than
-//! reused, so nothing later inherits its transaction or its unanswered requests.
+//! (the claim's `TxConn` in `pg.rs`, the LISTEN task's own client), which is dropped with it and
+//! never reused, so nothing later inherits its transaction or its unanswered requests. (The
+//! driver closes the socket once it errors, or once the replies already asked for arrive; the
+//! server ends the session, and rolls back what it had not committed, when it hears the close,
+//! or at the claim's `idle_in_transaction_session_timeout`.)
 //!
 //! [`apply_network_defaults`]: crate::apply_network_defaults
 
