@@ -117,12 +117,14 @@ impl Settings {
     }
 }
 
-/// The connection settings a hook needs: its name in `pg_stat_activity`. The connect timeout is
-/// not set here; the whole delivery runs under the hook's budget.
+/// The connection settings a hook needs: its name in `pg_stat_activity`, and the TCP settings
+/// every connection of the project gets (`hook_store::apply_network_defaults`). The connect
+/// timeout is not set here; the whole delivery runs under the hook's budget.
 fn with_ingest_defaults(mut config: Config) -> Config {
     if config.get_application_name().is_none() {
         config.application_name("hook-ingest");
     }
+    hook_store::apply_network_defaults(&mut config);
     config
 }
 

@@ -118,6 +118,13 @@ pub(crate) struct Args {
     #[arg(long, env = "HOOK_STALL_TIMEOUT", value_parser = parse_duration)]
     stall_timeout: Option<Duration>,
 
+    /// Longest one claim, keep-alive, completion, new connection or LISTEN ping may wait for the
+    /// database. Past it the call fails, its connection is closed and the next one uses a fresh
+    /// connection: a network gone silent is noticed this fast (TCP keepalives and
+    /// tcp_user_timeout, from the URL or 10s/5s/3 and 20s, catch a dead peer too).
+    #[arg(long, env = "HOOK_DB_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
+    db_timeout: Duration,
+
     /// At start, how long to keep retrying a database that cannot be reached (connection refused,
     /// timeout, server starting up) before giving up. Wrong credentials or a missing database
     /// fail at once. 0 (the default) fails at the first error.
@@ -178,6 +185,8 @@ pub(crate) struct OpsConfig {
     pub(crate) stall_timeout: Duration,
     /// How long to retry an unreachable database at start.
     pub(crate) wait_for_database: Duration,
+    /// The deadline of each call to the database (`StoreOptions::call_timeout`).
+    pub(crate) db_timeout: Duration,
 }
 
 /// How log lines are written.
@@ -239,11 +248,15 @@ impl Args {
                 UsageError("invalid configuration: gauge interval must be greater than zero".into()).into()
             );
         }
+        if self.db_timeout.is_zero() {
+            anyhow::bail!("invalid configuration: database timeout must be greater than zero");
+        }
         Ok(OpsConfig {
             http_addr: self.http_addr,
             gauge_interval: self.gauge_interval,
             stall_timeout,
             wait_for_database: self.wait_for_database,
+            db_timeout: self.db_timeout,
         })
     }
 
@@ -365,6 +378,9 @@ mod tests {
         assert_eq!(ops(&["--stall-timeout", "31s"]).unwrap().stall_timeout, Duration::from_secs(31));
         assert!(ops(&["--stall-timeout", "30s"]).unwrap_err().contains("stall timeout"));
         assert_eq!(ops(&[]).unwrap().http_addr, None);
+        assert_eq!(ops(&[]).unwrap().db_timeout, hook_store::DEFAULT_CALL_TIMEOUT);
+        assert_eq!(ops(&["--db-timeout", "5s"]).unwrap().db_timeout, Duration::from_secs(5));
+        assert!(ops(&["--db-timeout", "0"]).unwrap_err().contains("database timeout"));
         let addr = ops(&["--http-addr", "127.0.0.1:9477"]).unwrap().http_addr;
         assert_eq!(addr, Some("127.0.0.1:9477".parse().unwrap()));
     }

@@ -114,12 +114,18 @@ pub(crate) async fn refresh_gauges(health: Health, every: Duration) {
     loop {
         tick.tick().await;
         let Some(pool) = health.probe_pool() else { continue };
+        let limit = every.max(Duration::from_secs(5));
         let query = async {
             let client = pool.get().await?;
-            hook_store::stats::limit_statement_time(&client, every.max(Duration::from_secs(5))).await?;
+            hook_store::stats::limit_statement_time(&client, limit).await?;
             hook_store::stats::queue_depth(&client, Duration::ZERO).await
         };
-        match query.await {
+        // statement_timeout bounds a slow server; this, a silent network.
+        let answer = match tokio::time::timeout(limit + Duration::from_secs(5), query).await {
+            Ok(answer) => answer.map_err(|e| e.to_string()),
+            Err(_) => Err(format!("no answer from the database within {}s", limit.as_secs() + 5)),
+        };
+        match answer {
             Ok(depth) => {
                 metrics::gauge!(names::PENDING).set(depth.pending as f64);
                 metrics::gauge!(names::RETRYING).set(depth.retrying as f64);

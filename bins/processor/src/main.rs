@@ -61,7 +61,7 @@ fn run(args: Args, notifier: Arc<Notifier>) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(async {
+    let result = runtime.block_on(async {
         let health = Health::new(ops.stall_timeout);
         if let Some(addr) = ops.http_addr {
             let prometheus = http::install_recorder()?;
@@ -85,8 +85,17 @@ fn run(args: Args, notifier: Arc<Notifier>) -> anyhow::Result<()> {
             cluster.stop().await.context("stopping the embedded PostgreSQL")?;
         }
         result
-    })
+    });
+    // Whatever is left (a connection waiting on a silent socket, a DNS lookup on a blocking
+    // thread) must not hold up the exit.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    result
 }
+
+/// After SIGTERM/SIGINT, how long past the drain timeout the processor waits for the engine to
+/// record the drained outcomes before it exits anyway: an unreachable database must not keep it
+/// running until systemd's SIGKILL (`TimeoutStopSec=30s` against the 25 s drain timeout).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 
 async fn process(
     pg_config: hook_store::tokio_postgres::Config,
@@ -103,6 +112,7 @@ async fn process(
         pool_size: engine_config.batches_in_flight + 2,
         // libpq's variable for extra trusted roots (sslmode=require); see hook_store::tls.
         tls_root_cert: std::env::var_os("PGSSLROOTCERT").filter(|v| !v.is_empty()).map(Into::into),
+        call_timeout: ops.db_timeout,
         ..StoreOptions::default()
     };
     let store = connect(&pg_config, options.clone(), ops.wait_for_database, &notifier)
@@ -117,26 +127,65 @@ async fn process(
     let probe =
         PgStore::connect(pg_config, probe_options).await.with_context(|| format!("connecting to {shown}"))?;
     health.attach_probe_pool(probe.pool().clone());
+    let stop_within = engine_config.drain_timeout + SHUTDOWN_GRACE;
     let engine = Engine::builder(store).registry(default_registry()).config(engine_config).build()?;
     health.attach_engine(engine.metrics());
     starting.abort();
     let supervisor = tokio::spawn(notify::supervise(Arc::clone(&notifier), health.clone()));
     let gauges =
         ops.http_addr.map(|_| tokio::spawn(http::refresh_gauges(health.clone(), ops.gauge_interval)));
-    let shutdown = {
+    // The signal is awaited in a task of its own: the engine polls its shutdown future only
+    // between store calls, and the bound below must start when the signal arrives.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let signals = {
         let (health, notifier) = (health.clone(), Arc::clone(&notifier));
-        async move {
+        tokio::spawn(async move {
             shutdown_signal().await;
             health.set_stopping();
             notifier.stopping();
+            stop_tx.send_replace(true);
+        })
+    };
+    let shutdown = {
+        let mut stop = stop_rx.clone();
+        async move {
+            let _ = stop.wait_for(|stop| *stop).await;
         }
     };
-    let totals = engine.run(shutdown).await;
+    // The engine bounds its drain, but recording the drained outcomes and a claim under way at
+    // the signal wait for the database, each up to the database timeout: past the drain timeout
+    // plus a grace the processor stops waiting. Dropping the engine closes its connections; the
+    // server rolls back what they had not committed, and those events are claimed again later.
+    let overdue = async move {
+        let mut stop = stop_rx;
+        if stop.wait_for(|stop| *stop).await.is_ok() {
+            tokio::time::sleep(stop_within).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    let totals = tokio::select! {
+        totals = engine.run(shutdown) => Some(totals),
+        () = overdue => None,
+    };
     supervisor.abort();
+    signals.abort();
     if let Some(gauges) = gauges {
         gauges.abort();
     }
-    notifier.status(&format!("stopped; {totals}"));
+    match totals {
+        Some(totals) => notifier.status(&format!("stopped; {totals}")),
+        None => {
+            warn!(
+                waited_s = stop_within.as_secs_f64(),
+                "shutdown did not finish within the drain timeout + {}s (is the database answering?); \
+                 exiting anyway: outcomes not yet committed are rolled back when the server ends our \
+                 sessions, and those events will be handled again",
+                SHUTDOWN_GRACE.as_secs()
+            );
+            notifier.status("stopped without finishing the drain: the database did not answer");
+        }
+    }
     drop(probe);
     Ok(())
 }
@@ -166,11 +215,11 @@ async fn connect(
     }
 }
 
-/// Whether waiting may help: no answer at all, or SQLSTATE class 08 (connection exception), 53
+/// Whether waiting may help: no answer at all (or none in time), or SQLSTATE class 08 (connection exception), 53
 /// (insufficient resources) or 57 (operator intervention: starting up, shutting down).
 fn is_transient(error: &StoreError) -> bool {
     match error {
-        StoreError::Pool(_) => true,
+        StoreError::Pool(_) | StoreError::Timeout { .. } => true,
         StoreError::Db(error) => {
             error.code().is_none_or(|code| matches!(code.code().get(..2), Some("08" | "53" | "57")))
         }

@@ -170,7 +170,8 @@ fn parse_error_text(error: &tokio_postgres::Error) -> String {
 }
 
 /// Fills in what a long-running service needs when the user left it unset: a connect timeout,
-/// TCP keepalives and an application name visible in `pg_stat_activity`.
+/// an application name visible in `pg_stat_activity`, and the TCP settings of
+/// [`apply_network_defaults`].
 pub fn with_service_defaults(mut config: Config, application_name: &str) -> Config {
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(Duration::from_secs(10));
@@ -178,8 +179,52 @@ pub fn with_service_defaults(mut config: Config, application_name: &str) -> Conf
     if config.get_application_name().is_none() {
         config.application_name(application_name);
     }
-    config.keepalives(true).keepalives_idle(Duration::from_secs(30));
+    apply_network_defaults(&mut config);
     config
+}
+
+/// Idle time before the first TCP keepalive probe, unless the connection string sets
+/// `keepalives_idle`.
+pub const KEEPALIVES_IDLE: Duration = Duration::from_secs(10);
+/// Time between keepalive probes, unless the connection string sets `keepalives_interval`.
+pub const KEEPALIVES_INTERVAL: Duration = Duration::from_secs(5);
+/// Unanswered probes before the kernel drops the connection, unless the connection string sets
+/// `keepalives_retries`.
+pub const KEEPALIVES_RETRIES: u32 = 3;
+/// How long sent data may stay unacknowledged before the kernel drops the connection, unless
+/// the connection string sets `tcp_user_timeout`.
+pub const TCP_USER_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// tokio-postgres's own keepalive idle time, which stands for "not set" (see
+/// [`apply_network_defaults`]).
+const LIBRARY_KEEPALIVES_IDLE: Duration = Duration::from_secs(2 * 60 * 60);
+
+/// Sets the TCP settings that let the kernel notice a dead connection in seconds rather than
+/// the 2 hours (idle) or ~15 minutes (unacknowledged data) of its defaults, each only where the
+/// connection string did not set it: keepalive probes after [`KEEPALIVES_IDLE`] of silence,
+/// every [`KEEPALIVES_INTERVAL`], [`KEEPALIVES_RETRIES`] of them (a quiet dead connection is
+/// dropped after about 20 s, since the user timeout also bounds unanswered probes), and
+/// [`TCP_USER_TIMEOUT`] for data sent and never acknowledged.
+///
+/// `keepalives=0` in the connection string is kept (no keepalives). Zero values of the other
+/// parameters are ignored by the parser, and a `keepalives_idle` of exactly 7200 (the driver's
+/// own default) is taken as unset. Unix-socket connections ignore all of this. PgStore applies
+/// it to every connection it opens; calls on a connection are bounded besides by
+/// [`StoreOptions::call_timeout`](crate::StoreOptions::call_timeout), which also catches a peer
+/// that acknowledges but never answers.
+pub fn apply_network_defaults(config: &mut Config) {
+    if config.get_keepalives_idle() == LIBRARY_KEEPALIVES_IDLE {
+        config.keepalives_idle(KEEPALIVES_IDLE);
+    }
+    if config.get_keepalives_interval().is_none() {
+        config.keepalives_interval(KEEPALIVES_INTERVAL);
+    }
+    if config.get_keepalives_retries().is_none() {
+        config.keepalives_retries(KEEPALIVES_RETRIES);
+    }
+    if config.get_tcp_user_timeout().is_none() {
+        config.tcp_user_timeout(TCP_USER_TIMEOUT);
+    }
 }
 
 /// The connection string without its password, for logs and error messages:
@@ -282,6 +327,38 @@ mod tests {
         assert_eq!(redacted(&host.resolve().unwrap().unwrap()), "postgresql://postgres@db:5436/e");
         let empty_password = DatabaseArgs { password: Some(String::new()), ..Default::default() };
         assert_eq!(empty_password.resolve().unwrap(), None);
+    }
+
+    #[test]
+    fn network_defaults_fill_only_what_the_url_left_unset() {
+        let mut config = parse_database_url("postgres://u@h/d").unwrap();
+        apply_network_defaults(&mut config);
+        assert!(config.get_keepalives());
+        assert_eq!(config.get_keepalives_idle(), KEEPALIVES_IDLE);
+        assert_eq!(config.get_keepalives_interval(), Some(KEEPALIVES_INTERVAL));
+        assert_eq!(config.get_keepalives_retries(), Some(KEEPALIVES_RETRIES));
+        assert_eq!(config.get_tcp_user_timeout(), Some(&TCP_USER_TIMEOUT));
+
+        let mut config = parse_database_url(
+            "postgres://u@h/d?keepalives_idle=60&keepalives_interval=7&keepalives_retries=9&tcp_user_timeout=45",
+        )
+        .unwrap();
+        apply_network_defaults(&mut config);
+        assert_eq!(config.get_keepalives_idle(), Duration::from_secs(60));
+        assert_eq!(config.get_keepalives_interval(), Some(Duration::from_secs(7)));
+        assert_eq!(config.get_keepalives_retries(), Some(9));
+        assert_eq!(config.get_tcp_user_timeout(), Some(&Duration::from_secs(45)));
+
+        let mut config = parse_database_url("host=h user=u keepalives=0").unwrap();
+        apply_network_defaults(&mut config);
+        assert!(!config.get_keepalives(), "keepalives=0 is the user's choice");
+        assert_eq!(config.get_tcp_user_timeout(), Some(&TCP_USER_TIMEOUT));
+
+        // Applying twice changes nothing (PgStore applies it to configs that already have it).
+        let mut again = with_service_defaults(parse_database_url("postgres://u@h/d").unwrap(), "x");
+        apply_network_defaults(&mut again);
+        assert_eq!(again.get_keepalives_idle(), KEEPALIVES_IDLE);
+        assert_eq!(again.get_connect_timeout(), Some(&Duration::from_secs(10)));
     }
 
     #[test]

@@ -18,6 +18,19 @@ pub enum StoreError {
     #[error("connection pool: {0}")]
     Pool(String),
 
+    /// The database did not answer a call within its deadline ([`StoreOptions::call_timeout`]):
+    /// the network or the server went silent. The call's connection has been closed; whether a
+    /// statement already sent (a `COMMIT`) took effect is unknown.
+    ///
+    /// [`StoreOptions::call_timeout`]: crate::StoreOptions::call_timeout
+    #[error("{what}: no answer from the database within {}s", after.as_secs_f64())]
+    Timeout {
+        /// The call: `claim`, `keep-alive`, `recording outcomes`, `LISTEN`, ...
+        what: &'static str,
+        /// The deadline that passed.
+        after: std::time::Duration,
+    },
+
     /// The connection settings are not usable.
     #[error("invalid database configuration: {0}")]
     Config(String),
@@ -109,6 +122,10 @@ impl From<deadpool_postgres::PoolError> for StoreError {
     fn from(error: deadpool_postgres::PoolError) -> Self {
         match error {
             deadpool_postgres::PoolError::Backend(e) => StoreError::Db(e),
+            // The pool's create and recycle timeouts are `StoreOptions::call_timeout`.
+            deadpool_postgres::PoolError::Timeout(
+                deadpool_postgres::TimeoutType::Create | deadpool_postgres::TimeoutType::Recycle,
+            ) => StoreError::Pool("connect: no answer from the database within the call timeout".into()),
             other => StoreError::Pool(other.to_string()),
         }
     }

@@ -8,7 +8,7 @@
 //!
 //! | feature | default | what it adds |
 //! |---|---|---|
-//! | `test-support` | no | `testing`: a fresh, optionally migrated database per test |
+//! | `test-support` | no | `testing`: a fresh, optionally migrated database per test, and a TCP proxy that can go silent |
 //! | `testcontainers` | no | with `test-support`: a PostgreSQL container when the machine has no server binaries |
 //! | `bench` | no | `bench`: the SQL of `hook-bench` (event generation, the limit loop, the original's algorithm) |
 //!
@@ -80,6 +80,7 @@
 
 mod cluster;
 mod connect;
+mod deadline;
 mod enqueue;
 mod error;
 mod libpq;
@@ -93,6 +94,8 @@ pub mod bench;
 #[cfg(any(feature = "test-support", feature = "bench"))]
 mod children;
 pub mod migrate;
+#[cfg(feature = "test-support")]
+mod proxy;
 pub mod replay;
 pub mod stats;
 #[cfg(feature = "test-support")]
@@ -103,8 +106,10 @@ pub mod tls;
 pub use children::binary_command;
 pub use cluster::{ClusterOptions, EmbeddedCluster, PgBinaries};
 pub use connect::{
-    parse_database_url, redacted, url_problem, with_service_defaults, DatabaseArgs, SeedSettings,
+    apply_network_defaults, parse_database_url, redacted, url_problem, with_service_defaults, DatabaseArgs,
+    SeedSettings, KEEPALIVES_IDLE, KEEPALIVES_INTERVAL, KEEPALIVES_RETRIES, TCP_USER_TIMEOUT,
 };
+pub use deadline::DEFAULT_CALL_TIMEOUT;
 pub use deadpool_postgres;
 pub use enqueue::{enqueue, enqueue_many, AsGenericClient};
 pub use error::StoreError;

@@ -16,6 +16,7 @@ use tokio::task::JoinHandle;
 use tokio_postgres::Config;
 use tracing::warn;
 
+use crate::deadline::{within, DEFAULT_CALL_TIMEOUT};
 use crate::error::StoreError;
 use crate::listen;
 use crate::migrate::{self, MigrationReport};
@@ -32,11 +33,23 @@ pub struct StoreOptions {
     pub pool_timeout: Duration,
     /// Extra trusted root certificates (PEM) for `sslmode=require`; see [`crate::tls`].
     pub tls_root_cert: Option<std::path::PathBuf>,
+    /// Longest one claim, keep-alive or completion, one new pooled connection, and the LISTEN
+    /// connection's connect and pings may wait for the database. Past it the call fails with
+    /// [`StoreError::Timeout`] and its connection is closed, never reused. This catches what
+    /// TCP keepalives cannot: a peer that acknowledges packets but never answers. Default
+    /// [`DEFAULT_CALL_TIMEOUT`](crate::DEFAULT_CALL_TIMEOUT), 20 s.
+    pub call_timeout: Duration,
 }
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        Self { pool_size: 8, listen: true, pool_timeout: Duration::from_secs(30), tls_root_cert: None }
+        Self {
+            pool_size: 8,
+            listen: true,
+            pool_timeout: Duration::from_secs(30),
+            tls_root_cert: None,
+            call_timeout: DEFAULT_CALL_TIMEOUT,
+        }
     }
 }
 
@@ -46,6 +59,7 @@ pub struct PgStore {
     config: Config,
     wakeups: Option<watch::Receiver<()>>,
     listener: Option<JoinHandle<()>>,
+    call_timeout: Duration,
 }
 
 impl Drop for PgStore {
@@ -64,8 +78,11 @@ impl std::fmt::Debug for PgStore {
 
 impl PgStore {
     /// Connects (checking one connection right away, so bad settings fail here) and, when
-    /// `options.listen`, starts the LISTEN task.
-    pub async fn connect(config: Config, options: StoreOptions) -> Result<Self, StoreError> {
+    /// `options.listen`, starts the LISTEN task. TCP keepalives and `tcp_user_timeout` are set
+    /// where `config` leaves them unset ([`crate::apply_network_defaults`]).
+    pub async fn connect(mut config: Config, options: StoreOptions) -> Result<Self, StoreError> {
+        crate::apply_network_defaults(&mut config);
+        let call_timeout = options.call_timeout;
         let tls = crate::tls::make_tls(&config, options.tls_root_cert.as_deref())?;
         let manager = Manager::from_config(
             config.clone(),
@@ -76,16 +93,19 @@ impl PgStore {
             .max_size(options.pool_size.max(1))
             .runtime(deadpool_postgres::Runtime::Tokio1)
             .wait_timeout(Some(options.pool_timeout))
+            // connect_timeout covers only the TCP connect; this bounds TLS, startup and auth.
+            .create_timeout(Some(call_timeout))
+            .recycle_timeout(Some(call_timeout))
             .build()
             .map_err(|e| StoreError::Pool(e.to_string()))?;
         drop(pool.get().await?);
         let (wakeups, listener) = if options.listen {
             let (tx, rx) = watch::channel(());
-            (Some(rx), Some(tokio::spawn(listen::listen_loop(config.clone(), tls, tx))))
+            (Some(rx), Some(tokio::spawn(listen::listen_loop(config.clone(), tls, tx, call_timeout))))
         } else {
             (None, None)
         };
-        Ok(Self { pool, config, wakeups, listener })
+        Ok(Self { pool, config, wakeups, listener, call_timeout })
     }
 
     /// The connection pool, for queries outside the claim path.
@@ -109,7 +129,19 @@ impl Store for PgStore {
     type Error = StoreError;
     type Batch = PgBatch;
 
+    /// Bounded by the call timeout: a silent database fails the claim, and its connection is
+    /// closed (`TxConn`), instead of holding up the engine's loop.
     async fn claim(&self, request: ClaimRequest) -> Result<Option<PgBatch>, StoreError> {
+        within(self.call_timeout, "claim", self.claim_unbounded(request)).await
+    }
+
+    fn wakeups(&self) -> Option<watch::Receiver<()>> {
+        self.wakeups.clone()
+    }
+}
+
+impl PgStore {
+    async fn claim_unbounded(&self, request: ClaimRequest) -> Result<Option<PgBatch>, StoreError> {
         let conn = TxConn::new(self.pool.get().await?);
         let client = conn.client()?;
         let begin = format!(
@@ -130,11 +162,7 @@ impl Store for PgStore {
         }
         // With rows set aside and no events, the batch still goes to the engine: finishing it
         // commits the set-asides, and its size tells the engine to claim again at once.
-        Ok(Some(PgBatch { conn, events, set_aside }))
-    }
-
-    fn wakeups(&self) -> Option<watch::Receiver<()>> {
-        self.wakeups.clone()
+        Ok(Some(PgBatch { conn, events, set_aside, call_timeout: self.call_timeout }))
     }
 }
 
@@ -143,6 +171,7 @@ pub struct PgBatch {
     conn: TxConn,
     events: Vec<HookEvent>,
     set_aside: usize,
+    call_timeout: Duration,
 }
 
 impl ClaimedBatch for PgBatch {
@@ -158,13 +187,20 @@ impl ClaimedBatch for PgBatch {
 
     /// A trivial statement in the claim's transaction: it restarts the server's
     /// `idle_in_transaction_session_timeout`, so the claim lives on while handlers run, and fails
-    /// if the session is gone.
+    /// if the session is gone or silent for the call timeout.
     async fn keep_alive(&self) -> Result<(), StoreError> {
-        self.conn.client()?.batch_execute("SELECT 1").await?;
-        Ok(())
+        within(self.call_timeout, "keep-alive", self.conn.client()?.batch_execute("SELECT 1")).await
     }
 
+    /// Bounded by the call timeout; past it the connection is closed with the batch, and
+    /// whether a `COMMIT` already sent took effect is unknown ([`StoreError::Timeout`]).
     async fn finish(self, outcomes: Vec<Outcome>) -> Result<(), StoreError> {
+        within(self.call_timeout, "recording outcomes", self.finish_unbounded(outcomes)).await
+    }
+}
+
+impl PgBatch {
+    async fn finish_unbounded(self, outcomes: Vec<Outcome>) -> Result<(), StoreError> {
         let client = self.conn.client()?;
         let completion = Completion::new(outcomes);
         let written = queries::record_outcomes_and_commit(client, &completion).await?;

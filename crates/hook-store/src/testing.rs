@@ -326,6 +326,7 @@ impl Drop for TestDb {
 }
 
 pub use crate::children::binary_command;
+pub use crate::proxy::SilentProxy;
 
 /// A `key=value` connection string for `config` (including any password: for tests only).
 pub fn config_to_url(config: &Config) -> String {
