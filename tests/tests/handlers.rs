@@ -130,7 +130,10 @@ fn the_table_covers_every_fixture_and_every_route() {
         if source == WILDCARD || producer_only.contains(&route) {
             continue;
         }
-        assert!(reached.contains(&(source.clone(), action.clone())), "no Claude Code fixture reaches {source}/{action}");
+        assert!(
+            reached.contains(&(source.clone(), action.clone())),
+            "no Claude Code fixture reaches {source}/{action}"
+        );
     }
 
     // One file per hook, each with a route of its own.
@@ -152,11 +155,17 @@ async fn fixtures_through_the_engine_store_their_facts_in_result_metadata() {
         assert!(hook_store::enqueue(&client, &event).await.expect("enqueue"), "{}", case.fixture);
         ids.push(event.id);
     }
-    let engine =
-        Engine::builder(db.store(StoreOptions::default()).await).registry(default_registry()).config(test_config());
+    let engine = Engine::builder(db.store(StoreOptions::default()).await)
+        .registry(default_registry())
+        .config(test_config());
     let running = Running::start(engine.build().expect("engine"));
-    wait_for_count(&client, "SELECT count(*) FROM hook_events WHERE NOT processed", 0, Duration::from_secs(30))
-        .await;
+    wait_for_count(
+        &client,
+        "SELECT count(*) FROM hook_events WHERE NOT processed",
+        0,
+        Duration::from_secs(30),
+    )
+    .await;
     let totals = running.stop().await;
     assert_eq!((totals.succeeded, totals.failed), (cases.len() as u64, 0));
 
@@ -168,7 +177,8 @@ async fn fixtures_through_the_engine_store_their_facts_in_result_metadata() {
             )
             .await
             .expect("the row");
-        let (facts, errors, retries): (Value, Option<Vec<String>>, i32) = (row.get(0), row.get(1), row.get(2));
+        let (facts, errors, retries): (Value, Option<Vec<String>>, i32) =
+            (row.get(0), row.get(1), row.get(2));
         assert_eq!(facts, case.facts, "{}", case.fixture);
         assert_eq!((errors, retries), (None, 0), "{}", case.fixture);
     }

@@ -160,7 +160,13 @@ async fn every_fixture_is_stored_under_its_route_and_handled_by_its_handler() {
         ("Stop", "response_completed", "session", SESSION, ("event", json!("stop"))),
         ("SessionStart", "session_initialized", "session", SESSION, ("cwd", json!("/home/dev/shop"))),
         ("SessionEnd", "session_ended", "session", SESSION, ("reason", json!("prompt_input_exit"))),
-        ("Notification", "notification", "session", SESSION, ("notification_type", json!("permission_prompt"))),
+        (
+            "Notification",
+            "notification",
+            "session",
+            SESSION,
+            ("notification_type", json!("permission_prompt")),
+        ),
         ("SubagentStop", "subagent_stop", "session", SESSION, ("event", json!("subagent_stop"))),
         ("PreCompact", "pre_compact", "session", SESSION, ("trigger", json!("manual"))),
     ];

@@ -194,9 +194,8 @@ fn permission_request(event: &HookEvent) -> HandlerResult {
 /// (`@agent-<name>`) and the slash command it starts with.
 fn prompt_submitted(event: &HookEvent) -> HandlerResult {
     let prompt = str_at(&event.payload, &["prompt"]);
-    let prompt_length = prompt
-        .or_else(|| str_at(&event.payload, &["prompt_preview"]))
-        .map(|text| text.chars().count());
+    let prompt_length =
+        prompt.or_else(|| str_at(&event.payload, &["prompt_preview"])).map(|text| text.chars().count());
     // The producer's detection first (the metadata's `agent_detected` is a boolean, so only a
     // string counts as a name); else an agent the prompt names; else the agent the session runs as.
     let producer = either(event, &["agent_detected"], str_at);

@@ -66,9 +66,9 @@ pub(super) fn session_id(event: &HookEvent) -> Option<&str> {
             .filter(|id| known(id) && *id != "unknown")
     };
     str_at(&event.payload, &["session_id"])
-        .filter(|id| known(id))
+        .filter(known)
         .or_else(from_resource)
-        .or_else(|| str_at(&event.metadata, &["session_id"]).filter(|id| known(id)))
+        .or_else(|| str_at(&event.metadata, &["session_id"]).filter(known))
 }
 
 /// Whether `text` is a usable value: not empty, not only blanks.
@@ -155,7 +155,7 @@ pub(super) fn agent_mention(prompt: &str) -> Option<String> {
 /// its arguments; `None` when the prompt does not start with one (a path such as `/home/x` is
 /// not a command).
 pub(super) fn slash_command(prompt: &str) -> Option<&str> {
-    let word = prompt.trim_start().split_whitespace().next()?;
+    let word = prompt.split_whitespace().next()?;
     let name = word.strip_prefix('/')?;
     let valid = !name.is_empty()
         && name.chars().count() <= MAX_COMMAND_CHARS

@@ -145,7 +145,10 @@ fn session_id_comes_from_the_payload_then_a_session_resource_then_the_metadata()
     for (payload, resource, metadata, expected) in cases {
         for &(source, action) in KNOWN_ROUTES.iter().chain([&("Other", "thing")]) {
             let result = handle(row(source, action, resource, payload.clone(), metadata.clone()));
-            assert_eq!(result.metadata["session_id"], expected, "{source}/{action}: {payload} {resource:?} {metadata}");
+            assert_eq!(
+                result.metadata["session_id"], expected,
+                "{source}/{action}: {payload} {resource:?} {metadata}"
+            );
         }
     }
 }
@@ -156,7 +159,10 @@ fn target_is_what_the_tool_call_acts_on() {
         (json!({"tool_input": {"file_path": "/a.rs", "content": "x"}}), json!("/a.rs")),
         (json!({"tool_input": {"notebook_path": "/n.ipynb", "new_source": "x"}}), json!("/n.ipynb")),
         (json!({"tool_input": {"command": "cargo test", "description": "Run tests"}}), json!("cargo test")),
-        (json!({"tool_input": {"url": "https://x.invalid/", "prompt": "summarise"}}), json!("https://x.invalid/")),
+        (
+            json!({"tool_input": {"url": "https://x.invalid/", "prompt": "summarise"}}),
+            json!("https://x.invalid/"),
+        ),
         (json!({"tool_input": {"query": "rust jsonb", "allowed_domains": []}}), json!("rust jsonb")),
         (json!({"tool_input": {"pattern": "fn main", "path": "/src"}}), json!("fn main")),
         (json!({"tool_input": {"path": "/src"}}), json!("/src")),
@@ -192,17 +198,32 @@ fn tool_outcome_reads_the_response() {
         (json!({"tool_response": "done"}), Some(true), None, None),
         (json!({"tool_response": [{"type": "text", "text": "ok"}]}), Some(true), None, None),
         (json!({"tool_output": {"stdout": ""}}), Some(true), None, None),
-        (json!({"tool_response": {"stdout": "", "stderr": "warn", "interrupted": false}}), Some(true), None, Some(false)),
+        (
+            json!({"tool_response": {"stdout": "", "stderr": "warn", "interrupted": false}}),
+            Some(true),
+            None,
+            Some(false),
+        ),
         (json!({"tool_response": {"success": true, "error": "ignored"}}), Some(true), None, None),
         (json!({"tool_response": {"success": false}}), Some(false), None, None),
-        (json!({"tool_response": {"success": false, "error": "disk full"}}), Some(false), Some("disk full"), None),
+        (
+            json!({"tool_response": {"success": false, "error": "disk full"}}),
+            Some(false),
+            Some("disk full"),
+            None,
+        ),
         (
             json!({"tool_response": {"stdout": "", "stderr": "killed", "interrupted": true}}),
             Some(false),
             Some("killed"),
             Some(true),
         ),
-        (json!({"tool_response": {"stdout": "", "stderr": "", "interrupted": true}}), Some(false), Some("interrupted"), Some(true)),
+        (
+            json!({"tool_response": {"stdout": "", "stderr": "", "interrupted": true}}),
+            Some(false),
+            Some("interrupted"),
+            Some(true),
+        ),
         (
             json!({"tool_response": {"isError": true, "content": [{"type": "text", "text": "no such issue"}]}}),
             Some(false),
