@@ -223,10 +223,7 @@ fn unknown_hooks_reach_the_wildcard_logged_at_debug_only() {
     let debug = logs_at(tracing::Level::DEBUG, event());
     assert!(debug.contains("no handler for event type"), "{debug}");
     assert!(debug.contains("TeammateIdle"), "{debug}");
-    // A known hook logs nothing above debug either, and never the prompt.
+    // A known hook's handler logs nothing (the engine logs each handled event), so never the prompt.
     let prompt = stored(new_event("hooks/UserPromptSubmit.json"));
-    assert_eq!(logs_at(tracing::Level::INFO, prompt.clone()), "");
-    let debug = logs_at(tracing::Level::TRACE, prompt);
-    assert!(debug.contains("processed UserPromptSubmit event"), "{debug}");
-    assert!(!debug.contains("unit_price"), "the prompt reached the log: {debug}");
+    assert_eq!(logs_at(tracing::Level::TRACE, prompt), "");
 }

@@ -87,21 +87,10 @@ const ROUTES: &[(&str, &str, Extract)] = &[
     (WILDCARD, WILDCARD, unknown_event),
 ];
 
-/// Wraps a pure function as an async [`Handler`].
+/// Wraps a pure function as an async [`Handler`]. It logs nothing: the engine logs each handled
+/// event (`handled`, at debug), and the facts may hold commands and paths.
 fn handler(extract: Extract) -> impl Handler {
-    move |event: Arc<HookEvent>| async move {
-        let result = extract(&event);
-        // Only the routing columns and the summary: the facts may hold commands and paths.
-        tracing::debug!(
-            event_id = %event.id,
-            source = %event.source,
-            action = %event.action,
-            facts = result.metadata.len(),
-            "{}",
-            result.message
-        );
-        result
-    }
+    move |event: Arc<HookEvent>| async move { extract(&event) }
 }
 
 /// `"unknown"` for a summary line when the session is not known, as in the seed.
