@@ -11,8 +11,9 @@
 //! | `SessionEnd`       | `SessionEnd`       | `session_ended`       | `session`   | `session_id`  |
 //! | any other, e.g. `SubagentStop` | the name | snake case: `subagent_stop` | `tool` if the input names a tool, else `session` | `tool_name` or `session_id` |
 //!
-//! The first six are routes of the default handlers; the others (`Notification`, `SubagentStop`,
-//! `PreCompact`, and events Claude Code adds later) reach the global wildcard handler, or a
+//! The default handlers have a route for these and for `Notification`, `SubagentStop`,
+//! `PreCompact`, `PostToolUseFailure`, `PermissionRequest`, `SubagentStart` and `PostCompact`
+//! (`docs/handlers.md`); events Claude Code adds later reach the global wildcard handler, or a
 //! handler a service registers for them. A missing `tool_name` or `session_id` is `unknown`.
 //!
 //! `payload` is the hook's input as it came; `metadata` is `{hook_type, session_id, cwd,

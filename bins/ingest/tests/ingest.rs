@@ -161,7 +161,7 @@ async fn every_fixture_is_stored_under_its_route_and_handled_by_its_handler() {
         ("HOOK_SPOOL", spool.as_str()),
         ("HOOK_INGEST_SYNCHRONOUS_COMMIT", "off"),
     ];
-    // hook_event_name, action, resource, resource_id, a fact its handler reports (or "unknown").
+    // hook_event_name, action, resource, resource_id, a fact its handler reports.
     let cases = [
         ("PreToolUse", "tool_invocation", "tool", "Write", ("tool_name", json!("Write"))),
         (
@@ -175,9 +175,15 @@ async fn every_fixture_is_stored_under_its_route_and_handled_by_its_handler() {
         ("Stop", "response_completed", "session", SESSION, ("event", json!("stop"))),
         ("SessionStart", "session_initialized", "session", SESSION, ("cwd", json!("/home/dev/shop"))),
         ("SessionEnd", "session_ended", "session", SESSION, ("reason", json!("prompt_input_exit"))),
-        ("Notification", "notification", "session", SESSION, ("unknown", json!(true))),
-        ("SubagentStop", "subagent_stop", "session", SESSION, ("unknown", json!(true))),
-        ("PreCompact", "pre_compact", "session", SESSION, ("unknown", json!(true))),
+        (
+            "Notification",
+            "notification",
+            "session",
+            SESSION,
+            ("notification_type", json!("permission_prompt")),
+        ),
+        ("SubagentStop", "subagent_stop", "session", SESSION, ("event", json!("subagent_stop"))),
+        ("PreCompact", "pre_compact", "session", SESSION, ("trigger", json!("manual"))),
     ];
     for (name, ..) in &cases {
         let run = ingest(&fixture(name), &env);
@@ -229,9 +235,8 @@ async fn every_fixture_is_stored_under_its_route_and_handled_by_its_handler() {
         assert!(metadata["logged_at"].as_str().is_some_and(|t| t.ends_with('Z')), "{metadata}");
         let result: Value = row.get(5);
         assert_eq!(result[fact], value, "{name}: {result}");
-        if fact != "unknown" {
-            assert_eq!(result.get("unknown"), None, "{name} fell through to the wildcard: {result}");
-        }
+        assert_eq!(result.get("unknown"), None, "{name} fell through to the wildcard: {result}");
+        assert_eq!(result["session_id"], json!(SESSION), "{name}: {result}");
     }
 }
 

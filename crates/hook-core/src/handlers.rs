@@ -1,41 +1,63 @@
 //! The default handlers: what the processor does with the events the hooks write.
 //!
-//! They are the counterpart of the seed's `event_handlers.py`. Each one reads a few facts out of
-//! the event's `payload` and `metadata`, where the original producers (`hook_event_logger.py`,
-//! `session_intelligence.py`, `response_intelligence.py`) put them, and reports them as result
-//! metadata. The handlers have no side effects, so they have no reason to fail: a missing, null or
-//! oddly typed field is a missing fact (`null` in the result), never a failed attempt, because a
-//! retry would not make the field appear.
+//! They are the counterpart of the seed's `event_handlers.py`. Each one reads facts out of the
+//! event and reports them as result metadata (the row's `result_metadata`). They read two shapes
+//! of input:
 //!
-//! | route                              | result metadata                                              |
-//! |------------------------------------|--------------------------------------------------------------|
-//! | `PreToolUse/tool_invocation`       | `tool_name`, `quality_check_performed`, `file_path`          |
-//! | `PostToolUse/tool_completion`      | `tool_name`, `file_path`, `auto_fix_applied`                 |
-//! | `UserPromptSubmit/prompt_submitted`| `agent_detected`, `detection_method`, `confidence`, `prompt_length` |
-//! | `Stop/session_stopped`, `Stop/response_completed` | `event: "stop"`, `session_id`, `completion_status`, `tool_count`, `interrupted` |
-//! | `SessionStart/session_initialized` | `event: "session_start"`, `session_id`, `cwd`, `project_path`, `git_branch` |
+//! - **Claude Code's hook input**, stored as is by `hook-ingest` (`payload` = the hook's JSON:
+//!   `session_id`, `cwd`, `hook_event_name`, `tool_name`, `tool_input`, `tool_response`,
+//!   `tool_use_id`, `prompt`, `message`, `trigger`, `source`, `reason`, ...);
+//! - **the original producers' rows** (`hook_event_logger.py`, `session_intelligence.py`,
+//!   `response_intelligence.py`), whose keys keep the meaning they had in the seed.
+//!
+//! The handlers have no side effects, so they have no reason to fail: a missing, null or oddly
+//! typed field is a missing fact (`null` in the result), never a failed attempt, because a retry
+//! would not make the field appear. Every key of a route is always present.
+//!
+//! | route | result metadata |
+//! |---|---|
+//! | `PreToolUse/tool_invocation` | `tool_name`, `quality_check_performed`, `file_path`, `session_id`, `tool_use_id`, `target` |
+//! | `PostToolUse/tool_completion` | `tool_name`, `file_path`, `auto_fix_applied`, `session_id`, `tool_use_id`, `target`, `success`, `error`, `interrupted` |
+//! | `PostToolUseFailure/post_tool_use_failure` | `tool_name`, `file_path`, `session_id`, `tool_use_id`, `target`, `success` (false), `error`, `interrupted` |
+//! | `PermissionRequest/permission_request` | `event: "permission_request"`, `tool_name`, `file_path`, `session_id`, `tool_use_id`, `target` |
+//! | `UserPromptSubmit/prompt_submitted` | `agent_detected`, `detection_method`, `confidence`, `prompt_length`, `session_id`, `slash_command` |
+//! | `Notification/notification` | `event: "notification"`, `session_id`, `message`, `notification_type`, `title` |
+//! | `Stop/session_stopped`, `Stop/response_completed` | `event: "stop"`, `session_id`, `completion_status`, `tool_count`, `interrupted`, `stop_hook_active` |
+//! | `SubagentStart/subagent_start` | `event: "subagent_start"`, `session_id`, `agent_id`, `agent_type` |
+//! | `SubagentStop/subagent_stop` | `event: "subagent_stop"`, `session_id`, `agent_id`, `agent_type`, `stop_hook_active` |
+//! | `PreCompact/pre_compact` | `event: "pre_compact"`, `session_id`, `trigger`, `has_custom_instructions` |
+//! | `PostCompact/post_compact` | `event: "post_compact"`, `session_id`, `trigger` |
+//! | `SessionStart/session_initialized` | `event: "session_start"`, `session_id`, `cwd`, `project_path`, `git_branch`, `start_source`, `model`, `agent_type` |
 //! | `SessionEnd/session_ended`, `SessionEnd/session_completed` | `event: "session_end"`, `session_id`, `reason` |
-//! | `*/*`                              | `unknown: true`, `source`, `action`                          |
+//! | `*/*` | `unknown: true`, `source`, `action`, `session_id` |
 //!
-//! Every key is always present (`null` when the fact is missing), except `prompt_length`, which is
-//! left out when there is no prompt text to count.
-//!
-//! The seed registered only the first five routes, but the producers wrote `Stop/response_completed`,
-//! `SessionStart/session_initialized` and `SessionEnd/session_completed`, which the seed then
-//! handled with its "unknown event" fallback; here they get real handlers.
+//! `docs/handlers.md` says where each fact comes from, hook by hook. The seed registered only
+//! the first route of each hook it knew; the producers also wrote `Stop/response_completed`,
+//! `SessionStart/session_initialized` and `SessionEnd/session_completed`, which the seed handled
+//! with its "unknown event" fallback; here they get real handlers, as do the hooks Claude Code
+//! added since (under the action `hook-ingest` gives them: the hook's name in snake case).
+
+mod facts;
+#[cfg(test)]
+mod tests;
 
 use std::sync::Arc;
-
-use serde_json::Value;
 
 use crate::event::{HandlerResult, HookEvent};
 use crate::handler::{Handler, HandlerRegistry, WILDCARD};
 
-/// Registers the default handlers for the seed's routes and for the routes the original producers wrote.
+use facts::{
+    agent_mention, bool_at, cut, either, file_path, is_hook_input, known, len_at, number_at, session_id,
+    slash_command, str_at, target, tool_name, tool_outcome, u64_at, value_at, MAX_TEXT_CHARS,
+};
+
+/// Registers the default handlers for the seed's routes, the routes the original producers
+/// wrote, and the routes `hook-ingest` stores Claude Code's hooks under.
 ///
 /// Also registers the global wildcard `(*, *)`, which marks any other event successful with
-/// `{"unknown": true, "source": ..., "action": ...}` so that unknown events are not retried. Routes
-/// registered earlier are replaced; register custom handlers afterwards to override a default.
+/// `{"unknown": true, "source": ..., "action": ..., "session_id": ...}` so that unknown events
+/// are not retried. Routes registered earlier are replaced; register custom handlers afterwards
+/// to override a default.
 pub fn register_defaults(registry: &mut HandlerRegistry) {
     for &(source, action, extract) in ROUTES {
         registry.register(source, action, handler(extract));
@@ -49,173 +71,280 @@ type Extract = fn(&HookEvent) -> HandlerResult;
 const ROUTES: &[(&str, &str, Extract)] = &[
     ("PreToolUse", "tool_invocation", tool_invocation),
     ("PostToolUse", "tool_completion", tool_completion),
+    ("PostToolUseFailure", "post_tool_use_failure", tool_failure),
+    ("PermissionRequest", "permission_request", permission_request),
     ("UserPromptSubmit", "prompt_submitted", prompt_submitted),
+    ("Notification", "notification", notification),
     ("Stop", "session_stopped", stop),
     ("Stop", "response_completed", stop),
+    ("SubagentStart", "subagent_start", subagent_start),
+    ("SubagentStop", "subagent_stop", subagent_stop),
+    ("PreCompact", "pre_compact", pre_compact),
+    ("PostCompact", "post_compact", post_compact),
     ("SessionStart", "session_initialized", session_start),
     ("SessionEnd", "session_ended", session_end),
     ("SessionEnd", "session_completed", session_end),
     (WILDCARD, WILDCARD, unknown_event),
 ];
 
-/// Wraps a pure function as an async [`Handler`].
+/// Wraps a pure function as an async [`Handler`]. It logs nothing: the engine logs each handled
+/// event (`handled`, at debug), and the facts may hold commands and paths.
 fn handler(extract: Extract) -> impl Handler {
     move |event: Arc<HookEvent>| async move { extract(&event) }
 }
 
+/// `"unknown"` for a summary line when the session is not known, as in the seed.
+fn or_unknown(session: Option<&str>) -> &str {
+    session.unwrap_or("unknown")
+}
+
 // ---------------------------------------------------------------------------------------------
-// Handlers
+// Tool calls
 // ---------------------------------------------------------------------------------------------
 
 /// `PreToolUse/tool_invocation`: the producer wrote `payload = {tool_name, tool_input,
-/// quality_check}`; the seed reported the tool name and whether a quality check ran.
+/// quality_check}`; Claude Code's input has `tool_name`, `tool_input`, `tool_use_id`.
 fn tool_invocation(event: &HookEvent) -> HandlerResult {
     let tool_name = tool_name(event);
+    // Only the producer ran a quality check; Claude Code's input never has one.
     let quality_check_performed = value_at(&event.payload, &["quality_check"]).is_some();
-    let file_path = file_path(event);
-    tracing::debug!(
-        event_id = %event.id,
-        source = %event.source,
-        action = %event.action,
-        tool_name,
-        quality_check_performed,
-        "handled tool invocation"
-    );
     HandlerResult::ok(format!("processed PreToolUse for {tool_name}"))
         .with("tool_name", tool_name)
         .with("quality_check_performed", quality_check_performed)
-        .with("file_path", file_path)
+        .with("file_path", file_path(event))
+        .with("session_id", session_id(event))
+        .with("tool_use_id", str_at(&event.payload, &["tool_use_id"]))
+        .with("target", target(event))
 }
 
 /// `PostToolUse/tool_completion`: the producer wrote `payload = {tool_name, tool_output,
-/// file_path, auto_fix_details}` and `metadata = {auto_fix_applied}`.
+/// file_path, auto_fix_details}` and `metadata = {auto_fix_applied}`; Claude Code's input adds
+/// `tool_response`, which says whether the call succeeded.
 fn tool_completion(event: &HookEvent) -> HandlerResult {
     let tool_name = tool_name(event);
-    let file_path = file_path(event);
     // The seed looked only at the details; the producer's own flag counts too, since it may
-    // report a fix without details.
+    // report a fix without details. Nothing fixes anything on Claude Code's path: false there.
     let auto_fix_applied = value_at(&event.payload, &["auto_fix_details"]).is_some()
         || either(event, &["auto_fix_applied"], bool_at) == Some(true);
-    tracing::debug!(
-        event_id = %event.id,
-        source = %event.source,
-        action = %event.action,
-        tool_name,
-        auto_fix_applied,
-        "handled tool completion"
-    );
+    let outcome = tool_outcome(event);
     HandlerResult::ok(format!("processed PostToolUse for {tool_name}"))
         .with("tool_name", tool_name)
-        .with("file_path", file_path)
+        .with("file_path", file_path(event))
         .with("auto_fix_applied", auto_fix_applied)
+        .with("session_id", session_id(event))
+        .with("tool_use_id", str_at(&event.payload, &["tool_use_id"]))
+        .with("target", target(event))
+        .with("success", outcome.success)
+        .with("error", outcome.error)
+        .with("interrupted", outcome.interrupted)
 }
+
+/// `PostToolUseFailure/post_tool_use_failure`: Claude Code's input for a tool call that failed,
+/// `{tool_name, tool_input, tool_use_id, error, is_interrupt}`.
+fn tool_failure(event: &HookEvent) -> HandlerResult {
+    let tool_name = tool_name(event);
+    // `error` is the documented field; versions and ports also wrote these two.
+    let error = ["error", "tool_error", "error_message"]
+        .iter()
+        .find_map(|key| str_at(&event.payload, &[*key]))
+        .map(|text| cut(text, MAX_TEXT_CHARS));
+    HandlerResult::ok(format!("processed PostToolUseFailure for {tool_name}"))
+        .with("tool_name", tool_name)
+        .with("file_path", file_path(event))
+        .with("session_id", session_id(event))
+        .with("tool_use_id", str_at(&event.payload, &["tool_use_id"]))
+        .with("target", target(event))
+        .with("success", false)
+        .with("error", error)
+        .with("interrupted", bool_at(&event.payload, &["is_interrupt"]))
+}
+
+/// `PermissionRequest/permission_request`: Claude Code is about to ask the user to allow a
+/// tool call, `{tool_name, tool_input, permission_suggestions}`.
+fn permission_request(event: &HookEvent) -> HandlerResult {
+    let tool_name = tool_name(event);
+    HandlerResult::ok(format!("processed PermissionRequest for {tool_name}"))
+        .with("event", "permission_request")
+        .with("tool_name", tool_name)
+        .with("file_path", file_path(event))
+        .with("session_id", session_id(event))
+        .with("tool_use_id", str_at(&event.payload, &["tool_use_id"]))
+        .with("target", target(event))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Prompts and notifications
+// ---------------------------------------------------------------------------------------------
 
 /// `UserPromptSubmit/prompt_submitted`: the producer wrote `payload = {prompt_preview,
-/// agent_detected, detection_method, confidence, ...}`; Claude Code's own hook input has `prompt`.
+/// agent_detected, detection_method, confidence, ...}`; Claude Code's input has `prompt`.
 ///
-/// The metadata's `agent_detected` is a boolean, so only a string counts as the agent's name.
+/// Never the prompt itself: it is the user's text. Only its length, the agent it names
+/// (`@agent-<name>`) and the slash command it starts with.
 fn prompt_submitted(event: &HookEvent) -> HandlerResult {
-    let agent_detected = either(event, &["agent_detected"], str_at);
-    let detection_method = either(event, &["detection_method"], str_at);
-    let confidence = either(event, &["confidence"], number_at);
-    let prompt_length = str_at(&event.payload, &["prompt"])
-        .or_else(|| str_at(&event.payload, &["prompt_preview"]))
-        .map(|prompt| prompt.chars().count());
-    // Never the prompt itself: it is the user's text.
-    tracing::debug!(
-        event_id = %event.id,
-        source = %event.source,
-        action = %event.action,
-        agent_detected,
-        detection_method,
-        confidence,
-        prompt_length,
-        "handled prompt submission"
-    );
-    let mut result = HandlerResult::ok("processed UserPromptSubmit event")
+    let prompt = str_at(&event.payload, &["prompt"]);
+    let prompt_length =
+        prompt.or_else(|| str_at(&event.payload, &["prompt_preview"])).map(|text| text.chars().count());
+    // The producer's detection first (the metadata's `agent_detected` is a boolean, so only a
+    // string counts as a name); else an agent the prompt names; else the agent the session runs as.
+    let producer = either(event, &["agent_detected"], str_at);
+    let derived = producer.is_none().then(|| derived_agent(event, prompt)).flatten();
+    let (agent_detected, detection_method, confidence) = match (producer, derived) {
+        (None, Some((agent, method))) => (Some(agent), Some(method.to_owned()), Some(1.0)),
+        (agent, _) => (
+            agent.map(str::to_owned),
+            either(event, &["detection_method"], str_at).map(str::to_owned),
+            either(event, &["confidence"], number_at),
+        ),
+    };
+    HandlerResult::ok("processed UserPromptSubmit event")
         .with("agent_detected", agent_detected)
         .with("detection_method", detection_method)
-        .with("confidence", confidence);
-    if let Some(length) = prompt_length {
-        result = result.with("prompt_length", length);
-    }
-    result
+        .with("confidence", confidence)
+        .with("prompt_length", prompt_length)
+        .with("session_id", session_id(event))
+        .with("slash_command", prompt.and_then(slash_command))
 }
 
+/// The agent a Claude Code prompt goes to, and how that is known: the agent it names
+/// (`@agent-<name>`), else the agent the session runs as (`agent_type`, set by `claude --agent`
+/// and inside subagents).
+fn derived_agent(event: &HookEvent, prompt: Option<&str>) -> Option<(String, &'static str)> {
+    prompt.and_then(agent_mention).map(|agent| (agent, "mention")).or_else(|| {
+        str_at(&event.payload, &["agent_type"]).filter(known).map(|agent| (agent.to_owned(), "agent_type"))
+    })
+}
+
+/// `Notification/notification`: Claude Code tells the user something, `{message,
+/// notification_type, title}` (e.g. "Claude needs your permission to use Bash").
+fn notification(event: &HookEvent) -> HandlerResult {
+    let session = session_id(event);
+    HandlerResult::ok(format!("processed Notification event for session {}", or_unknown(session)))
+        .with("event", "notification")
+        .with("session_id", session)
+        .with("message", str_at(&event.payload, &["message"]).map(|text| cut(text, MAX_TEXT_CHARS)))
+        .with("notification_type", str_at(&event.payload, &["notification_type"]))
+        .with("title", str_at(&event.payload, &["title"]).map(|text| cut(text, MAX_TEXT_CHARS)))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Stops and subagents
+// ---------------------------------------------------------------------------------------------
+
 /// `Stop/session_stopped` (the seed's route) and `Stop/response_completed` (what the producer
-/// wrote, with `payload = {session_id, completion_status, tools_executed, tool_count | total_tools,
-/// interrupted, ...}`).
+/// and `hook-ingest` write). The producer wrote `payload = {session_id, completion_status,
+/// tools_executed, tool_count | total_tools, interrupted, ...}`; Claude Code's input has
+/// `stop_hook_active`, and Claude Code runs the hook only when the response finished (not on a
+/// user interrupt), so its Stop is a complete, uninterrupted response.
 fn stop(event: &HookEvent) -> HandlerResult {
-    let session_id = session_id(event);
-    let completion_status = either(event, &["completion_status"], str_at);
+    let session = session_id(event);
+    let completion_status = either(event, &["completion_status"], str_at)
+        .or_else(|| is_hook_input(event, "Stop").then_some("complete"));
     let tool_count = u64_at(&event.payload, &["tool_count"])
         .or_else(|| u64_at(&event.payload, &["total_tools"]))
         .or_else(|| len_at(&event.payload, &["tools_executed"]));
     let interrupted = bool_at(&event.payload, &["interrupted"])
         .or_else(|| completion_status.map(|status| status == "interrupted"));
-    tracing::debug!(
-        event_id = %event.id,
-        source = %event.source,
-        action = %event.action,
-        session_id,
-        completion_status,
-        tool_count,
-        "handled stop"
-    );
-    let session = session_id.unwrap_or("unknown");
-    HandlerResult::ok(format!("processed Stop event for session {session}"))
+    HandlerResult::ok(format!("processed Stop event for session {}", or_unknown(session)))
         .with("event", "stop")
-        .with("session_id", session_id)
+        .with("session_id", session)
         .with("completion_status", completion_status)
         .with("tool_count", tool_count)
         .with("interrupted", interrupted)
+        .with("stop_hook_active", bool_at(&event.payload, &["stop_hook_active"]))
 }
 
+/// `SubagentStart/subagent_start`: a subagent (the Task tool) starts, `{agent_id, agent_type}`.
+fn subagent_start(event: &HookEvent) -> HandlerResult {
+    let session = session_id(event);
+    HandlerResult::ok(format!("processed SubagentStart event for session {}", or_unknown(session)))
+        .with("event", "subagent_start")
+        .with("session_id", session)
+        .with("agent_id", str_at(&event.payload, &["agent_id"]))
+        .with("agent_type", str_at(&event.payload, &["agent_type"]))
+}
+
+/// `SubagentStop/subagent_stop`: a subagent finished, `{stop_hook_active, agent_id,
+/// agent_type, agent_transcript_path, last_assistant_message}` (the last three in newer versions).
+fn subagent_stop(event: &HookEvent) -> HandlerResult {
+    let session = session_id(event);
+    HandlerResult::ok(format!("processed SubagentStop event for session {}", or_unknown(session)))
+        .with("event", "subagent_stop")
+        .with("session_id", session)
+        .with("agent_id", str_at(&event.payload, &["agent_id"]))
+        .with("agent_type", str_at(&event.payload, &["agent_type"]))
+        .with("stop_hook_active", bool_at(&event.payload, &["stop_hook_active"]))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Compaction
+// ---------------------------------------------------------------------------------------------
+
+/// `PreCompact/pre_compact`: the context is about to be compacted, `{trigger: "manual" |
+/// "auto", custom_instructions}`. The instructions are the user's text: only whether there are any.
+fn pre_compact(event: &HookEvent) -> HandlerResult {
+    let session = session_id(event);
+    let has_custom_instructions =
+        str_at(&event.payload, &["custom_instructions"]).is_some_and(|text| !text.trim().is_empty());
+    HandlerResult::ok(format!("processed PreCompact event for session {}", or_unknown(session)))
+        .with("event", "pre_compact")
+        .with("session_id", session)
+        .with("trigger", str_at(&event.payload, &["trigger"]))
+        .with("has_custom_instructions", has_custom_instructions)
+}
+
+/// `PostCompact/post_compact`: the context was compacted, `{trigger, compact_summary}`.
+fn post_compact(event: &HookEvent) -> HandlerResult {
+    let session = session_id(event);
+    HandlerResult::ok(format!("processed PostCompact event for session {}", or_unknown(session)))
+        .with("event", "post_compact")
+        .with("session_id", session)
+        .with("trigger", str_at(&event.payload, &["trigger"]))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sessions
+// ---------------------------------------------------------------------------------------------
+
 /// `SessionStart/session_initialized`: the producer wrote `payload = {session_id, project_path,
-/// cwd, git_branch, ...}` and, in one version, `metadata = {git_metadata: {git_branch, ...}}`.
+/// cwd, git_branch, ...}` and, in one version, `metadata = {git_metadata: {git_branch, ...}}`;
+/// Claude Code's input has `cwd`, `source` (`startup`, `resume`, `clear`, `compact`), `model`
+/// and, for `claude --agent`, `agent_type`.
 fn session_start(event: &HookEvent) -> HandlerResult {
-    let session_id = session_id(event);
+    let session = session_id(event);
     let cwd = either(event, &["cwd"], str_at);
-    let project_path = either(event, &["project_path"], str_at);
+    let start_source = str_at(&event.payload, &["source"]);
+    // A new session starts in the project's directory (Claude Code's project root); a resumed
+    // or cleared one may have moved on, so only a startup's cwd says where the project is.
+    let project_path = either(event, &["project_path"], str_at).or_else(|| {
+        (is_hook_input(event, "SessionStart") && start_source == Some("startup")).then_some(cwd).flatten()
+    });
     let git_branch = str_at(&event.payload, &["git_branch"])
         .or_else(|| str_at(&event.metadata, &["git_metadata", "git_branch"]));
-    tracing::debug!(
-        event_id = %event.id,
-        source = %event.source,
-        action = %event.action,
-        session_id,
-        "handled session start"
-    );
-    let session = session_id.unwrap_or("unknown");
-    HandlerResult::ok(format!("processed SessionStart event for session {session}"))
+    HandlerResult::ok(format!("processed SessionStart event for session {}", or_unknown(session)))
         .with("event", "session_start")
-        .with("session_id", session_id)
+        .with("session_id", session)
         .with("cwd", cwd)
         .with("project_path", project_path)
         .with("git_branch", git_branch)
+        .with("start_source", start_source)
+        .with("model", str_at(&event.payload, &["model"]))
+        .with("agent_type", str_at(&event.payload, &["agent_type"]))
 }
 
-/// `SessionEnd/session_ended` (the seed's route) and `SessionEnd/session_completed` (what the
-/// producer wrote, `payload = {session_id, timestamp, ...}`); Claude Code's hook input adds `reason`.
+/// `SessionEnd/session_ended` (the seed's and `hook-ingest`'s route) and
+/// `SessionEnd/session_completed` (the producer's, `payload = {session_id, timestamp, ...}`);
+/// Claude Code's input adds `reason` (`clear`, `logout`, `prompt_input_exit`, `other`, ...).
 fn session_end(event: &HookEvent) -> HandlerResult {
-    let session_id = session_id(event);
-    let reason = either(event, &["reason"], str_at);
-    tracing::debug!(
-        event_id = %event.id,
-        source = %event.source,
-        action = %event.action,
-        session_id,
-        reason,
-        "handled session end"
-    );
-    let session = session_id.unwrap_or("unknown");
-    HandlerResult::ok(format!("processed SessionEnd event for session {session}"))
+    let session = session_id(event);
+    HandlerResult::ok(format!("processed SessionEnd event for session {}", or_unknown(session)))
         .with("event", "session_end")
-        .with("session_id", session_id)
-        .with("reason", reason)
+        .with("session_id", session)
+        .with("reason", either(event, &["reason"], str_at))
 }
 
-/// `*/*`: any event without a route. Successful, so that it is not retried forever.
+/// `*/*`: any event without a route. Successful, so that it is not retried forever; logged at
+/// debug, since a hook Claude Code adds later would otherwise log a line per event.
 fn unknown_event(event: &HookEvent) -> HandlerResult {
     tracing::debug!(
         event_id = %event.id,
@@ -227,521 +356,5 @@ fn unknown_event(event: &HookEvent) -> HandlerResult {
         .with("source", event.source.as_str())
         .with("action", event.action.as_str())
         .with("unknown", true)
-}
-
-// ---------------------------------------------------------------------------------------------
-// Facts shared by several handlers
-// ---------------------------------------------------------------------------------------------
-
-/// The tool's name, or `"unknown"` as in the seed.
-fn tool_name(event: &HookEvent) -> &str {
-    either(event, &["tool_name"], str_at).unwrap_or("unknown")
-}
-
-/// The file a tool touched: the producer's top-level `file_path`, else Claude Code's
-/// `tool_input.file_path` / `tool_input.notebook_path`, else `tool_response.filePath`.
-fn file_path(event: &HookEvent) -> Option<&str> {
-    const PATHS: &[&[&str]] = &[
-        &["file_path"],
-        &["tool_input", "file_path"],
-        &["tool_input", "notebook_path"],
-        &["tool_response", "filePath"],
-    ];
-    PATHS.iter().find_map(|path| str_at(&event.payload, path))
-}
-
-/// The session id, in the payload or the metadata (the producers wrote it in both).
-fn session_id(event: &HookEvent) -> Option<&str> {
-    either(event, &["session_id"], str_at)
-}
-
-// ---------------------------------------------------------------------------------------------
-// Lookups: total functions over any JSON value
-// ---------------------------------------------------------------------------------------------
-
-/// Reads `path` from the payload, else from the metadata.
-fn either<'a, T>(
-    event: &'a HookEvent,
-    path: &[&str],
-    read: fn(&'a Value, &[&str]) -> Option<T>,
-) -> Option<T> {
-    read(&event.payload, path).or_else(|| read(&event.metadata, path))
-}
-
-/// The value at `path` through nested objects; `None` when a step is missing or not an object,
-/// or when the value is `null`.
-fn value_at<'a>(value: &'a Value, path: &[&str]) -> Option<&'a Value> {
-    path.iter().try_fold(value, |value, key| value.as_object()?.get(*key)).filter(|value| !value.is_null())
-}
-
-/// The string at `path`, only if it is a string.
-fn str_at<'a>(value: &'a Value, path: &[&str]) -> Option<&'a str> {
-    value_at(value, path)?.as_str()
-}
-
-/// The boolean at `path`, only if it is a boolean.
-fn bool_at(value: &Value, path: &[&str]) -> Option<bool> {
-    value_at(value, path)?.as_bool()
-}
-
-/// The non-negative integer at `path`, only if it is one.
-fn u64_at(value: &Value, path: &[&str]) -> Option<u64> {
-    value_at(value, path)?.as_u64()
-}
-
-/// The length of the array at `path`, only if it is an array.
-fn len_at(value: &Value, path: &[&str]) -> Option<u64> {
-    let len = value_at(value, path)?.as_array()?.len();
-    u64::try_from(len).ok()
-}
-
-/// The finite number at `path`, given as a JSON number or as a string that parses as one
-/// (producers wrote confidences both ways).
-fn number_at(value: &Value, path: &[&str]) -> Option<f64> {
-    let number = match value_at(value, path)? {
-        Value::Number(number) => number.as_f64(),
-        Value::String(text) => text.trim().parse::<f64>().ok(),
-        _ => None,
-    }?;
-    number.is_finite().then_some(number)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    use futures::executor::block_on;
-    use serde_json::json;
-    use time::OffsetDateTime;
-    use uuid::Uuid;
-
-    fn event(source: &str, action: &str, payload: Value, metadata: Value) -> HookEvent {
-        HookEvent {
-            id: Uuid::nil(),
-            source: source.to_owned(),
-            action: action.to_owned(),
-            resource: "tool".to_owned(),
-            resource_id: String::new(),
-            payload,
-            metadata,
-            processed: false,
-            processing_errors: None,
-            retry_count: 0,
-            created_at: OffsetDateTime::UNIX_EPOCH,
-            processed_at: None,
-        }
-    }
-
-    /// Routes the event through the default registry, as the engine would.
-    fn run(source: &str, action: &str, payload: Value, metadata: Value) -> HandlerResult {
-        let mut registry = HandlerRegistry::new();
-        register_defaults(&mut registry);
-        let Some(handler) = registry.resolve(source, action) else {
-            panic!("no handler for {source}/{action}");
-        };
-        block_on(handler.handle(Arc::new(event(source, action, payload, metadata))))
-    }
-
-    /// Asserts that the event succeeds with exactly `expected` as result metadata.
-    fn check(source: &str, action: &str, payload: Value, metadata: Value, expected: Value) {
-        let result = run(source, action, payload.clone(), metadata);
-        assert!(result.success, "{source}/{action} failed on {payload}: {result:?}");
-        assert_eq!(Value::Object(result.metadata), expected, "{source}/{action} on {payload}");
-    }
-
-    const KNOWN_ROUTES: &[(&str, &str)] = &[
-        ("PreToolUse", "tool_invocation"),
-        ("PostToolUse", "tool_completion"),
-        ("UserPromptSubmit", "prompt_submitted"),
-        ("Stop", "session_stopped"),
-        ("Stop", "response_completed"),
-        ("SessionStart", "session_initialized"),
-        ("SessionEnd", "session_ended"),
-        ("SessionEnd", "session_completed"),
-    ];
-
-    #[test]
-    fn registers_every_default_route() {
-        let mut registry = HandlerRegistry::new();
-        register_defaults(&mut registry);
-        let mut routes = registry.routes();
-        routes.sort();
-        let mut expected: Vec<(String, String)> = KNOWN_ROUTES
-            .iter()
-            .chain([&(WILDCARD, WILDCARD)])
-            .map(|&(s, a)| (s.to_owned(), a.to_owned()))
-            .collect();
-        expected.sort();
-        assert_eq!(routes, expected);
-    }
-
-    #[test]
-    fn known_routes_resolve_to_their_own_handler() {
-        for &(source, action) in KNOWN_ROUTES {
-            let result = run(source, action, json!({}), json!({}));
-            assert!(result.success, "{source}/{action}");
-            assert_eq!(result.metadata.get("unknown"), None, "{source}/{action} fell through");
-        }
-    }
-
-    #[test]
-    fn unknown_routes_succeed_as_unknown() {
-        for (source, action) in
-            [("Notification", "notified"), ("PreToolUse", "quality_check"), ("SubagentStop", "*"), ("", "")]
-        {
-            check(
-                source,
-                action,
-                json!({"anything": 1}),
-                json!({}),
-                json!({"unknown": true, "source": source, "action": action}),
-            );
-        }
-    }
-
-    #[test]
-    fn tool_invocation_facts() {
-        let cases = [
-            // What hook_event_logger.log_pretooluse wrote.
-            (
-                json!({
-                    "tool_name": "Write",
-                    "tool_input": {"file_path": "/src/a.py", "content": "x"},
-                    "quality_check": {"passed": true},
-                }),
-                json!({"hook_type": "PreToolUse", "correlation_id": "c"}),
-                json!({"tool_name": "Write", "quality_check_performed": true, "file_path": "/src/a.py"}),
-            ),
-            // No quality check (the producer wrote null), no file.
-            (
-                json!({"tool_name": "Bash", "tool_input": {"command": "ls"}, "quality_check": null}),
-                json!({}),
-                json!({"tool_name": "Bash", "quality_check_performed": false, "file_path": null}),
-            ),
-            // Tool name only in metadata; notebook path.
-            (
-                json!({"tool_input": {"notebook_path": "/n.ipynb"}}),
-                json!({"tool_name": "NotebookEdit"}),
-                json!({"tool_name": "NotebookEdit", "quality_check_performed": false, "file_path": "/n.ipynb"}),
-            ),
-        ];
-        for (payload, metadata, expected) in cases {
-            check("PreToolUse", "tool_invocation", payload, metadata, expected);
-        }
-    }
-
-    #[test]
-    fn tool_completion_facts() {
-        let cases = [
-            // What hook_event_logger.log_posttooluse wrote.
-            (
-                json!({
-                    "tool_name": "Write",
-                    "tool_output": null,
-                    "file_path": "/test/example.py",
-                    "auto_fix_details": {"fixes": ["renamed_variable"]},
-                }),
-                json!({"hook_type": "PostToolUse", "auto_fix_applied": true}),
-                json!({"tool_name": "Write", "file_path": "/test/example.py", "auto_fix_applied": true}),
-            ),
-            (
-                json!({"tool_name": "Bash", "tool_output": {"stdout": ""}, "file_path": null, "auto_fix_details": null}),
-                json!({"hook_type": "PostToolUse", "auto_fix_applied": false}),
-                json!({"tool_name": "Bash", "file_path": null, "auto_fix_applied": false}),
-            ),
-            // The producer's flag without details; Claude Code's raw input shape.
-            (
-                json!({"tool_name": "Edit", "tool_input": {"file_path": "/b.rs"}, "tool_response": {"filePath": "/b.rs"}}),
-                json!({"auto_fix_applied": true}),
-                json!({"tool_name": "Edit", "file_path": "/b.rs", "auto_fix_applied": true}),
-            ),
-            (
-                json!({"tool_response": {"filePath": "/c.rs"}}),
-                json!({}),
-                json!({"tool_name": "unknown", "file_path": "/c.rs", "auto_fix_applied": false}),
-            ),
-        ];
-        for (payload, metadata, expected) in cases {
-            check("PostToolUse", "tool_completion", payload, metadata, expected);
-        }
-    }
-
-    #[test]
-    fn prompt_submitted_facts() {
-        let cases = [
-            // What hook_event_logger.log_userprompt wrote: the metadata's agent_detected is a bool.
-            (
-                json!({
-                    "prompt_preview": "Create a function to calculate fibonacci",
-                    "agent_detected": "agent-code-generator",
-                    "agent_domain": "code_generation",
-                    "detection_method": "pattern",
-                    "confidence": 0.9,
-                }),
-                json!({"hook_type": "UserPromptSubmit", "agent_detected": true, "detection_method": "pattern"}),
-                json!({
-                    "agent_detected": "agent-code-generator",
-                    "detection_method": "pattern",
-                    "confidence": 0.9,
-                    "prompt_length": 40,
-                }),
-            ),
-            // No agent: the metadata's `false` is not a name; the method only in metadata.
-            (
-                json!({"prompt_preview": "", "agent_detected": null, "confidence": null}),
-                json!({"agent_detected": false, "detection_method": "ai"}),
-                json!({"agent_detected": null, "detection_method": "ai", "confidence": null, "prompt_length": 0}),
-            ),
-            // Claude Code's raw input: characters, not bytes; confidence as text.
-            (
-                json!({"prompt": "héllo 👋", "confidence": " 0.75 "}),
-                json!({}),
-                json!({"agent_detected": null, "detection_method": null, "confidence": 0.75, "prompt_length": 7}),
-            ),
-            // An integer confidence; no prompt at all.
-            (
-                json!({"confidence": 1}),
-                json!({}),
-                json!({"agent_detected": null, "detection_method": null, "confidence": 1.0}),
-            ),
-            // Unusable confidences.
-            (
-                json!({"confidence": "high", "prompt": 7}),
-                json!({"confidence": "NaN"}),
-                json!({"agent_detected": null, "detection_method": null, "confidence": null}),
-            ),
-        ];
-        for (payload, metadata, expected) in cases {
-            check("UserPromptSubmit", "prompt_submitted", payload, metadata, expected);
-        }
-    }
-
-    #[test]
-    fn stop_facts() {
-        let cases = [
-            // What response_intelligence.log_response_completion wrote.
-            (
-                "response_completed",
-                json!({
-                    "session_id": "s1",
-                    "completion_status": "complete",
-                    "tools_executed": ["Read", "Edit"],
-                    "tool_count": 2,
-                    "timestamp": "2025-10-19T18:00:00Z",
-                }),
-                json!({"hook_type": "Stop", "session_id": "s1", "completion_status": "complete"}),
-                json!({
-                    "event": "stop", "session_id": "s1", "completion_status": "complete",
-                    "tool_count": 2, "interrupted": false,
-                }),
-            ),
-            // The ResponseIntelligence class: total_tools and interrupted; session only in metadata.
-            (
-                "response_completed",
-                json!({"tools_executed": ["Write"], "total_tools": 1, "completion_status": "interrupted", "interrupted": true}),
-                json!({"session_id": "s2", "hook_type": "Stop"}),
-                json!({
-                    "event": "stop", "session_id": "s2", "completion_status": "interrupted",
-                    "tool_count": 1, "interrupted": true,
-                }),
-            ),
-            // Count from the list when no count was written.
-            (
-                "response_completed",
-                json!({"tools_executed": ["Read", "Read", "Bash"]}),
-                json!({}),
-                json!({
-                    "event": "stop", "session_id": null, "completion_status": null,
-                    "tool_count": 3, "interrupted": null,
-                }),
-            ),
-            // Claude Code's raw Stop input on the seed's route.
-            (
-                "session_stopped",
-                json!({"session_id": "s3", "transcript_path": "/t.jsonl", "stop_hook_active": false}),
-                json!({}),
-                json!({
-                    "event": "stop", "session_id": "s3", "completion_status": null,
-                    "tool_count": null, "interrupted": null,
-                }),
-            ),
-        ];
-        for (action, payload, metadata, expected) in cases {
-            check("Stop", action, payload, metadata, expected);
-        }
-    }
-
-    #[test]
-    fn session_start_facts() {
-        let cases = [
-            // session_intelligence.log_session_start.
-            (
-                json!({"session_id": "s1", "project_path": "/p", "cwd": "/p/sub", "timestamp": "t"}),
-                json!({"hook_type": "SessionStart", "session_id": "s1"}),
-                json!({
-                    "event": "session_start", "session_id": "s1", "cwd": "/p/sub",
-                    "project_path": "/p", "git_branch": null,
-                }),
-            ),
-            // The version with git metadata.
-            (
-                json!({"session_id": "s2", "cwd": "/w", "git_branch": "main", "git_dirty": true}),
-                json!({"git_metadata": {"git_branch": "ignored"}}),
-                json!({
-                    "event": "session_start", "session_id": "s2", "cwd": "/w",
-                    "project_path": null, "git_branch": "main",
-                }),
-            ),
-            (
-                json!({"session_id": "s3"}),
-                json!({"git_metadata": {"git_branch": "feature"}}),
-                json!({
-                    "event": "session_start", "session_id": "s3", "cwd": null,
-                    "project_path": null, "git_branch": "feature",
-                }),
-            ),
-        ];
-        for (payload, metadata, expected) in cases {
-            check("SessionStart", "session_initialized", payload, metadata, expected);
-        }
-    }
-
-    #[test]
-    fn session_end_facts() {
-        let cases = [
-            // session_intelligence.log_session_end.
-            (
-                "session_completed",
-                json!({"session_id": "s1", "timestamp": "t", "duration_seconds": 12}),
-                json!({"hook_type": "SessionEnd", "session_id": "s1"}),
-                json!({"event": "session_end", "session_id": "s1", "reason": null}),
-            ),
-            // Claude Code's raw SessionEnd input on the seed's route.
-            (
-                "session_ended",
-                json!({"session_id": "s2", "reason": "logout"}),
-                json!({}),
-                json!({"event": "session_end", "session_id": "s2", "reason": "logout"}),
-            ),
-        ];
-        for (action, payload, metadata, expected) in cases {
-            check("SessionEnd", action, payload, metadata, expected);
-        }
-    }
-
-    #[test]
-    fn odd_payloads_never_fail() {
-        let odd = [
-            Value::Null,
-            json!(42),
-            json!(-1.5),
-            json!(true),
-            json!("str"),
-            json!([]),
-            json!([{"tool_name": "Write"}]),
-            json!({}),
-            json!({"tool_input": "x"}),
-            json!({"tool_input": null, "tool_response": [1]}),
-            json!({"prompt": 7}),
-            json!({"prompt": null, "prompt_preview": ["a"]}),
-            json!({"confidence": "high"}),
-            json!({"confidence": {"value": 0.9}}),
-            json!({"confidence": 1e308, "tool_count": -3, "total_tools": "2"}),
-            json!({"tool_name": 5, "file_path": false, "session_id": 9, "agent_detected": true}),
-            json!({"tools_executed": "Read", "interrupted": "yes", "quality_check": false}),
-            json!({"git_metadata": "main", "auto_fix_details": 0, "auto_fix_applied": "true"}),
-        ];
-        let routes = KNOWN_ROUTES.iter().chain([&("Notification", "notified")]);
-        for &(source, action) in routes {
-            for value in &odd {
-                for (payload, metadata) in
-                    [(value.clone(), json!({})), (json!({}), value.clone()), (value.clone(), value.clone())]
-                {
-                    let result = run(source, action, payload.clone(), metadata.clone());
-                    assert!(result.success, "{source}/{action} failed on {payload} / {metadata}: {result:?}");
-                    let serialized = serde_json::to_string(&result.metadata);
-                    assert!(serialized.is_ok(), "{source}/{action}: metadata does not serialize");
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn odd_values_are_missing_facts() {
-        check(
-            "PreToolUse",
-            "tool_invocation",
-            json!({"tool_input": "x"}),
-            Value::Null,
-            json!({
-                "tool_name": "unknown", "quality_check_performed": false, "file_path": null,
-            }),
-        );
-        check(
-            "PostToolUse",
-            "tool_completion",
-            json!(42),
-            json!("str"),
-            json!({
-                "tool_name": "unknown", "file_path": null, "auto_fix_applied": false,
-            }),
-        );
-        check(
-            "UserPromptSubmit",
-            "prompt_submitted",
-            json!({"prompt": 7}),
-            json!([]),
-            json!({
-                "agent_detected": null, "detection_method": null, "confidence": null,
-            }),
-        );
-        check(
-            "Stop",
-            "response_completed",
-            json!({"tools_executed": "Read", "tool_count": -3}),
-            json!(null),
-            json!({
-                "event": "stop", "session_id": null, "completion_status": null,
-                "tool_count": null, "interrupted": null,
-            }),
-        );
-    }
-
-    /// Asserts what each typed lookup reads at `path` in `doc`.
-    fn check_lookup(doc: &Value, path: &[&str], expected: Value) {
-        let actual = json!({
-            "str": str_at(doc, path),
-            "number": number_at(doc, path),
-            "bool": bool_at(doc, path),
-            "len": len_at(doc, path),
-        });
-        assert_eq!(actual, expected, "{path:?}");
-    }
-
-    #[test]
-    fn lookups() {
-        let doc =
-            json!({"a": {"b": "text", "n": 0.5, "s": "2.5", "t": true, "l": [1, 2], "z": null}, "x": "y"});
-        let none = json!({"str": null, "number": null, "bool": null, "len": null});
-        let cases: [(&[&str], Value); 10] = [
-            (&["a", "b"], json!({"str": "text", "number": null, "bool": null, "len": null})),
-            (&["a", "n"], json!({"str": null, "number": 0.5, "bool": null, "len": null})),
-            (&["a", "s"], json!({"str": "2.5", "number": 2.5, "bool": null, "len": null})),
-            (&["a", "t"], json!({"str": null, "number": null, "bool": true, "len": null})),
-            (&["a", "l"], json!({"str": null, "number": null, "bool": null, "len": 2})),
-            (&["a", "z"], none.clone()),
-            (&["a", "missing"], none.clone()),
-            (&["x", "deeper"], none.clone()),
-            (&["a"], none.clone()),
-            (&[], none),
-        ];
-        for (path, expected) in cases {
-            check_lookup(&doc, path, expected);
-        }
-        for odd in [Value::Null, json!(1), json!("a"), json!(["a"])] {
-            assert_eq!(value_at(&odd, &["a"]), None, "{odd}");
-        }
-        assert_eq!(value_at(&Value::Null, &[]), None);
-        assert_eq!(value_at(&json!(1), &[]), Some(&json!(1)));
-    }
+        .with("session_id", session_id(event))
 }
