@@ -41,7 +41,12 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("hook-processor: error: {error:#}");
-            ExitCode::FAILURE
+            // A table that does not fit is a setup error, like a bad flag: 2.
+            if hook_cli::is_schema_mismatch(&error) {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }
@@ -110,6 +115,13 @@ async fn process(
         .with_context(|| format!("connecting to {shown}"))?;
     notifier.status("applying migrations");
     let report = store.migrate().await.with_context(|| format!("migrating {shown}"))?;
+    // The migrations refuse a table that does not fit before they touch it; this also covers a
+    // table changed after they were applied. Either way nothing is claimed.
+    let client = store.pool().get().await.with_context(|| format!("connecting to {shown}"))?;
+    hook_store::schema::check(&client, hook_store::schema::Scope::QUEUE)
+        .await
+        .with_context(|| format!("checking the tables of {shown}"))?;
+    drop(client);
     info!(database = %shown, applied = ?report.applied, "database ready");
     // Probes and gauge queries get a pool of their own, so they never wait behind the engine.
     // Same connection settings (TLS included) as the engine's.

@@ -37,6 +37,9 @@ pub(crate) async fn run(config: hook_store::tokio_postgres::Config, args: &Stats
     };
     let store = PgStore::connect(config, options).await.with_context(|| format!("connecting to {shown}"))?;
     let client = store.pool().get().await.with_context(|| format!("connecting to {shown}"))?;
+    hook_store::schema::check(&client, hook_store::schema::Scope::QUEUE)
+        .await
+        .with_context(|| format!("checking the tables of {shown}"))?;
     let started = Instant::now();
     let context = || format!("querying {shown}");
     stats::limit_statement_time(&client, args.timeout).await.with_context(context)?;

@@ -8,9 +8,9 @@
 //!
 //! | feature | default | what it adds |
 //! |---|---|---|
-//! | `test-support` | no | `testing`: a fresh, optionally migrated database per test |
+//! | `test-support` | no | `testing`: a fresh, optionally migrated database per test; `seed`: the original's table, variants of it that do not fit, snapshots |
 //! | `testcontainers` | no | with `test-support`: a PostgreSQL container when the machine has no server binaries |
-//! | `bench` | no | `bench`: the SQL of `hook-bench` (event generation, the limit loop, the original's algorithm) |
+//! | `bench` | no | `bench`: the SQL of `hook-bench` (event generation, the limit loop, the original's algorithm); `seed` |
 //!
 //! ## Producing events, transactionally
 //!
@@ -93,6 +93,9 @@ pub mod bench;
 mod children;
 pub mod migrate;
 pub mod replay;
+pub mod schema;
+#[cfg(any(feature = "test-support", feature = "bench"))]
+pub mod seed;
 pub mod stats;
 #[cfg(feature = "test-support")]
 pub mod testing;
