@@ -33,7 +33,7 @@ pub enum StoreError {
 
     /// The tables do not fit this build: a column of another type, a missing one, a NOT NULL
     /// column of the user's own without a default (see [`crate::schema`]).
-    #[error("{0}")]
+    #[error(transparent)]
     Schema(#[from] crate::schema::SchemaMismatch),
 
     /// No PostgreSQL server binaries were found for the embedded cluster.

@@ -383,16 +383,7 @@ fn compare(table: &'static str, needed: &[Column], found: &[Found], migrated: bo
             continue;
         };
         if !column.kind.accepts(&f.typname, f.typmod) {
-            let to = column.kind.sql();
-            let fix = if column.kind == Kind::Text && f.typname == "varchar" {
-                // Lengthening a varchar changes the catalog only.
-                format!("ALTER TABLE {table} ALTER COLUMN {name} TYPE {to}")
-            } else {
-                format!(
-                    "ALTER TABLE {table} ALTER COLUMN {name} TYPE {to} USING {name}::{to}, which rewrites \
-                     the table under an exclusive lock"
-                )
-            };
+            let fix = retype(table, name, column.kind, &f.typname);
             out.push(mismatch(name, f.shown.clone(), column.kind.describe().into(), Some(fix)));
         }
         match (column.nulls, f.not_null) {
@@ -444,6 +435,20 @@ fn compare(table: &'static str, needed: &[Column], found: &[Found], migrated: bo
     }
 }
 
+/// The `ALTER TABLE` that gives column `name`, now of type `typname`, the type `kind`.
+fn retype(table: &str, name: &str, kind: Kind, typname: &str) -> String {
+    let to = kind.sql();
+    if kind == Kind::Text && typname == "varchar" {
+        // Lengthening a varchar changes the catalog only.
+        format!("ALTER TABLE {table} ALTER COLUMN {name} TYPE {to}")
+    } else {
+        format!(
+            "ALTER TABLE {table} ALTER COLUMN {name} TYPE {to} USING {name}::{to}, which rewrites the table \
+             under an exclusive lock"
+        )
+    }
+}
+
 /// When `error` (from decoding `row`, a row of `hook_events` selected by the claim) comes from a
 /// column's type rather than from this row's value, the mismatch of every claimed column whose
 /// type does not fit: every row would fail the same way, so the claim must stop, not set the
@@ -465,7 +470,7 @@ pub fn type_mismatch(row: &Row, error: &StoreError) -> Option<StoreError> {
                 column: c.name().to_owned(),
                 found: found.to_owned(),
                 needed: column.kind.describe().to_owned(),
-                fix: None,
+                fix: Some(retype(EVENTS, c.name(), column.kind, found)),
             })
         })
         .collect();

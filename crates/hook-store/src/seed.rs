@@ -263,3 +263,29 @@ impl Snapshot {
         changes
     }
 }
+
+/// A database holding `variant`'s table with 30 mixed rows and 10 processed 40 days ago, so
+/// that the processor, `hook-replay` and `hook-archive` would each find work in it: made that way
+/// (`migrated == false`, a user's table this project has not seen yet), or migrated as the
+/// original and then changed ([`Variant::alter`]). Returns it, a client, and its snapshot.
+///
+/// # Panics
+/// When the database cannot be made.
+#[cfg(feature = "test-support")]
+pub async fn mismatched_database(
+    test: &str,
+    variant: Variant,
+    migrated: bool,
+) -> (crate::testing::TestDb, Client, Snapshot) {
+    let db = crate::testing::TestDb::empty(test).await;
+    let client = db.client().await;
+    if migrated {
+        create(&client, Variant::Original, 30, 10).await.expect("the original table");
+        crate::migrate::migrate(&client).await.expect("migrate the original table");
+        client.batch_execute(variant.alter()).await.expect("change the table");
+    } else {
+        create(&client, variant, 30, 10).await.expect("the variant's table");
+    }
+    let snapshot = Snapshot::take(&client).await.expect("snapshot");
+    (db, client, snapshot)
+}
