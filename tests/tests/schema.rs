@@ -158,7 +158,10 @@ async fn an_install_of_the_first_release_upgrades_to_the_schema_of_a_fresh_one()
         assert!(migrate::migrate(&b).await.unwrap().applied.is_empty());
         if with_seed {
             assert_eq!(count(&b, "SELECT count(*) FROM hook_events_archive").await, 10);
-            assert_eq!(count(&a, "SELECT count(*) FROM hook_events_archive WHERE archived_at IS NOT NULL").await, 10);
+            assert_eq!(
+                count(&a, "SELECT count(*) FROM hook_events_archive WHERE archived_at IS NOT NULL").await,
+                10
+            );
         }
     }
 }
@@ -169,7 +172,10 @@ async fn an_original_archive_with_duplicate_ids_is_refused_clearly_and_left_alon
     let client = db.client().await;
     seed::create(&client, Variant::Original, 5, 5).await.unwrap();
     client.batch_execute(seed::ORIGINAL_ARCHIVE_SQL).await.unwrap();
-    client.batch_execute("INSERT INTO hook_events_archive SELECT * FROM hook_events_archive LIMIT 1").await.unwrap();
+    client
+        .batch_execute("INSERT INTO hook_events_archive SELECT * FROM hook_events_archive LIMIT 1")
+        .await
+        .unwrap();
     let error = migrate::migrate(&client).await.expect_err("duplicates are refused").to_string();
     assert!(error.contains("migration 8") && error.contains("same id more than once"), "{error}");
     assert_eq!(count(&client, "SELECT count(*) FROM hook_events_archive").await, 6);
@@ -255,7 +261,11 @@ async fn a_lock_that_never_comes_free_fails_the_migration_with_nothing_applied()
     let client = db.client().await;
     seed::create(&client, Variant::Original, 10, 0).await.unwrap();
     let blocker = hold_table(&db).await;
-    let options = MigrateOptions { lock_timeout: Duration::from_millis(50), retry_for: Duration::from_secs(1) };
+    let options = MigrateOptions {
+        lock_timeout: Duration::from_millis(50),
+        retry_for: Duration::from_secs(1),
+        ..MigrateOptions::default()
+    };
     let error = migrate::migrate_with(&client, &options).await.expect_err("gives up").to_string();
     assert!(error.starts_with("migration 2 (0002_processor_columns.sql): ERROR: "), "{error}");
     assert!(error.contains("lock timeout") && error.contains("long transaction"), "{error}");
@@ -269,4 +279,77 @@ async fn a_lock_that_never_comes_free_fails_the_migration_with_nothing_applied()
     assert_eq!(columns, 0);
     blocker.batch_execute("COMMIT").await.unwrap();
     assert_eq!(migrate::migrate(&client).await.unwrap().applied, [2, 3, 4, 5, 6, 7, 8]);
+}
+
+/// The one-statement archive SQL that docs/compatibility.md and docs/maintenance.md give in place
+/// of the original's snippet.
+fn documented_archive_sql(doc: &str) -> String {
+    doc.lines()
+        .map(|line| line.trim_start_matches('>').trim())
+        .find(|line| line.starts_with("WITH moved AS (DELETE FROM hook_events"))
+        .expect("the one-statement archive SQL")
+        .to_owned()
+}
+
+#[tokio::test]
+async fn the_documented_archive_statement_moves_old_processed_rows_and_nothing_else() {
+    let sql = documented_archive_sql(include_str!("../../docs/compatibility.md"));
+    assert_eq!(
+        sql,
+        documented_archive_sql(include_str!("../../docs/maintenance.md")),
+        "both pages give the same"
+    );
+    let db = TestDb::empty("schema_documented_archive").await;
+    let client = db.client().await;
+    seed::create(&client, Variant::Original, 30, 10).await.unwrap();
+    client.batch_execute(seed::ORIGINAL_ARCHIVE_SQL).await.unwrap();
+    migrate::migrate(&client).await.unwrap();
+    seed::insert_rows(&client, Variant::Original, 5, true).await.unwrap();
+    // One of the new old rows was archived already (a producer re-sent it): it stays put.
+    client
+        .batch_execute(
+            "INSERT INTO hook_events_archive (id, source, action, resource, resource_id, payload, metadata, processed, \
+                                              retry_count, created_at) \
+             SELECT id, source, action, resource, resource_id, payload, metadata, processed, retry_count, created_at \
+             FROM hook_events WHERE processed_at < now() - interval '30 days' LIMIT 1",
+        )
+        .await
+        .unwrap();
+    let expected: Vec<String> = client
+        .query(
+            "SELECT (to_jsonb(e) - 'archived_at')::text FROM hook_events AS e \
+             WHERE processed_at < now() - interval '30 days' \
+               AND id NOT IN (SELECT id FROM hook_events_archive) ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(expected.len(), 4);
+    let before = count(&client, "SELECT count(*) FROM hook_events").await;
+    client.batch_execute(&sql).await.expect("the documented statement runs");
+    assert_eq!(count(&client, "SELECT count(*) FROM hook_events").await, before - 4, "only the four moved");
+    let moved: Vec<String> = client
+        .query(
+            "SELECT (to_jsonb(a) - 'archived_at')::text FROM hook_events_archive AS a \
+             WHERE archived_at > now() - interval '1 minute' AND id NOT IN (SELECT id FROM hook_events) ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    let moved: Vec<String> = moved.into_iter().filter(|row| expected.contains(row)).collect();
+    assert_eq!(moved, expected, "every column copied as it was");
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM hook_events WHERE processed_at < now() - interval '30 days'")
+            .await,
+        1
+    );
+    // Run again: nothing left to move, nothing fails.
+    client.batch_execute(&sql).await.unwrap();
+    assert_eq!(count(&client, "SELECT count(*) FROM hook_events").await, before - 4);
 }

@@ -34,7 +34,8 @@ async fn archive_refuses_a_mismatched_table_and_changes_no_row() {
 /// `created_at` had no time zone keeps that type after hook_events is fixed.
 #[tokio::test]
 async fn archive_refuses_an_archive_whose_column_does_not_fit() {
-    let (db, client, _) = seed::mismatched_database("archive_schema_archive", Variant::TimestampWithoutTimeZone, false).await;
+    let (db, client, _) =
+        seed::mismatched_database("archive_schema_archive", Variant::TimestampWithoutTimeZone, false).await;
     client.batch_execute(seed::ORIGINAL_ARCHIVE_SQL).await.unwrap();
     client.batch_execute("ALTER TABLE hook_events ALTER COLUMN created_at TYPE timestamptz").await.unwrap();
     let before = Snapshot::take(&client).await.unwrap();

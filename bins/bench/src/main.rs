@@ -144,9 +144,13 @@ struct UpgradeArgs {
     #[arg(long)]
     blocker_secs: Option<f64>,
 
-    /// The runner's lock_timeout, in milliseconds.
+    /// The runner's first lock_timeout, in milliseconds.
     #[arg(long, default_value_t = 100)]
     lock_timeout_ms: u64,
+
+    /// The runner's longest lock_timeout (each repeat doubles it), in milliseconds.
+    #[arg(long, default_value_t = 800)]
+    max_lock_timeout_ms: u64,
 }
 
 #[derive(Debug, clap::Args)]
@@ -345,7 +349,10 @@ async fn run_soak(args: &Args, plan: &soak::SoakPlan) -> anyhow::Result<soak::So
 }
 
 fn upgrade_plan(upgrade: &UpgradeArgs) -> anyhow::Result<upgrade::UpgradePlan> {
-    anyhow::ensure!(upgrade.rows >= 0 && upgrade.archive_rows >= 0, "--rows and --archive-rows must be 0 or more");
+    anyhow::ensure!(
+        upgrade.rows >= 0 && upgrade.archive_rows >= 0,
+        "--rows and --archive-rows must be 0 or more"
+    );
     anyhow::ensure!(upgrade.rate > 0.0 && upgrade.rate <= 5_000.0, "--rate must be in (0, 5000]");
     anyhow::ensure!(
         upgrade.blocker_secs.is_none_or(|s| s > 0.0 && s <= 600.0),
@@ -360,6 +367,7 @@ fn upgrade_plan(upgrade: &UpgradeArgs) -> anyhow::Result<upgrade::UpgradePlan> {
         blocker: upgrade.blocker_secs.map(Duration::from_secs_f64),
         options: hook_store::migrate::MigrateOptions {
             lock_timeout: Duration::from_millis(upgrade.lock_timeout_ms),
+            max_lock_timeout: Duration::from_millis(upgrade.max_lock_timeout_ms),
             ..hook_store::migrate::MigrateOptions::default()
         },
     })

@@ -7,9 +7,11 @@
 //! without a key. It is vacuumed and analyzed, as autovacuum would have done by then.
 //!
 //! A producer then inserts single-row, autocommitted events the way the original's hook logger
-//! does, at `rate` per second, each from its scheduled time on a connection of its own pool, so
-//! a blocked insert does not delay the next one's start; its wait is measured from the scheduled
-//! time to the server's acknowledgement. Two seconds in, the migrations run (this build's, or
+//! does, at `rate` per second, each from its scheduled time on one of 32 connections, so a
+//! blocked insert does not delay the next one's start. An insert's wait is its round trip, from
+//! sending it to the server's acknowledgement (a lock wait in the server is inside it); how late
+//! inserts were sent because every connection was busy is reported apart, as is the longest
+//! lock wait of any insert (`pg_locks.waitstart`, sampled). Two seconds in, the migrations run (this build's, or
 //! with `--first-release` the texts of the first release, to compare); two seconds after they are
 //! done the producer stops. Meanwhile a monitor samples, every 5 ms, which table locks the
 //! migration's session holds or waits for and which migration is running, and keeps the longest
@@ -80,16 +82,25 @@ pub(crate) struct MigrationRun {
 pub(crate) struct ProducerSide {
     pub(crate) inserts: u64,
     pub(crate) failed: u64,
-    /// From its scheduled time to the acknowledgement, every insert of the run.
+    /// Each insert's round trip (sent to acknowledged), every insert of the run.
     pub(crate) wait: Percentiles,
-    /// The same, for the inserts scheduled before the migrations started: the machine's normal.
+    /// The same, for the inserts sent before the migrations started: the machine's normal.
     pub(crate) wait_before_migrations: Percentiles,
-    /// The same, for the inserts scheduled while the migrations ran.
+    /// The same, for the inserts sent while the migrations ran.
     pub(crate) wait_during_migrations: Percentiles,
-    /// Inserts that waited more than 1 s.
+    /// Inserts whose round trip took more than 1 s.
     pub(crate) over_1s: u64,
-    /// When the longest wait began, from the start of the migrations (negative: before).
+    /// When the longest round trip began, from the start of the migrations (negative: before).
     pub(crate) longest_began_ms: f64,
+    /// The latest an insert was sent after its scheduled time (all 32 connections busy: the
+    /// server was not keeping up, for whatever reason).
+    pub(crate) latest_send_ms: f64,
+    /// The longest any insert was seen waiting for a lock (`now() - pg_locks.waitstart`,
+    /// sampled every 5 ms while the migrations ran): the part of the wait that the migrations'
+    /// locks caused; the rest is the server being slow (WAL flushes, CPU) while indexes build.
+    pub(crate) longest_lock_wait_ms: f64,
+    /// Most inserts seen waiting for a lock at once.
+    pub(crate) most_waiting_for_a_lock: i64,
 }
 
 /// What `hook-bench upgrade` reports.
@@ -104,6 +115,7 @@ pub(crate) struct UpgradeReport {
     pub(crate) rate: f64,
     pub(crate) blocker_seconds: Option<f64>,
     pub(crate) lock_timeout_ms: u64,
+    pub(crate) max_lock_timeout_ms: u64,
     pub(crate) migrations_ms: f64,
     pub(crate) migrations: Vec<MigrationRun>,
     pub(crate) producer: ProducerSide,
@@ -118,8 +130,13 @@ async fn connect(config: &Config) -> anyhow::Result<Client> {
 /// Makes the run's database afresh next to `admin`'s, and returns its settings.
 pub(crate) async fn fresh_database(admin: &Config) -> anyhow::Result<Config> {
     let client = connect(admin).await?;
-    for statement in [format!("DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)"), format!("CREATE DATABASE {DATABASE}")] {
-        client.batch_execute(&statement).await.with_context(|| format!("making the database {DATABASE} (needs CREATEDB)"))?;
+    for statement in
+        [format!("DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)"), format!("CREATE DATABASE {DATABASE}")]
+    {
+        client
+            .batch_execute(&statement)
+            .await
+            .with_context(|| format!("making the database {DATABASE} (needs CREATEDB)"))?;
     }
     let mut config = admin.clone();
     config.dbname(DATABASE);
@@ -161,7 +178,9 @@ pub(crate) async fn upgrade(config: &Config, plan: &UpgradePlan) -> anyhow::Resu
     let blocker = match plan.blocker {
         Some(hold) => {
             let blocker = connect(config).await?;
-            blocker.batch_execute("BEGIN; SELECT count(*) FROM (SELECT 1 FROM hook_events LIMIT 1) AS t").await?;
+            blocker
+                .batch_execute("BEGIN; SELECT count(*) FROM (SELECT 1 FROM hook_events LIMIT 1) AS t")
+                .await?;
             Some(tokio::spawn(async move {
                 tokio::time::sleep(hold).await;
                 blocker.batch_execute("COMMIT").await
@@ -179,12 +198,14 @@ pub(crate) async fn upgrade(config: &Config, plan: &UpgradePlan) -> anyhow::Resu
     .context("migrating")?;
     let migrations_ms = started.elapsed().as_secs_f64() * 1e3;
     let ended = Instant::now();
-    let runs = monitor.stop().await?;
+    let sampled = monitor.stop().await?;
     if let Some(blocker) = blocker {
         blocker.await.context("the blocker")?.context("ending the blocker's transaction")?;
     }
     tokio::time::sleep(MARGIN).await;
-    let producer = producer.stop(started, ended).await?;
+    let mut producer = producer.stop(started, ended).await?;
+    producer.longest_lock_wait_ms = sampled.longest_lock_wait.as_secs_f64() * 1e3;
+    producer.most_waiting_for_a_lock = sampled.most_waiting;
 
     let migrations = report
         .details
@@ -194,7 +215,7 @@ pub(crate) async fn upgrade(config: &Config, plan: &UpgradePlan) -> anyhow::Resu
             name: applied.name.to_owned(),
             elapsed_ms: applied.elapsed.as_secs_f64() * 1e3,
             lock_timeouts: applied.lock_timeouts,
-            locks: runs.get(&applied.version).cloned().unwrap_or_default(),
+            locks: sampled.locks.get(&applied.version).cloned().unwrap_or_default(),
         })
         .collect();
     // The rows are all there.
@@ -217,6 +238,7 @@ pub(crate) async fn upgrade(config: &Config, plan: &UpgradePlan) -> anyhow::Resu
         rate: plan.rate,
         blocker_seconds: plan.blocker.map(|d| d.as_secs_f64()),
         lock_timeout_ms: plan.options.lock_timeout.as_millis() as u64,
+        max_lock_timeout_ms: plan.options.max_lock_timeout.as_millis() as u64,
         migrations_ms,
         migrations,
         producer,
@@ -244,7 +266,8 @@ async fn seed_install(client: &Client, plan: &UpgradePlan) -> anyhow::Result<()>
 /// Inserts at a steady rate, each insert from its scheduled time.
 struct Producer {
     stop: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<anyhow::Result<Vec<(Instant, Option<Duration>)>>>,
+    /// (scheduled, sent, round trip if it succeeded) of every insert.
+    task: tokio::task::JoinHandle<anyhow::Result<Vec<(Instant, Instant, Option<Duration>)>>>,
 }
 
 impl Producer {
@@ -273,6 +296,7 @@ impl Producer {
                 let (idle_rx, idle_tx) = (Arc::clone(&idle_rx), idle_tx.clone());
                 inserts.push(tokio::spawn(async move {
                     let client = idle_rx.lock().await.recv().await?;
+                    let sent = Instant::now();
                     let result = client
                         .execute(
                             "INSERT INTO hook_events (id, source, action, resource, resource_id, payload, metadata) \
@@ -281,9 +305,9 @@ impl Producer {
                             &[],
                         )
                         .await;
-                    let waited = scheduled.elapsed();
+                    let waited = sent.elapsed();
                     let _ = idle_tx.send(client);
-                    Some((scheduled, result.ok().map(|_| waited)))
+                    Some((scheduled, sent, result.ok().map(|_| waited)))
                 }));
             }
             let mut done = Vec::with_capacity(inserts.len());
@@ -304,23 +328,25 @@ impl Producer {
         let (mut all, mut before, mut during) = (histogram()?, histogram()?, histogram()?);
         let (mut failed, mut over_1s) = (0, 0);
         let mut longest = (Duration::ZERO, started);
-        for (scheduled, waited) in &done {
+        let mut latest_send = Duration::ZERO;
+        for (scheduled, sent, waited) in &done {
+            latest_send = latest_send.max(sent.duration_since(*scheduled));
             let Some(waited) = waited else {
                 failed += 1;
                 continue;
             };
             let us = waited.as_micros().clamp(1, 600_000_000) as u64;
             all.record(us).context("recording")?;
-            if *scheduled < started {
+            if *sent < started {
                 before.record(us).context("recording")?;
-            } else if *scheduled <= ended {
+            } else if *sent <= ended {
                 during.record(us).context("recording")?;
             }
             if *waited > Duration::from_secs(1) {
                 over_1s += 1;
             }
             if *waited > longest.0 {
-                longest = (*waited, *scheduled);
+                longest = (*waited, *sent);
             }
         }
         let began = if longest.1 >= started {
@@ -336,6 +362,9 @@ impl Producer {
             wait_during_migrations: Percentiles::of(&during),
             over_1s,
             longest_began_ms: began * 1e3,
+            latest_send_ms: latest_send.as_secs_f64() * 1e3,
+            longest_lock_wait_ms: 0.0,
+            most_waiting_for_a_lock: 0,
         })
     }
 }
@@ -343,8 +372,21 @@ impl Producer {
 /// Samples the migration session's table locks and its running migration.
 struct Monitor {
     stop: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<anyhow::Result<BTreeMap<i32, Vec<LockRun>>>>,
+    task: tokio::task::JoinHandle<anyhow::Result<Sampled>>,
 }
+
+/// What the monitor saw.
+struct Sampled {
+    locks: BTreeMap<i32, Vec<LockRun>>,
+    longest_lock_wait: Duration,
+    most_waiting: i64,
+}
+
+/// The producer's inserts waiting for a lock right now: how many, and the longest wait so far.
+const PRODUCERS_WAITING: &str = "SELECT count(*), \
+            coalesce(date_part('epoch', max(clock_timestamp() - l.waitstart)), 0)::float8 \
+     FROM pg_locks AS l JOIN pg_stat_activity AS a ON a.pid = l.pid \
+     WHERE NOT l.granted AND l.waitstart IS NOT NULL AND a.query LIKE 'INSERT INTO hook_events%' AND l.pid <> $1";
 
 /// Which migration a running query belongs to: the first whose text contains its start.
 fn migration_of(query: &str) -> Option<i32> {
@@ -362,9 +404,19 @@ impl Monitor {
         let client = connect(config).await?;
         let (stop, mut stopped) = watch::channel(false);
         let task = tokio::spawn(async move {
-            // (version, table, mode, granted) -> (first seen, last seen, longest run)
-            let mut runs: BTreeMap<(i32, String, String, bool), (Instant, Instant, Duration)> = BTreeMap::new();
+            type Key = (i32, String, String, bool);
+            // The run going on of each lock (first and last sample that saw it, with no sample
+            // between them that did not), and the longest finished run.
+            let mut current: BTreeMap<Key, (Instant, Instant)> = BTreeMap::new();
+            let (mut longest_lock_wait, mut most_waiting) = (Duration::ZERO, 0i64);
+            let mut longest: BTreeMap<Key, Duration> = BTreeMap::new();
+            let finish =
+                |longest: &mut BTreeMap<Key, Duration>, key: Key, (first, last): (Instant, Instant)| {
+                    let run = longest.entry(key).or_default();
+                    *run = (*run).max(last.duration_since(first));
+                };
             let mut ticks = tokio::time::interval(SAMPLE);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
                     _ = ticks.tick() => {}
@@ -380,21 +432,32 @@ impl Monitor {
                         &[&pid],
                     )
                     .await?;
+                let waiting = client.query_one(PRODUCERS_WAITING, &[&pid]).await?;
+                most_waiting = most_waiting.max(waiting.get(0));
+                let waited: f64 = waiting.get(1);
+                longest_lock_wait = longest_lock_wait.max(Duration::from_secs_f64(waited.max(0.0)));
                 let now = Instant::now();
+                let mut seen = Vec::new();
                 for row in rows {
                     let Some(version) = migration_of(row.get::<_, &str>(0)) else { continue };
-                    let key = (version, row.get::<_, String>(1), row.get::<_, String>(2), row.get::<_, bool>(3));
-                    let run = runs.entry(key).or_insert((now, now, Duration::ZERO));
-                    // A gap of more than a few samples starts a new run.
-                    if now.duration_since(run.1) > SAMPLE * 4 {
-                        run.0 = now;
+                    let key =
+                        (version, row.get::<_, String>(1), row.get::<_, String>(2), row.get::<_, bool>(3));
+                    current.entry(key.clone()).or_insert((now, now)).1 = now;
+                    seen.push(key);
+                }
+                let gone: Vec<Key> = current.keys().filter(|k| !seen.contains(k)).cloned().collect();
+                for key in gone {
+                    if let Some(run) = current.remove(&key) {
+                        finish(&mut longest, key, run);
                     }
-                    run.1 = now;
-                    run.2 = run.2.max(now.duration_since(run.0));
                 }
             }
+            for (key, run) in std::mem::take(&mut current) {
+                finish(&mut longest, key, run);
+            }
+            let runs = longest;
             let mut by_version: BTreeMap<i32, Vec<LockRun>> = BTreeMap::new();
-            for ((version, table, mode, granted), (_, _, longest)) in runs {
+            for ((version, table, mode, granted), longest) in runs {
                 by_version.entry(version).or_default().push(LockRun {
                     table,
                     mode,
@@ -402,12 +465,12 @@ impl Monitor {
                     longest_ms: longest.as_secs_f64() * 1e3,
                 });
             }
-            Ok(by_version)
+            Ok(Sampled { locks: by_version, longest_lock_wait, most_waiting })
         });
         Ok(Monitor { stop, task })
     }
 
-    async fn stop(self) -> anyhow::Result<BTreeMap<i32, Vec<LockRun>>> {
+    async fn stop(self) -> anyhow::Result<Sampled> {
         let _ = self.stop.send(true);
         self.task.await.context("the lock monitor")?
     }
@@ -422,7 +485,7 @@ impl UpgradeReport {
         let _ = writeln!(
             out,
             "hook-bench upgrade: migrations of {} on {} rows ({:.0} MB) + an archive of {} rows ({:.0} MB) made \
-             by the original's SQL; producer {:.0} inserts/s; lock_timeout {} ms{}",
+             by the original's SQL; producer {:.0} inserts/s; lock_timeout {} ms, doubling up to {} ms{}",
             self.migrations_from,
             self.rows,
             self.hook_events_mb,
@@ -430,17 +493,28 @@ impl UpgradeReport {
             self.archive_mb,
             self.rate,
             self.lock_timeout_ms,
+            self.max_lock_timeout_ms,
             self.blocker_seconds.map_or(String::new(), |s| format!("; a transaction holding hook_events for {s:.0} s as they start")),
         );
         let _ = writeln!(out);
-        let _ = writeln!(out, "{:<32} {:>10} {:>9}  locks (longest unbroken run seen, sampled every 5 ms)", "migration", "took", "timeouts");
+        let _ = writeln!(
+            out,
+            "{:<32} {:>10} {:>9}  locks (longest unbroken run seen, sampled every 5 ms)",
+            "migration", "took", "timeouts"
+        );
         for m in &self.migrations {
             let locks: Vec<String> = m
                 .locks
                 .iter()
                 .filter(|l| l.mode != "AccessShareLock" || !l.granted)
                 .map(|l| {
-                    format!("{} {}{} {:.0} ms", l.table, l.mode, if l.granted { "" } else { " WAITING" }, l.longest_ms)
+                    format!(
+                        "{} {}{} {:.0} ms",
+                        l.table,
+                        l.mode,
+                        if l.granted { "" } else { " WAITING" },
+                        l.longest_ms
+                    )
                 })
                 .collect();
             let _ = writeln!(
@@ -457,15 +531,21 @@ impl UpgradeReport {
         let _ = writeln!(out);
         let _ = writeln!(
             out,
-            "producer: {} inserts ({} failed); wait (scheduled -> acknowledged) p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms \
-             (began {:.0} ms after the migrations started); {} waited over 1 s",
+            "producer: {} inserts ({} failed); round trip p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms \
+             (sent {:.0} ms after the migrations started); {} over 1 s; sent at most {:.0} ms late",
             p.inserts,
             p.failed,
             ms(p.wait.p50_us),
             ms(p.wait.p99_us),
             ms(p.wait.max_us),
             p.longest_began_ms,
-            p.over_1s
+            p.over_1s,
+            p.latest_send_ms
+        );
+        let _ = writeln!(
+            out,
+            "  waiting for a lock (pg_locks.waitstart, sampled): the longest {:.0} ms, at most {} inserts at once",
+            p.longest_lock_wait_ms, p.most_waiting_for_a_lock
         );
         for (when, d) in [("before", &p.wait_before_migrations), ("during", &p.wait_during_migrations)] {
             let _ = writeln!(

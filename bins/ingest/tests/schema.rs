@@ -46,7 +46,10 @@ async fn ingest_names_the_column_it_cannot_insert_past_and_changes_no_row() {
                 assert_eq!(stderr.lines().count(), 1, "{stderr}");
                 assert!(stderr.starts_with("hook-ingest: warning: "), "{stderr}");
                 assert!(stderr.contains("hook_events.tenant "), "{stderr}");
-                assert!(!stderr.contains("Failing row") && !stderr.contains("/w"), "no row in the warning: {stderr}");
+                assert!(
+                    !stderr.contains("Failing row") && !stderr.contains("/w"),
+                    "no row in the warning: {stderr}"
+                );
                 assert_eq!((changes.added.len(), spooled), (0, 1), "{stderr}");
             } else {
                 assert_eq!(stderr, "", "{variant:?}");

@@ -27,7 +27,10 @@ fn run(mut command: Command) -> Output {
     while child.try_wait().expect("wait").is_none() {
         if Instant::now() > deadline {
             let _ = child.kill();
-            panic!("hook-processor did not exit on a table that does not fit: {:?}", child.wait_with_output());
+            panic!(
+                "hook-processor did not exit on a table that does not fit: {:?}",
+                child.wait_with_output()
+            );
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -41,7 +44,10 @@ fn assert_refused(output: &Output, column: &str) {
     eprintln!("MSG {last}");
     eprintln!("MSG {last}");
     assert!(last.starts_with("hook-processor: error: "), "{stderr}");
-    assert!(last.contains("the tables do not fit") && last.contains(&format!("hook_events.{column} ")), "{stderr}");
+    assert!(
+        last.contains("the tables do not fit") && last.contains(&format!("hook_events.{column} ")),
+        "{stderr}"
+    );
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
 

@@ -78,7 +78,9 @@ pub fn exit_code(program: &str, result: anyhow::Result<()>) -> ExitCode {
 /// ([`hook_store::StoreError::Schema`]): exit status 2, since running again cannot help until the
 /// table is fixed.
 pub fn is_schema_mismatch(error: &anyhow::Error) -> bool {
-    error.chain().any(|cause| cause.downcast_ref::<hook_store::StoreError>().is_some_and(|e| e.is_schema_mismatch()))
+    error
+        .chain()
+        .any(|cause| cause.downcast_ref::<hook_store::StoreError>().is_some_and(|e| e.is_schema_mismatch()))
 }
 
 /// Checks the tables of `connected` for what the tool is about to do (see [`hook_store::schema`]),

@@ -17,8 +17,11 @@
 //! strong lock runs under a short `lock_timeout` ([`MigrateOptions::lock_timeout`], 100 ms by
 //! default): if the lock is not free by then the statement (with its transaction) gives up, the
 //! queued sessions go on, and the runner tries again after a pause, for up to
-//! [`MigrateOptions::retry_for`]. Statements that build or drop an index `CONCURRENTLY` take
-//! only locks that let writers go on, so they wait without a timeout.
+//! [`MigrateOptions::retry_for`]. Each repeat waits twice as long as the one before, up to
+//! [`MigrateOptions::max_lock_timeout`] (800 ms): even the lock of an `ALTER TABLE` must wait
+//! for the inserts already running, and on a busy, slow server those may take longer than the
+//! first attempt allows. Statements that build or drop an index `CONCURRENTLY` take only locks
+//! that let writers go on, so they wait without a timeout.
 //!
 //! **Nothing on a table that does not fit.** Before applying anything, the runner checks the
 //! tables ([`schema::check`] with [`Scope::MIGRATIONS`]): a mismatched table is refused with
@@ -115,9 +118,12 @@ const MIGRATION_LOCK: i64 = 0x686f_6f6b_6d69_6772;
 /// How the runner waits for table locks (see the module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MigrateOptions {
-    /// How long one attempt of a statement waits for a table lock (`lock_timeout`) before it
-    /// gives up and lets the sessions queued behind it go on. Default 100 ms.
+    /// How long the first attempt of a statement waits for a table lock (`lock_timeout`) before
+    /// it gives up and lets the sessions queued behind it go on. Default 100 ms.
     pub lock_timeout: Duration,
+    /// The longest any repeat waits (each waits twice as long as the one before, up to this):
+    /// how long, at most, a session queues behind a migration. Default 800 ms.
+    pub max_lock_timeout: Duration,
     /// How long attempts that ran out of `lock_timeout` are repeated (pauses from 200 ms,
     /// doubling up to 5 s) before the migration fails. Default 5 minutes.
     pub retry_for: Duration,
@@ -125,7 +131,11 @@ pub struct MigrateOptions {
 
 impl Default for MigrateOptions {
     fn default() -> Self {
-        Self { lock_timeout: Duration::from_millis(100), retry_for: Duration::from_secs(300) }
+        Self {
+            lock_timeout: Duration::from_millis(100),
+            max_lock_timeout: Duration::from_millis(800),
+            retry_for: Duration::from_secs(300),
+        }
     }
 }
 
@@ -259,9 +269,9 @@ async fn apply_pending(
         let started = Instant::now();
         let mut retry = LockRetry::new(options);
         if migration.transactional() {
-            apply_in_transaction(client, migration, options, &mut retry).await.map_err(fail)?;
+            apply_in_transaction(client, migration, &mut retry).await.map_err(fail)?;
         } else {
-            apply_statements(client, migration, options, &mut retry).await.map_err(fail)?;
+            apply_statements(client, migration, &mut retry).await.map_err(fail)?;
         }
         let elapsed = started.elapsed();
         info!(
@@ -292,11 +302,10 @@ async fn record(client: &Client, migration: &Migration) -> Result<u64, tokio_pos
 async fn apply_in_transaction(
     client: &Client,
     migration: &Migration,
-    options: &MigrateOptions,
     retry: &mut LockRetry,
 ) -> Result<(), String> {
-    let begin = format!("BEGIN; SET LOCAL lock_timeout = {}", millis(options.lock_timeout));
     loop {
+        let begin = format!("BEGIN; SET LOCAL lock_timeout = {}", millis(retry.lock_timeout));
         let run = async {
             client.batch_execute(&begin).await?;
             client.batch_execute(migration.sql).await?;
@@ -317,22 +326,24 @@ async fn apply_in_transaction(
 async fn apply_statements(
     client: &Client,
     migration: &Migration,
-    options: &MigrateOptions,
     retry: &mut LockRetry,
 ) -> Result<(), String> {
     let run = async {
         for statement in split_statements(migration.sql) {
-            // A concurrent index build or drop waits only for locks that let writers go on, and
-            // cannot be repeated halfway: no timeout for it.
-            let timeout = if concurrent(statement) { 0 } else { millis(options.lock_timeout) };
-            client
-                .batch_execute(&format!("SET lock_timeout = {timeout}"))
-                .await
-                .map_err(|e| db_error_text(&e))?;
             loop {
+                // A concurrent index build or drop waits only for locks that let writers go on,
+                // and cannot be repeated halfway: no timeout for it.
+                let timeout = if concurrent(statement) { 0 } else { millis(retry.lock_timeout) };
+                client
+                    .batch_execute(&format!("SET lock_timeout = {timeout}"))
+                    .await
+                    .map_err(|e| db_error_text(&e))?;
                 let Err(error) = client.batch_execute(statement).await else { break };
                 if !(is_lock_timeout(&error) && retry.again(migration).await) {
-                    return Err(retry.explain(&error, "the statements before it were applied, and are safe to run again"));
+                    return Err(retry.explain(
+                        &error,
+                        "the statements before it were applied, and are safe to run again",
+                    ));
                 }
             }
         }
@@ -359,7 +370,9 @@ struct LockRetry {
     started: Instant,
     deadline: Instant,
     pause: Duration,
+    /// The next attempt's `lock_timeout`.
     lock_timeout: Duration,
+    max_lock_timeout: Duration,
     timeouts: u32,
 }
 
@@ -371,13 +384,14 @@ impl LockRetry {
             deadline: started + options.retry_for,
             pause: Duration::from_millis(200),
             lock_timeout: options.lock_timeout,
+            max_lock_timeout: options.max_lock_timeout.max(options.lock_timeout),
             timeouts: 0,
         }
     }
 
     /// Counts a timeout and, if there is time left, pauses before the next attempt (with some
-    /// jitter, so that it does not keep meeting the same periodic transaction). `false` when
-    /// the time is up.
+    /// jitter, so that it does not keep meeting the same periodic transaction), which will wait
+    /// twice as long for its lock (up to the maximum). `false` when the time is up.
     async fn again(&mut self, migration: &Migration) -> bool {
         self.timeouts += 1;
         let jitter = rand::random::<f64>() * 0.4 + 0.8;
@@ -398,6 +412,7 @@ impl LockRetry {
         }
         tokio::time::sleep(pause).await;
         self.pause = (self.pause * 2).min(Duration::from_secs(5));
+        self.lock_timeout = (self.lock_timeout * 2).min(self.max_lock_timeout);
         true
     }
 
@@ -409,9 +424,9 @@ impl LockRetry {
             return text;
         }
         format!(
-            "{text}: {} attempts, each waiting {} ms for a table lock, over {:.0} s; a long transaction \
-             holds a lock on the table (see pg_stat_activity, oldest xact_start first): end it, or \
-             start again when it is over ({partial})",
+            "{text}: {} attempts, waiting up to {} ms each for a table lock, over {:.0} s; a long \
+             transaction holds a lock on the table (see pg_stat_activity, oldest xact_start first): \
+             end it, or start again when it is over ({partial})",
             self.timeouts,
             self.lock_timeout.as_millis(),
             self.started.elapsed().as_secs_f64()
@@ -488,11 +503,22 @@ mod tests {
         // DO blocks stay whole; only the index builds run without lock_timeout.
         let key = MIGRATIONS.iter().find(|m| m.version == 8).expect("migration 8");
         let statements = split_statements(key.sql);
-        let kinds: Vec<(bool, bool)> =
-            statements.iter().map(|s| (s.starts_with("DO $$") || s.contains("\nDO $$"), concurrent(s))).collect();
+        let kinds: Vec<(bool, bool)> = statements
+            .iter()
+            .map(|s| (s.starts_with("DO $$") || s.contains("\nDO $$"), concurrent(s)))
+            .collect();
         assert_eq!(
             kinds,
-            [(true, false), (true, false), (true, false), (true, false), (false, true), (true, false), (true, false), (false, true)],
+            [
+                (true, false),
+                (true, false),
+                (true, false),
+                (true, false),
+                (false, true),
+                (true, false),
+                (true, false),
+                (false, true)
+            ],
             "{statements:#?}"
         );
         assert!(statements.iter().all(|s| s.trim_end().ends_with(';')), "{statements:#?}");
@@ -510,8 +536,11 @@ mod tests {
             }
             assert!(!m.accepts("edited"));
         }
-        let released: Vec<(i32, usize)> =
-            MIGRATIONS.iter().filter(|m| !m.previous.is_empty()).map(|m| (m.version, m.previous.len())).collect();
+        let released: Vec<(i32, usize)> = MIGRATIONS
+            .iter()
+            .filter(|m| !m.previous.is_empty())
+            .map(|m| (m.version, m.previous.len()))
+            .collect();
         assert_eq!(released, [(1, 1), (2, 1), (4, 1)]);
     }
 }

@@ -86,7 +86,8 @@ impl Kind {
             Kind::Text => typname == "text" || (typname == "varchar" && (typmod < 0 || typmod - 4 >= 255)),
             Kind::Jsonb => typname == "jsonb",
             Kind::Bool => typname == "bool",
-            Kind::TextArray => typname == "_text",
+            // The decoder takes either; array_append(varchar[], text) assigns back.
+            Kind::TextArray => typname == "_text" || typname == "_varchar",
             Kind::Int4 => typname == "int4",
             Kind::Timestamptz => typname == "timestamptz",
         }
@@ -182,7 +183,10 @@ const EVENT_COLUMNS: &[Column] = &[
         add: Some("integer NOT NULL DEFAULT 0"),
         ..col("retry_count", Kind::Int4, Nulls::Refused)
     },
-    Column { add: Some("timestamptz NOT NULL DEFAULT now()"), ..col("created_at", Kind::Timestamptz, Nulls::Refused) },
+    Column {
+        add: Some("timestamptz NOT NULL DEFAULT now()"),
+        ..col("created_at", Kind::Timestamptz, Nulls::Refused)
+    },
     Column { add: Some("timestamptz"), ..col("processed_at", Kind::Timestamptz, Nulls::Allowed) },
     added("result_metadata", Kind::Jsonb, "jsonb"),
     added("next_attempt_at", Kind::Timestamptz, "timestamptz"),
@@ -277,7 +281,8 @@ struct Found {
     fills_itself: bool,
 }
 
-const COLUMNS: &str = "SELECT a.attname::text, t.typname::text, a.atttypmod, format_type(a.atttypid, a.atttypmod), \
+const COLUMNS: &str =
+    "SELECT a.attname::text, t.typname::text, a.atttypmod, format_type(a.atttypid, a.atttypmod), \
             a.attnotnull, pg_get_expr(d.adbin, d.adrelid), a.attidentity <> '' OR a.attgenerated <> '' \
      FROM pg_attribute AS a \
      JOIN pg_type AS t ON t.oid = a.atttypid \
@@ -574,7 +579,8 @@ mod tests {
 
     #[test]
     fn a_missing_original_column_is_named_before_the_migrations_too() {
-        let table: Vec<Found> = original().into_iter().filter(|f| f.name != "payload" && f.name != "source").collect();
+        let table: Vec<Found> =
+            original().into_iter().filter(|f| f.name != "payload" && f.name != "source").collect();
         let text: Vec<String> = check(&table, false).iter().map(ToString::to_string).collect();
         assert_eq!(
             text,

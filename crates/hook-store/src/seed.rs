@@ -77,12 +77,12 @@ impl Variant {
     pub fn ddl(self) -> String {
         match self {
             Variant::Original => ORIGINAL_DDL.to_owned(),
-            Variant::TimestampWithoutTimeZone => ORIGINAL_DDL
-                .replace("created_at TIMESTAMPTZ NOT NULL", "created_at TIMESTAMP NOT NULL"),
-            Variant::TextId => ORIGINAL_DDL.replace("id UUID PRIMARY KEY", "id TEXT PRIMARY KEY"),
-            Variant::ExtraNotNullColumn => {
-                ORIGINAL_DDL.replace("processed_at TIMESTAMPTZ,", "processed_at TIMESTAMPTZ,\n    tenant TEXT NOT NULL,")
+            Variant::TimestampWithoutTimeZone => {
+                ORIGINAL_DDL.replace("created_at TIMESTAMPTZ NOT NULL", "created_at TIMESTAMP NOT NULL")
             }
+            Variant::TextId => ORIGINAL_DDL.replace("id UUID PRIMARY KEY", "id TEXT PRIMARY KEY"),
+            Variant::ExtraNotNullColumn => ORIGINAL_DDL
+                .replace("processed_at TIMESTAMPTZ,", "processed_at TIMESTAMPTZ,\n    tenant TEXT NOT NULL,"),
         }
     }
 
@@ -190,7 +190,8 @@ impl Snapshot {
             .collect::<Result<Vec<String>, _>>()?;
         let mut tables = BTreeMap::new();
         for table in TABLES {
-            let exists: bool = client.query_one("SELECT to_regclass($1) IS NOT NULL", &[&table]).await?.try_get(0)?;
+            let exists: bool =
+                client.query_one("SELECT to_regclass($1) IS NOT NULL", &[&table]).await?.try_get(0)?;
             if !exists {
                 continue;
             }
@@ -238,7 +239,9 @@ impl Snapshot {
                 (None, Some(_)) => changes.changed.push(format!("{table} was created")),
                 (Some(before), Some(now)) => {
                     if before.columns != now.columns {
-                        changes.changed.push(format!("{table} columns: {:?} -> {:?}", before.columns, now.columns));
+                        changes
+                            .changed
+                            .push(format!("{table} columns: {:?} -> {:?}", before.columns, now.columns));
                     }
                     for (id, row) in &before.rows {
                         let Some(new) = now.rows.get(id) else {
@@ -248,9 +251,9 @@ impl Snapshot {
                         for (column, value) in row {
                             let now_value = new.get(column).unwrap_or(&Value::Null);
                             if now_value != value {
-                                changes
-                                    .changed
-                                    .push(format!("{table} row {id} column {column}: {value} -> {now_value}"));
+                                changes.changed.push(format!(
+                                    "{table} row {id} column {column}: {value} -> {now_value}"
+                                ));
                             }
                         }
                     }
