@@ -1,8 +1,9 @@
--- What the processor needs beyond the original table. Every change is additive and cheap on a
--- table with millions of rows: nullable columns without defaults (no rewrite) and triggers.
--- lock_timeout keeps the brief ACCESS EXCLUSIVE lock of ADD COLUMN from queueing behind a long
--- transaction and stalling producers; the migration fails instead and can simply be re-run.
-SET LOCAL lock_timeout = '10s';
+-- What the processor needs beyond the original table. Every change is a catalog change, as cheap
+-- on a table of millions of rows as on an empty one: nullable columns without defaults (no
+-- rewrite, no scan) and triggers. They take ACCESS EXCLUSIVE on hook_events until the commit, a
+-- few milliseconds; the runner's lock_timeout bounds how long they wait for it (and so how long
+-- producers queue behind them), and it tries again. (The first release of this file set its own
+-- lock_timeout of 10 s; see migrations/history/.)
 
 -- The handler's result metadata of the last attempt (the original threw it away).
 ALTER TABLE hook_events ADD COLUMN IF NOT EXISTS result_metadata JSONB;

@@ -384,6 +384,6 @@ async fn an_original_archive_table_with_duplicate_ids_is_refused_clearly() {
         .await
         .unwrap();
     let error = hook_store::migrate::migrate(&client).await.expect_err("duplicates are refused").to_string();
-    assert!(error.contains("migration 4") && error.contains("same id more than once"), "{error}");
+    assert!(error.contains("migration 8") && error.contains("same id more than once"), "{error}");
     assert_eq!(count(&client, "SELECT count(*) FROM hook_events_archive").await, 6, "nothing was changed");
 }

@@ -42,6 +42,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
         .context("starting the async runtime")?;
     runtime.block_on(async {
         let connected = hook_cli::connect(&args.database, PROGRAM).await?;
+        hook_cli::check_tables(&connected, hook_store::schema::Scope::ARCHIVE).await?;
         let shown = connected.shown.clone();
         // One session for the whole run: it holds the advisory lock, and runs every batch.
         let client = connected.store.pool().get().await.with_context(|| format!("connecting to {shown}"))?;

@@ -7,6 +7,7 @@
 mod phases;
 mod report;
 mod soak;
+mod upgrade;
 
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -114,6 +115,42 @@ enum Command {
     /// then a consistency check: counts, no duplicates, no stranded leases. Exits 1 if a check
     /// fails.
     Soak(SoakArgs),
+    /// The migrations on a large install made the original's way (its DDL, its producers' rows,
+    /// its archive SQL) while a producer inserts at a steady rate: how long each migration took,
+    /// which locks it held on which table for how long, and how long the producer's inserts
+    /// waited. Runs in a database of its own, hook_bench_upgrade, made afresh and dropped after.
+    Upgrade(UpgradeArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct UpgradeArgs {
+    /// Rows left in hook_events.
+    #[arg(long, default_value_t = 1_000_000)]
+    rows: i64,
+
+    /// Rows in the archive the original's SQL made.
+    #[arg(long, default_value_t = 1_000_000)]
+    archive_rows: i64,
+
+    /// Inserts per second of the producer.
+    #[arg(long, default_value_t = 200.0)]
+    rate: f64,
+
+    /// Run the first release's migrations (0001-0005 as first released) instead of this build's.
+    #[arg(long)]
+    first_release: bool,
+
+    /// Keep a transaction open on hook_events for this many seconds as the migrations start.
+    #[arg(long)]
+    blocker_secs: Option<f64>,
+
+    /// The runner's first lock_timeout, in milliseconds.
+    #[arg(long, default_value_t = 100)]
+    lock_timeout_ms: u64,
+
+    /// The runner's longest lock_timeout (each repeat doubles it), in milliseconds.
+    #[arg(long, default_value_t = 800)]
+    max_lock_timeout_ms: u64,
 }
 
 #[derive(Debug, clap::Args)]
@@ -191,6 +228,11 @@ fn run(args: Args) -> anyhow::Result<()> {
             let plan = soak_plan(&args, soak)?;
             let report = runtime.block_on(run_soak(&args, &plan))?;
             (render(&report, args.json, soak::SoakReport::table)?, report.passed)
+        }
+        Some(Command::Upgrade(upgrade)) => {
+            let plan = upgrade_plan(upgrade)?;
+            let report = runtime.block_on(run_upgrade(&args, &plan))?;
+            (render(&report, args.json, upgrade::UpgradeReport::table)?, true)
         }
     };
     // The report is the program's output: stdout, where a pipe or redirect takes it.
@@ -304,6 +346,46 @@ async fn run_soak(args: &Args, plan: &soak::SoakPlan) -> anyhow::Result<soak::So
     .await;
     close(db, cluster).await?;
     result
+}
+
+fn upgrade_plan(upgrade: &UpgradeArgs) -> anyhow::Result<upgrade::UpgradePlan> {
+    anyhow::ensure!(
+        upgrade.rows >= 0 && upgrade.archive_rows >= 0,
+        "--rows and --archive-rows must be 0 or more"
+    );
+    anyhow::ensure!(upgrade.rate > 0.0 && upgrade.rate <= 5_000.0, "--rate must be in (0, 5000]");
+    anyhow::ensure!(
+        upgrade.blocker_secs.is_none_or(|s| s > 0.0 && s <= 600.0),
+        "--blocker-secs must be in (0, 600]"
+    );
+    anyhow::ensure!(upgrade.lock_timeout_ms > 0, "--lock-timeout-ms must be positive");
+    Ok(upgrade::UpgradePlan {
+        rows: upgrade.rows,
+        archive_rows: upgrade.archive_rows,
+        rate: upgrade.rate,
+        first_release: upgrade.first_release,
+        blocker: upgrade.blocker_secs.map(Duration::from_secs_f64),
+        options: hook_store::migrate::MigrateOptions {
+            lock_timeout: Duration::from_millis(upgrade.lock_timeout_ms),
+            max_lock_timeout: Duration::from_millis(upgrade.max_lock_timeout_ms),
+            ..hook_store::migrate::MigrateOptions::default()
+        },
+    })
+}
+
+async fn run_upgrade(args: &Args, plan: &upgrade::UpgradePlan) -> anyhow::Result<upgrade::UpgradeReport> {
+    let (db, cluster) = open(args, 1).await?;
+    let admin = db.config().clone();
+    let result = interruptible(async {
+        let config = upgrade::fresh_database(&admin).await?;
+        upgrade::upgrade(&config, plan).await
+    })
+    .await;
+    let dropped = upgrade::drop_database(&admin).await;
+    close(db, cluster).await?;
+    let report = result?;
+    dropped.context("dropping the upgrade database")?;
+    Ok(report)
 }
 
 /// What to measure, checked once.

@@ -54,6 +54,11 @@ impl Db {
         Ok(Db { config, url, embedded, pool })
     }
 
+    /// The connection settings.
+    pub(crate) fn config(&self) -> &Config {
+        &self.config
+    }
+
     pub(crate) async fn connect(&self) -> anyhow::Result<Client> {
         self.pool.get().await.context("connecting")
     }

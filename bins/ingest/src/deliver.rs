@@ -154,9 +154,19 @@ impl Writer<'_> {
     /// cannot take, say, rather than being away), inserts them one by one and stores each refused
     /// event as a raw record with its id, so that one bad event can never block the spool.
     async fn store(&self, events: &[NewEvent]) -> Result<(), StoreError> {
-        match self.committed(enqueue_many(self.client, events)).await {
-            Err(error) if refuses_data(&error) => {}
-            other => return other.map(|_| ()),
+        let error = match self.committed(enqueue_many(self.client, events)).await {
+            Ok(_) => return Ok(()),
+            Err(error) => error,
+        };
+        // The server refused the insert: if the table itself does not fit (a NOT NULL column of
+        // the user's own without a default, a column of another type), every insert will fail
+        // alike, and the schema check's message names the column (the server's DETAIL would
+        // quote the row, payload and all). The event then waits in the spool.
+        if matches!(&error, StoreError::Db(e) if e.as_db_error().is_some()) {
+            hook_store::schema::check(self.client, hook_store::schema::Scope::PRODUCER).await?;
+        }
+        if !refuses_data(&error) {
+            return Err(error);
         }
         for event in events {
             match self.committed(enqueue(self.client, event)).await {

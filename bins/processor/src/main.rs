@@ -120,6 +120,13 @@ async fn process(
         .with_context(|| hook_cli::connecting_to(&shown, password))?;
     notifier.status("applying migrations");
     let report = store.migrate().await.with_context(|| format!("migrating {shown}"))?;
+    // The migrations refuse a table that does not fit before they touch it; this also covers a
+    // table changed after they were applied. Either way nothing is claimed.
+    let client = store.pool().get().await.with_context(|| format!("connecting to {shown}"))?;
+    hook_store::schema::check(&client, hook_store::schema::Scope::QUEUE)
+        .await
+        .with_context(|| format!("checking the tables of {shown}"))?;
+    drop(client);
     info!(database = %shown, applied = ?report.applied, "database ready");
     // Probes and gauge queries get a pool of their own, so they never wait behind the engine.
     // Same connection settings (TLS included) as the engine's.

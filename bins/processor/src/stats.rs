@@ -42,6 +42,9 @@ pub(crate) async fn run(
     let store =
         PgStore::connect(config, options).await.with_context(|| hook_cli::connecting_to(&shown, password))?;
     let client = store.pool().get().await.with_context(|| format!("connecting to {shown}"))?;
+    hook_store::schema::check(&client, hook_store::schema::Scope::QUEUE)
+        .await
+        .with_context(|| format!("checking the tables of {shown}"))?;
     let started = Instant::now();
     let context = || format!("querying {shown}");
     stats::limit_statement_time(&client, args.timeout).await.with_context(context)?;

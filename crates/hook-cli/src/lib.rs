@@ -1,6 +1,6 @@
 //! What the hook-events binaries (`hook-replay`, `hook-archive`, ...) share: the database flags
 //! and connection, logging, progress on stderr, and the mapping of errors to exit codes
-//! (0 done, 1 failed, 2 bad usage). Not a public library: it serves this workspace's binaries.
+//! (0 done, 1 failed, 2 bad usage or a table that does not fit). Not a public library: it serves this workspace's binaries.
 
 mod args;
 mod db;
@@ -60,19 +60,38 @@ pub fn load_dotenv(program: &str) -> Result<(), ExitCode> {
 }
 
 /// Prints a failed run's error as one line (with its chain) and picks the exit code: 2 for a
-/// [`UsageError`], 1 for anything else, 0 for success.
+/// [`UsageError`] or a table that does not fit ([`is_schema_mismatch`]), 1 for anything else, 0
+/// for success.
 pub fn exit_code(program: &str, result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("{program}: error: {error:#}");
-            if error.is::<UsageError>() {
+            if error.is::<UsageError>() || is_schema_mismatch(&error) {
                 ExitCode::from(2)
             } else {
                 ExitCode::FAILURE
             }
         }
     }
+}
+
+/// Whether `error` is, or was caused by, a table that does not fit this build
+/// ([`hook_store::StoreError::Schema`]): exit status 2, since running again cannot help until the
+/// table is fixed.
+pub fn is_schema_mismatch(error: &anyhow::Error) -> bool {
+    error
+        .chain()
+        .any(|cause| cause.downcast_ref::<hook_store::StoreError>().is_some_and(|e| e.is_schema_mismatch()))
+}
+
+/// Checks the tables of `connected` for what the tool is about to do (see [`hook_store::schema`]),
+/// before it changes anything.
+pub async fn check_tables(connected: &Connected, scope: hook_store::schema::Scope) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let shown = &connected.shown;
+    let client = connected.store.pool().get().await.with_context(|| format!("connecting to {shown}"))?;
+    hook_store::schema::check(&client, scope).await.with_context(|| format!("checking the tables of {shown}"))
 }
 
 /// Sets up logging to stderr from a level or filter; the database driver's notices stay at warn

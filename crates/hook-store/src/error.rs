@@ -46,6 +46,11 @@ pub enum StoreError {
         reason: String,
     },
 
+    /// The tables do not fit this build: a column of another type, a missing one, a NOT NULL
+    /// column of the user's own without a default (see [`crate::schema`]).
+    #[error(transparent)]
+    Schema(#[from] crate::schema::SchemaMismatch),
+
     /// No PostgreSQL server binaries were found for the embedded cluster.
     #[error(
         "no PostgreSQL server binaries found (looked on PATH, in `pg_config --bindir` and under \
@@ -132,6 +137,12 @@ impl From<deadpool_postgres::PoolError> for StoreError {
 }
 
 impl StoreError {
+    /// Whether this is a [`StoreError::Schema`]: the tables must be fixed before anything can
+    /// work; retrying does not help.
+    pub fn is_schema_mismatch(&self) -> bool {
+        matches!(self, StoreError::Schema(_))
+    }
+
     pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
         StoreError::Io { context: context.into(), source }
     }

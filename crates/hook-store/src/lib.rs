@@ -8,9 +8,9 @@
 //!
 //! | feature | default | what it adds |
 //! |---|---|---|
-//! | `test-support` | no | `testing`: a fresh, optionally migrated database per test, and a TCP proxy that can go silent |
+//! | `test-support` | no | `testing`: a fresh, optionally migrated database per test, and a TCP proxy that can go silent; `seed`: the original's table, variants of it that do not fit, snapshots |
 //! | `testcontainers` | no | with `test-support`: a PostgreSQL container when the machine has no server binaries |
-//! | `bench` | no | `bench`: the SQL of `hook-bench` (event generation, the limit loop, the original's algorithm) |
+//! | `bench` | no | `bench`: the SQL of `hook-bench` (event generation, the limit loop, the original's algorithm); `seed` |
 //!
 //! ## Producing events, transactionally
 //!
@@ -97,6 +97,9 @@ pub mod migrate;
 #[cfg(feature = "test-support")]
 mod proxy;
 pub mod replay;
+pub mod schema;
+#[cfg(any(feature = "test-support", feature = "bench"))]
+pub mod seed;
 pub mod stats;
 #[cfg(feature = "test-support")]
 pub mod testing;

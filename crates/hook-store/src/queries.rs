@@ -133,6 +133,11 @@ pub async fn claim_events(
             // a created_at of 'infinity', ...) would otherwise stay first in line and fail
             // every claim.
             Err(error) => {
+                // A column of another type fails every row alike: stop claiming and name it,
+                // rather than set the table aside row by row (see crate::schema).
+                if let Some(mismatch) = crate::schema::type_mismatch(row, &error) {
+                    return Err(mismatch);
+                }
                 let id: Uuid = row.try_get(0)?;
                 warn!(event_id = %id, error = %error, "claimed a row that cannot be decoded; setting it aside as dead");
                 (id, format!("undecodable row, set aside as dead: {error}"))
