@@ -22,21 +22,13 @@ macro_rules! event_columns {
 pub(crate) use event_columns;
 
 /// SQL: whether the claim transaction `$holder` (an `xid8`) is still in progress, judged by the
-/// statement's snapshot: it is listed among the snapshot's running transactions. No commit log is
-/// read, so an xid too old to look up or one from another cluster (a restored dump) cannot make
-/// the statement fail; a holder at or past the snapshot's `xmax` cannot have written a row this
-/// snapshot sees, so it is judged dead.
+/// statement's snapshot: not visible to it (listed among its running transactions, or at or past
+/// its `xmax`, which running transactions may be too). No commit log is read, so an xid too old
+/// to look up cannot make the statement fail. (A row restored from another cluster, with an xid
+/// this one has not reached, looks live and is harmless: live rows keep no event from a claim.)
 macro_rules! holder_live {
     ($holder:literal) => {
-        concat!(
-            "(",
-            $holder,
-            " IS NOT NULL AND ",
-            $holder,
-            " < pg_snapshot_xmax(pg_current_snapshot()) AND NOT pg_visible_in_snapshot(",
-            $holder,
-            ", pg_current_snapshot()))"
-        )
+        concat!("(", $holder, " IS NOT NULL AND NOT pg_visible_in_snapshot(", $holder, ", pg_current_snapshot()))")
     };
 }
 
@@ -110,11 +102,11 @@ const CLAIM: &str = concat!(
     holder_live!("c.holder"),
     ") \
          ORDER BY e.created_at \
-         LIMIT $1 \
+         LIMIT $1::int8 \
          FOR UPDATE SKIP LOCKED \
      ), sized AS ( \
-         SELECT *, bytes <= $3 AND sum(CASE WHEN bytes > $3 THEN 0 ELSE bytes END) \
-                   OVER (ORDER BY created_at ROWS UNBOUNDED PRECEDING) <= $2 AS fits \
+         SELECT *, bytes <= $3::int8 AND sum(CASE WHEN bytes > $3::int8 THEN 0 ELSE bytes END) \
+                   OVER (ORDER BY created_at ROWS UNBOUNDED PRECEDING) <= $2::int8 AS fits \
          FROM locked \
      ) \
      SELECT id, source, action, resource, resource_id, \
@@ -196,8 +188,8 @@ const CLAIM_SUSPECT: &str = concat!(
          FOR UPDATE OF e SKIP LOCKED \
      ) \
      SELECT id, source, action, resource, resource_id, \
-            CASE WHEN bytes <= $1 THEN payload END, CASE WHEN bytes <= $1 THEN metadata END, \
-            processed, processing_errors, retry_count, created_at, processed_at, bytes, bytes <= $1, claim_id \
+            CASE WHEN bytes <= $1::int8 THEN payload END, CASE WHEN bytes <= $1::int8 THEN metadata END, \
+            processed, processing_errors, retry_count, created_at, processed_at, bytes, bytes <= $1::int8, claim_id \
      FROM s"
 );
 
