@@ -334,9 +334,13 @@ pub async fn claim_events(
     Ok(claimed)
 }
 
-/// Recovers the ledger rows of dead holders (see [`RECOVER`]), autocommitted, then runs `begin`.
+/// Recovers the ledger rows of dead holders (see [`RECOVER`]), autocommitted, then runs `begin`;
+/// one round trip. Two Query messages: in one, the statements before BEGIN would become part of
+/// the transaction BEGIN opens.
 pub(crate) async fn recover_and_begin(client: &impl GenericClient, begin: &str) -> Result<(), StoreError> {
-    client.batch_execute(&format!("{RECOVER}; {begin}")).await?;
+    let (recovered, begun) = futures::join!(client.batch_execute(RECOVER), client.batch_execute(begin));
+    recovered?;
+    begun?;
     Ok(())
 }
 
