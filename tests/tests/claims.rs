@@ -54,12 +54,17 @@ async fn restart_until_decided(
     while restarts.starts < max_starts {
         restarts.starts += 1;
         let mut worker = Worker::start_limited(WORKER, &db.url(), flags, limits);
-        let deadline = Deadline::new(PATIENCE, format!("start {} to exit or decide every event", restarts.starts));
+        let deadline =
+            Deadline::new(PATIENCE, format!("start {} to exit or decide every event", restarts.starts));
         loop {
             if let Some(status) = worker.exited() {
                 assert_eq!(status.signal(), Some(Signal::SIGABRT as i32), "{status:?}\n{}", worker.log());
                 restarts.aborted += 1;
-                eprintln!("start {}: aborted; {} events undecided", restarts.starts, count(client, UNDECIDED).await);
+                eprintln!(
+                    "start {}: aborted; {} events undecided",
+                    restarts.starts,
+                    count(client, UNDECIDED).await
+                );
                 break;
             }
             if count(client, UNDECIDED).await == 0 {
@@ -69,7 +74,10 @@ async fn restart_until_decided(
             deadline.tick().await;
         }
     }
-    panic!("after {max_starts} starts, {} events are still undecided: {restarts:?}", count(client, UNDECIDED).await);
+    panic!(
+        "after {max_starts} starts, {} events are still undecided: {restarts:?}",
+        count(client, UNDECIDED).await
+    );
 }
 
 /// Handler invocations so far (0 while no worker has created the table yet).
@@ -127,7 +135,10 @@ async fn an_event_that_aborts_its_processor_dies_after_max_retry_count_crashes_a
     // per attempt of the poison event alone, each charged.
     assert_eq!(restarts.aborted, 1 + usize::try_from(MAX_RETRY_COUNT).unwrap(), "{restarts:?}");
     let row = client
-        .query_one("SELECT dead_at IS NOT NULL, retry_count, processing_errors FROM hook_events WHERE id = $1", &[&poison])
+        .query_one(
+            "SELECT dead_at IS NOT NULL, retry_count, processing_errors FROM hook_events WHERE id = $1",
+            &[&poison],
+        )
         .await
         .unwrap();
     assert!(row.get::<_, bool>(0), "the poison event is dead");
@@ -192,7 +203,11 @@ async fn sigterm_with_one_handler_slot_starts_nothing_new_and_leaves_the_rest_cl
 
     let status = worker.wait().await;
     assert!(status.success(), "{status:?}\n{}", worker.log());
-    assert_eq!(count(&client, "SELECT count(*) FROM test_invocations").await, 1, "no handler started after SIGTERM");
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM test_invocations").await,
+        1,
+        "no handler started after SIGTERM"
+    );
     let finished = count(
         &client,
         "SELECT count(*) FROM hook_events AS e JOIN test_invocations AS i ON i.event_id = e.id WHERE e.processed",
@@ -239,7 +254,10 @@ async fn a_claim_that_returns_after_sigterm_is_released_without_starting_a_handl
     assert!(status.success(), "{status:?}\n{log}");
     assert!(log.contains("releasing the claimed events unstarted"), "{log}");
     assert_eq!(invocations(&client).await, 0, "no handler started");
-    assert_eq!(count(&client, "SELECT count(*) FROM hook_events WHERE NOT processed AND retry_count = 0").await, 5);
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM hook_events WHERE NOT processed AND retry_count = 0").await,
+        5
+    );
     assert_eq!(count(&client, "SELECT count(*) FROM hook_events_claims").await, 0);
 }
 
@@ -278,7 +296,8 @@ async fn outcomes_a_user_trigger_refuses_are_set_aside_and_their_batch_mates_com
     // A success the trigger refuses (marking it processed), a failure it refuses (counting the
     // attempt), and an event no update may touch at all.
     let (refused_success, refused_failure, untouchable) = (fine[7], failing[3], fine[20]);
-    refuse_updates(&client, "refuse_success", &format!("NEW.processed AND OLD.id = '{refused_success}'")).await;
+    refuse_updates(&client, "refuse_success", &format!("NEW.processed AND OLD.id = '{refused_success}'"))
+        .await;
     refuse_updates(
         &client,
         "refuse_failure",
@@ -288,9 +307,11 @@ async fn outcomes_a_user_trigger_refuses_are_set_aside_and_their_batch_mates_com
     refuse_updates(&client, "refuse_all", &format!("OLD.id = '{untouchable}'")).await;
 
     // One batch holds them all.
-    let flags = ["--fault", "Failing=fail", "--batch-size", "100", "--retry-base-ms", "60000", "--poll-ms", "100"];
+    let flags =
+        ["--fault", "Failing=fail", "--batch-size", "100", "--retry-base-ms", "60000", "--poll-ms", "100"];
     let mut worker = Worker::start(WORKER, &db.url(), &flags);
-    let settled = "SELECT count(*) FROM hook_events WHERE NOT processed AND dead_at IS NULL AND retry_count = 0";
+    let settled =
+        "SELECT count(*) FROM hook_events WHERE NOT processed AND dead_at IS NULL AND retry_count = 0";
     let deadline = Deadline::new(PATIENCE, "every outcome to be written or set aside");
     // Everything but the untouchable event ends processed, failed (retry_count 1) or dead.
     while count(&client, settled).await > 1 {
@@ -309,7 +330,10 @@ async fn outcomes_a_user_trigger_refuses_are_set_aside_and_their_batch_mates_com
     )
     .await;
     assert_eq!(each_once, 0, "every event was handled exactly once: the batch was not handled again");
-    assert_eq!(count(&client, "SELECT count(*) FROM hook_events WHERE source = 'Fine' AND processed").await, 28);
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM hook_events WHERE source = 'Fine' AND processed").await,
+        28
+    );
     assert_eq!(
         count(&client, "SELECT count(*) FROM hook_events WHERE source = 'Failing' AND retry_count = 1 AND dead_at IS NULL").await,
         9,
@@ -319,10 +343,17 @@ async fn outcomes_a_user_trigger_refuses_are_set_aside_and_their_batch_mates_com
         let client = &client;
         async move {
             let row = client
-                .query_one("SELECT dead_at IS NOT NULL, processed, processing_errors FROM hook_events WHERE id = $1", &[&id])
+                .query_one(
+                    "SELECT dead_at IS NOT NULL, processed, processing_errors FROM hook_events WHERE id = $1",
+                    &[&id],
+                )
                 .await
                 .unwrap();
-            (row.get::<_, bool>(0), row.get::<_, bool>(1), row.get::<_, Option<Vec<String>>>(2).unwrap_or_default())
+            (
+                row.get::<_, bool>(0),
+                row.get::<_, bool>(1),
+                row.get::<_, Option<Vec<String>>>(2).unwrap_or_default(),
+            )
         }
     };
     let (dead, processed, errors) = errors_of(refused_success).await;
@@ -335,7 +366,10 @@ async fn outcomes_a_user_trigger_refuses_are_set_aside_and_their_batch_mates_com
     );
     let (dead, _, errors) = errors_of(refused_failure).await;
     assert!(dead, "the refused failure is set aside dead");
-    assert!(errors[0].starts_with("the handler failed (injected failure), and the outcome could not be written"), "{errors:?}");
+    assert!(
+        errors[0].starts_with("the handler failed (injected failure), and the outcome could not be written"),
+        "{errors:?}"
+    );
     // Nothing could be written to the untouchable event: it is quarantined in the ledger.
     let (dead, processed, _) = errors_of(untouchable).await;
     assert!(!dead && !processed);

@@ -369,7 +369,8 @@ pub(crate) fn parse_bytes(text: &str) -> Result<u64, String> {
         "g" | "gb" | "gib" => 1 << 30,
         _ => return Err(format!("{text:?} is not a size (try 1048576, 512KiB, 64MiB, 1GiB)")),
     };
-    let value: u64 = number.parse().map_err(|_| format!("{text:?} is not a size (try 1048576, 512KiB, 64MiB, 1GiB)"))?;
+    let value: u64 =
+        number.parse().map_err(|_| format!("{text:?} is not a size (try 1048576, 512KiB, 64MiB, 1GiB)"))?;
     value.checked_mul(scale).ok_or_else(|| format!("{text:?} is too large"))
 }
 
@@ -379,7 +380,9 @@ mod tests {
 
     #[test]
     fn sizes() {
-        for (text, bytes) in [("1048576", 1 << 20), ("64MiB", 64 << 20), ("512k", 512 << 10), ("1 GiB", 1 << 30)] {
+        for (text, bytes) in
+            [("1048576", 1 << 20), ("64MiB", 64 << 20), ("512k", 512 << 10), ("1 GiB", 1 << 30)]
+        {
             assert_eq!(parse_bytes(text).unwrap(), bytes, "{text}");
         }
         for bad in ["", "x", "-1", "1.5MiB", "1TiB", "99999999999999999999"] {

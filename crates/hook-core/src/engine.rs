@@ -365,39 +365,44 @@ impl<S: Store> Engine<S> {
                         // Waiting for a batch to finish, or (nothing held back) drained.
                         budget_wait
                     } else {
-                    let full = events.len() + crashed.len() + set_aside + held_back >= request.limit;
-                    budget_wait = held_back > 0;
-                    exclusive = batch.isolated() || !crashed.is_empty();
-                    // One slot per event, reserved now; each is released when its handler ends.
-                    let mut slots = Vec::with_capacity(events.len());
-                    let mut first_slot = Some(first_slot);
-                    for _ in 0..events.len() {
-                        let slot = match first_slot.take() {
-                            Some(slot) => slot,
-                            None => match Arc::clone(&handler_slots).try_acquire_owned() {
-                                Ok(slot) => slot,
-                                // The store returned more than the free slots: wait for one.
-                                Err(_) => match Arc::clone(&handler_slots).acquire_owned().await {
+                        let full = events.len() + crashed.len() + set_aside + held_back >= request.limit;
+                        budget_wait = held_back > 0;
+                        exclusive = batch.isolated() || !crashed.is_empty();
+                        // One slot per event, reserved now; each is released when its handler ends.
+                        let mut slots = Vec::with_capacity(events.len());
+                        let mut first_slot = Some(first_slot);
+                        for _ in 0..events.len() {
+                            let slot = match first_slot.take() {
+                                Some(slot) => slot,
+                                None => match Arc::clone(&handler_slots).try_acquire_owned() {
                                     Ok(slot) => slot,
-                                    Err(_) => break,
+                                    // The store returned more than the free slots: wait for one.
+                                    Err(_) => match Arc::clone(&handler_slots).acquire_owned().await {
+                                        Ok(slot) => slot,
+                                        Err(_) => break,
+                                    },
                                 },
-                            },
-                        };
-                        slots.push(slot);
-                    }
-                    drop(first_slot);
-                    let bytes = BytesHeld::new(&shared, batch.bytes());
-                    shared.metrics.add_claimed(events.len() + crashed.len());
-                    debug!(events = events.len(), crashed = crashed.len(), isolated = batch.isolated(), "claimed batch");
-                    let task = run_batch(
-                        batch,
-                        BatchWork { events, crashed, slots, bytes },
-                        permit,
-                        Arc::clone(&shared),
-                        stop_rx.clone(),
-                    );
-                    batches.spawn(task.instrument(tracing::debug_span!("batch")));
-                    full
+                            };
+                            slots.push(slot);
+                        }
+                        drop(first_slot);
+                        let bytes = BytesHeld::new(&shared, batch.bytes());
+                        shared.metrics.add_claimed(events.len() + crashed.len());
+                        debug!(
+                            events = events.len(),
+                            crashed = crashed.len(),
+                            isolated = batch.isolated(),
+                            "claimed batch"
+                        );
+                        let task = run_batch(
+                            batch,
+                            BatchWork { events, crashed, slots, bytes },
+                            permit,
+                            Arc::clone(&shared),
+                            stop_rx.clone(),
+                        );
+                        batches.spawn(task.instrument(tracing::debug_span!("batch")));
+                        full
                     }
                 }
             };

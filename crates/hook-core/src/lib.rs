@@ -128,8 +128,8 @@ pub use crate::metrics::{
     describe_metrics, names as metric_names, Metrics, MetricsSnapshot, MAX_LABELLED_PAIRS, OTHER_LABEL,
 };
 pub use engine::{
-    bound_text, is_loud_failure, Engine, EngineBuilder, EngineConfig, DEFAULT_MAX_BYTES_IN_FLIGHT, MAX_ERROR_BYTES,
-    MIN_BYTES_IN_FLIGHT,
+    bound_text, is_loud_failure, Engine, EngineBuilder, EngineConfig, DEFAULT_MAX_BYTES_IN_FLIGHT,
+    MAX_ERROR_BYTES, MIN_BYTES_IN_FLIGHT,
 };
 pub use error::ConfigError;
 pub use event::{HandlerResult, HookEvent, NewEvent};

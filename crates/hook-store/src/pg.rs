@@ -131,7 +131,13 @@ impl Store for PgStore {
             if let Some((event, id, xid)) = queries::claim_crashed(client).await? {
                 self.suspects.store(true, Ordering::Relaxed);
                 let ledger = Ledger::Crashed { id, event: event.id };
-                return Ok(Some(PgBatch::new(conn, self.pool.clone(), Claimed { xid, ..Claimed::default() }, ledger, vec![event])));
+                return Ok(Some(PgBatch::new(
+                    conn,
+                    self.pool.clone(),
+                    Claimed { xid, ..Claimed::default() },
+                    ledger,
+                    vec![event],
+                )));
             }
             match queries::claim_suspect(client, &request).await? {
                 Some((claimed, id)) => {
@@ -202,7 +208,9 @@ impl Ledger {
                 Some(_) => LedgerEnd::Requeue(id),
                 None => LedgerEnd::Keep,
             },
-            Ledger::Ordinary { recorded: false, .. } | Ledger::Isolated { recorded: false, .. } => LedgerEnd::Keep,
+            Ledger::Ordinary { recorded: false, .. } | Ledger::Isolated { recorded: false, .. } => {
+                LedgerEnd::Keep
+            }
         }
     }
 
@@ -314,7 +322,8 @@ impl ClaimedBatch for PgBatch {
     /// Writes the batch's row in the claim ledger, on another pooled connection, autocommitted:
     /// from then on, if the claim's transaction dies, its events are suspects.
     async fn start(&mut self) -> Result<(), StoreError> {
-        let lost = || StoreError::ClaimLost("the claim's transaction ended before its handlers started".into());
+        let lost =
+            || StoreError::ClaimLost("the claim's transaction ended before its handlers started".into());
         match &mut self.ledger {
             Ledger::Ordinary { id, recorded } if !self.event_ids.is_empty() => {
                 let xid = self.xid.as_deref().ok_or_else(lost)?;

@@ -28,29 +28,27 @@ pub(crate) use event_columns;
 /// this one has not reached, looks live and is harmless: live rows keep no event from a claim.)
 macro_rules! holder_live {
     ($holder:literal) => {
-        concat!("(", $holder, " IS NOT NULL AND NOT pg_visible_in_snapshot(", $holder, ", pg_current_snapshot()))")
+        concat!(
+            "(",
+            $holder,
+            " IS NOT NULL AND NOT pg_visible_in_snapshot(",
+            $holder,
+            ", pg_current_snapshot()))"
+        )
     };
 }
 
 /// SQL: the bytes of JSON of a row's payload and metadata, as estimated before fetching them.
-/// A value stored in 2 kB or less is counted at its stored size (no work); a larger one (it may
-/// be compressed) is measured as the JSON text the server will send, which detoasts it on the
-/// server, not here.
+/// Values stored uncompressed in 2 kB or less are counted at their stored size (no work); others
+/// (compressed, or larger) are measured as the JSON text the server will send, which detoasts
+/// them on the server, not here.
 macro_rules! json_bytes {
     ($e:literal) => {
         concat!(
-            "(CASE WHEN pg_column_size(",
-            $e,
-            ".payload) + pg_column_size(",
-            $e,
-            ".metadata) <= 2048 THEN pg_column_size(",
-            $e,
-            ".payload) + pg_column_size(",
-            $e,
-            ".metadata) ELSE octet_length(",
-            $e,
-            ".payload::text) + octet_length(",
-            $e,
+            "(CASE WHEN pg_column_compression(", $e, ".payload) IS NULL AND pg_column_compression(", $e,
+            ".metadata) IS NULL AND pg_column_size(", $e, ".payload) + pg_column_size(", $e,
+            ".metadata) <= 2048 THEN pg_column_size(", $e, ".payload) + pg_column_size(", $e,
+            ".metadata) ELSE octet_length(", $e, ".payload::text) + octet_length(", $e,
             ".metadata::text) END)::int8"
         )
     };
@@ -399,7 +397,11 @@ pub(crate) async fn claim_suspect(
 
 /// Sorts claimed rows (the columns of [`CLAIM`]) into events, held-back rows and rows to set
 /// aside, and sets the latter aside.
-async fn decide(client: &impl GenericClient, rows: &[Row], request: &ClaimRequest) -> Result<Claimed, StoreError> {
+async fn decide(
+    client: &impl GenericClient,
+    rows: &[Row],
+    request: &ClaimRequest,
+) -> Result<Claimed, StoreError> {
     let max_retry_count = request.max_retry_count;
     let mut claimed = Claimed { events: Vec::with_capacity(rows.len()), ..Claimed::default() };
     let (mut set_aside, mut reasons) = (Vec::new(), Vec::new());
@@ -474,13 +476,21 @@ pub(crate) async fn record_claim(
 
 /// Takes over a queued suspect's ledger row for an isolated claim, on `client` (not the claim's
 /// connection). False when the claim's transaction is already gone or the row was taken.
-pub(crate) async fn record_isolated(client: &impl GenericClient, id: Uuid, xid: &str) -> Result<bool, StoreError> {
+pub(crate) async fn record_isolated(
+    client: &impl GenericClient,
+    id: Uuid,
+    xid: &str,
+) -> Result<bool, StoreError> {
     let statement = client.prepare_cached(RECORD_ISOLATED).await?;
     Ok(client.execute(&statement, &[&id, &xid]).await? == 1)
 }
 
 /// Drops a ledger row, or puts an isolated one back in the queue, autocommitted.
-pub(crate) async fn forget_claim(client: &impl GenericClient, id: Uuid, requeue: bool) -> Result<(), StoreError> {
+pub(crate) async fn forget_claim(
+    client: &impl GenericClient,
+    id: Uuid,
+    requeue: bool,
+) -> Result<(), StoreError> {
     client.execute(if requeue { REQUEUE_CLAIM } else { FORGET_CLAIM }, &[&id]).await?;
     Ok(())
 }
@@ -512,7 +522,10 @@ pub(crate) enum LedgerEnd {
 
 /// Whether a transaction committed: `Some(true)` committed, `Some(false)` aborted, `None` still
 /// in progress or unknown.
-pub(crate) async fn xact_committed(client: &impl GenericClient, xid: &str) -> Result<Option<bool>, StoreError> {
+pub(crate) async fn xact_committed(
+    client: &impl GenericClient,
+    xid: &str,
+) -> Result<Option<bool>, StoreError> {
     let status: Option<String> = client.query_one(XACT_STATUS, &[&xid]).await?.try_get(0)?;
     Ok(match status.as_deref() {
         Some("committed") => Some(true),
@@ -639,10 +652,15 @@ pub(crate) async fn record_outcomes_and_commit(
             .execute(&fail_statement, &[&c.failed_ids, &c.errors, &c.failed_metadata, &c.delays_ms, &c.dead])
             .await
     };
-    let (opened, succeeded, failed, committed) = futures::join!(open, succeed, fail, client.batch_execute(commit));
+    let (opened, succeeded, failed, committed) =
+        futures::join!(open, succeed, fail, client.batch_execute(commit));
     if let Err(error) = &committed {
         if is_connection_error(error) {
-            return Err(CommitError { error: committed.unwrap_err().into(), maybe_committed: true, set_aside: Vec::new() });
+            return Err(CommitError {
+                error: committed.unwrap_err().into(),
+                maybe_committed: true,
+                set_aside: Vec::new(),
+            });
         }
     }
     opened.map_err(CommitError::known)?;
@@ -660,10 +678,11 @@ pub(crate) async fn record_outcomes_and_commit(
         (_, _, committed) => {
             // The savepoint, the ledger statement or COMMIT itself failed: nothing is written.
             let _ = client.batch_execute("ROLLBACK").await;
-            Err(CommitError::known(committed.err().map_or_else(
-                || StoreError::Pool("writing the outcomes failed".into()),
-                StoreError::from,
-            )))
+            Err(CommitError::known(
+                committed
+                    .err()
+                    .map_or_else(|| StoreError::Pool("writing the outcomes failed".into()), StoreError::from),
+            ))
         }
     }
 }
@@ -689,7 +708,9 @@ async fn write_one_by_one(
     let empty = Value::Object(serde_json::Map::new());
     let mut written = Written::default();
     for (i, id) in c.ok_ids.iter().enumerate() {
-        let full = in_savepoint(client, succeed, &[&[*id].as_slice(), &[c.ok_metadata[i].clone()].as_slice()]).await?;
+        let full =
+            in_savepoint(client, succeed, &[&[*id].as_slice(), &[c.ok_metadata[i].clone()].as_slice()])
+                .await?;
         let refused = match full {
             Ok(n) => {
                 written.rows += n;
@@ -700,7 +721,8 @@ async fn write_one_by_one(
         match in_savepoint(client, succeed, &[&[*id].as_slice(), &[empty.clone()].as_slice()]).await? {
             Ok(n) => written.rows += n,
             Err(_) => {
-                let reason = format!("the handler succeeded, but the outcome could not be written ({refused})");
+                let reason =
+                    format!("the handler succeeded, but the outcome could not be written ({refused})");
                 set_aside_one(client, &set_aside_statement, *id, &reason, &mut written).await?;
             }
         }
@@ -710,7 +732,13 @@ async fn write_one_by_one(
         let full = in_savepoint(
             client,
             fail,
-            &[&[*id].as_slice(), &[c.errors[i].clone()].as_slice(), &[c.failed_metadata[i].clone()].as_slice(), &[delay].as_slice(), &[dead].as_slice()],
+            &[
+                &[*id].as_slice(),
+                &[c.errors[i].clone()].as_slice(),
+                &[c.failed_metadata[i].clone()].as_slice(),
+                &[delay].as_slice(),
+                &[dead].as_slice(),
+            ],
         )
         .await?;
         let refused = match full {
@@ -724,13 +752,20 @@ async fn write_one_by_one(
         match in_savepoint(
             client,
             fail,
-            &[&[*id].as_slice(), &[plain.clone()].as_slice(), &[empty.clone()].as_slice(), &[delay].as_slice(), &[dead].as_slice()],
+            &[
+                &[*id].as_slice(),
+                &[plain.clone()].as_slice(),
+                &[empty.clone()].as_slice(),
+                &[delay].as_slice(),
+                &[dead].as_slice(),
+            ],
         )
         .await?
         {
             Ok(n) => written.rows += n,
             Err(_) => {
-                let reason = format!("the handler failed ({plain}), and the outcome could not be written ({refused})");
+                let reason =
+                    format!("the handler failed ({plain}), and the outcome could not be written ({refused})");
                 set_aside_one(client, &set_aside_statement, *id, &reason, &mut written).await?;
             }
         }
@@ -777,7 +812,8 @@ async fn in_savepoint(
     statement: &tokio_postgres::Statement,
     params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
 ) -> Result<Result<u64, String>, CommitError> {
-    let (saved, result) = futures::join!(client.batch_execute("SAVEPOINT hook_row"), client.execute(statement, params));
+    let (saved, result) =
+        futures::join!(client.batch_execute("SAVEPOINT hook_row"), client.execute(statement, params));
     saved.map_err(CommitError::known)?;
     match result {
         Ok(rows) => {
@@ -818,7 +854,8 @@ mod tests {
     fn commit_sql_names_the_ledger_row() {
         let id = Uuid::nil();
         assert_eq!(commit_sql(LedgerEnd::Keep), "SELECT 1; COMMIT");
-        assert!(commit_sql(LedgerEnd::Forget(id)).starts_with("DELETE FROM hook_events_claims WHERE id = '00000000-"));
+        assert!(commit_sql(LedgerEnd::Forget(id))
+            .starts_with("DELETE FROM hook_events_claims WHERE id = '00000000-"));
         assert!(commit_sql(LedgerEnd::Requeue(id)).contains("SET holder = NULL"));
     }
 }
