@@ -381,3 +381,63 @@ async fn outcomes_a_user_trigger_refuses_are_set_aside_and_their_batch_mates_com
     assert!(note.contains("kept out of every claim"), "{note}");
     assert_eq!(count(&client, "SELECT count(*) FROM hook_events_claims").await, 1);
 }
+
+/// Inserts `count` events of source `Big` whose payload is `mib` MiB of JSON text: an array of
+/// 1 MiB strings (a tool's output, say), compressible as such text is. Built by the server.
+async fn insert_big_events(client: &Client, count: i32, mib: i32) {
+    for _ in 0..count {
+        client
+            .execute(
+                "INSERT INTO hook_events (id, source, action, resource, resource_id, payload, created_at) \
+                 SELECT gen_random_uuid(), 'Big', 'a', 'r', 'r', \
+                        jsonb_build_object('lines', (SELECT jsonb_agg(repeat('test result: ok. ' || i || ' passed; ', 36000)) \
+                                                     FROM generate_series(1, $1) AS i)), \
+                        clock_timestamp()",
+                &[&mib],
+            )
+            .await
+            .expect("insert a big event");
+    }
+}
+
+/// The case the issue measured: 1,000 events and one of about 120 MB of JSON, the processor
+/// under a 400 MiB address-space limit and restarted whenever it exits. Before the byte budget
+/// it aborted on every start ("memory allocation failed") and never got past the big one.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_event_too_large_to_hold_is_set_aside_dead_under_a_400_mib_address_space_limit() {
+    let db = TestDb::migrated("claims_large_payload").await;
+    let client = db.client().await;
+    insert_events(&client, 400, "Fine", "a").await;
+    insert_big_events(&client, 1, 120).await;
+    insert_events(&client, 600, "Fine", "a").await;
+    let (text, stored): (i64, i32) = {
+        let row = client
+            .query_one("SELECT octet_length(payload::text)::int8, pg_column_size(payload) FROM hook_events WHERE source = 'Big'", &[])
+            .await
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    eprintln!("the big payload: {} MB of JSON, {} MB stored", text / 1_000_000, stored / 1_000_000);
+    let flags = ["--batch-size", "100", "--poll-ms", "100", "--max-retry-count", "3"];
+    let limits = ["--as=419430400", "--core=0"];
+    let restarts = restart_until_decided(&db, &client, &flags, &limits, 3 + 2).await;
+    assert_eq!(restarts.aborted, 0, "{restarts:?}");
+    let clean = count(
+        &client,
+        "SELECT count(*) FROM hook_events WHERE source = 'Fine' AND processed AND retry_count = 0 AND processing_errors IS NULL",
+    )
+    .await;
+    assert_eq!(clean, 1000, "every other event is processed, with retry_count 0");
+    let row = client
+        .query_one("SELECT dead_at IS NOT NULL, retry_count, processing_errors FROM hook_events WHERE source = 'Big'", &[])
+        .await
+        .unwrap();
+    assert!(row.get::<_, bool>(0), "the big one is dead");
+    assert_eq!(row.get::<_, i32>(1), 0, "without an attempt");
+    let errors = row.get::<_, Vec<String>>(2);
+    assert!(
+        errors.len() == 1 && errors[0].contains("bytes of JSON, more than the processor may hold at once"),
+        "{errors:?}"
+    );
+    eprintln!("{restarts:?}; the big one's reason: {}", errors[0]);
+}

@@ -74,7 +74,7 @@ pub(crate) struct Args {
     /// Bytes of JSON (payload + metadata) of the events held at once, over all batches: claims
     /// stop adding events past it, and an event larger than this alone is set aside dead
     /// without being fetched. Bytes, or with a unit ("64MiB", "512KiB", "1GiB").
-    #[arg(long, env = "HOOK_MAX_BYTES_IN_FLIGHT", default_value = "64MiB", value_parser = parse_bytes)]
+    #[arg(long, env = "HOOK_MAX_BYTES_IN_FLIGHT", default_value = "32MiB", value_parser = parse_bytes)]
     max_bytes_in_flight: u64,
 
     /// Longest a handler may run before the attempt fails.

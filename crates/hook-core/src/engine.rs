@@ -45,8 +45,11 @@ use crate::store::{ClaimRequest, ClaimedBatch, Finished, Outcome, Resolution, St
 /// Longest error text recorded for one attempt, in bytes.
 pub const MAX_ERROR_BYTES: usize = 8 * 1024;
 
-/// The default of [`EngineConfig::max_bytes_in_flight`]: 64 MiB.
-pub const DEFAULT_MAX_BYTES_IN_FLIGHT: u64 = 64 * 1024 * 1024;
+/// The default of [`EngineConfig::max_bytes_in_flight`]: 32 MiB, two of hook-ingest's largest
+/// events (16 MiB). Decoded, JSON takes from about its own size (long strings) to 8 times it
+/// (objects shaped like hook payloads) and more (arrays of small numbers: 17 times); see
+/// docs/configuration.md. Within the unit's `MemoryMax=512M` for all but the last kind.
+pub const DEFAULT_MAX_BYTES_IN_FLIGHT: u64 = 32 * 1024 * 1024;
 
 /// The smallest [`EngineConfig::max_bytes_in_flight`] accepted: 64 KiB.
 pub const MIN_BYTES_IN_FLIGHT: u64 = 64 * 1024;
@@ -80,7 +83,7 @@ pub struct EngineConfig {
     /// Bytes of JSON (payload and metadata, as the database sends them) of the events held at
     /// once, over all batches: claims stop adding events past it, and an event larger than this
     /// on its own is set aside dead without being fetched. In memory an event costs a small
-    /// multiple of its JSON size (see docs/configuration.md). Default 64 MiB.
+    /// multiple of its JSON size (see docs/configuration.md). Default 32 MiB.
     pub max_bytes_in_flight: u64,
 }
 
