@@ -43,6 +43,14 @@ GRANT SELECT ON hook_events TO hook_processor;
 GRANT UPDATE (processed, processed_at, retry_count, processing_errors,
               result_metadata, next_attempt_at, dead_at)
     ON hook_events TO hook_processor;
+-- The claim ledger (migration 0006): the processor records, deletes and recovers its claims.
+DO $$
+BEGIN
+    IF to_regclass('hook_events_claims') IS NOT NULL THEN
+        GRANT SELECT, INSERT, UPDATE, DELETE ON hook_events_claims TO hook_processor;
+    END IF;
+END
+$$;
 -- Start-up checks that every migration is applied, without applying any.
 GRANT SELECT ON hook_events_migrations TO hook_processor, hook_maintenance;
 

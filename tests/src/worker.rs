@@ -48,6 +48,13 @@ impl Worker {
     /// Starts `program` (`env!("CARGO_BIN_EXE_hook-test-worker")`, which only integration tests
     /// see) on the database at `url` with extra flags (see the worker's docs).
     pub fn start(program: &str, url: &str, flags: &[&str]) -> Worker {
+        Worker::start_limited(program, url, flags, &[])
+    }
+
+    /// Like [`start`](Worker::start), under resource limits: `limits` are `prlimit` options
+    /// (`"--as=419430400"`, `"--core=0"`); `prlimit` sets them and execs the program, so the pid
+    /// is still the worker's. No limits: the program is started directly.
+    pub fn start_limited(program: &str, url: &str, flags: &[&str], limits: &[&str]) -> Worker {
         static COUNTER: AtomicU32 = AtomicU32::new(0);
         let log = std::env::temp_dir().join(format!(
             "hook-fault-worker-{}-{}.log",
@@ -55,7 +62,14 @@ impl Worker {
             COUNTER.fetch_add(1, Ordering::Relaxed)
         ));
         let stderr = std::fs::File::create(&log).expect("create the worker's log file");
-        let child = Command::new(program)
+        let mut command = if limits.is_empty() {
+            Command::new(program)
+        } else {
+            let mut prlimit = Command::new("prlimit");
+            prlimit.args(limits).arg("--").arg(program);
+            prlimit
+        };
+        let child = command
             .args(["--url", url])
             .args(flags)
             .stdin(Stdio::null())
@@ -103,6 +117,11 @@ impl Worker {
             }
             deadline.tick().await;
         }
+    }
+
+    /// The exit status, if the worker has exited.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().expect("wait for the worker")
     }
 
     /// Panics, with the log, if the worker exited.

@@ -936,11 +936,13 @@ async fn created_at_far_in_the_future_or_past_neither_stalls_nor_breaks_processe
     assert_eq!(retried_ok, 40);
 }
 
-/// Five events in one batch, one handler slot, 0.4 s each: the batch needs 2 s while the claim
-/// timeout is 1 s. The claim must be kept alive while handlers wait for their slot (lease
-/// extension), so every event is handled once and the batch commits.
+/// Five events, one handler slot, 0.4 s each, a 1 s claim timeout: draining takes 2 s, twice the
+/// claim timeout. A claim takes no more events than there are free slots, so the events are
+/// claimed one at a time and none waits for a slot inside a claim (before, all five were claimed
+/// at once and the claim had to be kept alive while they waited); each is handled once and
+/// commits.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_batch_longer_than_the_claim_timeout_is_kept_alive_and_commits_once() {
+async fn five_events_with_one_handler_slot_are_claimed_one_at_a_time_and_each_commits_once() {
     let db = TestDb::migrated("faults_lease_extension").await;
     let client = db.client().await;
     hook_tests::insert_events(&client, 5, "Slow", "op").await;
@@ -979,4 +981,7 @@ async fn a_batch_longer_than_the_claim_timeout_is_kept_alive_and_commits_once() 
         (0, 5, 5, 0),
         "(unprocessed, invocations, succeeded, errors) after 15 s"
     );
+    // Five batches of one event: each row was written by a transaction of its own.
+    let writers = count(&client, "SELECT count(DISTINCT xmin::text) FROM hook_events").await;
+    assert_eq!(writers, 5, "one event per claim");
 }

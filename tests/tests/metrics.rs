@@ -127,9 +127,13 @@ impl ClaimedBatch for LosingBatch {
         self.inner.keep_alive().await
     }
 
-    async fn finish(self, outcomes: Vec<Outcome>) -> Result<(), StoreError> {
+    async fn start(&mut self) -> Result<(), StoreError> {
+        self.inner.start().await
+    }
+
+    async fn finish(self, outcomes: Vec<Outcome>) -> Result<hook_core::Finished, StoreError> {
         if self.fail.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
-            drop(self.inner);
+            self.inner.release().await;
             return Err(StoreError::Pool("injected: the completion was lost".into()));
         }
         self.inner.finish(outcomes).await

@@ -296,7 +296,12 @@ async fn events_held_by_a_processor_are_skipped_not_waited_for() {
     }
     // A processor claims the oldest and holds it.
     let processor = db.store(no_listen()).await;
-    let request = ClaimRequest { limit: 1, max_retry_count: 3, claim_timeout: Duration::from_secs(60) };
+    let request = ClaimRequest {
+        limit: 1,
+        max_retry_count: 3,
+        claim_timeout: Duration::from_secs(60),
+        ..ClaimRequest::default()
+    };
     let mut held = processor.claim(request).await.unwrap().expect("a claim");
     assert_eq!(held.take_events().iter().map(|e| e.id).collect::<Vec<_>>(), [ids[0]]);
 

@@ -18,7 +18,12 @@ fn no_listen() -> StoreOptions {
 }
 
 fn request() -> ClaimRequest {
-    ClaimRequest { limit: 100, max_retry_count: 3, claim_timeout: Duration::from_secs(60) }
+    ClaimRequest {
+        limit: 100,
+        max_retry_count: 3,
+        claim_timeout: Duration::from_secs(60),
+        ..ClaimRequest::default()
+    }
 }
 
 /// Asserts `error` is a schema mismatch whose message names `column` of `hook_events`.

@@ -21,7 +21,12 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(1);
 const SLACK: Duration = Duration::from_secs(3);
 
 fn request(limit: usize) -> ClaimRequest {
-    ClaimRequest { limit, max_retry_count: 3, claim_timeout: Duration::from_secs(60) }
+    ClaimRequest {
+        limit,
+        max_retry_count: 3,
+        claim_timeout: Duration::from_secs(60),
+        ..ClaimRequest::default()
+    }
 }
 
 fn succeeded(batch: &[hook_core::HookEvent]) -> Vec<Outcome> {

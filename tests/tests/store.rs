@@ -10,7 +10,12 @@ use serde_json::{json, Map};
 use uuid::Uuid;
 
 fn request(limit: usize) -> ClaimRequest {
-    ClaimRequest { limit, max_retry_count: 3, claim_timeout: Duration::from_secs(60) }
+    ClaimRequest {
+        limit,
+        max_retry_count: 3,
+        claim_timeout: Duration::from_secs(60),
+        ..ClaimRequest::default()
+    }
 }
 
 fn no_listen() -> StoreOptions {

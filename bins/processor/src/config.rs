@@ -76,6 +76,12 @@ pub(crate) struct Args {
     #[arg(long, env = "HOOK_BATCHES_IN_FLIGHT", default_value_t = 4)]
     batches_in_flight: usize,
 
+    /// Bytes of JSON (payload + metadata) of the events held at once, over all batches: claims
+    /// stop adding events past it, and an event larger than this alone is set aside dead
+    /// without being fetched. Bytes, or with a unit ("64MiB", "512KiB", "1GiB").
+    #[arg(long, env = "HOOK_MAX_BYTES_IN_FLIGHT", default_value = "32MiB", value_parser = parse_bytes)]
+    max_bytes_in_flight: u64,
+
     /// Longest a handler may run before the attempt fails.
     #[arg(long, env = "HOOK_HANDLER_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     handler_timeout: Duration,
@@ -223,6 +229,7 @@ impl Args {
                 ..RetryPolicy::default()
             },
             metrics_interval: (!self.metrics_interval.is_zero()).then_some(self.metrics_interval),
+            max_bytes_in_flight: self.max_bytes_in_flight,
         };
         config.validate().map_err(|e| UsageError(format!("invalid configuration: {e}")))?;
         Ok(config)
@@ -338,6 +345,24 @@ pub(crate) fn init_logging(args: &Args) -> anyhow::Result<()> {
     result.map_err(|e| anyhow::anyhow!("setting up logging: {e}"))
 }
 
+/// Parses a byte count: "1048576", or with a unit: "512KiB", "64MiB", "1GiB" (powers of 1024;
+/// "K", "M", "G", "KB", "MB", "GB" mean the same).
+pub(crate) fn parse_bytes(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let digits = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(digits);
+    let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        _ => return Err(format!("{text:?} is not a size (try 1048576, 512KiB, 64MiB, 1GiB)")),
+    };
+    let value: u64 =
+        number.parse().map_err(|_| format!("{text:?} is not a size (try 1048576, 512KiB, 64MiB, 1GiB)"))?;
+    value.checked_mul(scale).ok_or_else(|| format!("{text:?} is too large"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -353,6 +378,18 @@ mod tests {
     }
 
     #[test]
+    fn sizes() {
+        for (text, bytes) in
+            [("1048576", 1 << 20), ("64MiB", 64 << 20), ("512k", 512 << 10), ("1 GiB", 1 << 30)]
+        {
+            assert_eq!(parse_bytes(text).unwrap(), bytes, "{text}");
+        }
+        for bad in ["", "x", "-1", "1.5MiB", "1TiB", "99999999999999999999"] {
+            assert!(parse_bytes(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn bad_values_are_refused() {
         let parse = |extra: &[&str]| {
             let mut argv = vec!["hook-processor"];
@@ -362,6 +399,7 @@ mod tests {
         assert!(parse(&[]).is_ok());
         assert!(parse(&["--batch-size", "0"]).unwrap_err().contains("batch size 0"));
         assert!(parse(&["--max-retry-count", "11"]).unwrap_err().contains("max retry count 11"));
+        assert!(parse(&["--max-bytes-in-flight", "1KiB"]).unwrap_err().contains("bytes in flight 1024"));
     }
 
     #[test]

@@ -1,15 +1,24 @@
 //! The processing engine: claim batches, run handlers concurrently, record outcomes.
 //!
-//! One loop claims batches from the [`Store`] while a batch slot is free; each claimed batch runs
-//! in its own task, where the handlers of its events run concurrently as futures of that task
-//! (bounded by `concurrency` over all batches), each under a timeout and a panic guard. When all
-//! of a batch's handlers are done, its outcomes are written in one call. A full batch means more
-//! work is likely, so the loop claims again at once; a short or empty one means the table is
+//! One loop claims batches from the [`Store`] while a batch slot, a handler slot and room in the
+//! byte budget are free; each claimed batch runs in its own task, where the handlers of its
+//! events run concurrently as futures of that task, each under a timeout and a panic guard. A
+//! claim never takes more events than there are free handler slots (`concurrency` over all
+//! batches), and the slots are reserved with the claim, so no claimed event waits for one. When
+//! all of a batch's handlers are done, its outcomes are written in one call. A full batch means
+//! more work is likely, so the loop claims again at once; a short or empty one means the table is
 //! drained, so it sleeps until the store's wakeup (NOTIFY) or the poll interval, whichever comes
 //! first.
 //!
-//! Shutdown: the loop stops claiming; running handlers get `drain_timeout` to finish; outcomes of
-//! those that did are written, the rest of each batch is released unchanged.
+//! Crashes: before a batch's handlers start, the store records the claim (see
+//! [`ClaimedBatch::start`]), so the events of a holder that dies mid-batch come back *suspect*.
+//! When the store reports suspects, the loop lets its batches in flight finish and claims with
+//! [`ClaimRequest::isolate`]: one suspect at a time, run alone, so that a crash while it runs is
+//! its own and is counted as a failed attempt (see ARCHITECTURE.md, "The claim").
+//!
+//! Shutdown: the loop issues no claim after the signal, and a claim that returns after it is
+//! released at once; no handler starts after it; running handlers get `drain_timeout` to finish;
+//! outcomes of those that did are written, the rest of each batch is released unchanged.
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -19,6 +28,8 @@ use std::time::Duration;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use serde_json::{Map, Value};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::{sleep, Instant};
@@ -29,10 +40,19 @@ use crate::event::{HandlerResult, HookEvent};
 use crate::handler::{Handler, HandlerRegistry};
 use crate::metrics::{EventRecord, Metrics, MetricsSnapshot, Tally};
 use crate::retry::RetryPolicy;
-use crate::store::{ClaimRequest, ClaimedBatch, Outcome, Resolution, Store};
+use crate::store::{ClaimRequest, ClaimedBatch, Finished, Outcome, Resolution, Store};
 
 /// Longest error text recorded for one attempt, in bytes.
 pub const MAX_ERROR_BYTES: usize = 8 * 1024;
+
+/// The default of [`EngineConfig::max_bytes_in_flight`]: 32 MiB, two of hook-ingest's largest
+/// events (16 MiB). Decoded, JSON takes from about its own size (long strings) to 8 times it
+/// (objects shaped like hook payloads) and more (arrays of small numbers: 17 times); see
+/// docs/configuration.md. Within the unit's `MemoryMax=512M` for all but the last kind.
+pub const DEFAULT_MAX_BYTES_IN_FLIGHT: u64 = 32 * 1024 * 1024;
+
+/// The smallest [`EngineConfig::max_bytes_in_flight`] accepted: 64 KiB.
+pub const MIN_BYTES_IN_FLIGHT: u64 = 64 * 1024;
 
 /// Engine settings. Build with struct update syntax from [`Default`]; checked by
 /// [`EngineBuilder::build`].
@@ -40,7 +60,8 @@ pub const MAX_ERROR_BYTES: usize = 8 * 1024;
 pub struct EngineConfig {
     /// Events claimed at once. Default 100.
     pub batch_size: usize,
-    /// Handlers running at once, over all batches. Default 64.
+    /// Handlers running at once, over all batches. A claim takes no more events than there are
+    /// free slots, so this also bounds the events claimed at once. Default 64.
     pub concurrency: usize,
     /// Batches claimed and not yet finished, at most. Default 4: on two cores, four keep the
     /// server busy while batches are in the engine's hands (hook-bench drains ~1.3x faster than
@@ -59,6 +80,11 @@ pub struct EngineConfig {
     pub retry: RetryPolicy,
     /// How often the metrics line is logged; `None` for never (it is still logged at shutdown).
     pub metrics_interval: Option<Duration>,
+    /// Bytes of JSON (payload and metadata, as the database sends them) of the events held at
+    /// once, over all batches: claims stop adding events past it, and an event larger than this
+    /// on its own is set aside dead without being fetched. In memory an event costs a small
+    /// multiple of its JSON size (see docs/configuration.md). Default 32 MiB.
+    pub max_bytes_in_flight: u64,
 }
 
 impl Default for EngineConfig {
@@ -73,6 +99,7 @@ impl Default for EngineConfig {
             drain_timeout: Duration::from_secs(25),
             retry: RetryPolicy::default(),
             metrics_interval: Some(Duration::from_secs(60)),
+            max_bytes_in_flight: DEFAULT_MAX_BYTES_IN_FLIGHT,
         }
     }
 }
@@ -88,6 +115,12 @@ impl EngineConfig {
         }
         if self.batches_in_flight == 0 {
             return Err(ConfigError::Invalid("batches in flight must be at least 1".into()));
+        }
+        if self.max_bytes_in_flight < MIN_BYTES_IN_FLIGHT {
+            return Err(ConfigError::Invalid(format!(
+                "bytes in flight {} is too small: it must be at least {MIN_BYTES_IN_FLIGHT} (64 KiB)",
+                self.max_bytes_in_flight
+            )));
         }
         if self.poll_interval.is_zero() {
             return Err(ConfigError::Invalid("poll interval must be greater than zero".into()));
@@ -156,6 +189,8 @@ impl<S: Store> EngineBuilder<S> {
                 registry: self.registry,
                 config: self.config,
                 metrics: Arc::new(Metrics::default()),
+                stopping: AtomicBool::new(false),
+                bytes_held: AtomicU64::new(0),
             }),
         })
     }
@@ -172,6 +207,10 @@ struct Shared {
     registry: HandlerRegistry,
     config: EngineConfig,
     metrics: Arc<Metrics>,
+    /// Set when shutdown begins: no handler starts after it.
+    stopping: AtomicBool,
+    /// Bytes of JSON of the events of the batches in flight.
+    bytes_held: AtomicU64,
 }
 
 impl<S: Store> Engine<S> {
@@ -208,21 +247,38 @@ impl<S: Store> Engine<S> {
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             tick
         });
-        let request = ClaimRequest {
-            limit: config.batch_size,
-            max_retry_count: config.retry.max_retry_count,
-            claim_timeout: config.claim_timeout,
-        };
+        // A batch that must run alone (an isolated suspect, or a crash being counted) is in flight.
+        let mut exclusive = false;
+        // The last claim held rows back for want of byte budget: wait for a batch to finish.
+        let mut budget_wait = false;
         tokio::pin!(shutdown);
         info!(
             batch_size = config.batch_size,
             concurrency = config.concurrency,
+            max_bytes_in_flight = config.max_bytes_in_flight,
             routes = shared.registry.len(),
             "engine started"
         );
 
         loop {
             while batches.try_join_next().is_some() {}
+            if batches.is_empty() {
+                exclusive = false;
+                budget_wait = false;
+            }
+            let suspects = store.suspects_waiting();
+            if (exclusive || suspects || budget_wait) && !batches.is_empty() {
+                // Suspects run alone: let the batches in flight finish first. Likewise after an
+                // isolated batch, and when the byte budget is spent.
+                tokio::select! {
+                    biased;
+                    () = &mut shutdown => break,
+                    _ = batches.join_next() => budget_wait = false,
+                    _ = tick(&mut metrics_tick) => log_metrics(&shared.metrics),
+                }
+                continue;
+            }
+            let isolate = suspects;
             let permit = tokio::select! {
                 biased;
                 () = &mut shutdown => break,
@@ -235,12 +291,49 @@ impl<S: Store> Engine<S> {
                     continue;
                 }
             };
+            // At least one free handler slot: a claim takes no more events than there are free
+            // slots, so that none of them waits for one.
+            let first_slot = tokio::select! {
+                biased;
+                () = &mut shutdown => break,
+                slot = Arc::clone(&handler_slots).acquire_owned() => match slot {
+                    Ok(slot) => slot,
+                    Err(_) => break,
+                },
+            };
+            let free = handler_slots.available_permits() + 1;
+            let held = shared.bytes_held.load(Ordering::Relaxed);
+            let request = ClaimRequest {
+                limit: config.batch_size.min(free),
+                max_retry_count: config.retry.max_retry_count,
+                claim_timeout: config.claim_timeout,
+                max_bytes: config.max_bytes_in_flight.saturating_sub(held),
+                max_event_bytes: config.max_bytes_in_flight,
+                isolate,
+            };
             if let Some(rx) = wakeups.as_mut() {
                 rx.borrow_and_update();
             }
-            // The claim is not raced against shutdown: dropping it halfway could strand a
-            // connection inside a transaction. It is one short statement.
-            let full = match store.claim(request).await {
+            // The claim is not cancelled by shutdown (dropping it halfway could strand a
+            // connection inside a transaction): it is driven to its end, and what it returns
+            // after the signal is released at once, unstarted.
+            let claim = store.claim(request);
+            tokio::pin!(claim);
+            let mut stopping = false;
+            let claimed = loop {
+                tokio::select! {
+                    claimed = &mut claim => break claimed,
+                    () = &mut shutdown, if !stopping => stopping = true,
+                }
+            };
+            if stopping {
+                if let Ok(Some(batch)) = claimed {
+                    info!("shutdown began during a claim: releasing the claimed events unstarted");
+                    batch.release().await;
+                }
+                break;
+            }
+            let full = match claimed {
                 Err(error) => {
                     shared.metrics.add_error();
                     let delay = error_backoff.next();
@@ -250,7 +343,7 @@ impl<S: Store> Engine<S> {
                     } else {
                         debug!(error = %error, retry_in_ms = delay.as_millis() as u64, failures, "claim failed");
                     }
-                    drop(permit);
+                    drop((permit, first_slot));
                     tokio::select! {
                         () = &mut shutdown => break,
                         () = sleep(delay) => continue,
@@ -264,19 +357,56 @@ impl<S: Store> Engine<S> {
                 Ok(Some(mut batch)) => {
                     error_backoff.reset();
                     let events = batch.take_events();
-                    let full = events.len() + batch.set_aside() >= config.batch_size;
-                    shared.metrics.add_claimed(events.len());
-                    debug!(events = events.len(), "claimed batch");
-                    let task = run_batch(
-                        batch,
-                        events,
-                        permit,
-                        Arc::clone(&shared),
-                        Arc::clone(&handler_slots),
-                        stop_rx.clone(),
-                    );
-                    batches.spawn(task.instrument(tracing::debug_span!("batch")));
-                    full
+                    let crashed = batch.take_crashed();
+                    let (set_aside, held_back) = (batch.set_aside(), batch.held_back());
+                    if events.is_empty() && crashed.is_empty() && set_aside == 0 {
+                        // Nothing fitted in what is left of the byte budget (rows were held
+                        // back): let a batch in flight finish first.
+                        shared.metrics.add_empty_claim();
+                        batch.release().await;
+                        budget_wait = held_back > 0 && !batches.is_empty();
+                        // Waiting for a batch to finish, or (nothing held back) drained.
+                        budget_wait
+                    } else {
+                        let full = events.len() + crashed.len() + set_aside + held_back >= request.limit;
+                        budget_wait = held_back > 0;
+                        exclusive = batch.isolated() || !crashed.is_empty();
+                        // One slot per event, reserved now; each is released when its handler ends.
+                        let mut slots = Vec::with_capacity(events.len());
+                        let mut first_slot = Some(first_slot);
+                        for _ in 0..events.len() {
+                            let slot = match first_slot.take() {
+                                Some(slot) => slot,
+                                None => match Arc::clone(&handler_slots).try_acquire_owned() {
+                                    Ok(slot) => slot,
+                                    // The store returned more than the free slots: wait for one.
+                                    Err(_) => match Arc::clone(&handler_slots).acquire_owned().await {
+                                        Ok(slot) => slot,
+                                        Err(_) => break,
+                                    },
+                                },
+                            };
+                            slots.push(slot);
+                        }
+                        drop(first_slot);
+                        let bytes = BytesHeld::new(&shared, batch.bytes());
+                        shared.metrics.add_claimed(events.len() + crashed.len());
+                        debug!(
+                            events = events.len(),
+                            crashed = crashed.len(),
+                            isolated = batch.isolated(),
+                            "claimed batch"
+                        );
+                        let task = run_batch(
+                            batch,
+                            BatchWork { events, crashed, slots, bytes },
+                            permit,
+                            Arc::clone(&shared),
+                            stop_rx.clone(),
+                        );
+                        batches.spawn(task.instrument(tracing::debug_span!("batch")));
+                        full
+                    }
                 }
             };
             if full {
@@ -292,6 +422,7 @@ impl<S: Store> Engine<S> {
             }
         }
 
+        shared.stopping.store(true, Ordering::SeqCst);
         info!(
             in_flight = batches.len(),
             drain_timeout_s = config.drain_timeout.as_secs_f64(),
@@ -303,6 +434,34 @@ impl<S: Store> Engine<S> {
         info!(dead = snapshot.dead, claimed = snapshot.claimed, set_aside = snapshot.set_aside, "{snapshot}");
         snapshot
     }
+}
+
+/// Bytes of JSON a batch in flight holds, counted in [`Shared::bytes_held`] until dropped.
+struct BytesHeld {
+    shared: Arc<Shared>,
+    bytes: u64,
+}
+
+impl BytesHeld {
+    fn new(shared: &Arc<Shared>, bytes: u64) -> Self {
+        shared.bytes_held.fetch_add(bytes, Ordering::Relaxed);
+        Self { shared: Arc::clone(shared), bytes }
+    }
+}
+
+impl Drop for BytesHeld {
+    fn drop(&mut self) {
+        self.shared.bytes_held.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
+}
+
+/// What a batch task works on: the claimed events with a handler slot each, the events whose
+/// crash is to be counted, and the batch's share of the byte budget.
+struct BatchWork {
+    events: Vec<HookEvent>,
+    crashed: Vec<HookEvent>,
+    slots: Vec<OwnedSemaphorePermit>,
+    bytes: BytesHeld,
 }
 
 async fn tick(interval: &mut Option<tokio::time::Interval>) -> Instant {
@@ -337,16 +496,42 @@ struct Attempt {
     record: EventRecord,
 }
 
+/// How an attempt's outcome is counted once committed.
+#[derive(Clone, Copy)]
+enum Class {
+    Succeeded,
+    Retried,
+    Dead,
+}
+
+/// The error recorded for an attempt whose processor died while the handler ran.
+fn crash_error(retry_count: i32) -> String {
+    format!("processor died while this event was being handled (attempt {})", i64::from(retry_count) + 1)
+}
+
 async fn run_batch<B: ClaimedBatch>(
-    batch: B,
-    events: Vec<HookEvent>,
+    mut batch: B,
+    work: BatchWork,
     _permit: OwnedSemaphorePermit,
     shared: Arc<Shared>,
-    handler_slots: Arc<Semaphore>,
     mut stop: watch::Receiver<bool>,
 ) {
     let config = &shared.config;
-    let total = events.len();
+    let BatchWork { events, crashed, slots, bytes: _bytes } = work;
+    let total = events.len() + crashed.len();
+    if !events.is_empty() {
+        if shared.stopping.load(Ordering::SeqCst) {
+            debug!(events = events.len(), "shutdown began before the batch started: releasing it unstarted");
+            batch.release().await;
+            return;
+        }
+        if let Err(error) = batch.start().await {
+            shared.metrics.add_error();
+            warn!(error = %error, events = events.len(), "recording the claim failed; releasing the batch without starting its handlers");
+            batch.release().await;
+            return;
+        }
+    }
     // The batch's handlers run as futures of this task, not as tasks of their own: for the
     // cheap handlers events usually get, a spawn per event (an allocation, a trip through the
     // scheduler, a wakeup to join it) costs more than the handler. `attempt` already turns
@@ -354,11 +539,12 @@ async fn run_batch<B: ClaimedBatch>(
     // block a thread for long should use `spawn_blocking`, as on any async runtime.
     let mut running: FuturesUnordered<_> = events
         .into_iter()
-        .map(|event| {
+        .zip(slots)
+        .map(|(event, slot)| {
             let handler = shared.registry.resolve(&event.source, &event.action);
             let timer = shared.metrics.event_claimed(&event);
-            let slots = &handler_slots;
             let timeout = config.handler_timeout;
+            let shared = &shared;
             let span = tracing::info_span!(
                 "event",
                 event_id = %event.id,
@@ -367,7 +553,11 @@ async fn run_batch<B: ClaimedBatch>(
                 attempt = event.retry_count + 1
             );
             async move {
-                let _slot = slots.acquire().await;
+                let _slot = slot;
+                if shared.stopping.load(Ordering::SeqCst) {
+                    // The drain began before this handler could start: it does not start.
+                    return None;
+                }
                 let timer = timer.handler_started();
                 let id = event.id;
                 let retry_count = event.retry_count;
@@ -379,13 +569,25 @@ async fn run_batch<B: ClaimedBatch>(
                     result.error = Some(error);
                     result.message = String::new();
                 }
-                Attempt { id, retry_count, result, record: timer.finish() }
+                Some(Attempt { id, retry_count, result, record: timer.finish() })
             }
             .instrument(span)
         })
         .collect();
 
     let mut attempts = Vec::with_capacity(total);
+    for event in crashed {
+        let error = crash_error(event.retry_count);
+        warn!(event_id = %event.id, source = %event.source, action = %event.action, attempt = event.retry_count + 1, "{error}: counting a failed attempt");
+        let record = shared.metrics.event_claimed(&event).finish();
+        attempts.push(Attempt {
+            id: event.id,
+            retry_count: event.retry_count,
+            result: HandlerResult::failed(error),
+            record,
+        });
+    }
+    let crashes = attempts.iter().map(|a| a.id).collect::<Vec<_>>();
     let mut deadline = None;
     let every = config.claim_timeout / 3;
     let mut keep_alive = tokio::time::interval_at(Instant::now() + every, every);
@@ -397,7 +599,8 @@ async fn run_batch<B: ClaimedBatch>(
         tokio::select! {
             attempt = running.next() => match attempt {
                 None => break,
-                Some(attempt) => attempts.push(attempt),
+                Some(Some(attempt)) => attempts.push(attempt),
+                Some(None) => {}
             },
             _ = stop.changed(), if deadline.is_none() => {}
             _ = keep_alive.tick() => {
@@ -406,6 +609,8 @@ async fn run_batch<B: ClaimedBatch>(
                     // their handlers here rather than run them twice at once.
                     shared.metrics.add_error();
                     warn!(error = %error, unfinished = running.len(), "claim lost while handlers ran; cancelling them, the events will be retried");
+                    drop(running);
+                    batch.release().await;
                     return;
                 }
                 shared.metrics.add_keep_alive();
@@ -421,43 +626,66 @@ async fn run_batch<B: ClaimedBatch>(
     drop(running);
 
     let mut outcomes = Vec::with_capacity(attempts.len());
-    let (mut succeeded, mut retried, mut dead) = (0u64, 0u64, 0u64);
-    let mut tally = Tally::default();
+    let mut classes = Vec::with_capacity(attempts.len());
     for Attempt { id, retry_count, result, record } in attempts {
         let metadata = sanitize_map(result.metadata.clone());
-        let resolution = if result.success {
-            succeeded += 1;
-            tally.succeeded(&record);
+        let (class, resolution) = if result.success {
             debug!(event_id = %id, source = %record.source, action = %record.action, attempt = retry_count + 1, "handled");
-            Resolution::Succeeded
+            (Class::Succeeded, Resolution::Succeeded)
         } else {
             let attempt = u32::try_from(retry_count).unwrap_or(0);
             let error = bound_text(&result.error_text());
-            let retry_after = if config.retry.is_dead(attempt + 1) {
-                dead += 1;
-                tally.dead(&record);
+            if config.retry.is_dead(attempt + 1) {
                 warn!(event_id = %id, source = %record.source, action = %record.action, attempt = attempt + 1, error = %error, "attempt failed; retry limit reached, event is dead");
-                None
+                (Class::Dead, Resolution::Failed { error, retry_after: None })
             } else {
-                retried += 1;
-                tally.retried(&record);
                 let delay = config.retry.delay(attempt, id.as_u64_pair().1);
                 warn!(event_id = %id, source = %record.source, action = %record.action, attempt = attempt + 1, error = %error, retry_in_s = delay.as_secs_f64(), "attempt failed; will retry");
-                Some(delay)
-            };
-            Resolution::Failed { error, retry_after }
+                (Class::Retried, Resolution::Failed { error, retry_after: Some(delay) })
+            }
         };
         outcomes.push(Outcome { id, resolution, metadata });
+        classes.push((id, class, record));
     }
     let set_aside = batch.set_aside() as u64;
     match batch.finish(outcomes).await {
-        Ok(()) => {
-            shared.metrics.add_committed(succeeded, retried, dead, set_aside);
+        Ok(Finished { set_aside: unwritable }) => {
+            let (mut succeeded, mut retried, mut dead, mut crashed) = (0u64, 0u64, 0u64, 0u64);
+            let mut tally = Tally::default();
+            for (id, class, record) in &classes {
+                if let Some((_, reason)) = unwritable.iter().find(|(u, _)| u == id) {
+                    warn!(event_id = %id, source = %record.source, action = %record.action, reason = %reason, "the outcome could not be written; the event was set aside");
+                    continue;
+                }
+                if crashes.contains(id) {
+                    crashed += 1;
+                }
+                match class {
+                    Class::Succeeded => {
+                        succeeded += 1;
+                        tally.succeeded(record);
+                    }
+                    Class::Retried => {
+                        retried += 1;
+                        tally.retried(record);
+                    }
+                    Class::Dead => {
+                        dead += 1;
+                        tally.dead(record);
+                    }
+                }
+            }
+            shared.metrics.add_committed(succeeded, retried, dead, set_aside + unwritable.len() as u64);
+            shared.metrics.add_crashed(crashed);
             tally.commit();
+        }
+        Err(error) if B::is_outcome_unknown(&error) => {
+            shared.metrics.add_outcome_unknown();
+            warn!(error = %error, outcomes = classes.len(), "the connection was lost after COMMIT was sent: outcome unknown; the next claim will tell");
         }
         Err(error) => {
             shared.metrics.add_error();
-            warn!(error = %error, "recording outcomes failed; the events stay claimable and will be retried");
+            warn!(error = %error, "recording outcomes failed; nothing was written, the events stay claimable and will be retried");
         }
     }
 }

@@ -76,9 +76,9 @@
 //!     async fn keep_alive(&self) -> Result<(), Self::Error> {
 //!         Ok(()) // an in-memory claim cannot lapse
 //!     }
-//!     async fn finish(self, outcomes: Vec<Outcome>) -> Result<(), Self::Error> {
+//!     async fn finish(self, outcomes: Vec<Outcome>) -> Result<hook_core::Finished, Self::Error> {
 //!         self.done.lock().unwrap().extend(outcomes);
-//!         Ok(())
+//!         Ok(hook_core::Finished::default())
 //!     }
 //! }
 //! # fn event(source: &str, action: &str) -> HookEvent {
@@ -130,13 +130,16 @@ pub use crate::metrics::{
     describe_metrics, names as metric_names, Metrics, MetricsSnapshot, MAX_LABELLED_PAIRS, OTHER_LABEL,
 };
 pub use duration::parse_duration;
-pub use engine::{bound_text, is_loud_failure, Engine, EngineBuilder, EngineConfig, MAX_ERROR_BYTES};
+pub use engine::{
+    bound_text, is_loud_failure, Engine, EngineBuilder, EngineConfig, DEFAULT_MAX_BYTES_IN_FLIGHT,
+    MAX_ERROR_BYTES, MIN_BYTES_IN_FLIGHT,
+};
 pub use error::ConfigError;
 pub use event::{HandlerResult, HookEvent, NewEvent};
 pub use handler::{Handler, HandlerRegistry, IntoHandlerResult, WILDCARD};
 pub use handlers::register_defaults;
 pub use retry::{RetryPolicy, RETRY_COUNT_LIMIT};
-pub use store::{ClaimRequest, ClaimedBatch, Outcome, Resolution, Store};
+pub use store::{ClaimRequest, ClaimedBatch, Finished, Outcome, Resolution, Store};
 
 /// A registry holding the default handlers (see [`register_defaults`]).
 pub fn default_registry() -> HandlerRegistry {

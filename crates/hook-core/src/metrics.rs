@@ -52,6 +52,12 @@ pub mod names {
     /// Counter: rows a claim set aside as dead without an attempt (undecodable, or already at
     /// the retry limit), counted once committed.
     pub const SET_ASIDE: &str = "hook_events_set_aside_total";
+    /// Counter: failed attempts recorded because the processor died while the event's handler
+    /// ran alone (see ARCHITECTURE.md, "The claim"); also counted in `failed_total`.
+    pub const CRASHED: &str = "hook_events_crashed_attempts_total";
+    /// Counter: completions whose COMMIT was sent but whose reply was lost, and whose outcome
+    /// could not be found out; the next claim tells (the events are processed, or come back).
+    pub const OUTCOME_UNKNOWN: &str = "hook_events_outcome_unknown_total";
     /// Gauge: events waiting to be processed (not processed, not dead), retries included.
     pub const PENDING: &str = "hook_events_pending";
     /// Gauge: pending events that have failed at least once.
@@ -97,6 +103,14 @@ pub fn describe_metrics() {
         SET_ASIDE,
         "Rows set aside as dead without an attempt (undecodable, or already at the retry limit)"
     );
+    describe_counter!(
+        CRASHED,
+        "Failed attempts recorded because the processor died while the event's handler ran alone"
+    );
+    describe_counter!(
+        OUTCOME_UNKNOWN,
+        "Completions whose COMMIT reply was lost and whose outcome could not be found out"
+    );
     describe_gauge!(PENDING, "Events not processed and not dead (retries included)");
     describe_gauge!(RETRYING, "Pending events that failed at least once");
     describe_gauge!(DEAD_EVENTS, "Events that reached the retry limit and are not processed");
@@ -123,6 +137,8 @@ pub struct Metrics {
     errors: AtomicU64,
     claimed: AtomicU64,
     set_aside: AtomicU64,
+    crashed: AtomicU64,
+    outcome_unknown: AtomicU64,
     /// Milliseconds after `started` of the last progress, plus one; 0 before any.
     last_progress: AtomicU64,
     ready: AtomicBool,
@@ -130,6 +146,8 @@ pub struct Metrics {
     batch_size: Histogram,
     database_errors: Counter,
     set_aside_total: Counter,
+    crashed_total: Counter,
+    outcome_unknown_total: Counter,
 }
 
 impl fmt::Debug for Metrics {
@@ -151,12 +169,16 @@ impl Default for Metrics {
             errors: AtomicU64::new(0),
             claimed: AtomicU64::new(0),
             set_aside: AtomicU64::new(0),
+            crashed: AtomicU64::new(0),
+            outcome_unknown: AtomicU64::new(0),
             last_progress: AtomicU64::new(0),
             ready: AtomicBool::new(false),
             series: Mutex::new(SeriesCache::default()),
             batch_size: histogram!(names::BATCH_SIZE),
             database_errors: counter!(names::DATABASE_ERRORS),
             set_aside_total: counter!(names::SET_ASIDE),
+            crashed_total: counter!(names::CRASHED),
+            outcome_unknown_total: counter!(names::OUTCOME_UNKNOWN),
         }
     }
 }
@@ -180,6 +202,10 @@ pub struct MetricsSnapshot {
     pub claimed: u64,
     /// Rows set aside as dead without an attempt (undecodable, or already at the retry limit).
     pub set_aside: u64,
+    /// Failed attempts recorded because the processor died while the event's handler ran alone.
+    pub crashed: u64,
+    /// Completions whose COMMIT reply was lost and whose outcome could not be found out.
+    pub outcome_unknown: u64,
     /// Time since the engine was built.
     pub uptime: Duration,
 }
@@ -213,6 +239,8 @@ impl Metrics {
             errors: get(&self.errors),
             claimed: get(&self.claimed),
             set_aside: get(&self.set_aside),
+            crashed: get(&self.crashed),
+            outcome_unknown: get(&self.outcome_unknown),
             uptime: self.started.elapsed(),
         }
     }
@@ -264,6 +292,16 @@ impl Metrics {
     pub(crate) fn add_error(&self) {
         self.errors.fetch_add(1, Ordering::Relaxed);
         self.database_errors.increment(1);
+    }
+
+    pub(crate) fn add_crashed(&self, n: u64) {
+        self.crashed.fetch_add(n, Ordering::Relaxed);
+        self.crashed_total.increment(n);
+    }
+
+    pub(crate) fn add_outcome_unknown(&self) {
+        self.outcome_unknown.fetch_add(1, Ordering::Relaxed);
+        self.outcome_unknown_total.increment(1);
     }
 
     pub(crate) fn add_committed(&self, succeeded: u64, retried: u64, dead: u64, set_aside: u64) {

@@ -14,6 +14,15 @@ pub enum StoreError {
     #[error("{}", describe_db_error(.0))]
     Db(tokio_postgres::Error),
 
+    /// A claim ended (its transaction is gone) before the engine could use it.
+    #[error("claim lost: {0}")]
+    ClaimLost(String),
+
+    /// The connection was lost after COMMIT was sent, and whether it committed could not be
+    /// found out; the next claim tells (the events are processed, or come back as suspects).
+    #[error("outcome unknown; the next claim will tell: {0}")]
+    OutcomeUnknown(String),
+
     /// No connection could be taken from the pool.
     #[error("connection pool: {0}")]
     Pool(String),

@@ -98,6 +98,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!(6, "0006_original_indexes.sql"),
     migration!(7, "0007_archive_table.sql"),
     migration!(8, "0008_archive_key.sql"),
+    migration!(9, "0009_claim_ledger.sql"),
 ];
 
 /// The migrations up to `version` as they were first released (each file's oldest text): what

@@ -10,17 +10,21 @@
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod};
-use hook_core::{ClaimRequest, ClaimedBatch, HookEvent, Outcome, Store};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use hook_core::{ClaimRequest, ClaimedBatch, Finished, HookEvent, Outcome, Resolution, Store};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_postgres::Config;
-use tracing::warn;
+use tracing::{debug, warn};
+use uuid::Uuid;
 
 use crate::deadline::{within, DEFAULT_CALL_TIMEOUT};
 use crate::error::StoreError;
 use crate::listen;
 use crate::migrate::{self, MigrationReport};
-use crate::queries::{self, Claimed, Completion};
+use crate::queries::{self, Claimed, CommitError, Completion, LedgerEnd};
 
 /// How a [`PgStore`] connects.
 #[derive(Debug, Clone)]
@@ -60,6 +64,9 @@ pub struct PgStore {
     wakeups: Option<watch::Receiver<()>>,
     listener: Option<JoinHandle<()>>,
     call_timeout: Duration,
+    /// Whether the latest claim saw suspects waiting (true at first, so that a processor
+    /// restarted after a crash recovers first).
+    suspects: Arc<AtomicBool>,
 }
 
 impl Drop for PgStore {
@@ -105,7 +112,7 @@ impl PgStore {
         } else {
             (None, None)
         };
-        Ok(Self { pool, config, wakeups, listener, call_timeout })
+        Ok(Self { pool, config, wakeups, listener, call_timeout, suspects: Arc::new(AtomicBool::new(true)) })
     }
 
     /// The connection pool, for queries outside the claim path.
@@ -138,6 +145,10 @@ impl Store for PgStore {
     fn wakeups(&self) -> Option<watch::Receiver<()>> {
         self.wakeups.clone()
     }
+
+    fn suspects_waiting(&self) -> bool {
+        self.suspects.load(Ordering::Relaxed)
+    }
 }
 
 impl PgStore {
@@ -148,30 +159,175 @@ impl PgStore {
             "BEGIN; SET LOCAL idle_in_transaction_session_timeout = {}",
             request.claim_timeout.as_millis().max(1)
         );
-        // BEGIN and the claim are pipelined: one round trip.
-        let (begun, claimed) = futures::join!(
-            client.batch_execute(&begin),
-            queries::claim_events(client, request.limit, request.max_retry_count)
-        );
-        begun?;
-        let Claimed { events, set_aside } = claimed?;
-        if events.is_empty() && set_aside == 0 {
+        let mut ledger = Ledger::Ordinary { id: Uuid::new_v4(), recorded: false };
+        let claimed = if request.isolate {
+            // Recover what dead holders left, then one crash to count or one suspect to run
+            // alone; if there is neither, an ordinary claim in the same transaction.
+            queries::recover_and_begin(client, &begin).await?;
+            if let Some((event, id, xid)) = queries::claim_crashed(client).await? {
+                self.suspects.store(true, Ordering::Relaxed);
+                let ledger = Ledger::Crashed { id, event: event.id };
+                return Ok(Some(PgBatch::new(
+                    conn,
+                    self.pool.clone(),
+                    Claimed { xid, ..Claimed::default() },
+                    ledger,
+                    vec![event],
+                    self.call_timeout,
+                )));
+            }
+            match queries::claim_suspect(client, &request).await? {
+                Some((claimed, id)) => {
+                    let event = claimed.events.first().map(|e| e.id);
+                    if let Some(event) = event {
+                        ledger = Ledger::Isolated { id, event, recorded: false };
+                    }
+                    self.suspects.store(true, Ordering::Relaxed);
+                    claimed
+                }
+                None => {
+                    let claimed = queries::claim_events(client, &request, None).await?;
+                    // What is left is locked by other claimers, which handle it.
+                    self.suspects.store(false, Ordering::Relaxed);
+                    claimed
+                }
+            }
+        } else {
+            // BEGIN and the claim are pipelined: one round trip.
+            let claimed = queries::claim_events(client, &request, Some(&begin)).await?;
+            self.suspects.store(claimed.suspects, Ordering::Relaxed);
+            claimed
+        };
+        if claimed.events.is_empty() && claimed.set_aside == 0 && claimed.held_back == 0 {
             client.batch_execute("COMMIT").await?;
             conn.release();
             return Ok(None);
         }
         // With rows set aside and no events, the batch still goes to the engine: finishing it
         // commits the set-asides, and its size tells the engine to claim again at once.
-        Ok(Some(PgBatch { conn, events, set_aside, call_timeout: self.call_timeout }))
+        Ok(Some(PgBatch::new(conn, self.pool.clone(), claimed, ledger, Vec::new(), self.call_timeout)))
+    }
+}
+
+/// A batch's row in the claim ledger, `hook_events_claims` (see ARCHITECTURE.md, "The claim").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ledger {
+    /// An ordinary batch: its row, written by `start`, names the events handed to handlers.
+    Ordinary { id: Uuid, recorded: bool },
+    /// One suspect run alone: its queued row, taken over by `start`.
+    Isolated { id: Uuid, event: Uuid, recorded: bool },
+    /// A crash being counted: the row of the isolated attempt that died.
+    Crashed { id: Uuid, event: Uuid },
+}
+
+impl Ledger {
+    /// What becomes of the row when the batch commits `outcomes`.
+    fn at_commit(self, outcomes: &[Outcome]) -> LedgerEnd {
+        let outcome = |event: Uuid| outcomes.iter().find(|o| o.id == event);
+        match self {
+            Ledger::Ordinary { id, recorded: true } => LedgerEnd::Forget(id),
+            Ledger::Isolated { id, event, recorded: true } => match outcome(event) {
+                Some(_) => LedgerEnd::Forget(id),
+                // Its handler did not finish (drain timeout): still a suspect.
+                None => LedgerEnd::Requeue(id),
+            },
+            Ledger::Crashed { id, event } => match outcome(event).map(|o| &o.resolution) {
+                Some(Resolution::Failed { retry_after: None, .. }) => LedgerEnd::Forget(id),
+                // Its next attempt is handled alone too.
+                Some(_) => LedgerEnd::Requeue(id),
+                None => LedgerEnd::Keep,
+            },
+            Ledger::Ordinary { recorded: false, .. } | Ledger::Isolated { recorded: false, .. } => {
+                LedgerEnd::Keep
+            }
+        }
+    }
+
+    /// What becomes of the row when the batch ends without outcomes for a reason the engine
+    /// knows (released, claim lost, completion refused): nothing crashed.
+    fn at_release(self) -> LedgerEnd {
+        match self {
+            Ledger::Ordinary { id, recorded: true } => LedgerEnd::Forget(id),
+            Ledger::Isolated { id, recorded: true, .. } => LedgerEnd::Requeue(id),
+            _ => LedgerEnd::Keep,
+        }
     }
 }
 
 /// Events claimed by one transaction; see [`PgStore`].
 pub struct PgBatch {
     conn: TxConn,
+    pool: Pool,
     events: Vec<HookEvent>,
+    event_ids: Vec<Uuid>,
+    crashed: Vec<HookEvent>,
     set_aside: usize,
     call_timeout: Duration,
+    held_back: usize,
+    bytes: u64,
+    xid: Option<String>,
+    ledger: Ledger,
+}
+
+impl PgBatch {
+    fn new(
+        conn: TxConn,
+        pool: Pool,
+        claimed: Claimed,
+        ledger: Ledger,
+        crashed: Vec<HookEvent>,
+        call_timeout: Duration,
+    ) -> Self {
+        let event_ids = claimed.events.iter().map(|e| e.id).collect();
+        Self {
+            conn,
+            pool,
+            events: claimed.events,
+            event_ids,
+            crashed,
+            set_aside: claimed.set_aside,
+            held_back: claimed.held_back,
+            bytes: claimed.bytes,
+            xid: claimed.xid,
+            ledger,
+            call_timeout,
+        }
+    }
+
+    /// Applies `end` to the ledger row on a pooled connection, in the background (best effort:
+    /// a row left behind only makes its events suspect).
+    fn forget_in_background(&self, end: LedgerEnd) {
+        let (id, requeue) = match end {
+            LedgerEnd::Keep => return,
+            LedgerEnd::Forget(id) => (id, false),
+            LedgerEnd::Requeue(id) => (id, true),
+        };
+        let pool = self.pool.clone();
+        tokio::spawn(async move {
+            let result = async { queries::forget_claim(&pool.get().await?, id, requeue).await }.await;
+            if let Err(error) = result {
+                debug!(error = %error, ledger = %id, "could not clear the claim's ledger row; its events will be retried alone");
+            }
+        });
+    }
+
+    /// Finds out, on another connection, whether the transaction whose COMMIT reply was lost
+    /// committed: `Some(true)`, `Some(false)` (aborted) or `None` (unknown). Asks for up to 2 s,
+    /// since the server may not have noticed the lost connection yet.
+    async fn committed(&self) -> Option<bool> {
+        let xid = self.xid.as_deref()?;
+        let ask = async {
+            loop {
+                match async { queries::xact_committed(&self.pool.get().await?, xid).await }.await {
+                    Ok(Some(committed)) => return Some(committed),
+                    Ok(None) => {}
+                    Err(error) => debug!(error = %error, "asking whether the batch committed failed"),
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(2), ask).await.ok().flatten()
+    }
 }
 
 impl ClaimedBatch for PgBatch {
@@ -181,8 +337,70 @@ impl ClaimedBatch for PgBatch {
         std::mem::take(&mut self.events)
     }
 
+    fn take_crashed(&mut self) -> Vec<HookEvent> {
+        std::mem::take(&mut self.crashed)
+    }
+
+    fn isolated(&self) -> bool {
+        matches!(self.ledger, Ledger::Isolated { .. })
+    }
+
     fn set_aside(&self) -> usize {
         self.set_aside
+    }
+
+    fn held_back(&self) -> usize {
+        self.held_back
+    }
+
+    fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Writes the batch's row in the claim ledger, on another pooled connection, autocommitted:
+    /// from then on, if the claim's transaction dies, its events are suspects.
+    async fn start(&mut self) -> Result<(), StoreError> {
+        let lost =
+            || StoreError::ClaimLost("the claim's transaction ended before its handlers started".into());
+        match &mut self.ledger {
+            Ledger::Ordinary { id, recorded } if !self.event_ids.is_empty() => {
+                let xid = self.xid.as_deref().ok_or_else(lost)?;
+                let client = self.pool.get().await?;
+                if !queries::record_claim(&client, *id, xid, &self.event_ids).await? {
+                    return Err(lost());
+                }
+                *recorded = true;
+            }
+            Ledger::Isolated { id, recorded, .. } => {
+                let xid = self.xid.as_deref().ok_or_else(lost)?;
+                let client = self.pool.get().await?;
+                if !queries::record_isolated(&client, *id, xid).await? {
+                    return Err(lost());
+                }
+                *recorded = true;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Rolls back, and drops the ledger row (or puts an isolated suspect back in the queue) in
+    /// the same round trip.
+    async fn release(self) {
+        let end = self.ledger.at_release();
+        let sql = match end {
+            LedgerEnd::Keep => "ROLLBACK".to_owned(),
+            end => format!("ROLLBACK; {}", queries::commit_sql(end).trim_end_matches("; COMMIT")),
+        };
+        let done = match self.conn.client() {
+            Ok(client) => client.batch_execute(&sql).await.is_ok(),
+            Err(_) => false,
+        };
+        if done {
+            self.conn.release();
+        } else {
+            self.forget_in_background(end);
+        }
     }
 
     /// A trivial statement in the claim's transaction: it restarts the server's
@@ -194,21 +412,46 @@ impl ClaimedBatch for PgBatch {
 
     /// Bounded by the call timeout; past it the connection is closed with the batch, and
     /// whether a `COMMIT` already sent took effect is unknown ([`StoreError::Timeout`]).
-    async fn finish(self, outcomes: Vec<Outcome>) -> Result<(), StoreError> {
+    async fn finish(self, outcomes: Vec<Outcome>) -> Result<Finished, StoreError> {
         within(self.call_timeout, "recording outcomes", self.finish_unbounded(outcomes)).await
+    }
+
+    fn is_outcome_unknown(error: &StoreError) -> bool {
+        matches!(error, StoreError::OutcomeUnknown(_) | StoreError::Timeout { .. })
     }
 }
 
 impl PgBatch {
-    async fn finish_unbounded(self, outcomes: Vec<Outcome>) -> Result<(), StoreError> {
+    async fn finish_unbounded(self, outcomes: Vec<Outcome>) -> Result<Finished, StoreError> {
         let client = self.conn.client()?;
+        let commit = queries::commit_sql(self.ledger.at_commit(&outcomes));
         let completion = Completion::new(outcomes);
-        let written = queries::record_outcomes_and_commit(client, &completion).await?;
-        if written != completion.len() as u64 {
-            warn!(expected = completion.len(), written, "some outcomes matched no unprocessed row");
+        match queries::record_outcomes_and_commit(client, &completion, &commit).await {
+            Ok(written) => {
+                let expected = completion.len() - written.set_aside.len();
+                if written.rows != expected as u64 {
+                    warn!(expected, written = written.rows, "some outcomes matched no unprocessed row");
+                }
+                self.conn.release();
+                Ok(Finished { set_aside: written.set_aside })
+            }
+            Err(CommitError { error, maybe_committed: false, .. }) => {
+                // Nothing was written, for a reason we know: the events are not suspects.
+                self.forget_in_background(self.ledger.at_release());
+                Err(error)
+            }
+            Err(CommitError { error, maybe_committed: true, set_aside }) => match self.committed().await {
+                Some(true) => {
+                    warn!(error = %error, "the connection was lost after COMMIT was sent, but the transaction committed");
+                    Ok(Finished { set_aside })
+                }
+                Some(false) => {
+                    self.forget_in_background(self.ledger.at_release());
+                    Err(error)
+                }
+                None => Err(StoreError::OutcomeUnknown(error.to_string())),
+            },
         }
-        self.conn.release();
-        Ok(())
     }
 }
 

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use deadpool_postgres::GenericClient;
-use hook_core::{HookEvent, Outcome, Resolution};
+use hook_core::{ClaimRequest, HookEvent, Outcome, Resolution};
 use serde_json::Value;
 use tokio_postgres::Row;
 use tracing::warn;
@@ -21,22 +21,209 @@ macro_rules! event_columns {
 #[cfg_attr(not(feature = "bench"), allow(unused_imports))]
 pub(crate) use event_columns;
 
-/// Locks up to `$1` live events that are due, oldest first, skipping rows another claim holds.
-/// The locks last until the claiming transaction ends; that transaction is the claim.
+/// SQL: whether the claim transaction `$holder` (an `xid8`) is still in progress, judged by the
+/// statement's snapshot: not visible to it (listed among its running transactions, or at or past
+/// its `xmax`, which running transactions may be too). No commit log is read, so an xid too old
+/// to look up cannot make the statement fail. (A row restored from another cluster, with an xid
+/// this one has not reached, looks live and is harmless: live rows keep no event from a claim.)
+macro_rules! holder_live {
+    ($holder:literal) => {
+        concat!(
+            "(",
+            $holder,
+            " IS NOT NULL AND NOT pg_visible_in_snapshot(",
+            $holder,
+            ", pg_current_snapshot()))"
+        )
+    };
+}
+
+/// SQL: the bytes of JSON of a row's payload and metadata, as estimated before fetching them.
+/// Values stored uncompressed in 2 kB or less are counted at their stored size (no work); others
+/// (compressed, or larger) are measured as the JSON text the server will send, which detoasts
+/// them on the server, not here.
+macro_rules! json_bytes {
+    ($e:literal) => {
+        concat!(
+            "(CASE WHEN pg_column_compression(", $e, ".payload) IS NULL AND pg_column_compression(", $e,
+            ".metadata) IS NULL AND pg_column_size(", $e, ".payload) + pg_column_size(", $e,
+            ".metadata) <= 2048 THEN pg_column_size(", $e, ".payload) + pg_column_size(", $e,
+            ".metadata) ELSE octet_length(", $e, ".payload::text) + octet_length(", $e,
+            ".metadata::text) END)::int8"
+        )
+    };
+}
+
+/// SQL: the event is claimable now.
+macro_rules! due {
+    ($e:literal) => {
+        concat!(
+            "NOT ",
+            $e,
+            ".processed AND ",
+            $e,
+            ".dead_at IS NULL AND (",
+            $e,
+            ".next_attempt_at IS NULL OR ",
+            $e,
+            ".next_attempt_at <= now())"
+        )
+    };
+}
+
+/// Locks up to `$1` live events that are due, oldest first, skipping rows another claim holds and
+/// suspect events (named by a ledger row whose holder is gone: they are retried one at a time,
+/// by [`claim_suspect`]). The locks last until the claiming transaction ends; that transaction is
+/// the claim.
+///
+/// Then bounds the bytes: a row is returned whole while the running sum of the JSON bytes of the
+/// rows before it and its own stays within `$2`; a row whose bytes alone exceed `$3` is returned
+/// without payload and metadata (never fetched) to be set aside dead; the rest are returned
+/// without payload and metadata and are held back (locked until the batch ends, untouched).
+/// The columns: the event's (payload and metadata NULL unless it fits), then its bytes and
+/// whether it fits.
 ///
 /// Rows whose `retry_count` is already at the limit are claimed too, and set aside as dead by
 /// [`claim_events`]: left out here they would never be decided, and would lie at the head of
 /// the claim index for every claim to step over.
 const CLAIM: &str = concat!(
-    "SELECT ",
+    "WITH locked AS ( \
+         SELECT ",
     event_columns!(),
-    " FROM hook_events \
-     WHERE NOT processed AND dead_at IS NULL \
-       AND (next_attempt_at IS NULL OR next_attempt_at <= now()) \
-     ORDER BY created_at \
-     LIMIT $1 \
-     FOR UPDATE SKIP LOCKED"
+    ", ",
+    json_bytes!("e"),
+    " AS bytes \
+         FROM hook_events AS e \
+         WHERE ",
+    due!("e"),
+    " AND e.id NOT IN (SELECT unnest(c.event_ids) FROM hook_events_claims AS c WHERE NOT ",
+    holder_live!("c.holder"),
+    ") \
+         ORDER BY e.created_at \
+         LIMIT $1::int8 \
+         FOR UPDATE SKIP LOCKED \
+     ), sized AS ( \
+         SELECT *, bytes <= $3::int8 AND sum(CASE WHEN bytes > $3::int8 THEN 0 ELSE bytes END) \
+                   OVER (ORDER BY created_at ROWS UNBOUNDED PRECEDING) <= $2::int8 AS fits \
+         FROM locked \
+     ) \
+     SELECT id, source, action, resource, resource_id, \
+            CASE WHEN fits THEN payload END, CASE WHEN fits THEN metadata END, \
+            processed, processing_errors, retry_count, created_at, processed_at, bytes, fits \
+     FROM sized ORDER BY created_at"
 );
+
+/// What the claim's transaction learns right after claiming, in the same round trip: its
+/// transaction id (assigned by the row locks; NULL when it locked nothing), and whether suspect
+/// events are waiting: a ledger row whose holder is gone (to be recovered), or a queued suspect
+/// that is due.
+const CLAIM_INFO: &str = concat!(
+    "SELECT pg_current_xact_id_if_assigned()::text, \
+            EXISTS (SELECT 1 FROM hook_events_claims AS c \
+                    WHERE c.note IS NULL AND NOT ",
+    holder_live!("c.holder"),
+    " AND (c.holder IS NOT NULL \
+                         OR EXISTS (SELECT 1 FROM hook_events AS e WHERE e.id = ANY (c.event_ids) AND ",
+    due!("e"),
+    ")))"
+);
+
+/// Recovery, before an isolated claim, autocommitted. First, each ledger row of an ordinary batch
+/// whose holder is gone (it crashed, lost its connection or was killed) becomes one queued row
+/// per event (no holder): its events are suspects, to be handled one at a time, and are not
+/// charged an attempt (which of them took the process down is not known). Second, rows that
+/// name no pending event any more (processed, dead, replayed, archived) are dropped. Rows locked
+/// by another claimer's recovery are skipped.
+const RECOVER: &str = concat!(
+    "WITH orphans AS ( \
+         DELETE FROM hook_events_claims WHERE id IN ( \
+             SELECT c.id FROM hook_events_claims AS c \
+             WHERE c.holder IS NOT NULL AND NOT c.isolated AND NOT ",
+    holder_live!("c.holder"),
+    " FOR UPDATE SKIP LOCKED) \
+         RETURNING event_ids \
+     ) \
+     INSERT INTO hook_events_claims (id, event_ids) \
+     SELECT gen_random_uuid(), ARRAY[s.id] FROM (SELECT DISTINCT unnest(event_ids) AS id FROM orphans) AS s; \
+     DELETE FROM hook_events_claims WHERE id IN ( \
+         SELECT c.id FROM hook_events_claims AS c \
+         WHERE NOT ",
+    holder_live!("c.holder"),
+    " AND NOT EXISTS (SELECT 1 FROM hook_events AS e \
+                           WHERE e.id = ANY (c.event_ids) AND NOT e.processed AND e.dead_at IS NULL) \
+         FOR UPDATE SKIP LOCKED)"
+);
+
+/// An event whose isolated attempt died with its holder: the crash was the event's. Locks the
+/// ledger row and the event (skipping those another claimer holds), so the crash is counted
+/// once. The event's columns (payload and metadata empty: no handler runs), then the ledger
+/// row's id.
+const CLAIM_CRASHED: &str = concat!(
+    "SELECT e.id, e.source, e.action, e.resource, e.resource_id, '{}'::jsonb, '{}'::jsonb, \
+            e.processed, e.processing_errors, e.retry_count, e.created_at, e.processed_at, c.id \
+     FROM hook_events_claims AS c JOIN hook_events AS e ON e.id = c.event_ids[1] \
+     WHERE c.isolated AND c.note IS NULL AND NOT ",
+    holder_live!("c.holder"),
+    " AND NOT e.processed AND e.dead_at IS NULL \
+     ORDER BY c.created_at \
+     LIMIT 1 \
+     FOR UPDATE OF c, e SKIP LOCKED"
+);
+
+/// The oldest due queued suspect, locked, to be handled alone; the columns of [`CLAIM`], then
+/// the ledger row's id. `$1` is the byte limit of one event.
+const CLAIM_SUSPECT: &str = concat!(
+    "WITH s AS ( \
+         SELECT e.id, e.source, e.action, e.resource, e.resource_id, e.payload, e.metadata, \
+                e.processed, e.processing_errors, e.retry_count, e.created_at, e.processed_at, ",
+    json_bytes!("e"),
+    " AS bytes, c.id AS claim_id \
+         FROM hook_events_claims AS c JOIN hook_events AS e ON e.id = c.event_ids[1] \
+         WHERE c.holder IS NULL AND c.note IS NULL AND ",
+    due!("e"),
+    " ORDER BY e.created_at \
+         LIMIT 1 \
+         FOR UPDATE OF e SKIP LOCKED \
+     ) \
+     SELECT id, source, action, resource, resource_id, \
+            CASE WHEN bytes <= $1::int8 THEN payload END, CASE WHEN bytes <= $1::int8 THEN metadata END, \
+            processed, processing_errors, retry_count, created_at, processed_at, bytes, bytes <= $1::int8, claim_id \
+     FROM s"
+);
+
+/// Records, on a connection of its own and autocommitted, the events an ordinary claim is about
+/// to hand to handlers: `$1` the row's id, `$2` the claim's transaction id, `$3` the events. Only
+/// while that transaction is alive (one already gone has lost its locks: its handlers must not
+/// start).
+const RECORD_CLAIM: &str = concat!(
+    "INSERT INTO hook_events_claims (id, holder, event_ids) \
+     SELECT $1, $2::text::xid8, $3::uuid[] WHERE ",
+    holder_live!("$2::text::xid8")
+);
+
+/// Takes over a queued suspect for an isolated claim (`$1` the ledger row, `$2` the claim's
+/// transaction id), on a connection of its own, autocommitted.
+const RECORD_ISOLATED: &str = concat!(
+    "UPDATE hook_events_claims SET holder = $2::text::xid8, isolated = TRUE \
+     WHERE id = $1 AND holder IS NULL AND ",
+    holder_live!("$2::text::xid8")
+);
+
+/// Drops a ledger row (autocommitted, after a rollback the engine knows about).
+const FORGET_CLAIM: &str = "DELETE FROM hook_events_claims WHERE id = $1";
+
+/// Puts an isolated claim's event back in the queue of suspects (its handler was cancelled).
+const REQUEUE_CLAIM: &str =
+    "UPDATE hook_events_claims SET holder = NULL, isolated = FALSE WHERE id = $1 AND isolated";
+
+/// Whether a transaction committed, for a completion whose COMMIT reply was lost.
+const XACT_STATUS: &str = "SELECT pg_xact_status($1::text::xid8)::text";
+
+/// Keeps an event whose outcome could not be written at all (not even as dead) out of every
+/// claim, with the reason, until an operator deals with it (see docs/operations.md). Written in
+/// the batch's transaction.
+const QUARANTINE: &str =
+    "INSERT INTO hook_events_claims (id, event_ids, note) VALUES (gen_random_uuid(), ARRAY[$1::uuid], $2)";
 
 /// Marks claimed rows that cannot be attempted dead, recording why.
 const SET_ASIDE: &str = "UPDATE hook_events AS e \
@@ -87,60 +274,183 @@ pub(crate) fn event_from_row(row: &Row) -> Result<HookEvent, StoreError> {
     })
 }
 
-/// What one claim took: the events to attempt, and how many rows it set aside instead.
+/// What one claim took: the events to attempt, and the rows it set aside or held back instead.
 #[derive(Debug, Default)]
 pub struct Claimed {
     /// The events to hand to handlers, oldest first.
     pub events: Vec<HookEvent>,
     /// Rows the claim took but marked dead instead of returning (see [`claim_events`]). They
-    /// count toward the claim's `limit`: when `events.len() + set_aside` reaches it, more rows
-    /// may be waiting.
+    /// count toward the claim's `limit`: when `events.len() + set_aside + held_back` reaches it,
+    /// more rows may be waiting.
     pub set_aside: usize,
+    /// Rows the claim locked but did not return, because the byte limit was reached; released
+    /// unchanged when the claim ends.
+    pub held_back: usize,
+    /// Bytes of JSON of the events' payloads and metadata.
+    pub bytes: u64,
+    /// The claim's transaction id (as text), when it locked rows.
+    pub xid: Option<String>,
+    /// Whether suspect events are waiting for an isolated claim.
+    pub suspects: bool,
 }
 
-/// Claims up to `limit` eligible rows with `FOR UPDATE SKIP LOCKED`. Must run inside a
-/// transaction, which then holds the claim.
+/// Claims up to `request.limit` eligible rows with `FOR UPDATE SKIP LOCKED`, within
+/// `request.max_bytes`. Must run inside a transaction, which then holds the claim; `begin`, when
+/// given, is sent first in the same round trip (the statements that open that transaction).
 ///
 /// Claimed rows that cannot be attempted are set aside as dead in the same transaction, with
 /// the reason appended to `processing_errors`, and not returned: rows this build cannot decode,
-/// and rows whose `retry_count` is already `max_retry_count` or more (inserted that way, left by
-/// the original service, or by a processor with a higher limit).
+/// rows whose `retry_count` is already `max_retry_count` or more (inserted that way, left by
+/// the original service, or by a processor with a higher limit), and rows whose payload and
+/// metadata alone exceed `request.max_event_bytes` (never fetched).
 pub async fn claim_events(
     client: &impl GenericClient,
-    limit: usize,
-    max_retry_count: u32,
+    request: &ClaimRequest,
+    begin: Option<&str>,
 ) -> Result<Claimed, StoreError> {
     let statement = client.prepare_cached(CLAIM).await?;
-    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-    let rows = client.query(&statement, &[&limit]).await?;
-    let mut events = Vec::with_capacity(rows.len());
+    let info = client.prepare_cached(CLAIM_INFO).await?;
+    let limit = i64::try_from(request.limit).unwrap_or(i64::MAX);
+    let max_bytes = i64::try_from(request.max_bytes).unwrap_or(i64::MAX);
+    let max_event_bytes = i64::try_from(request.max_event_bytes).unwrap_or(i64::MAX);
+    let begun = async {
+        match begin {
+            Some(sql) => client.batch_execute(sql).await,
+            None => Ok(()),
+        }
+    };
+    // BEGIN, the claim and what the transaction learns from it: one round trip.
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] = [&limit, &max_bytes, &max_event_bytes];
+    let (begun, rows, info) =
+        futures::join!(begun, client.query(&statement, &params), client.query_one(&info, &[]));
+    begun?;
+    let rows = rows?;
+    let info = info?;
+    let mut claimed = decide(client, &rows, request).await?;
+    claimed.xid = info.try_get(0)?;
+    claimed.suspects = info.try_get(1)?;
+    Ok(claimed)
+}
+
+/// Recovers the ledger rows of dead holders (see [`RECOVER`]), autocommitted, then runs `begin`;
+/// one round trip. Two Query messages: in one, the statements before BEGIN would become part of
+/// the transaction BEGIN opens.
+pub(crate) async fn recover_and_begin(client: &impl GenericClient, begin: &str) -> Result<(), StoreError> {
+    let (recovered, begun) = futures::join!(client.batch_execute(RECOVER), client.batch_execute(begin));
+    recovered?;
+    begun?;
+    Ok(())
+}
+
+/// A crash to count: an event whose isolated holder died, with its ledger row's id and the
+/// claim's transaction id. Inside the claim's transaction.
+pub(crate) async fn claim_crashed(
+    client: &impl GenericClient,
+) -> Result<Option<(HookEvent, Uuid, Option<String>)>, StoreError> {
+    let statement = client.prepare_cached(CLAIM_CRASHED).await?;
+    let info = client.prepare_cached(CLAIM_INFO).await?;
+    let (rows, info) = futures::join!(client.query(&statement, &[]), client.query_one(&info, &[]));
+    let (rows, info) = (rows?, info?);
+    let Some(row) = rows.first() else {
+        return Ok(None);
+    };
+    let ledger: Uuid = row.try_get(12)?;
+    match event_from_row(row) {
+        Ok(event) => Ok(Some((event, ledger, info.try_get(0)?))),
+        Err(error) => {
+            // The row could be read when it was claimed; if it cannot be now, the next ordinary
+            // claim... cannot take it (it is a suspect): count nothing and drop the ledger row,
+            // so that an ordinary claim sets it aside.
+            let id: Uuid = row.try_get(0)?;
+            warn!(event_id = %id, error = %error, "a crashed event cannot be decoded; leaving it to an ordinary claim");
+            client.execute(FORGET_CLAIM, &[&ledger]).await?;
+            Ok(None)
+        }
+    }
+}
+
+/// The oldest due suspect, to be handled alone, with its ledger row's id. Inside the claim's
+/// transaction. A suspect that cannot be attempted is set aside as by [`claim_events`], and its
+/// ledger row dropped in the same transaction.
+pub(crate) async fn claim_suspect(
+    client: &impl GenericClient,
+    request: &ClaimRequest,
+) -> Result<Option<(Claimed, Uuid)>, StoreError> {
+    let statement = client.prepare_cached(CLAIM_SUSPECT).await?;
+    let info = client.prepare_cached(CLAIM_INFO).await?;
+    let max_event_bytes = i64::try_from(request.max_event_bytes).unwrap_or(i64::MAX);
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&max_event_bytes];
+    let (rows, info) = futures::join!(client.query(&statement, &params), client.query_one(&info, &[]));
+    let (rows, info) = (rows?, info?);
+    let Some(row) = rows.first() else {
+        return Ok(None);
+    };
+    let ledger: Uuid = row.try_get(14)?;
+    let mut claimed = decide(client, &rows, request).await?;
+    if claimed.set_aside > 0 {
+        client.execute(FORGET_CLAIM, &[&ledger]).await?;
+    }
+    claimed.xid = info.try_get(0)?;
+    claimed.suspects = true;
+    Ok(Some((claimed, ledger)))
+}
+
+/// Sorts claimed rows (the columns of [`CLAIM`]) into events, held-back rows and rows to set
+/// aside, and sets the latter aside.
+async fn decide(
+    client: &impl GenericClient,
+    rows: &[Row],
+    request: &ClaimRequest,
+) -> Result<Claimed, StoreError> {
+    let max_retry_count = request.max_retry_count;
+    let mut claimed = Claimed { events: Vec::with_capacity(rows.len()), ..Claimed::default() };
     let (mut set_aside, mut reasons) = (Vec::new(), Vec::new());
-    for row in &rows {
-        let (id, reason) = match event_from_row(row) {
-            Ok(event) if u32::try_from(event.retry_count).unwrap_or(u32::MAX) < max_retry_count => {
-                events.push(event);
-                continue;
-            }
-            Ok(event) => (
-                event.id,
+    for row in rows {
+        let bytes = u64::try_from(row.try_get::<_, i64>(12)?).unwrap_or(0);
+        let fits: bool = row.try_get(13)?;
+        if !fits && bytes <= request.max_event_bytes {
+            claimed.held_back += 1;
+            continue;
+        }
+        let (id, reason) = if !fits {
+            let id: Uuid = row.try_get(0)?;
+            warn!(event_id = %id, bytes, max_bytes_in_flight = request.max_event_bytes, "claimed an event too large to hold; setting it aside as dead without fetching it");
+            (
+                id,
                 format!(
-                    "retry_count {} is at MAX_RETRY_COUNT ({max_retry_count}) or past it before an attempt; \
-                     set aside as dead",
-                    event.retry_count
+                    "payload and metadata are {bytes} bytes of JSON, more than the processor may hold at once \
+                     (its max bytes in flight, {}); set aside as dead without being fetched",
+                    request.max_event_bytes
                 ),
-            ),
-            // A row this build cannot represent (jsonb nested deeper than serde_json's limit,
-            // a created_at of 'infinity', ...) would otherwise stay first in line and fail
-            // every claim.
-            Err(error) => {
-                // A column of another type fails every row alike: stop claiming and name it,
-                // rather than set the table aside row by row (see crate::schema).
-                if let Some(mismatch) = crate::schema::type_mismatch(row, &error) {
-                    return Err(mismatch);
+            )
+        } else {
+            match event_from_row(row) {
+                Ok(event) if u32::try_from(event.retry_count).unwrap_or(u32::MAX) < max_retry_count => {
+                    claimed.bytes += bytes;
+                    claimed.events.push(event);
+                    continue;
                 }
-                let id: Uuid = row.try_get(0)?;
-                warn!(event_id = %id, error = %error, "claimed a row that cannot be decoded; setting it aside as dead");
-                (id, format!("undecodable row, set aside as dead: {error}"))
+                Ok(event) => (
+                    event.id,
+                    format!(
+                        "retry_count {} is at MAX_RETRY_COUNT ({max_retry_count}) or past it before an attempt; \
+                         set aside as dead",
+                        event.retry_count
+                    ),
+                ),
+                // A row this build cannot represent (jsonb nested deeper than serde_json's limit,
+                // a created_at of 'infinity', ...) would otherwise stay first in line and fail
+                // every claim.
+                Err(error) => {
+                    // A column of another type fails every row alike: stop claiming and name it,
+                    // rather than set the table aside row by row (see crate::schema).
+                    if let Some(mismatch) = crate::schema::type_mismatch(row, &error) {
+                        return Err(mismatch);
+                    }
+                    let id: Uuid = row.try_get(0)?;
+                    warn!(event_id = %id, error = %error, "claimed a row that cannot be decoded; setting it aside as dead");
+                    (id, format!("undecodable row, set aside as dead: {error}"))
+                }
             }
         };
         set_aside.push(id);
@@ -153,7 +463,80 @@ pub async fn claim_events(
         let statement = client.prepare_cached(SET_ASIDE).await?;
         client.execute(&statement, &[&set_aside, &reasons]).await?;
     }
-    Ok(Claimed { events, set_aside: set_aside.len() })
+    claimed.set_aside = set_aside.len();
+    Ok(claimed)
+}
+
+/// Records an ordinary claim's events in the ledger, on `client` (not the claim's connection).
+/// False when the claim's transaction is already gone.
+pub(crate) async fn record_claim(
+    client: &impl GenericClient,
+    id: Uuid,
+    xid: &str,
+    events: &[Uuid],
+) -> Result<bool, StoreError> {
+    let statement = client.prepare_cached(RECORD_CLAIM).await?;
+    Ok(client.execute(&statement, &[&id, &xid, &events]).await? == 1)
+}
+
+/// Takes over a queued suspect's ledger row for an isolated claim, on `client` (not the claim's
+/// connection). False when the claim's transaction is already gone or the row was taken.
+pub(crate) async fn record_isolated(
+    client: &impl GenericClient,
+    id: Uuid,
+    xid: &str,
+) -> Result<bool, StoreError> {
+    let statement = client.prepare_cached(RECORD_ISOLATED).await?;
+    Ok(client.execute(&statement, &[&id, &xid]).await? == 1)
+}
+
+/// Drops a ledger row, or puts an isolated one back in the queue, autocommitted.
+pub(crate) async fn forget_claim(
+    client: &impl GenericClient,
+    id: Uuid,
+    requeue: bool,
+) -> Result<(), StoreError> {
+    client.execute(if requeue { REQUEUE_CLAIM } else { FORGET_CLAIM }, &[&id]).await?;
+    Ok(())
+}
+
+/// The SQL that ends a batch's transaction, after its outcomes: what becomes of its ledger row,
+/// then COMMIT. Sent as one simple query, so that when an outcome statement failed before it,
+/// its first statement fails too ("current transaction is aborted") and COMMIT is skipped: the
+/// transaction stays open, holding its locks, for the row-by-row fallback.
+pub(crate) fn commit_sql(ledger: LedgerEnd) -> String {
+    match ledger {
+        LedgerEnd::Keep => "SELECT 1; COMMIT".to_owned(),
+        LedgerEnd::Forget(id) => format!("DELETE FROM hook_events_claims WHERE id = '{id}'; COMMIT"),
+        LedgerEnd::Requeue(id) => {
+            format!("UPDATE hook_events_claims SET holder = NULL, isolated = FALSE WHERE id = '{id}'; COMMIT")
+        }
+    }
+}
+
+/// What becomes of a batch's ledger row when its transaction ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LedgerEnd {
+    /// There is none, or it stays as it is.
+    Keep,
+    /// It is dropped.
+    Forget(Uuid),
+    /// Its event goes back in the queue of suspects (no holder).
+    Requeue(Uuid),
+}
+
+/// Whether a transaction committed: `Some(true)` committed, `Some(false)` aborted, `None` still
+/// in progress or unknown.
+pub(crate) async fn xact_committed(
+    client: &impl GenericClient,
+    xid: &str,
+) -> Result<Option<bool>, StoreError> {
+    let status: Option<String> = client.query_one(XACT_STATUS, &[&xid]).await?.try_get(0)?;
+    Ok(match status.as_deref() {
+        Some("committed") => Some(true),
+        Some("aborted") => Some(false),
+        _ => None,
+    })
 }
 
 /// The parameters of the two completion statements, split from a batch of outcomes.
@@ -198,20 +581,68 @@ fn duration_ms(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
-/// Writes a batch of outcomes and commits the claim's transaction: one statement for the
-/// successes, one for the failures, and COMMIT, pipelined into one round trip.
+/// What [`record_outcomes_and_commit`] wrote.
+#[derive(Debug, Default)]
+pub(crate) struct Written {
+    /// Rows updated with their outcome.
+    pub(crate) rows: u64,
+    /// Events whose outcome could not be written, set aside instead, with the reason.
+    pub(crate) set_aside: Vec<(Uuid, String)>,
+}
+
+/// Why [`record_outcomes_and_commit`] failed.
+#[derive(Debug)]
+pub(crate) struct CommitError {
+    pub(crate) error: StoreError,
+    /// COMMIT was sent and no answer came back (the connection was lost): it may have committed.
+    pub(crate) maybe_committed: bool,
+    /// What was set aside, should it turn out to have committed.
+    pub(crate) set_aside: Vec<(Uuid, String)>,
+}
+
+impl CommitError {
+    fn known(error: impl Into<StoreError>) -> Self {
+        Self { error: error.into(), maybe_committed: false, set_aside: Vec::new() }
+    }
+}
+
+/// Whether an error means the connection is gone (rather than that the server refused a
+/// statement): a client-side error, or the server ending the session (operator intervention,
+/// connection exception).
+fn is_connection_error(error: &tokio_postgres::Error) -> bool {
+    match error.as_db_error() {
+        None => true,
+        Some(db) => {
+            let code = db.code().code();
+            code.starts_with("57") || code.starts_with("08")
+        }
+    }
+}
+
+/// Writes a batch of outcomes and commits the claim's transaction: a savepoint, one statement
+/// for the successes, one for the failures, and `commit` (see [`commit_sql`]), pipelined into
+/// one round trip.
 ///
 /// The statements are prepared first, on purpose. A statement still being prepared is sent only
 /// after its Parse round trip, so COMMIT would overtake it and the update would run after the
 /// claim's locks were released, unfenced. Executes of prepared statements go out on their first
-/// poll, and `join!` polls in order, so the server sees the updates before COMMIT. If an update
-/// fails, the transaction is aborted and COMMIT rolls it back: nothing is written.
+/// poll, and `join!` polls in order, so the server sees the updates before COMMIT.
+///
+/// If an outcome statement fails (a user's trigger or constraint refuses a row, the server's
+/// encoding refuses a text), COMMIT is skipped (see [`commit_sql`]) and the transaction, still
+/// holding its locks, returns to the savepoint; the outcomes are then written one at a time, each
+/// in a savepoint of its own, and one that cannot be written is set aside instead (see
+/// [`write_one_by_one`]), so that its batch-mates commit.
 pub(crate) async fn record_outcomes_and_commit(
     client: &impl GenericClient,
     c: &Completion,
-) -> Result<u64, StoreError> {
-    let succeed_statement = client.prepare_cached(SUCCEED).await?;
-    let fail_statement = client.prepare_cached(FAIL).await?;
+    commit: &str,
+) -> Result<Written, CommitError> {
+    let succeed_statement = client.prepare_cached(SUCCEED).await.map_err(CommitError::known)?;
+    let fail_statement = client.prepare_cached(FAIL).await.map_err(CommitError::known)?;
+    // Deferred constraints are checked at each statement, where a refusal can be caught, not at
+    // COMMIT, where it would roll the batch back.
+    let open = client.batch_execute("SET CONSTRAINTS ALL IMMEDIATE; SAVEPOINT hook_outcomes");
     let succeed = async {
         if c.ok_ids.is_empty() {
             return Ok(0);
@@ -226,8 +657,210 @@ pub(crate) async fn record_outcomes_and_commit(
             .execute(&fail_statement, &[&c.failed_ids, &c.errors, &c.failed_metadata, &c.delays_ms, &c.dead])
             .await
     };
-    let (succeeded, failed, committed) = futures::join!(succeed, fail, client.batch_execute("COMMIT"));
-    let written = succeeded? + failed?;
-    committed?;
-    Ok(written)
+    let (opened, succeeded, failed, committed) =
+        futures::join!(open, succeed, fail, client.batch_execute(commit));
+    if let Err(error) = &committed {
+        if is_connection_error(error) {
+            return Err(CommitError {
+                error: committed.unwrap_err().into(),
+                maybe_committed: true,
+                set_aside: Vec::new(),
+            });
+        }
+    }
+    opened.map_err(CommitError::known)?;
+    let refused = [&succeeded, &failed]
+        .into_iter()
+        .find_map(|r| r.as_ref().err().filter(|e| !is_connection_error(e)))
+        .map(db_text);
+    match (succeeded, failed, committed) {
+        (Ok(a), Ok(b), Ok(())) => Ok(Written { rows: a + b, set_aside: Vec::new() }),
+        _ if refused.is_some() => {
+            let refused = refused.unwrap_or_default();
+            warn!(error = %refused, outcomes = c.len(), "writing the batch's outcomes failed; writing them one at a time");
+            write_one_by_one(client, c, &succeed_statement, &fail_statement, commit).await
+        }
+        (_, _, committed) => {
+            // The savepoint, the ledger statement or COMMIT itself failed: nothing is written.
+            let _ = client.batch_execute("ROLLBACK").await;
+            Err(CommitError::known(
+                committed
+                    .err()
+                    .map_or_else(|| StoreError::Pool("writing the outcomes failed".into()), StoreError::from),
+            ))
+        }
+    }
+}
+
+fn db_text(error: &tokio_postgres::Error) -> String {
+    crate::migrate::db_error_text(error)
+}
+
+/// The fallback of [`record_outcomes_and_commit`]: back to the savepoint, then each outcome in a
+/// savepoint of its own; an outcome the server refuses is tried again plainly (its error text
+/// made ASCII, no metadata), then the event is set aside as dead with the reason, and if even
+/// that is refused, it is quarantined in the claim ledger (kept out of every claim, with the
+/// reason). Then `commit`.
+async fn write_one_by_one(
+    client: &impl GenericClient,
+    c: &Completion,
+    succeed: &tokio_postgres::Statement,
+    fail: &tokio_postgres::Statement,
+    commit: &str,
+) -> Result<Written, CommitError> {
+    client.batch_execute("ROLLBACK TO SAVEPOINT hook_outcomes").await.map_err(CommitError::known)?;
+    let set_aside_statement = client.prepare_cached(SET_ASIDE).await.map_err(CommitError::known)?;
+    let empty = Value::Object(serde_json::Map::new());
+    let mut written = Written::default();
+    for (i, id) in c.ok_ids.iter().enumerate() {
+        let full =
+            in_savepoint(client, succeed, &[&[*id].as_slice(), &[c.ok_metadata[i].clone()].as_slice()])
+                .await?;
+        let refused = match full {
+            Ok(n) => {
+                written.rows += n;
+                continue;
+            }
+            Err(refused) => refused,
+        };
+        match in_savepoint(client, succeed, &[&[*id].as_slice(), &[empty.clone()].as_slice()]).await? {
+            Ok(n) => written.rows += n,
+            Err(_) => {
+                let reason =
+                    format!("the handler succeeded, but the outcome could not be written ({refused})");
+                set_aside_one(client, &set_aside_statement, *id, &reason, &mut written).await?;
+            }
+        }
+    }
+    for (i, id) in c.failed_ids.iter().enumerate() {
+        let (delay, dead) = (c.delays_ms[i], c.dead[i]);
+        let full = in_savepoint(
+            client,
+            fail,
+            &[
+                &[*id].as_slice(),
+                &[c.errors[i].clone()].as_slice(),
+                &[c.failed_metadata[i].clone()].as_slice(),
+                &[delay].as_slice(),
+                &[dead].as_slice(),
+            ],
+        )
+        .await?;
+        let refused = match full {
+            Ok(n) => {
+                written.rows += n;
+                continue;
+            }
+            Err(refused) => refused,
+        };
+        let plain = ascii(&c.errors[i]);
+        match in_savepoint(
+            client,
+            fail,
+            &[
+                &[*id].as_slice(),
+                &[plain.clone()].as_slice(),
+                &[empty.clone()].as_slice(),
+                &[delay].as_slice(),
+                &[dead].as_slice(),
+            ],
+        )
+        .await?
+        {
+            Ok(n) => written.rows += n,
+            Err(_) => {
+                let reason =
+                    format!("the handler failed ({plain}), and the outcome could not be written ({refused})");
+                set_aside_one(client, &set_aside_statement, *id, &reason, &mut written).await?;
+            }
+        }
+    }
+    match client.batch_execute(commit).await {
+        Ok(()) => Ok(written),
+        Err(error) if is_connection_error(&error) => {
+            Err(CommitError { error: error.into(), maybe_committed: true, set_aside: written.set_aside })
+        }
+        Err(error) => {
+            let _ = client.batch_execute("ROLLBACK").await;
+            Err(CommitError::known(error))
+        }
+    }
+}
+
+/// Sets one event aside as dead with `reason`, or, if the server refuses even that, quarantines
+/// it in the claim ledger.
+async fn set_aside_one(
+    client: &impl GenericClient,
+    set_aside: &tokio_postgres::Statement,
+    id: Uuid,
+    reason: &str,
+    written: &mut Written,
+) -> Result<(), CommitError> {
+    let reason = hook_core::bound_text(&ascii(&format!("{reason}; set aside as dead")));
+    match in_savepoint(client, set_aside, &[&[id].as_slice(), &[reason.clone()].as_slice()]).await? {
+        Ok(_) => written.set_aside.push((id, reason)),
+        Err(refused) => {
+            let note = hook_core::bound_text(&ascii(&format!(
+                "{reason}, which was refused too ({refused}): kept out of every claim until this row is deleted"
+            )));
+            client.execute(QUARANTINE, &[&id, &note]).await.map_err(CommitError::known)?;
+            written.set_aside.push((id, note));
+        }
+    }
+    Ok(())
+}
+
+/// Runs one statement in a savepoint: `Ok(Ok(rows))` when it worked, `Ok(Err(reason))` when the
+/// server refused it (rolled back to the savepoint), `Err` when the connection failed.
+async fn in_savepoint(
+    client: &impl GenericClient,
+    statement: &tokio_postgres::Statement,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<Result<u64, String>, CommitError> {
+    let (saved, result) =
+        futures::join!(client.batch_execute("SAVEPOINT hook_row"), client.execute(statement, params));
+    saved.map_err(CommitError::known)?;
+    match result {
+        Ok(rows) => {
+            client.batch_execute("RELEASE SAVEPOINT hook_row").await.map_err(CommitError::known)?;
+            Ok(Ok(rows))
+        }
+        Err(error) if !is_connection_error(&error) => {
+            client.batch_execute("ROLLBACK TO SAVEPOINT hook_row").await.map_err(CommitError::known)?;
+            Ok(Err(db_text(&error)))
+        }
+        Err(error) => Err(CommitError::known(error)),
+    }
+}
+
+/// Text any server encoding can store: characters outside ASCII become `\u{...}` escapes.
+fn ascii(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for ch in text.chars() {
+        if ch.is_ascii() && ch != '\0' {
+            out.push(ch);
+        } else {
+            out.push_str(&format!("\\u{{{:x}}}", u32::from(ch)));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ascii_escapes_what_an_encoding_may_refuse() {
+        assert_eq!(ascii("a€b\0"), "a\\u{20ac}b\\u{0}");
+    }
+
+    #[test]
+    fn commit_sql_names_the_ledger_row() {
+        let id = Uuid::nil();
+        assert_eq!(commit_sql(LedgerEnd::Keep), "SELECT 1; COMMIT");
+        assert!(commit_sql(LedgerEnd::Forget(id))
+            .starts_with("DELETE FROM hook_events_claims WHERE id = '00000000-"));
+        assert!(commit_sql(LedgerEnd::Requeue(id)).contains("SET holder = NULL"));
+    }
 }

@@ -21,12 +21,13 @@
 //! | `fail`          | returns an error                                          |
 //! | `huge-error:N`  | returns an error of N bytes                               |
 //! | `sleep:MS`      | sleeps MS milliseconds more, then succeeds                |
+//! | `abort`         | aborts the whole process (`std::process::abort`)          |
 //!
 //! ```text
 //! hook-test-worker --url <conn> [--delay-ms 0] [--batch-size 100] [--batches-in-flight 2]
 //!     [--concurrency 64] [--poll-ms 200] [--handler-timeout-ms 30000] [--claim-timeout-ms 60000]
 //!     [--drain-timeout-ms 25000] [--max-retry-count 3] [--retry-base-ms 2000]
-//!     [--fault SOURCE=KIND]...
+//!     [--max-bytes-in-flight BYTES] [--fault SOURCE=KIND]...
 //! ```
 //!
 //! Every connection it opens carries the application name `hook-test-worker-<pid>`. Runs until
@@ -69,6 +70,7 @@ enum Fault {
     Fail,
     HugeError(usize),
     Sleep(Duration),
+    Abort,
 }
 
 impl std::str::FromStr for Fault {
@@ -79,9 +81,10 @@ impl std::str::FromStr for Fault {
             None if text == "panic" => Fault::Panic,
             None if text == "hang" => Fault::Hang,
             None if text == "fail" => Fault::Fail,
+            None if text == "abort" => Fault::Abort,
             Some(("huge-error", bytes)) => Fault::HugeError(number("huge-error", bytes)?),
             Some(("sleep", ms)) => Fault::Sleep(Duration::from_millis(number("sleep", ms)?)),
-            _ => bail!("unknown fault {text:?} (panic, hang, fail, huge-error:N, sleep:MS)"),
+            _ => bail!("unknown fault {text:?} (panic, hang, fail, huge-error:N, sleep:MS, abort)"),
         })
     }
 }
@@ -100,6 +103,7 @@ struct Args {
     drain_timeout: Duration,
     max_retry_count: u32,
     retry_base: Duration,
+    max_bytes_in_flight: u64,
     faults: HashMap<String, Fault>,
 }
 
@@ -119,6 +123,7 @@ impl Args {
             drain_timeout: defaults.drain_timeout,
             max_retry_count: defaults.retry.max_retry_count,
             retry_base: defaults.retry.base_delay,
+            max_bytes_in_flight: defaults.max_bytes_in_flight,
             faults: HashMap::new(),
         };
         let ms = |flag: &str, text: &str| number(flag, text).map(Duration::from_millis);
@@ -136,6 +141,7 @@ impl Args {
                 "--drain-timeout-ms" => args.drain_timeout = ms(&flag, &value()?)?,
                 "--max-retry-count" => args.max_retry_count = number(&flag, &value()?)?,
                 "--retry-base-ms" => args.retry_base = ms(&flag, &value()?)?,
+                "--max-bytes-in-flight" => args.max_bytes_in_flight = number(&flag, &value()?)?,
                 "--fault" => {
                     let spec = value()?;
                     let (source, kind) = spec
@@ -160,6 +166,7 @@ impl Args {
             claim_timeout: self.claim_timeout,
             drain_timeout: self.drain_timeout,
             metrics_interval: None,
+            max_bytes_in_flight: self.max_bytes_in_flight,
             retry: RetryPolicy {
                 max_retry_count: self.max_retry_count,
                 base_delay: self.retry_base,
@@ -285,6 +292,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 Some(Fault::Sleep(extra)) => {
                     tokio::time::sleep(*extra).await;
                     Ok(HandlerResult::ok("slept"))
+                }
+                Some(Fault::Abort) => {
+                    warn!(event_id = %event.id, "injected abort");
+                    std::process::abort()
                 }
             }
         }
