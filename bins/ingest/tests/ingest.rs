@@ -86,6 +86,8 @@ impl Scratch {
 
 impl Drop for Scratch {
     fn drop(&mut self) {
+        // A test that failed half way leaves no server running (but keeps its files).
+        hook_store::testing::stop_servers_under(&self.0);
         if !std::thread::panicking() {
             let _ = std::fs::remove_dir_all(&self.0);
         }
