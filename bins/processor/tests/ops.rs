@@ -516,5 +516,6 @@ async fn json_logs_carry_event_fields_and_never_payloads_or_passwords() {
         .expect("the unknown event's line");
     assert_eq!(field(unknown, "source"), Some(json!("Mystery")), "{unknown}");
     assert_eq!(field(unknown, "attempt"), Some(json!(1)), "{unknown}");
-    assert_eq!(unknown["level"], "DEBUG", "unknown routes log at debug");
+    // Debug: a hook Claude Code adds later must not log a line per event at the default level.
+    assert_eq!(unknown["level"], "DEBUG");
 }
