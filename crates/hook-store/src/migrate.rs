@@ -400,7 +400,7 @@ impl LockRetry {
             return false;
         }
         // The first, then every tenth: a busy table may take a few attempts, which is normal.
-        if self.timeouts == 1 || self.timeouts % 10 == 0 {
+        if self.timeouts == 1 || self.timeouts.is_multiple_of(10) {
             warn!(
                 version = migration.version,
                 name = migration.name,
