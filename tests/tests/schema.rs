@@ -131,7 +131,7 @@ async fn catalog(client: &Client) -> Vec<String> {
             &[],
         )
         .await
-        .unwrap()
+        .expect("the catalog query")
         .iter()
         .map(|row| row.get(0))
         .collect()
@@ -209,7 +209,7 @@ async fn an_original_archive_with_duplicate_ids_is_refused_clearly_and_left_alon
 /// the migration's ALTER TABLE must not wait for it with producers queued behind.
 async fn hold_table(db: &TestDb) -> Client {
     let blocker = db.client().await;
-    blocker.batch_execute("BEGIN; SELECT count(*) FROM hook_events").await.unwrap();
+    blocker.batch_execute("BEGIN; SELECT count(*) FROM hook_events").await.expect("hold the table");
     blocker
 }
 
@@ -222,7 +222,7 @@ async fn produce(client: &Client, n: i32) {
             &[&format!("p{n}")],
         )
         .await
-        .unwrap();
+        .expect("a producer's insert");
 }
 
 #[tokio::test]

@@ -263,11 +263,13 @@ async fn seed_install(client: &Client, plan: &UpgradePlan) -> anyhow::Result<()>
     Ok(())
 }
 
+/// One insert: when it was scheduled, when it was sent, and its round trip if it succeeded.
+type Insert = (Instant, Instant, Option<Duration>);
+
 /// Inserts at a steady rate, each insert from its scheduled time.
 struct Producer {
     stop: watch::Sender<bool>,
-    /// (scheduled, sent, round trip if it succeeded) of every insert.
-    task: tokio::task::JoinHandle<anyhow::Result<Vec<(Instant, Instant, Option<Duration>)>>>,
+    task: tokio::task::JoinHandle<anyhow::Result<Vec<Insert>>>,
 }
 
 impl Producer {
