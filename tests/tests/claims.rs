@@ -12,6 +12,8 @@
 //! injected, outside the claim's transaction, so the table counts every handling, including
 //! those of batches that never committed.
 
+#![allow(clippy::unwrap_used)]
+
 use std::os::unix::process::ExitStatusExt;
 use std::time::{Duration, Instant};
 

@@ -2,6 +2,8 @@
 //! holder leaves behind, how its events are retried alone and charged, what a known rollback
 //! clears; claims bounded by bytes; and COMMIT replies lost on a TCP proxy of the test's own.
 
+#![allow(clippy::unwrap_used)]
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
