@@ -119,14 +119,20 @@ async fn process(
         .await
         .with_context(|| hook_cli::connecting_to(&shown, password))?;
     notifier.status("applying migrations");
-    let report = store.migrate().await.with_context(|| format!("migrating {shown}"))?;
+    // A database that restarts or goes away right after the connect (a failover, a restart under
+    // systemd's ordering) fails the migrations the same way the connect would have: wait for it
+    // as the connect does, instead of exiting.
+    let report = until_reachable(ops.wait_for_database, &notifier, || store.migrate())
+        .await
+        .with_context(|| format!("migrating {shown}"))?;
     // The migrations refuse a table that does not fit before they touch it; this also covers a
     // table changed after they were applied. Either way nothing is claimed.
-    let client = store.pool().get().await.with_context(|| format!("connecting to {shown}"))?;
-    hook_store::schema::check(&client, hook_store::schema::Scope::QUEUE)
-        .await
-        .with_context(|| format!("checking the tables of {shown}"))?;
-    drop(client);
+    until_reachable(ops.wait_for_database, &notifier, || async {
+        let client = store.pool().get().await?;
+        hook_store::schema::check(&client, hook_store::schema::Scope::QUEUE).await
+    })
+    .await
+    .with_context(|| format!("checking the tables of {shown}"))?;
     info!(database = %shown, applied = ?report.applied, "database ready");
     // Probes and gauge queries get a pool of their own, so they never wait behind the engine.
     // Same connection settings (TLS included) as the engine's.
@@ -206,11 +212,21 @@ async fn connect(
     wait: Duration,
     notifier: &Notifier,
 ) -> Result<PgStore, StoreError> {
+    until_reachable(wait, notifier, || PgStore::connect(config.clone(), options.clone())).await
+}
+
+/// Runs `call`, again for up to `wait` while it fails because the database is unreachable
+/// ([`is_transient`]); other errors are returned at once.
+async fn until_reachable<T, F, Fut>(wait: Duration, notifier: &Notifier, mut call: F) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+{
     let deadline = Instant::now() + wait;
     let mut delay = Duration::from_millis(500);
     loop {
-        match PgStore::connect(config.clone(), options.clone()).await {
-            Ok(store) => return Ok(store),
+        match call().await {
+            Ok(value) => return Ok(value),
             Err(error) if is_transient(&error) && Instant::now() + delay < deadline => {
                 warn!(%error, retry_in_s = delay.as_secs_f64(), "database unreachable; waiting for it");
                 notifier.status(&format!("waiting for the database: {error}"));
