@@ -654,15 +654,12 @@ pub(crate) async fn record_outcomes_and_commit(
     };
     let (opened, succeeded, failed, committed) =
         futures::join!(open, succeed, fail, client.batch_execute(commit));
-    if let Err(error) = &committed {
-        if is_connection_error(error) {
-            return Err(CommitError {
-                error: committed.unwrap_err().into(),
-                maybe_committed: true,
-                set_aside: Vec::new(),
-            });
+    let committed = match committed {
+        Err(error) if is_connection_error(&error) => {
+            return Err(CommitError { error: error.into(), maybe_committed: true, set_aside: Vec::new() });
         }
-    }
+        other => other,
+    };
     opened.map_err(CommitError::known)?;
     let refused = [&succeeded, &failed]
         .into_iter()
