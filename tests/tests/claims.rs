@@ -84,8 +84,11 @@ async fn restart_until_decided(
 
 /// Handler invocations so far (0 while no worker has created the table yet).
 async fn invocations(client: &Client) -> i64 {
-    let exists: bool =
-        client.query_one("SELECT to_regclass('test_invocations') IS NOT NULL", &[]).await.unwrap().get(0);
+    let exists: bool = client
+        .query_one("SELECT to_regclass('test_invocations') IS NOT NULL", &[])
+        .await
+        .expect("look for test_invocations")
+        .get(0);
     if exists {
         count(client, "SELECT count(*) FROM test_invocations").await
     } else {

@@ -272,8 +272,8 @@ impl Proxy {
         let config = db.config();
         let port = config.get_ports().first().copied().unwrap_or(5432);
         let upstream = config.get_hosts().first().cloned().expect("a host");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let proxy_port = listener.local_addr().unwrap().port();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind the proxy");
+        let proxy_port = listener.local_addr().expect("the proxy's address").port();
         let cut = Arc::new(Mutex::new(Cut::Nothing));
         let (gone_tx, gone_rx) = watch::channel(false);
         let refuse = Arc::new(AtomicBool::new(false));
@@ -284,11 +284,15 @@ impl Proxy {
                     continue;
                 }
                 let server: Stream = match &upstream {
-                    Host::Tcp(host) => {
-                        Box::new(tokio::net::TcpStream::connect((host.as_str(), port)).await.unwrap())
-                    }
+                    Host::Tcp(host) => Box::new(
+                        tokio::net::TcpStream::connect((host.as_str(), port))
+                            .await
+                            .expect("connect upstream"),
+                    ),
                     Host::Unix(dir) => Box::new(
-                        tokio::net::UnixStream::connect(dir.join(format!(".s.PGSQL.{port}"))).await.unwrap(),
+                        tokio::net::UnixStream::connect(dir.join(format!(".s.PGSQL.{port}")))
+                            .await
+                            .expect("connect upstream"),
                     ),
                 };
                 tokio::spawn(pump(
@@ -305,7 +309,7 @@ impl Proxy {
     }
 
     fn arm(&self, cut: Cut) {
-        *self.cut.lock().unwrap() = cut;
+        *self.cut.lock().expect("the cut") = cut;
     }
 
     async fn store(&self, db: &TestDb) -> PgStore {
@@ -323,7 +327,7 @@ impl Proxy {
             StoreOptions { listen: false, pool_timeout: Duration::from_secs(2), ..StoreOptions::default() },
         )
         .await
-        .unwrap()
+        .expect("connect the store through the proxy")
     }
 }
 
@@ -386,9 +390,9 @@ async fn pump(
             break;
         }
         let chunk = &buf[..n];
-        let armed = *cut.lock().unwrap();
+        let armed = *cut.lock().expect("the cut");
         if armed != Cut::Nothing && chunk.windows(7).any(|w| w == b"COMMIT\0") {
-            *cut.lock().unwrap() = Cut::Nothing;
+            *cut.lock().expect("the cut") = Cut::Nothing;
             this_cut.store(true, Ordering::SeqCst);
             if armed == Cut::BeforeCommit {
                 break;
@@ -416,7 +420,7 @@ async fn pump(
 async fn claim_through(proxy_store: &PgStore, client: &Client) -> (PgBatch, Vec<Outcome>) {
     insert_events(client, 1, "Fine", "a").await;
     let (mut batch, events) = claim(proxy_store, false).await.expect("a batch");
-    batch.start().await.unwrap();
+    batch.start().await.expect("start the batch");
     (batch, events.iter().map(|e| succeeded(e.id)).collect())
 }
 

@@ -209,6 +209,9 @@ impl PgStore {
     }
 }
 
+/// How long a batch that ended in this process keeps trying to clear its ledger row.
+const FORGET_PATIENCE: Duration = Duration::from_secs(60);
+
 /// A batch's row in the claim ledger, `hook_events_claims` (see ARCHITECTURE.md, "The claim").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Ledger {
@@ -294,8 +297,10 @@ impl PgBatch {
         }
     }
 
-    /// Applies `end` to the ledger row on a pooled connection, in the background (best effort:
-    /// a row left behind only makes its events suspect).
+    /// Applies `end` to the ledger row on a pooled connection, in the background: the batch
+    /// ended in this process, for a reason it knows, so its events are not suspects. Retried
+    /// for up to a minute (the database may be restarting); a row left behind only makes its
+    /// events suspect: handled once more each, alone.
     fn forget_in_background(&self, end: LedgerEnd) {
         let (id, requeue) = match end {
             LedgerEnd::Keep => return,
@@ -304,9 +309,19 @@ impl PgBatch {
         };
         let pool = self.pool.clone();
         tokio::spawn(async move {
-            let result = async { queries::forget_claim(&pool.get().await?, id, requeue).await }.await;
-            if let Err(error) = result {
-                debug!(error = %error, ledger = %id, "could not clear the claim's ledger row; its events will be retried alone");
+            let started = tokio::time::Instant::now();
+            let mut pause = Duration::from_millis(100);
+            loop {
+                match async { queries::forget_claim(&pool.get().await?, id, requeue).await }.await {
+                    Ok(()) => return,
+                    Err(error) if started.elapsed() > FORGET_PATIENCE => {
+                        debug!(error = %error, ledger = %id, "could not clear the claim's ledger row; its events will be retried alone");
+                        return;
+                    }
+                    Err(_) => {}
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(1));
             }
         });
     }
@@ -449,7 +464,12 @@ impl PgBatch {
                     self.forget_in_background(self.ledger.at_release());
                     Err(error)
                 }
-                None => Err(StoreError::OutcomeUnknown(error.to_string())),
+                None => {
+                    // If it committed, the row is gone with it; if not, this process is alive
+                    // and its events need not be suspects.
+                    self.forget_in_background(self.ledger.at_release());
+                    Err(StoreError::OutcomeUnknown(error.to_string()))
+                }
             },
         }
     }

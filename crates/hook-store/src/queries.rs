@@ -663,7 +663,7 @@ pub(crate) async fn record_outcomes_and_commit(
         Err(error) if is_connection_error(&error) => {
             return Err(CommitError { error: error.into(), maybe_committed: true, set_aside: Vec::new() });
         }
-        committed => committed,
+        other => other,
     };
     opened.map_err(CommitError::known)?;
     let refused = [&succeeded, &failed]
