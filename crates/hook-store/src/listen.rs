@@ -102,7 +102,9 @@ impl Session<'_> {
                     }
                 }
                 _ = ping.tick() => {
-                    if !self.drive(client.batch_execute("SELECT 1"), &mut messages, "LISTEN ping").await? {
+                    // The ping repeats the LISTEN (a no-op on a channel already listened to), so
+                    // pg_stat_activity keeps showing this session as the listener it is.
+                    if !self.drive(client.batch_execute(&statement), &mut messages, "LISTEN ping").await? {
                         return Ok(());
                     }
                 }

@@ -139,7 +139,10 @@ impl Store for PgStore {
     /// Bounded by the call timeout: a silent database fails the claim, and its connection is
     /// closed (`TxConn`), instead of holding up the engine's loop.
     async fn claim(&self, request: ClaimRequest) -> Result<Option<PgBatch>, StoreError> {
-        within(self.call_timeout, "claim", self.claim_unbounded(request)).await
+        match within(self.call_timeout, "claim", self.claim_unbounded(request)).await {
+            Err(error) => Err(self.explain(error).await),
+            claimed => claimed,
+        }
     }
 
     fn wakeups(&self) -> Option<watch::Receiver<()>> {
@@ -152,6 +155,24 @@ impl Store for PgStore {
 }
 
 impl PgStore {
+    /// A claim the server refused for a reason the table's shape explains (a column whose changed
+    /// type lacks an operator the claim uses, a missing column): the schema check's error, which
+    /// names the column and the fix, instead of the server's. Any other error is returned as it is.
+    async fn explain(&self, error: StoreError) -> StoreError {
+        let StoreError::Db(db) = &error else { return error };
+        let shape = db
+            .code()
+            .is_some_and(|code| matches!(code.code(), "42883" | "42804" | "42703" | "42P01" | "42846"));
+        if !shape {
+            return error;
+        }
+        let Ok(client) = self.pool.get().await else { return error };
+        match crate::schema::check(&client, crate::schema::Scope::QUEUE).await {
+            Err(mismatch) if mismatch.is_schema_mismatch() => mismatch,
+            _ => error,
+        }
+    }
+
     async fn claim_unbounded(&self, request: ClaimRequest) -> Result<Option<PgBatch>, StoreError> {
         let conn = TxConn::new(self.pool.get().await?);
         let client = conn.client()?;
