@@ -95,11 +95,14 @@ async fn outcomes_are_counted_by_route() {
 struct LosingStore {
     inner: PgStore,
     fail: Arc<AtomicU32>,
+    /// Instead of failing, commit and then report the outcome as unknown (a lost COMMIT reply).
+    unknown: bool,
 }
 
 struct LosingBatch {
     inner: PgBatch,
     fail: Arc<AtomicU32>,
+    unknown: bool,
 }
 
 impl Store for LosingStore {
@@ -108,7 +111,7 @@ impl Store for LosingStore {
 
     async fn claim(&self, request: ClaimRequest) -> Result<Option<LosingBatch>, StoreError> {
         let batch = self.inner.claim(request).await?;
-        Ok(batch.map(|inner| LosingBatch { inner, fail: Arc::clone(&self.fail) }))
+        Ok(batch.map(|inner| LosingBatch { inner, fail: Arc::clone(&self.fail), unknown: self.unknown }))
     }
 
     fn wakeups(&self) -> Option<tokio::sync::watch::Receiver<()>> {
@@ -127,12 +130,20 @@ impl ClaimedBatch for LosingBatch {
         self.inner.keep_alive().await
     }
 
+    fn is_outcome_unknown(error: &StoreError) -> bool {
+        PgBatch::is_outcome_unknown(error)
+    }
+
     async fn start(&mut self) -> Result<(), StoreError> {
         self.inner.start().await
     }
 
     async fn finish(self, outcomes: Vec<Outcome>) -> Result<hook_core::Finished, StoreError> {
         if self.fail.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
+            if self.unknown {
+                self.inner.finish(outcomes).await?;
+                return Err(StoreError::OutcomeUnknown("injected: the COMMIT reply was lost".into()));
+            }
             self.inner.release().await;
             return Err(StoreError::Pool("injected: the completion was lost".into()));
         }
@@ -149,8 +160,11 @@ async fn an_outcome_that_was_not_written_is_not_counted() {
     let invocations = Invocations::default();
     let mut registry = HandlerRegistry::new();
     registry.register("mx-lost", "*", invocations.handler());
-    let store =
-        LosingStore { inner: db.store(StoreOptions::default()).await, fail: Arc::new(AtomicU32::new(1)) };
+    let store = LosingStore {
+        inner: db.store(StoreOptions::default()).await,
+        fail: Arc::new(AtomicU32::new(1)),
+        unknown: false,
+    };
     let engine = Engine::builder(store).registry(registry).config(test_config()).build().unwrap();
     let running = Running::start(engine);
     wait_for_count(&client, "SELECT count(*) FROM hook_events WHERE processed", 1, Duration::from_secs(30))
@@ -169,6 +183,41 @@ async fn an_outcome_that_was_not_written_is_not_counted() {
         .find_map(|l| l.strip_prefix("hook_events_database_errors_total ")?.trim().parse().ok())
         .unwrap_or(0.0);
     assert!(errors >= 1.0, "the lost completion is a database error");
+}
+
+#[tokio::test]
+async fn a_commit_whose_reply_was_lost_is_counted_as_unknown_not_as_an_error_or_an_outcome() {
+    recorder();
+    let db = TestDb::migrated("metrics_unknown_outcome").await;
+    let client = db.client().await;
+    insert_events(&client, 1, "mx-unknown", "c").await;
+    let invocations = Invocations::default();
+    let mut registry = HandlerRegistry::new();
+    registry.register("mx-unknown", "*", invocations.handler());
+    let store = LosingStore {
+        inner: db.store(StoreOptions::default()).await,
+        fail: Arc::new(AtomicU32::new(1)),
+        unknown: true,
+    };
+    let engine = Engine::builder(store).registry(registry).config(test_config()).build().unwrap();
+    let metrics = engine.metrics();
+    let running = Running::start(engine);
+    wait_for_count(&client, "SELECT count(*) FROM hook_events WHERE processed", 1, Duration::from_secs(30))
+        .await;
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    while metrics.snapshot().outcome_unknown == 0 {
+        assert!(std::time::Instant::now() < until, "the unknown outcome was never counted");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let totals = running.stop().await;
+    assert_eq!(invocations.total(), 1, "it did commit: the event was not handled again");
+    assert_eq!((totals.outcome_unknown, totals.errors, totals.succeeded), (1, 0, 0));
+    let unknown: f64 = recorder()
+        .render()
+        .lines()
+        .find_map(|l| l.strip_prefix("hook_events_outcome_unknown_total ")?.trim().parse().ok())
+        .unwrap_or(0.0);
+    assert!(unknown >= 1.0, "counted in hook_events_outcome_unknown_total");
 }
 
 #[tokio::test]

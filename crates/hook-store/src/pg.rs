@@ -67,7 +67,12 @@ pub struct PgStore {
     /// Whether the latest claim saw suspects waiting (true at first, so that a processor
     /// restarted after a crash recovers first).
     suspects: Arc<AtomicBool>,
+    /// The ids of this store's ledger slots that are clear, for the next batches to reuse.
+    slots: Slots,
 }
+
+/// The ids of a store's clear ledger slots (see `queries::RECORD_CLAIM`).
+type Slots = Arc<std::sync::Mutex<Vec<Uuid>>>;
 
 impl Drop for PgStore {
     fn drop(&mut self) {
@@ -112,7 +117,15 @@ impl PgStore {
         } else {
             (None, None)
         };
-        Ok(Self { pool, config, wakeups, listener, call_timeout, suspects: Arc::new(AtomicBool::new(true)) })
+        Ok(Self {
+            pool,
+            config,
+            wakeups,
+            listener,
+            call_timeout,
+            suspects: Arc::new(AtomicBool::new(true)),
+            slots: Slots::default(),
+        })
     }
 
     /// The connection pool, for queries outside the claim path.
@@ -180,7 +193,7 @@ impl PgStore {
             "BEGIN; SET LOCAL idle_in_transaction_session_timeout = {}",
             request.claim_timeout.as_millis().max(1)
         );
-        let mut ledger = Ledger::Ordinary { id: Uuid::new_v4(), recorded: false };
+        let mut ledger = Ledger::Ordinary { id: Uuid::nil(), recorded: false };
         let claimed = if request.isolate {
             // Recover what dead holders left, then one crash to count or one suspect to run
             // alone; if there is neither, an ordinary claim in the same transaction.
@@ -190,11 +203,10 @@ impl PgStore {
                 let ledger = Ledger::Crashed { id, event: event.id };
                 return Ok(Some(PgBatch::new(
                     conn,
-                    self.pool.clone(),
+                    self,
                     Claimed { xid, ..Claimed::default() },
                     ledger,
                     vec![event],
-                    self.call_timeout,
                 )));
             }
             match queries::claim_suspect(client, &request).await? {
@@ -226,7 +238,14 @@ impl PgStore {
         }
         // With rows set aside and no events, the batch still goes to the engine: finishing it
         // commits the set-asides, and its size tells the engine to claim again at once.
-        Ok(Some(PgBatch::new(conn, self.pool.clone(), claimed, ledger, Vec::new(), self.call_timeout)))
+        Ok(Some(PgBatch::new(conn, self, claimed, ledger, Vec::new())))
+    }
+}
+
+/// Returns a slot to the store's free list once `end` cleared it.
+fn reuse_slot(slots: &Slots, end: LedgerEnd) {
+    if let LedgerEnd::Clear(id) = end {
+        slots.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(id);
     }
 }
 
@@ -236,7 +255,8 @@ const FORGET_PATIENCE: Duration = Duration::from_secs(60);
 /// A batch's row in the claim ledger, `hook_events_claims` (see ARCHITECTURE.md, "The claim").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Ledger {
-    /// An ordinary batch: its row, written by `start`, names the events handed to handlers.
+    /// An ordinary batch: its row, one of the store's slots, written by `start`, names the events
+    /// handed to handlers.
     Ordinary { id: Uuid, recorded: bool },
     /// One suspect run alone: its queued row, taken over by `start`.
     Isolated { id: Uuid, event: Uuid, recorded: bool },
@@ -249,7 +269,7 @@ impl Ledger {
     fn at_commit(self, outcomes: &[Outcome]) -> LedgerEnd {
         let outcome = |event: Uuid| outcomes.iter().find(|o| o.id == event);
         match self {
-            Ledger::Ordinary { id, recorded: true } => LedgerEnd::Forget(id),
+            Ledger::Ordinary { id, recorded: true } => LedgerEnd::Clear(id),
             Ledger::Isolated { id, event, recorded: true } => match outcome(event) {
                 Some(_) => LedgerEnd::Forget(id),
                 // Its handler did not finish (drain timeout): still a suspect.
@@ -271,7 +291,7 @@ impl Ledger {
     /// knows (released, claim lost, completion refused): nothing crashed.
     fn at_release(self) -> LedgerEnd {
         match self {
-            Ledger::Ordinary { id, recorded: true } => LedgerEnd::Forget(id),
+            Ledger::Ordinary { id, recorded: true } => LedgerEnd::Clear(id),
             Ledger::Isolated { id, recorded: true, .. } => LedgerEnd::Requeue(id),
             _ => LedgerEnd::Keep,
         }
@@ -282,6 +302,7 @@ impl Ledger {
 pub struct PgBatch {
     conn: TxConn,
     pool: Pool,
+    slots: Slots,
     events: Vec<HookEvent>,
     event_ids: Vec<Uuid>,
     crashed: Vec<HookEvent>,
@@ -294,18 +315,12 @@ pub struct PgBatch {
 }
 
 impl PgBatch {
-    fn new(
-        conn: TxConn,
-        pool: Pool,
-        claimed: Claimed,
-        ledger: Ledger,
-        crashed: Vec<HookEvent>,
-        call_timeout: Duration,
-    ) -> Self {
+    fn new(conn: TxConn, store: &PgStore, claimed: Claimed, ledger: Ledger, crashed: Vec<HookEvent>) -> Self {
         let event_ids = claimed.events.iter().map(|e| e.id).collect();
         Self {
             conn,
-            pool,
+            pool: store.pool.clone(),
+            slots: Arc::clone(&store.slots),
             events: claimed.events,
             event_ids,
             crashed,
@@ -314,7 +329,7 @@ impl PgBatch {
             bytes: claimed.bytes,
             xid: claimed.xid,
             ledger,
-            call_timeout,
+            call_timeout: store.call_timeout,
         }
     }
 
@@ -323,20 +338,21 @@ impl PgBatch {
     /// for up to a minute (the database may be restarting); a row left behind only makes its
     /// events suspect: handled once more each, alone.
     fn forget_in_background(&self, end: LedgerEnd) {
-        let (id, requeue) = match end {
-            LedgerEnd::Keep => return,
-            LedgerEnd::Forget(id) => (id, false),
-            LedgerEnd::Requeue(id) => (id, true),
-        };
-        let pool = self.pool.clone();
+        if end == LedgerEnd::Keep {
+            return;
+        }
+        let (pool, slots) = (self.pool.clone(), Arc::clone(&self.slots));
         tokio::spawn(async move {
             let started = tokio::time::Instant::now();
             let mut pause = Duration::from_millis(100);
             loop {
-                match async { queries::forget_claim(&pool.get().await?, id, requeue).await }.await {
-                    Ok(()) => return,
+                match async { queries::end_claim(&pool.get().await?, end).await }.await {
+                    Ok(()) => {
+                        reuse_slot(&slots, end);
+                        return;
+                    }
                     Err(error) if started.elapsed() > FORGET_PATIENCE => {
-                        debug!(error = %error, ledger = %id, "could not clear the claim's ledger row; its events will be retried alone");
+                        debug!(error = %error, ?end, "could not clear the claim's ledger row; its events will be retried alone");
                         return;
                     }
                     Err(_) => {}
@@ -402,7 +418,18 @@ impl ClaimedBatch for PgBatch {
             Ledger::Ordinary { id, recorded } if !self.event_ids.is_empty() => {
                 let xid = self.xid.as_deref().ok_or_else(lost)?;
                 let client = self.pool.get().await?;
-                if !queries::record_claim(&client, *id, xid, &self.event_ids).await? {
+                let slot = self.slots.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop();
+                let mut written = false;
+                // A reused slot that is not clear (its batch's commit did not clear it, so it
+                // names suspects) is left alone: a fresh one then.
+                for candidate in slot.into_iter().chain([Uuid::new_v4()]) {
+                    if queries::record_claim(&client, candidate, xid, &self.event_ids).await? {
+                        *id = candidate;
+                        written = true;
+                        break;
+                    }
+                }
+                if !written {
                     return Err(lost());
                 }
                 *recorded = true;
@@ -424,15 +451,16 @@ impl ClaimedBatch for PgBatch {
     /// the same round trip.
     async fn release(self) {
         let end = self.ledger.at_release();
-        let sql = match end {
-            LedgerEnd::Keep => "ROLLBACK".to_owned(),
-            end => format!("ROLLBACK; {}", queries::commit_sql(end).trim_end_matches("; COMMIT")),
+        let sql = match queries::ledger_sql(end) {
+            None => "ROLLBACK".to_owned(),
+            Some(sql) => format!("ROLLBACK; {sql}"),
         };
         let done = match self.conn.client() {
             Ok(client) => client.batch_execute(&sql).await.is_ok(),
             Err(_) => false,
         };
         if done {
+            reuse_slot(&self.slots, end);
             self.conn.release();
         } else {
             self.forget_in_background(end);
@@ -460,7 +488,8 @@ impl ClaimedBatch for PgBatch {
 impl PgBatch {
     async fn finish_unbounded(self, outcomes: Vec<Outcome>) -> Result<Finished, StoreError> {
         let client = self.conn.client()?;
-        let commit = queries::commit_sql(self.ledger.at_commit(&outcomes));
+        let end = self.ledger.at_commit(&outcomes);
+        let commit = queries::commit_sql(end);
         let completion = Completion::new(outcomes);
         match queries::record_outcomes_and_commit(client, &completion, &commit).await {
             Ok(written) => {
@@ -468,6 +497,7 @@ impl PgBatch {
                 if written.rows != expected as u64 {
                     warn!(expected, written = written.rows, "some outcomes matched no unprocessed row");
                 }
+                reuse_slot(&self.slots, end);
                 self.conn.release();
                 Ok(Finished { set_aside: written.set_aside })
             }

@@ -132,8 +132,9 @@ const CLAIM_INFO: &str = concat!(
 /// whose holder is gone (it crashed, lost its connection or was killed) becomes one queued row
 /// per event (no holder): its events are suspects, to be handled one at a time, and are not
 /// charged an attempt (which of them took the process down is not known). Second, rows that
-/// name no pending event any more (processed, dead, replayed, archived) are dropped. Rows locked
-/// by another claimer's recovery are skipped.
+/// name no pending event any more (processed, dead, replayed, archived) are dropped, and so are
+/// clear slots unused for an hour (left by processors that are gone). Rows locked by another
+/// claimer's recovery are skipped.
 const RECOVER: &str = concat!(
     "WITH orphans AS ( \
          DELETE FROM hook_events_claims WHERE id IN ( \
@@ -149,7 +150,8 @@ const RECOVER: &str = concat!(
          SELECT c.id FROM hook_events_claims AS c \
          WHERE NOT ",
     holder_live!("c.holder"),
-    " AND NOT EXISTS (SELECT 1 FROM hook_events AS e \
+    " AND (cardinality(c.event_ids) > 0 OR c.created_at < now() - interval '1 hour') \
+           AND NOT EXISTS (SELECT 1 FROM hook_events AS e \
                            WHERE e.id = ANY (c.event_ids) AND NOT e.processed AND e.dead_at IS NULL) \
          FOR UPDATE SKIP LOCKED)"
 );
@@ -195,10 +197,20 @@ const CLAIM_SUSPECT: &str = concat!(
 /// to hand to handlers: `$1` the row's id, `$2` the claim's transaction id, `$3` the events. Only
 /// while that transaction is alive (one already gone has lost its locks: its handlers must not
 /// start).
+///
+/// The row is one of the store's slots, reused batch after batch: a batch's commit clears its
+/// slot (no holder, no events) rather than deleting it, and the next batch overwrites it here,
+/// only if it is clear. An update in place that changes no indexed column is a HOT update, whose
+/// dead versions are pruned within the page, so the table stays a few pages long however many
+/// batches go through it; an INSERT and a DELETE per batch would leave dead rows that only
+/// VACUUM reclaims, and every claim scans this table.
 const RECORD_CLAIM: &str = concat!(
-    "INSERT INTO hook_events_claims (id, holder, event_ids) \
+    "INSERT INTO hook_events_claims AS c (id, holder, event_ids) \
      SELECT $1, $2::text::xid8, $3::uuid[] WHERE ",
-    holder_live!("$2::text::xid8")
+    holder_live!("$2::text::xid8"),
+    " ON CONFLICT (id) DO UPDATE \
+         SET holder = EXCLUDED.holder, event_ids = EXCLUDED.event_ids, isolated = FALSE, created_at = now() \
+         WHERE c.holder IS NULL AND c.note IS NULL AND cardinality(c.event_ids) = 0"
 );
 
 /// Takes over a queued suspect for an isolated claim (`$1` the ledger row, `$2` the claim's
@@ -209,12 +221,8 @@ const RECORD_ISOLATED: &str = concat!(
     holder_live!("$2::text::xid8")
 );
 
-/// Drops a ledger row (autocommitted, after a rollback the engine knows about).
+/// Drops a ledger row (in the claim's transaction, for a suspect set aside).
 const FORGET_CLAIM: &str = "DELETE FROM hook_events_claims WHERE id = $1";
-
-/// Puts an isolated claim's event back in the queue of suspects (its handler was cancelled).
-const REQUEUE_CLAIM: &str =
-    "UPDATE hook_events_claims SET holder = NULL, isolated = FALSE WHERE id = $1 AND isolated";
 
 /// Whether a transaction committed, for a completion whose COMMIT reply was lost.
 const XACT_STATUS: &str = "SELECT pg_xact_status($1::text::xid8)::text";
@@ -490,28 +498,35 @@ pub(crate) async fn record_isolated(
     Ok(client.execute(&statement, &[&id, &xid]).await? == 1)
 }
 
-/// Drops a ledger row, or puts an isolated one back in the queue, autocommitted.
-pub(crate) async fn forget_claim(
-    client: &impl GenericClient,
-    id: Uuid,
-    requeue: bool,
-) -> Result<(), StoreError> {
-    client.execute(if requeue { REQUEUE_CLAIM } else { FORGET_CLAIM }, &[&id]).await?;
+/// Applies `end` to a ledger row, autocommitted.
+pub(crate) async fn end_claim(client: &impl GenericClient, end: LedgerEnd) -> Result<(), StoreError> {
+    if let Some(sql) = ledger_sql(end) {
+        client.batch_execute(&sql).await?;
+    }
     Ok(())
+}
+
+/// The statement that applies `end` to its ledger row; `None` for [`LedgerEnd::Keep`]. Ids are
+/// formatted into the text (a UUID's text form is hex and dashes), so it can go in a simple query.
+pub(crate) fn ledger_sql(end: LedgerEnd) -> Option<String> {
+    match end {
+        LedgerEnd::Keep => None,
+        LedgerEnd::Clear(id) => Some(format!(
+            "UPDATE hook_events_claims SET holder = NULL, event_ids = '{{}}', isolated = FALSE WHERE id = '{id}'"
+        )),
+        LedgerEnd::Forget(id) => Some(format!("DELETE FROM hook_events_claims WHERE id = '{id}'")),
+        LedgerEnd::Requeue(id) => Some(format!(
+            "UPDATE hook_events_claims SET holder = NULL, isolated = FALSE WHERE id = '{id}' AND isolated"
+        )),
+    }
 }
 
 /// The SQL that ends a batch's transaction, after its outcomes: what becomes of its ledger row,
 /// then COMMIT. Sent as one simple query, so that when an outcome statement failed before it,
 /// its first statement fails too ("current transaction is aborted") and COMMIT is skipped: the
 /// transaction stays open, holding its locks, for the row-by-row fallback.
-pub(crate) fn commit_sql(ledger: LedgerEnd) -> String {
-    match ledger {
-        LedgerEnd::Keep => "SELECT 1; COMMIT".to_owned(),
-        LedgerEnd::Forget(id) => format!("DELETE FROM hook_events_claims WHERE id = '{id}'; COMMIT"),
-        LedgerEnd::Requeue(id) => {
-            format!("UPDATE hook_events_claims SET holder = NULL, isolated = FALSE WHERE id = '{id}'; COMMIT")
-        }
-    }
+pub(crate) fn commit_sql(end: LedgerEnd) -> String {
+    format!("{}; COMMIT", ledger_sql(end).unwrap_or_else(|| "SELECT 1".to_owned()))
 }
 
 /// What becomes of a batch's ledger row when its transaction ends.
@@ -519,6 +534,8 @@ pub(crate) fn commit_sql(ledger: LedgerEnd) -> String {
 pub(crate) enum LedgerEnd {
     /// There is none, or it stays as it is.
     Keep,
+    /// It is a slot of the store's: cleared (no holder, no events) for the next batch.
+    Clear(Uuid),
     /// It is dropped.
     Forget(Uuid),
     /// Its event goes back in the queue of suspects (no holder).
@@ -856,8 +873,14 @@ mod tests {
     fn commit_sql_names_the_ledger_row() {
         let id = Uuid::nil();
         assert_eq!(commit_sql(LedgerEnd::Keep), "SELECT 1; COMMIT");
+        let clear = commit_sql(LedgerEnd::Clear(id));
+        assert!(
+            clear.starts_with("UPDATE hook_events_claims SET holder = NULL, event_ids = '{}'"),
+            "{clear}"
+        );
+        assert!(clear.ends_with("WHERE id = '00000000-0000-0000-0000-000000000000'; COMMIT"), "{clear}");
         assert!(commit_sql(LedgerEnd::Forget(id))
             .starts_with("DELETE FROM hook_events_claims WHERE id = '00000000-"));
-        assert!(commit_sql(LedgerEnd::Requeue(id)).contains("SET holder = NULL"));
+        assert!(commit_sql(LedgerEnd::Requeue(id)).contains("SET holder = NULL, isolated = FALSE"));
     }
 }
