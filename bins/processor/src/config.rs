@@ -119,6 +119,12 @@ pub(crate) struct Args {
     #[arg(long, env = "HOOK_WAIT_FOR_DATABASE", default_value = "0", value_parser = parse_duration)]
     wait_for_database: Duration,
 
+    /// Routes file (TOML): deliver events to webhooks, commands and NATS JetStream by
+    /// (source, action); see docs/routes.md. Checked at start-up: any mistake stops the start
+    /// (exit 2) with its line. Without it, the built-in handlers only.
+    #[arg(long, env = "HOOK_ROUTES")]
+    pub(crate) routes: Option<PathBuf>,
+
     /// Log level or filter (error, warn, info, debug, trace, or tracing directives).
     #[arg(long, env = "LOG_LEVEL", default_value = "info", global = true)]
     log_level: String,

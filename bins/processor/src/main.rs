@@ -10,6 +10,7 @@ mod config;
 mod health;
 mod http;
 mod notify;
+mod routes;
 mod stats;
 
 use std::process::ExitCode;
@@ -18,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
-use hook_core::{default_registry, Engine};
+use hook_core::Engine;
 use hook_store::{redacted, EmbeddedCluster, PgStore, StoreError, StoreOptions};
 use tracing::{info, warn};
 
@@ -41,7 +42,12 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("hook-processor: error: {error:#}");
-            ExitCode::FAILURE
+            // A mistake in the configuration (a routes file with a typo) is a usage error.
+            if error.is::<hook_cli::UsageError>() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }
@@ -58,6 +64,7 @@ fn run(args: Args, notifier: Arc<Notifier>) -> anyhow::Result<()> {
     }
     let engine_config = args.engine_config()?;
     let ops = args.ops_config(&engine_config)?;
+    let routes = args.routes.as_deref().map(|path| routes::load(path, &engine_config)).transpose()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -68,6 +75,8 @@ fn run(args: Args, notifier: Arc<Notifier>) -> anyhow::Result<()> {
             let prometheus = http::install_recorder()?;
             http::serve(addr, health.clone(), prometheus).await?;
         }
+        // After the recorder (the sinks' metric handles), before the database.
+        let registry = routes::registry(routes.as_ref(), args.routes.as_deref()).await?;
         let starting = tokio::spawn(notify::extend_while_starting(Arc::clone(&notifier)));
         notifier.status("connecting to the database");
         let (pg_config, cluster) = match args.database()? {
@@ -81,7 +90,7 @@ fn run(args: Args, notifier: Arc<Notifier>) -> anyhow::Result<()> {
                 (cluster.config("hook_events"), Some(cluster))
             }
         };
-        let result = process(pg_config, engine_config, &ops, health, notifier, starting).await;
+        let result = process(pg_config, engine_config, registry, &ops, health, notifier, starting).await;
         if let Some(cluster) = cluster {
             cluster.stop().await.context("stopping the embedded PostgreSQL")?;
         }
@@ -92,6 +101,7 @@ fn run(args: Args, notifier: Arc<Notifier>) -> anyhow::Result<()> {
 async fn process(
     pg_config: hook_store::tokio_postgres::Config,
     engine_config: hook_core::EngineConfig,
+    registry: hook_core::HandlerRegistry,
     ops: &OpsConfig,
     health: Health,
     notifier: Arc<Notifier>,
@@ -117,7 +127,7 @@ async fn process(
     let probe =
         PgStore::connect(pg_config, probe_options).await.with_context(|| format!("connecting to {shown}"))?;
     health.attach_probe_pool(probe.pool().clone());
-    let engine = Engine::builder(store).registry(default_registry()).config(engine_config).build()?;
+    let engine = Engine::builder(store).registry(registry).config(engine_config).build()?;
     health.attach_engine(engine.metrics());
     starting.abort();
     let supervisor = tokio::spawn(notify::supervise(Arc::clone(&notifier), health.clone()));

@@ -433,7 +433,7 @@ async fn run_batch<B: ClaimedBatch>(
         } else {
             let attempt = u32::try_from(retry_count).unwrap_or(0);
             let error = bound_text(&result.error_text());
-            let retry_after = if config.retry.is_dead(attempt + 1) {
+            let retry_after = if result.retry.is_permanent() || config.retry.is_dead(attempt + 1) {
                 dead += 1;
                 tally.dead(&record);
                 warn!(event_id = %id, source = %record.source, action = %record.action, attempt = attempt + 1, error = %error, "attempt failed; retry limit reached, event is dead");
@@ -441,7 +441,9 @@ async fn run_batch<B: ClaimedBatch>(
             } else {
                 retried += 1;
                 tally.retried(&record);
-                let delay = config.retry.delay(attempt, id.as_u64_pair().1);
+                let delay = result
+                    .retry
+                    .delay(config.retry.delay(attempt, id.as_u64_pair().1), config.retry.max_delay);
                 warn!(event_id = %id, source = %record.source, action = %record.action, attempt = attempt + 1, error = %error, retry_in_s = delay.as_secs_f64(), "attempt failed; will retry");
                 Some(delay)
             };

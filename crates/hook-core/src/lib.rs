@@ -129,7 +129,7 @@ pub use crate::metrics::{
 };
 pub use engine::{bound_text, is_loud_failure, Engine, EngineBuilder, EngineConfig, MAX_ERROR_BYTES};
 pub use error::ConfigError;
-pub use event::{HandlerResult, HookEvent, NewEvent};
+pub use event::{HandlerResult, HookEvent, NewEvent, RetryHint};
 pub use handler::{Handler, HandlerRegistry, IntoHandlerResult, WILDCARD};
 pub use handlers::register_defaults;
 pub use retry::{RetryPolicy, RETRY_COUNT_LIMIT};
