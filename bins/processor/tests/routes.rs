@@ -58,7 +58,10 @@ fn an_unknown_sink_exits_2_with_the_line_and_the_reason() {
         "unknown-sink",
         "[sinks.slack]\ntype = \"command\"\nargv = [\"true\"]\n\n[[routes]]\nsource = \"Stop\"\naction = \"*\"\nsinks = [\"slak\"]\n",
     );
-    assert!(stderr.contains("routes.toml:8: route (\"Stop\", \"*\"): unknown sink \"slak\" (defined: slack)"), "{stderr}");
+    assert!(
+        stderr.contains("routes.toml:8: route (\"Stop\", \"*\"): unknown sink \"slak\" (defined: slack)"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -83,8 +86,16 @@ fn several_mistakes_are_all_reported_one_line_each() {
     );
     let lines: Vec<&str> = stderr.lines().collect();
     assert_eq!(lines.len(), 3, "{stderr}");
-    assert!(lines[0].ends_with("routes.toml:2: sink \"a\": unknown type \"webhok\" (one of webhook, command, nats)"), "{stderr}");
-    assert!(lines[1].contains("routes.toml:6: sink \"b\": the program \"no-such-program-here\" is not found in PATH"), "{stderr}");
+    assert!(
+        lines[0]
+            .ends_with("routes.toml:2: sink \"a\": unknown type \"webhok\" (one of webhook, command, nats)"),
+        "{stderr}"
+    );
+    assert!(
+        lines[1]
+            .contains("routes.toml:6: sink \"b\": the program \"no-such-program-here\" is not found in PATH"),
+        "{stderr}"
+    );
     assert!(lines[2].contains("routes.toml:11: route (\"*\", \"*\"): unknown sink \"c\""), "{stderr}");
 }
 
