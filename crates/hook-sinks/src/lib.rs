@@ -38,7 +38,7 @@
 //!
 //! | feature | default | what it adds |
 //! |---|---|---|
-//! | *(none)* | | every sink is always built in |
+//! | `test-support` | no | [`testing`]: a `nats-server -js` of a test's own |
 
 #![deny(missing_docs)]
 
@@ -50,6 +50,8 @@ mod router;
 pub mod command;
 pub mod nats;
 pub mod template;
+#[cfg(feature = "test-support")]
+pub mod testing;
 pub mod webhook;
 
 pub use command::{CommandConfig, CommandSink, PERMANENT_EXIT_CODE};

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -239,79 +239,6 @@ async fn answer(
         }
         _ => (StatusCode::NOT_FOUND, "unknown path").into_response(),
     }
-}
-
-// ---------------------------------------------------------------------------------------------
-// nats-server
-// ---------------------------------------------------------------------------------------------
-
-/// A `nats-server -js` of the test's own, on a free port with a temporary store; killed on drop.
-pub struct NatsServer {
-    child: std::process::Child,
-    pub port: u16,
-    pub store_dir: PathBuf,
-}
-
-impl NatsServer {
-    /// Starts one, waiting until it accepts connections.
-    ///
-    /// # Panics
-    /// When `nats-server` is not installed, with what to install.
-    pub async fn start(tag: &str) -> NatsServer {
-        let binary = ["/usr/sbin/nats-server", "/usr/bin/nats-server", "/usr/local/bin/nats-server"]
-            .into_iter()
-            .map(PathBuf::from)
-            .find(|p| p.exists())
-            .or_else(|| which("nats-server"))
-            .unwrap_or_else(|| {
-                panic!("nats-server is not installed: install nats-server (apt-get install nats-server)")
-            });
-        let port = free_port();
-        let store_dir =
-            std::env::temp_dir().join(format!("hook-sinks-nats-{tag}-{}-{port}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&store_dir);
-        std::fs::create_dir_all(&store_dir).expect("nats store dir");
-        let child = std::process::Command::new(binary)
-            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-            .arg(&store_dir)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("start nats-server");
-        let server = NatsServer { child, port, store_dir };
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(client) = async_nats::connect(server.url()).await {
-                // JetStream answers once it is ready.
-                if async_nats::jetstream::new(client).query_account().await.is_ok() {
-                    break;
-                }
-            }
-            assert!(tokio::time::Instant::now() < deadline, "nats-server did not start on port {port}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        server
-    }
-
-    pub fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for NatsServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.store_dir);
-    }
-}
-
-fn which(program: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")?
-        .to_string_lossy()
-        .split(':')
-        .map(|dir| Path::new(dir).join(program))
-        .find(|p| p.exists())
 }
 
 /// A port nothing listens on right now.
