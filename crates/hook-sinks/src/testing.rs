@@ -47,7 +47,7 @@ impl NatsServer {
             .unwrap_or_else(|e| panic!("starting {}: {e}", binary.display()));
         let server = NatsServer { child, port, store_dir };
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        let mut last = String::new();
+        let mut last;
         loop {
             match async_nats::connect(server.url()).await {
                 // JetStream answers its account-info request once it is up (read raw: the
