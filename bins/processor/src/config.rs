@@ -138,8 +138,8 @@ pub(crate) struct Args {
 #[derive(Debug, Subcommand)]
 pub(crate) enum Command {
     /// Print the queue's numbers: pending, retrying and dead events now; events processed in a
-    /// window with their time to process (avg, p95, max) and error rate; failing routes with
-    /// their latest error. Reads only, through the table's indexes.
+    /// window with their time to process (avg, p95, max) and error rate; failing routes and
+    /// sinks (of a routes file) with their latest error. Reads only, through the table's indexes.
     Stats(StatsArgs),
 }
 
@@ -159,7 +159,7 @@ pub(crate) struct StatsArgs {
     #[arg(long, default_value_t = 100_000)]
     pub(crate) p95_of: u64,
 
-    /// At most this many failing routes.
+    /// At most this many failing routes (and as many failing sinks).
     #[arg(long, default_value_t = 20)]
     pub(crate) routes: usize,
 
