@@ -38,7 +38,7 @@
 //!
 //! | feature | default | what it adds |
 //! |---|---|---|
-//! | `test-support` | no | [`testing`]: a `nats-server -js` of a test's own |
+//! | `test-support` | no | `hook_sinks::testing`: a `nats-server -js` of a test's own |
 
 #![deny(missing_docs)]
 
