@@ -137,6 +137,12 @@ pub(crate) struct Args {
     #[arg(long, env = "HOOK_WAIT_FOR_DATABASE", default_value = "0", value_parser = parse_duration)]
     wait_for_database: Duration,
 
+    /// Routes file (TOML): deliver events to webhooks, commands and NATS JetStream by
+    /// (source, action); see docs/routes.md. Checked at start-up: any mistake stops the start
+    /// (exit 2) with its line. Without it, the built-in handlers only.
+    #[arg(long, env = "HOOK_ROUTES")]
+    pub(crate) routes: Option<PathBuf>,
+
     /// Log level or filter (error, warn, info, debug, trace, or tracing directives).
     #[arg(long, env = "LOG_LEVEL", default_value = "info", global = true)]
     log_level: String,
@@ -150,8 +156,8 @@ pub(crate) struct Args {
 #[derive(Debug, Subcommand)]
 pub(crate) enum Command {
     /// Print the queue's numbers: pending, retrying and dead events now; events processed in a
-    /// window with their time to process (avg, p95, max) and error rate; failing routes with
-    /// their latest error. Reads only, through the table's indexes.
+    /// window with their time to process (avg, p95, max) and error rate; failing routes and
+    /// sinks (of a routes file) with their latest error. Reads only, through the table's indexes.
     Stats(StatsArgs),
 }
 
@@ -171,7 +177,7 @@ pub(crate) struct StatsArgs {
     #[arg(long, default_value_t = 100_000)]
     pub(crate) p95_of: u64,
 
-    /// At most this many failing routes.
+    /// At most this many failing routes (and as many failing sinks).
     #[arg(long, default_value_t = 20)]
     pub(crate) routes: usize,
 

@@ -38,9 +38,11 @@ pub(crate) fn install_recorder() -> anyhow::Result<PrometheusHandle> {
         .set_buckets_for_metric(Matcher::Full(names::HANDLER_DURATION.into()), HANDLER_BUCKETS)?
         .set_buckets_for_metric(Matcher::Full(names::PICKUP_LATENCY.into()), PICKUP_BUCKETS)?
         .set_buckets_for_metric(Matcher::Full(names::BATCH_SIZE.into()), BATCH_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Full(hook_sinks::metric_names::DURATION.into()), HANDLER_BUCKETS)?
         .install_recorder()
         .context("installing the Prometheus recorder")?;
     hook_core::describe_metrics();
+    hook_sinks::describe_metrics();
     metrics::gauge!("hook_events_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     Ok(handle)
 }

@@ -10,6 +10,7 @@ mod config;
 mod health;
 mod http;
 mod notify;
+mod routes;
 mod stats;
 
 use std::process::ExitCode;
@@ -17,7 +18,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use hook_core::{default_registry, Engine};
+use clap::Parser;
+use hook_core::Engine;
 use hook_store::{redacted, EmbeddedCluster, PasswordSource, PgStore, StoreError, StoreOptions};
 use tracing::{info, warn};
 
@@ -57,6 +59,7 @@ fn run(args: Args, notifier: Arc<Notifier>) -> anyhow::Result<()> {
     }
     let engine_config = args.engine_config()?;
     let ops = args.ops_config(&engine_config)?;
+    let routes = args.routes.as_deref().map(|path| routes::load(path, &engine_config)).transpose()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -67,6 +70,8 @@ fn run(args: Args, notifier: Arc<Notifier>) -> anyhow::Result<()> {
             let prometheus = http::install_recorder()?;
             http::serve(addr, health.clone(), prometheus).await?;
         }
+        // After the recorder (the sinks' metric handles), before the database.
+        let registry = routes::registry(routes.as_ref(), args.routes.as_deref()).await?;
         let starting = tokio::spawn(notify::extend_while_starting(Arc::clone(&notifier)));
         notifier.status("connecting to the database");
         let (pg_config, password, cluster) = match args.database()? {
@@ -80,7 +85,7 @@ fn run(args: Args, notifier: Arc<Notifier>) -> anyhow::Result<()> {
                 (cluster.config("hook_events"), PasswordSource::None, Some(cluster))
             }
         };
-        let result = process(pg_config, &password, engine_config, &ops, health, notifier, starting).await;
+        let result = process(pg_config, &password, engine_config, registry, &ops, health, notifier, starting).await;
         if let Some(cluster) = cluster {
             cluster.stop().await.context("stopping the embedded PostgreSQL")?;
         }
@@ -101,6 +106,7 @@ async fn process(
     pg_config: hook_store::tokio_postgres::Config,
     password: &PasswordSource,
     engine_config: hook_core::EngineConfig,
+    registry: hook_core::HandlerRegistry,
     ops: &OpsConfig,
     health: Health,
     notifier: Arc<Notifier>,
@@ -135,7 +141,7 @@ async fn process(
         PgStore::connect(pg_config, probe_options).await.with_context(|| format!("connecting to {shown}"))?;
     health.attach_probe_pool(probe.pool().clone());
     let stop_within = engine_config.drain_timeout + SHUTDOWN_GRACE;
-    let engine = Engine::builder(store).registry(default_registry()).config(engine_config).build()?;
+    let engine = Engine::builder(store).registry(registry).config(engine_config).build()?;
     health.attach_engine(engine.metrics());
     starting.abort();
     let supervisor = tokio::spawn(notify::supervise(Arc::clone(&notifier), health.clone()));
