@@ -18,7 +18,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use clap::Parser;
 use hook_core::Engine;
 use hook_store::{redacted, EmbeddedCluster, PasswordSource, PgStore, StoreError, StoreOptions};
 use tracing::{info, warn};
