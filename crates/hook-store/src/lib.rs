@@ -91,6 +91,7 @@ pub mod archive;
 pub mod bench;
 #[cfg(any(feature = "test-support", feature = "bench"))]
 mod children;
+pub mod console;
 pub mod migrate;
 pub mod replay;
 pub mod stats;

@@ -57,6 +57,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!(3, "0003_claim_index.sql"),
     migration!(4, "0004_replay_and_archive.sql"),
     migration!(5, "0005_archive_index.sql"),
+    migration!(6, "0006_console_indexes.sql"),
 ];
 
 /// Advisory lock key of the migration runner ("hookmigr" in ASCII).
