@@ -52,7 +52,8 @@ async fn each_console_query_is_served_by_an_index() {
     let client = db.client().await;
     client.batch_execute(TABLE).await.unwrap();
     client.batch_execute("VACUUM ANALYZE hook_events").await.unwrap();
-    let cursor = Cursor { created_at: OffsetDateTime::now_utc() - time::Duration::hours(30), id: Uuid::nil() };
+    let cursor =
+        Cursor { created_at: OffsetDateTime::now_utc() - time::Duration::hours(30), id: Uuid::nil() };
     let day_ago = OffsetDateTime::now_utc() - time::Duration::days(1);
     let state = |s| EventFilter { state: Some(s), ..EventFilter::default() };
 
@@ -63,7 +64,12 @@ async fn each_console_query_is_served_by_an_index() {
         ("pending", state(EventState::Pending), PageAt::Newest, "hook_events_claim_idx"),
         ("retrying", state(EventState::Retrying), PageAt::Newest, "hook_events_claim_idx"),
         ("dead", state(EventState::Dead), PageAt::Newest, "hook_events_failed_idx"),
-        ("dead, older page", state(EventState::Dead), PageAt::Before(cursor), "hook_events_failed_idx|idx_hook_events_processed"),
+        (
+            "dead, older page",
+            state(EventState::Dead),
+            PageAt::Before(cursor),
+            "hook_events_failed_idx|idx_hook_events_processed",
+        ),
         ("failed", state(EventState::Failed), PageAt::Newest, "hook_events_failed_idx"),
         ("processed", state(EventState::Processed), PageAt::Newest, "hook_events_created_idx"),
         (
@@ -80,13 +86,21 @@ async fn each_console_query_is_served_by_an_index() {
         ),
         (
             "route",
-            EventFilter { source: Some("Stop".into()), action: Some("response_completed".into()), ..EventFilter::default() },
+            EventFilter {
+                source: Some("Stop".into()),
+                action: Some("response_completed".into()),
+                ..EventFilter::default()
+            },
             PageAt::Newest,
             "hook_events_",
         ),
         (
             "time range",
-            EventFilter { since: Some(day_ago - time::Duration::hours(2)), until: Some(day_ago), ..EventFilter::default() },
+            EventFilter {
+                since: Some(day_ago - time::Duration::hours(2)),
+                until: Some(day_ago),
+                ..EventFilter::default()
+            },
             PageAt::Newest,
             "hook_events_created_idx",
         ),
@@ -97,33 +111,75 @@ async fn each_console_query_is_served_by_an_index() {
     }
 
     let (id, chars, error_chars) = (Uuid::nil(), 262_144i32, 16_384i32);
-    check("event", &plan(&client, &console::event_query(), &[&id, &chars, &error_chars]).await, "hook_events_pkey");
+    check(
+        "event",
+        &plan(&client, &console::event_query(), &[&id, &chars, &error_chars]).await,
+        "hook_events_pkey",
+    );
     let limit = 1000i64;
     check("routes", &plan(&client, console::ROUTES, &[&limit]).await, "idx_hook_events_source_action");
-    check("processed per minute", &plan(&client, console::PROCESSED_PER_MINUTE, &[]).await, "hook_events_archive_idx");
-    check("received per minute", &plan(&client, console::RECEIVED_PER_MINUTE, &[]).await, "hook_events_created_idx");
+    check(
+        "processed per minute",
+        &plan(&client, console::PROCESSED_PER_MINUTE, &[]).await,
+        "hook_events_archive_idx",
+    );
+    check(
+        "received per minute",
+        &plan(&client, console::RECEIVED_PER_MINUTE, &[]).await,
+        "hook_events_created_idx",
+    );
     let sample = 10_000i64;
-    check("latency per minute", &plan(&client, console::LATENCY_PER_MINUTE, &[&sample]).await, "hook_events_archive_idx");
+    check(
+        "latency per minute",
+        &plan(&client, console::LATENCY_PER_MINUTE, &[&sample]).await,
+        "hook_events_archive_idx",
+    );
 
     let (none, scan, n, cap): (Option<OffsetDateTime>, i64, i64, i64) = (None, 5000, 25, 1000);
     let recent = plan(&client, &console::recent_sessions_query(), &[&none, &scan, &n, &cap]).await;
     check("recent sessions", &recent, "hook_events_session_idx");
     check("recent sessions", &recent, "hook_events_created_idx");
     let older = Some(day_ago);
-    check("recent sessions, older", &plan(&client, &console::recent_sessions_query(), &[&older, &scan, &n, &cap]).await, "hook_events_created_idx");
+    check(
+        "recent sessions, older",
+        &plan(&client, &console::recent_sessions_query(), &[&older, &scan, &n, &cap]).await,
+        "hook_events_created_idx",
+    );
     let session = "s-42".to_owned();
-    check("session summary", &plan(&client, &console::session_summary_query(), &[&session]).await, "hook_events_session_idx");
+    check(
+        "session summary",
+        &plan(&client, &console::session_summary_query(), &[&session]).await,
+        "hook_events_session_idx",
+    );
     let (at, uid, page) = (Some(day_ago), Some(Uuid::nil()), 201i64);
-    check("session events", &plan(&client, &console::session_events_query(), &[&session, &at, &uid, &page]).await, "hook_events_session_idx");
+    check(
+        "session events",
+        &plan(&client, &console::session_events_query(), &[&session, &at, &uid, &page]).await,
+        "hook_events_session_idx",
+    );
     let ids = vec!["toolu_1".to_owned()];
     let (from, to) = (day_ago - time::Duration::days(1), day_ago + time::Duration::days(1));
-    check("tool partners", &plan(&client, &console::tool_partners_query(), &[&session, &from, &to, &ids]).await, "hook_events_session_idx");
+    check(
+        "tool partners",
+        &plan(&client, &console::tool_partners_query(), &[&session, &from, &to, &ids]).await,
+        "hook_events_session_idx",
+    );
 
     let replays: Vec<(&str, EventFilter, bool, &str)> = vec![
         ("dead", state(EventState::Dead), false, "hook_events_failed_idx"),
         ("failed, with processed", state(EventState::Failed), true, "hook_events_failed_idx"),
-        ("error text", EventFilter { error_text: Some("boom".into()), ..EventFilter::default() }, false, "hook_events_failed_idx"),
-        ("session", EventFilter { session: Some("s-0".into()), ..EventFilter::default() }, true, "hook_events_session_idx"),
+        (
+            "error text",
+            EventFilter { error_text: Some("boom".into()), ..EventFilter::default() },
+            false,
+            "hook_events_failed_idx",
+        ),
+        (
+            "session",
+            EventFilter { session: Some("s-0".into()), ..EventFilter::default() },
+            true,
+            "hook_events_session_idx",
+        ),
         ("no filter", EventFilter::default(), false, "idx_hook_events_"),
     ];
     for (name, filter, include_processed, index) in &replays {
