@@ -25,7 +25,7 @@
 //! - Every value from the table is escaped (maud), and invisible or direction-changing Unicode
 //!   is shown as its code point. Large JSON is cut on the database server.
 //! - Every response carries a strict `Content-Security-Policy` (no inline script or style, no
-//!   framing), `X-Content-Type-Options: nosniff`, `Referrer-Policy: no-referrer` and
+//!   framing), `X-Content-Type-Options: nosniff`, `Referrer-Policy: same-origin` (a browser sends `Origin: null` on every POST under `no-referrer`, which the origin check refuses) and
 //!   `Cache-Control: no-store`.
 //!
 //! Pages are plain HTML forms and links: everything works with JavaScript off; the one script
@@ -191,7 +191,7 @@ async fn headers(request: Request, next: Next) -> Response {
     let fixed = [
         (header::CONTENT_SECURITY_POLICY, CONTENT_SECURITY_POLICY),
         (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
-        (header::REFERRER_POLICY, "no-referrer"),
+        (header::REFERRER_POLICY, "same-origin"),
         (header::X_FRAME_OPTIONS, "DENY"),
         (header::CACHE_CONTROL, "no-store"),
     ];

@@ -100,7 +100,7 @@ impl Ctx {
                 head {
                     meta charset="utf-8";
                     meta name="viewport" content="width=device-width, initial-scale=1";
-                    meta name="referrer" content="no-referrer";
+                    meta name="referrer" content="same-origin";
                     title { (title) " · hook-events" }
                     link rel="stylesheet" href=(self.url("/static/console.css"));
                     script src=(self.url("/static/console.js")) defer {}
