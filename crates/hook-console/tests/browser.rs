@@ -221,7 +221,7 @@ async fn walk(served: &Served, client: &Client, javascript: bool, prefix: &str) 
     shoot(client, &shot("event-hostile")).await;
 
     // filter → event → replay by clicking
-    client.goto(&served.url("/events?state=dead&source=PostToolUse")).await.unwrap();
+    client.goto(&served.url("/events?state=dead&q=connection+refused")).await.unwrap();
     let first = client.find(Locator::Css("table.events tbody tr td.time a")).await.unwrap();
     let href = first.attr("href").await.unwrap().unwrap_or_default();
     let id = href.rsplit('/').next().unwrap_or_default().to_owned();

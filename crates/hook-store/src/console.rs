@@ -492,17 +492,43 @@ pub async fn routes(client: &impl GenericClient, limit: usize) -> Result<Vec<(St
     rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).collect()
 }
 
-/// Events processed per minute over the last hour (`hook_events_archive_idx`).
-pub const PROCESSED_PER_MINUTE: &str =
-    "SELECT floor(date_part('epoch', now() - processed_at) / 60)::int8 AS m, count(*) \
-     FROM hook_events WHERE processed AND processed_at > now() - interval '60 minutes' \
-     GROUP BY m";
+/// Events processed in the window (`$1`, microseconds back from now), through
+/// `hook_events_archive_idx` alone (an index-only count), and those of them that needed retries,
+/// through `idx_hook_events_retry` (only the rows that ever failed are read).
+pub const PROCESSED_IN_WINDOW: &str = "SELECT \
+       (SELECT count(*) FROM hook_events \
+        WHERE processed AND processed_at >= now() - $1::int8 * interval '1 microsecond'), \
+       (SELECT count(*) FROM hook_events \
+        WHERE retry_count > 0 AND processed AND processed_at >= now() - $1::int8 * interval '1 microsecond')";
 
-/// Events created per minute over the last hour (`hook_events_created_idx`).
-pub const RECEIVED_PER_MINUTE: &str =
-    "SELECT floor(date_part('epoch', now() - created_at) / 60)::int8 AS m, count(*) \
-     FROM hook_events WHERE created_at > now() - interval '60 minutes' \
-     GROUP BY m";
+/// Events processed within `window`, and how many of them needed retries. Unlike
+/// [`crate::stats::processed_since`] it reads no latencies, so a window of a million events
+/// costs an index-only count.
+pub async fn processed_in_window(
+    client: &impl GenericClient,
+    window: std::time::Duration,
+) -> Result<(u64, u64), StoreError> {
+    let micros = i64::try_from(window.as_micros()).unwrap_or(i64::MAX);
+    let row = client.query_one(PROCESSED_IN_WINDOW, &[&micros]).await?;
+    Ok((count(row.try_get(0)?), count(row.try_get(1)?)))
+}
+
+/// Events processed in each minute of the last hour (`m` minutes ago), each minute counted up to
+/// `$1` through `hook_events_archive_idx` (an index-only range): bounded work even when a
+/// million events were processed within the hour.
+pub const PROCESSED_PER_MINUTE: &str = "SELECT m, (SELECT count(*) FROM ( \
+         SELECT 1 FROM hook_events WHERE processed \
+           AND processed_at > now() - (m + 1) * interval '1 minute' \
+           AND processed_at <= now() - m * interval '1 minute' LIMIT $1) AS x) \
+     FROM generate_series(0, 59) AS m";
+
+/// Events created in each minute of the last hour, each counted up to `$1` through
+/// `hook_events_created_idx`.
+pub const RECEIVED_PER_MINUTE: &str = "SELECT m, (SELECT count(*) FROM ( \
+         SELECT 1 FROM hook_events \
+         WHERE created_at > now() - (m + 1) * interval '1 minute' \
+           AND created_at <= now() - m * interval '1 minute' LIMIT $1) AS x) \
+     FROM generate_series(0, 59) AS m";
 
 /// Latency (created → processed) per minute of the latest `$1` first-attempt successes of the
 /// last hour, newest first through `hook_events_archive_idx`: bounded work whatever the rate.
@@ -514,10 +540,11 @@ pub const LATENCY_PER_MINUTE: &str = "SELECT m, count(*), avg(l), max(l) FROM ( 
          ORDER BY processed_at DESC LIMIT $1) AS w \
      GROUP BY m";
 
-async fn per_minute(client: &impl GenericClient, sql: &str) -> Result<PerMinute, StoreError> {
+async fn per_minute(client: &impl GenericClient, sql: &str, cap: u64) -> Result<PerMinute, StoreError> {
     let mut counts = [0u64; 60];
-    for row in client.query(sql, &[]).await? {
-        let minute: i64 = row.try_get(0)?;
+    let cap = i64::try_from(cap).unwrap_or(i64::MAX);
+    for row in client.query(sql, &[&cap]).await? {
+        let minute: i32 = row.try_get(0)?;
         if let Some(slot) = usize::try_from(minute).ok().and_then(|m| counts.get_mut(m)) {
             *slot += count(row.try_get(1)?);
         }
@@ -525,14 +552,14 @@ async fn per_minute(client: &impl GenericClient, sql: &str) -> Result<PerMinute,
     Ok(counts)
 }
 
-/// Events processed in each minute of the last hour.
-pub async fn processed_per_minute(client: &impl GenericClient) -> Result<PerMinute, StoreError> {
-    per_minute(client, PROCESSED_PER_MINUTE).await
+/// Events processed in each minute of the last hour, each minute counted up to `cap`.
+pub async fn processed_per_minute(client: &impl GenericClient, cap: u64) -> Result<PerMinute, StoreError> {
+    per_minute(client, PROCESSED_PER_MINUTE, cap).await
 }
 
-/// Events created in each minute of the last hour.
-pub async fn received_per_minute(client: &impl GenericClient) -> Result<PerMinute, StoreError> {
-    per_minute(client, RECEIVED_PER_MINUTE).await
+/// Events created in each minute of the last hour, each minute counted up to `cap`.
+pub async fn received_per_minute(client: &impl GenericClient, cap: u64) -> Result<PerMinute, StoreError> {
+    per_minute(client, RECEIVED_PER_MINUTE, cap).await
 }
 
 /// Pickup latency in each minute of the last hour, over the latest `latest` first-attempt
@@ -568,7 +595,8 @@ const SESSION_COUNTS: &str = "count(*), \
 
 /// The sessions seen among the latest `$2` events before `$1` (all when NULL), the `$3` with the
 /// most recent activity, each with its first and last event and counts over its latest `$4`
-/// events. Every part is an index probe or a bounded index range.
+/// events. Every part is an index probe or a bounded index range; the counts are taken for the
+/// sessions shown only.
 pub fn recent_sessions_query() -> String {
     format!(
         "WITH latest AS ( \
@@ -576,18 +604,21 @@ pub fn recent_sessions_query() -> String {
              WHERE ($1::timestamptz IS NULL OR created_at < $1) \
              ORDER BY created_at DESC LIMIT $2), \
          candidates AS ( \
-             SELECT s FROM latest WHERE s IS NOT NULL GROUP BY s ORDER BY max(created_at) DESC LIMIT $3::int8 * 2) \
-         SELECT c.s, f.created_at, l.created_at, a.* FROM candidates AS c \
+             SELECT s FROM latest WHERE s IS NOT NULL GROUP BY s ORDER BY max(created_at) DESC LIMIT $3::int8 * 2), \
+         shown AS ( \
+             SELECT c.s, l.created_at AS last FROM candidates AS c \
+             CROSS JOIN LATERAL (SELECT created_at FROM hook_events \
+                 WHERE {SESSION_KEY} = c.s ORDER BY created_at DESC, id DESC LIMIT 1) AS l \
+             WHERE ($1::timestamptz IS NULL OR l.created_at < $1) \
+             ORDER BY l.created_at DESC, c.s LIMIT $3) \
+         SELECT c.s, f.created_at, c.last, a.* FROM shown AS c \
          CROSS JOIN LATERAL (SELECT created_at FROM hook_events \
              WHERE {SESSION_KEY} = c.s ORDER BY created_at, id LIMIT 1) AS f \
-         CROSS JOIN LATERAL (SELECT created_at FROM hook_events \
-             WHERE {SESSION_KEY} = c.s ORDER BY created_at DESC, id DESC LIMIT 1) AS l \
          CROSS JOIN LATERAL (SELECT {SESSION_COUNTS} FROM ( \
              SELECT source, processed, retry_count, dead_at, result_metadata->>'success' AS success \
              FROM hook_events WHERE {SESSION_KEY} = c.s \
              ORDER BY created_at DESC, id DESC LIMIT $4::int8 + 1) AS x) AS a \
-         WHERE ($1::timestamptz IS NULL OR l.created_at < $1) \
-         ORDER BY l.created_at DESC, c.s LIMIT $3"
+         ORDER BY c.last DESC, c.s"
     )
 }
 

@@ -18,6 +18,8 @@ use crate::text::{self, shown};
 const WINDOWS: [(&str, u64); 4] = [("1h", 3600), ("24h", 86_400), ("7d", 7 * 86_400), ("30d", 30 * 86_400)];
 /// The latency chart is drawn from at most this many of the latest events.
 const LATENCY_SAMPLE: u64 = 10_000;
+/// A minute of the throughput chart is counted up to this many events.
+const MINUTE_CAP: u64 = 100_000;
 
 pub(crate) async fn page(ctx: Ctx, RawQuery(query): RawQuery) -> Response {
     let params = Params::from_query(query.as_deref());
@@ -41,15 +43,20 @@ async fn overview(ctx: &Ctx, params: &Params) -> Result<Markup, ConsoleError> {
     let mut client = ctx.client().await?;
     let tx = console::read_only(&mut client, ctx.statement_timeout_ms()).await?;
     let depth = stats::queue_depth(&tx, window).await?;
-    let processed = stats::processed_since(&tx, window).await?;
-    let per_minute = console::processed_per_minute(&tx).await?;
-    let received = console::received_per_minute(&tx).await?;
+    let (processed, with_retries) = console::processed_in_window(&tx, window).await?;
+    let per_minute = console::processed_per_minute(&tx, MINUTE_CAP).await?;
+    let received = console::received_per_minute(&tx, MINUTE_CAP).await?;
     let latency = console::latency_per_minute(&tx, LATENCY_SAMPLE).await?;
     let routes = stats::errors_by_route(&tx, window, 20).await?;
     tx.commit().await?;
 
     let avg: [Option<f64>; 60] = std::array::from_fn(|m| (latency[m].events > 0).then_some(latency[m].avg_s));
     let max: [Option<f64>; 60] = std::array::from_fn(|m| (latency[m].events > 0).then_some(latency[m].max_s));
+    let sampled: u64 = latency.iter().map(|m| m.events).sum();
+    let sample_mean = (sampled > 0).then(|| {
+        let total: f64 = latency.iter().map(|m| m.avg_s * m.events as f64).sum();
+        Duration::from_secs_f64((total / sampled as f64).max(0.0))
+    });
     let hour: u64 = per_minute.iter().sum();
     let received_hour: u64 = received.iter().sum();
     let body = html! {
@@ -67,10 +74,10 @@ async fn overview(ctx: &Ctx, params: &Params) -> Result<Markup, ConsoleError> {
                 div.note { (text::thousands(depth.waiting)) " in backoff" } }
             div.card { div.label { "Dead" } div.value #dead { (count_link(ctx, "dead", depth.dead)) }
                 div.note { (text::thousands(depth.died_in_window)) " died in " (window_name) } }
-            div.card { div.label { "Processed in " (window_name) } div.value #processed { (text::thousands(processed.processed)) }
+            div.card { div.label { "Processed in " (window_name) } div.value #processed { (text::thousands(processed)) }
                 div.note {
-                    @if let Some(rate) = processed.error_rate() { (format!("{:.1}", rate * 100.0)) "% needed retries" }
-                    @if let Some(avg) = processed.avg { " · mean " (text::duration(avg)) }
+                    @if processed > 0 { (format!("{:.2}", with_retries as f64 * 100.0 / processed as f64)) "% needed retries" }
+                    @if let Some(mean) = sample_mean { " · mean latency " (text::duration(mean)) " (latest " (text::thousands(sampled)) ")" }
                 } }
         }
         section.charts {
@@ -78,6 +85,9 @@ async fn overview(ctx: &Ctx, params: &Params) -> Result<Markup, ConsoleError> {
                 h2 { "Throughput, last hour" }
                 p.legend { span.key-bar {} " processed per minute (" (text::thousands(hour)) ")  " span.key-line {} " received per minute (" (text::thousands(received_hour)) ")" }
                 (chart::bars("Events processed and received per minute over the last hour", &per_minute, &received, "received"))
+                @if per_minute.iter().chain(received.iter()).any(|n| *n >= MINUTE_CAP) {
+                    p.hint { "A minute is counted up to " (text::thousands(MINUTE_CAP)) " events; more show as that." }
+                }
             }
             div {
                 h2 { "Pickup latency, last hour" }

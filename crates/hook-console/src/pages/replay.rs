@@ -30,7 +30,7 @@ const WALK_PAGE: usize = 500;
 /// What a replay form asks for.
 enum Scope {
     Selected(Vec<Uuid>),
-    Filter(FilterForm, EventFilter),
+    Filter(Box<(FilterForm, EventFilter)>),
 }
 
 pub(crate) async fn replay(ctx: Ctx, body: Bytes) -> Response {
@@ -51,7 +51,7 @@ async fn run(ctx: &Ctx, params: &Params) -> Result<Markup, ConsoleError> {
         Some("filter") => {
             let form = FilterForm::from_params(params);
             let filter = form.filter()?;
-            Scope::Filter(form, filter)
+            Scope::Filter(Box::new((form, filter)))
         }
         _ => return Err(ConsoleError::BadRequest("scope: selected or filter".into())),
     };
@@ -72,7 +72,8 @@ fn scope_fields(ctx: &Ctx, scope: &Scope) -> Markup {
                 input type="hidden" name="scope" value="selected";
                 @for id in ids { input type="hidden" name="id" value=(id); }
             }
-            Scope::Filter(form, _) => {
+            Scope::Filter(filter) => {
+                @let form = &filter.0;
                 input type="hidden" name="scope" value="filter";
                 @for (key, value) in form.pairs() {
                     @if !value.is_empty() { input type="hidden" name=(key) value=(value); }
@@ -104,15 +105,15 @@ async fn confirm(ctx: &Ctx, scope: &Scope, include_processed: bool) -> Result<Ma
             let filter = ReplayFilter { ids: ids.clone(), include_processed, ..ReplayFilter::default() };
             replay::plan_replay(&tx, &filter, 0).await?.groups
         }
-        Scope::Filter(_, filter) => {
-            console::replayable_groups(&tx, filter, include_processed, COUNT_CAP).await?
+        Scope::Filter(filter) => {
+            console::replayable_groups(&tx, &filter.1, include_processed, COUNT_CAP).await?
         }
     };
     tx.commit().await?;
     let total: u64 = groups.iter().map(|(_, n)| n).sum();
     let what = match scope {
         Scope::Selected(ids) => format!("the {} selected events", ids.len()),
-        Scope::Filter(form, _) if form.is_empty() => "all events".into(),
+        Scope::Filter(filter) if filter.0.is_empty() => "all events".into(),
         Scope::Filter(..) => "the events matching the filter".into(),
     };
     let body = html! {
@@ -120,7 +121,8 @@ async fn confirm(ctx: &Ctx, scope: &Scope, include_processed: bool) -> Result<Ma
         p { "Of " (what) ", " strong id="replay-count" { (text::thousands(total)) @if total >= COUNT_CAP as u64 { " or more" } }
             " would be re-queued: failed and dead events"
             @if include_processed { ", and processed ones" } "." }
-        @if let Scope::Filter(form, _) = scope {
+        @if let Scope::Filter(filter) = scope {
+            @let form = &filter.0;
             @if !form.is_empty() {
                 ul.filter-summary {
                     @for (key, value) in form.pairs() { @if !value.is_empty() { li { (key) ": " code { (shown(&value)) } } } }
@@ -185,7 +187,8 @@ async fn execute(ctx: &Ctx, scope: &Scope, include_processed: bool) -> Result<Ma
                 add(&mut total, report);
             }
         }
-        Scope::Filter(_, filter) => {
+        Scope::Filter(filter) => {
+            let filter = &filter.1;
             let mut after = None;
             loop {
                 let page =

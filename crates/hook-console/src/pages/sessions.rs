@@ -19,7 +19,7 @@ const SESSIONS_PER_PAGE: usize = 25;
 /// The sessions list looks for sessions among this many of the latest events.
 const SCAN: usize = 5000;
 /// A session in the list is counted over at most its latest this many events.
-const PER_SESSION: usize = 1000;
+const PER_SESSION: usize = 500;
 /// Events per timeline page.
 const TIMELINE_PAGE: usize = 200;
 /// How far before and after a page the other half of a cut tool call is looked for.
