@@ -57,7 +57,7 @@ impl ConsoleError {
 }
 
 /// A bare page: used where the layout's links are not known. Pages render their errors in the
-/// layout themselves ([`crate::pages::error_page`]).
+/// layout themselves.
 impl IntoResponse for ConsoleError {
     fn into_response(self) -> Response {
         if self.status().is_server_error() {

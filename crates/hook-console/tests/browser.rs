@@ -6,6 +6,9 @@
 //! Screenshots of each page are saved under `target/console-screenshots/` (printed at the end).
 //! Needs Debian's `chromium` and `chromium-driver` (`.ci/run` installs them when missing).
 
+// Helpers of tests: a failed step is a failed test.
+#![allow(clippy::unwrap_used)]
+
 mod support;
 
 use std::path::{Path, PathBuf};

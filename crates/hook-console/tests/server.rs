@@ -2,6 +2,9 @@
 //! values come out escaped, actions are refused without the token, a login or the right CSRF
 //! value, and a replay re-queues exactly the selected or filtered events.
 
+// Helpers of tests: a failed step is a failed test.
+#![allow(clippy::unwrap_used)]
+
 mod support;
 
 use support::{seed, serve, Served, CLAUDE_SESSION, FAILURES, SESSION};

@@ -492,24 +492,26 @@ pub async fn routes(client: &impl GenericClient, limit: usize) -> Result<Vec<(St
     rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).collect()
 }
 
-/// Events processed in the window (`$1`, microseconds back from now), through
-/// `hook_events_archive_idx` alone (an index-only count), and those of them that needed retries,
-/// through `idx_hook_events_retry` (only the rows that ever failed are read).
+/// Events processed in the window (`$1`, microseconds back from now), counted up to `$2`
+/// through `hook_events_archive_idx` alone (an index-only range), and those that needed
+/// retries, through `idx_hook_events_retry` (only the rows that ever failed are read).
 pub const PROCESSED_IN_WINDOW: &str = "SELECT \
-       (SELECT count(*) FROM hook_events \
-        WHERE processed AND processed_at >= now() - $1::int8 * interval '1 microsecond'), \
+       (SELECT count(*) FROM (SELECT 1 FROM hook_events \
+        WHERE processed AND processed_at >= now() - $1::int8 * interval '1 microsecond' LIMIT $2) AS x), \
        (SELECT count(*) FROM hook_events \
         WHERE retry_count > 0 AND processed AND processed_at >= now() - $1::int8 * interval '1 microsecond')";
 
-/// Events processed within `window`, and how many of them needed retries. Unlike
-/// [`crate::stats::processed_since`] it reads no latencies, so a window of a million events
-/// costs an index-only count.
+/// Events processed within `window` (counted up to `cap`: a count of `cap` means "at least"),
+/// and how many of them needed retries. Unlike [`crate::stats::processed_since`] it reads no
+/// latencies, so its cost is bounded by `cap` and the failed rows.
 pub async fn processed_in_window(
     client: &impl GenericClient,
     window: std::time::Duration,
+    cap: u64,
 ) -> Result<(u64, u64), StoreError> {
     let micros = i64::try_from(window.as_micros()).unwrap_or(i64::MAX);
-    let row = client.query_one(PROCESSED_IN_WINDOW, &[&micros]).await?;
+    let cap = i64::try_from(cap).unwrap_or(i64::MAX);
+    let row = client.query_one(PROCESSED_IN_WINDOW, &[&micros, &cap]).await?;
     Ok((count(row.try_get(0)?), count(row.try_get(1)?)))
 }
 

@@ -18,6 +18,8 @@ use crate::text::{self, shown};
 const WINDOWS: [(&str, u64); 4] = [("1h", 3600), ("24h", 86_400), ("7d", 7 * 86_400), ("30d", 30 * 86_400)];
 /// The latency chart is drawn from at most this many of the latest events.
 const LATENCY_SAMPLE: u64 = 10_000;
+/// The processed count of the window stops here (shown as "100,000+").
+const PROCESSED_CAP: u64 = 100_000;
 /// A minute of the throughput chart is counted up to this many events.
 const MINUTE_CAP: u64 = 100_000;
 
@@ -43,7 +45,8 @@ async fn overview(ctx: &Ctx, params: &Params) -> Result<Markup, ConsoleError> {
     let mut client = ctx.client().await?;
     let tx = console::read_only(&mut client, ctx.statement_timeout_ms()).await?;
     let depth = stats::queue_depth(&tx, window).await?;
-    let (processed, with_retries) = console::processed_in_window(&tx, window).await?;
+    let (processed, with_retries) = console::processed_in_window(&tx, window, PROCESSED_CAP).await?;
+    let capped = processed >= PROCESSED_CAP;
     let per_minute = console::processed_per_minute(&tx, MINUTE_CAP).await?;
     let received = console::received_per_minute(&tx, MINUTE_CAP).await?;
     let latency = console::latency_per_minute(&tx, LATENCY_SAMPLE).await?;
@@ -74,9 +77,10 @@ async fn overview(ctx: &Ctx, params: &Params) -> Result<Markup, ConsoleError> {
                 div.note { (text::thousands(depth.waiting)) " in backoff" } }
             div.card { div.label { "Dead" } div.value #dead { (count_link(ctx, "dead", depth.dead)) }
                 div.note { (text::thousands(depth.died_in_window)) " died in " (window_name) } }
-            div.card { div.label { "Processed in " (window_name) } div.value #processed { (text::thousands(processed)) }
+            div.card { div.label { "Processed in " (window_name) } div.value #processed { (text::thousands(processed)) @if capped { "+" } }
                 div.note {
-                    @if processed > 0 { (format!("{:.2}", with_retries as f64 * 100.0 / processed as f64)) "% needed retries" }
+                    @if capped { (text::thousands(with_retries)) " needed retries" }
+                    @else if processed > 0 { (format!("{:.2}", with_retries as f64 * 100.0 / processed as f64)) "% needed retries" }
                     @if let Some(mean) = sample_mean { " · mean latency " (text::duration(mean)) " (latest " (text::thousands(sampled)) ")" }
                 } }
         }
