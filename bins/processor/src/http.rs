@@ -53,12 +53,13 @@ struct Ops {
     prometheus: PrometheusHandle,
 }
 
-/// Binds `addr` (failing at once if it is taken) and serves the endpoints until the runtime
-/// ends. Also runs the recorder's upkeep.
+/// Binds `addr` (failing at once if it is taken) and serves the endpoints, and the web console
+/// at /console when given, until the runtime ends. Also runs the recorder's upkeep.
 pub(crate) async fn serve(
     addr: SocketAddr,
     health: Health,
     prometheus: PrometheusHandle,
+    console: Option<hook_console::ConsoleState>,
 ) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -73,11 +74,15 @@ pub(crate) async fn serve(
             upkeep.run_upkeep();
         }
     });
-    let app = Router::new()
+    let mut app = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(Ops { health, prometheus });
+    if let Some(console) = console {
+        info!(addr = %local, writable = console.writable(), "serving the web console at /console");
+        app = app.merge(hook_console::mount("/console", console));
+    }
     tokio::spawn(async move {
         if let Err(error) = axum::serve(listener, app).await {
             warn!(%error, "the HTTP endpoint stopped");

@@ -65,9 +65,10 @@ fn run(args: Args, notifier: Arc<Notifier>) -> anyhow::Result<()> {
         .context("starting the async runtime")?;
     let result = runtime.block_on(async {
         let health = Health::new(ops.stall_timeout);
+        let console = console_state(&ops)?;
         if let Some(addr) = ops.http_addr {
             let prometheus = http::install_recorder()?;
-            http::serve(addr, health.clone(), prometheus).await?;
+            http::serve(addr, health.clone(), prometheus, console.clone()).await?;
         }
         // After the recorder (the sinks' metric handles), before the database.
         let registry = routes::registry(routes.as_ref(), args.routes.as_deref()).await?;
@@ -84,7 +85,8 @@ fn run(args: Args, notifier: Arc<Notifier>) -> anyhow::Result<()> {
                 (cluster.config("hook_events"), PasswordSource::None, Some(cluster))
             }
         };
-        let result = process(pg_config, &password, engine_config, registry, &ops, health, notifier, starting).await;
+        let result =
+            process(pg_config, &password, engine_config, registry, &ops, health, notifier, starting, console).await;
         if let Some(cluster) = cluster {
             cluster.stop().await.context("stopping the embedded PostgreSQL")?;
         }
@@ -110,6 +112,7 @@ async fn process(
     health: Health,
     notifier: Arc<Notifier>,
     starting: tokio::task::JoinHandle<()>,
+    console: Option<hook_console::ConsoleState>,
 ) -> anyhow::Result<()> {
     let pg_config = hook_store::with_service_defaults(pg_config, "hook-processor");
     let shown = redacted(&pg_config);
@@ -135,7 +138,20 @@ async fn process(
     info!(database = %shown, applied = ?report.applied, "database ready");
     // Probes and gauge queries get a pool of their own, so they never wait behind the engine.
     // Same connection settings (TLS included) as the engine's.
-    let probe_options = StoreOptions { pool_size: 2, listen: false, pool_timeout: PROBE_TIMEOUT, ..options };
+    let probe_options =
+        StoreOptions { pool_size: 2, listen: false, pool_timeout: PROBE_TIMEOUT, ..options.clone() };
+    // The console's pages get a small pool of their own too.
+    let console_store = match &console {
+        Some(console) => {
+            let console_options = StoreOptions { pool_size: 3, listen: false, ..options };
+            let store = PgStore::connect(pg_config.clone(), console_options)
+                .await
+                .with_context(|| format!("connecting to {shown}"))?;
+            console.attach(store.pool().clone());
+            Some(store)
+        }
+        None => None,
+    };
     let probe =
         PgStore::connect(pg_config, probe_options).await.with_context(|| format!("connecting to {shown}"))?;
     health.attach_probe_pool(probe.pool().clone());
@@ -199,7 +215,22 @@ async fn process(
         }
     }
     drop(probe);
+    drop(console_store);
     Ok(())
+}
+
+/// The web console's state when `--console` is set: its token from the environment (read-only
+/// without one); the pool is attached once the database is connected.
+fn console_state(ops: &OpsConfig) -> anyhow::Result<Option<hook_console::ConsoleState>> {
+    if !ops.console {
+        return Ok(None);
+    }
+    let token = match hook_cli::console_token()? {
+        Some(text) => Some(hook_console::Token::new(&text).context("invalid configuration")?),
+        None => None,
+    };
+    let config = hook_console::ConsoleConfig { token, ..hook_console::ConsoleConfig::default() };
+    Ok(Some(hook_console::ConsoleState::unattached(config)))
 }
 
 /// Connects, retrying for up to `wait` while the database is unreachable (refused, timed out,
