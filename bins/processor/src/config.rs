@@ -119,6 +119,17 @@ pub(crate) struct Args {
     #[arg(long, env = "HOOK_WAIT_FOR_DATABASE", default_value = "0", value_parser = parse_duration)]
     wait_for_database: Duration,
 
+    /// Accept events from hook-ingest on this local Unix socket, inserting them in batches on a
+    /// connection kept open ("off" or unset: no socket). The units set
+    /// %t/hook-events/ingest.sock, where hook-ingest looks by default.
+    #[arg(long, env = "HOOK_INGEST_SOCKET")]
+    ingest_socket: Option<PathBuf>,
+
+    /// Permissions of the ingest socket, octal: 0600 (only the processor's user may connect) or
+    /// 0660 (its group too).
+    #[arg(long, env = "HOOK_INGEST_SOCKET_MODE", default_value = "0600", value_parser = parse_mode)]
+    ingest_socket_mode: u32,
+
     /// Log level or filter (error, warn, info, debug, trace, or tracing directives).
     #[arg(long, env = "LOG_LEVEL", default_value = "info", global = true)]
     log_level: String,
@@ -173,6 +184,15 @@ pub(crate) struct OpsConfig {
     pub(crate) stall_timeout: Duration,
     /// How long to retry an unreachable database at start.
     pub(crate) wait_for_database: Duration,
+}
+
+/// The ingest socket to serve.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct IngestSocket {
+    /// Its path, absolute.
+    pub(crate) path: PathBuf,
+    /// Its permissions.
+    pub(crate) mode: u32,
 }
 
 /// How log lines are written.
@@ -238,6 +258,18 @@ impl Args {
             stall_timeout,
             wait_for_database: self.wait_for_database,
         })
+    }
+
+    /// The ingest socket to serve, if one is configured.
+    pub(crate) fn ingest_socket(&self) -> anyhow::Result<Option<IngestSocket>> {
+        let Some(path) = self.ingest_socket.as_ref().filter(|path| !path.as_os_str().is_empty()) else {
+            return Ok(None);
+        };
+        if path.as_os_str().eq_ignore_ascii_case("off") {
+            return Ok(None);
+        }
+        let path = std::path::absolute(path).context("reading the working directory")?;
+        Ok(Some(IngestSocket { path, mode: self.ingest_socket_mode }))
     }
 
     /// The database for `stats`: like [`database`](Self::database), but an embedded cluster is
@@ -323,6 +355,16 @@ pub(crate) fn init_logging(args: &Args) -> anyhow::Result<()> {
     result.map_err(|e| anyhow::anyhow!("setting up logging: {e}"))
 }
 
+/// Parses an octal file mode: "0600", "660", "0o660".
+pub(crate) fn parse_mode(text: &str) -> Result<u32, String> {
+    let digits = text.trim();
+    let digits = digits.strip_prefix("0o").unwrap_or(digits);
+    u32::from_str_radix(digits, 8)
+        .ok()
+        .filter(|mode| *mode <= 0o777 && !digits.is_empty())
+        .ok_or_else(|| format!("{text:?} is not an octal file mode such as 0600 or 0660"))
+}
+
 /// Parses "1.5" (seconds), "250ms", "2s", "5m", "1h" or "7d".
 pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
@@ -399,6 +441,27 @@ mod tests {
         assert_eq!(ops(&[]).unwrap().http_addr, None);
         let addr = ops(&["--http-addr", "127.0.0.1:9477"]).unwrap().http_addr;
         assert_eq!(addr, Some("127.0.0.1:9477".parse().unwrap()));
+    }
+
+    #[test]
+    fn the_ingest_socket_is_off_unless_named() {
+        let socket = |extra: &[&str]| {
+            let mut argv = vec!["hook-processor"];
+            argv.extend_from_slice(extra);
+            Args::try_parse_from(argv).map_err(|e| e.to_string())?.ingest_socket().map_err(|e| e.to_string())
+        };
+        assert_eq!(socket(&[]).unwrap(), None);
+        assert_eq!(socket(&["--ingest-socket", "off"]).unwrap(), None);
+        let named = socket(&["--ingest-socket", "/run/hook-events/ingest.sock"]).unwrap();
+        assert_eq!(named, Some(IngestSocket { path: "/run/hook-events/ingest.sock".into(), mode: 0o600 }));
+        let group = socket(&["--ingest-socket", "/s.sock", "--ingest-socket-mode", "0660"]).unwrap();
+        assert_eq!(group.map(|s| s.mode), Some(0o660));
+        let relative = socket(&["--ingest-socket", "s.sock"]).unwrap().unwrap();
+        assert!(relative.path.is_absolute(), "{relative:?}");
+        for bad in ["0800", "rw", "", "01777"] {
+            let error = socket(&["--ingest-socket", "/s.sock", "--ingest-socket-mode", bad]).unwrap_err();
+            assert!(error.contains("octal file mode"), "{bad}: {error}");
+        }
     }
 
     #[test]

@@ -9,6 +9,7 @@
 mod config;
 mod health;
 mod http;
+mod ingest;
 mod notify;
 mod stats;
 
@@ -22,7 +23,7 @@ use hook_core::{default_registry, Engine};
 use hook_store::{redacted, EmbeddedCluster, PgStore, StoreError, StoreOptions};
 use tracing::{info, warn};
 
-use crate::config::{Args, Command, Database, OpsConfig};
+use crate::config::{Args, Command, Database, IngestSocket, OpsConfig};
 use crate::health::{Health, PROBE_TIMEOUT};
 use crate::notify::Notifier;
 
@@ -58,6 +59,7 @@ fn run(args: Args, notifier: Arc<Notifier>) -> anyhow::Result<()> {
     }
     let engine_config = args.engine_config()?;
     let ops = args.ops_config(&engine_config)?;
+    let ingest_socket = args.ingest_socket()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -81,7 +83,8 @@ fn run(args: Args, notifier: Arc<Notifier>) -> anyhow::Result<()> {
                 (cluster.config("hook_events"), Some(cluster))
             }
         };
-        let result = process(pg_config, engine_config, &ops, health, notifier, starting).await;
+        let result =
+            process(pg_config, engine_config, &ops, ingest_socket.as_ref(), health, notifier, starting).await;
         if let Some(cluster) = cluster {
             cluster.stop().await.context("stopping the embedded PostgreSQL")?;
         }
@@ -93,6 +96,7 @@ async fn process(
     pg_config: hook_store::tokio_postgres::Config,
     engine_config: hook_core::EngineConfig,
     ops: &OpsConfig,
+    ingest_socket: Option<&IngestSocket>,
     health: Health,
     notifier: Arc<Notifier>,
     starting: tokio::task::JoinHandle<()>,
@@ -111,6 +115,11 @@ async fn process(
     notifier.status("applying migrations");
     let report = store.migrate().await.with_context(|| format!("migrating {shown}"))?;
     info!(database = %shown, applied = ?report.applied, "database ready");
+    let (stop_ingest, ingest_stopped) = tokio::sync::watch::channel(false);
+    let ingest = match ingest_socket {
+        Some(socket) => Some(ingest::start(&pg_config, &options, socket, ingest_stopped).await?),
+        None => None,
+    };
     // Probes and gauge queries get a pool of their own, so they never wait behind the engine.
     // Same connection settings (TLS included) as the engine's.
     let probe_options = StoreOptions { pool_size: 2, listen: false, pool_timeout: PROBE_TIMEOUT, ..options };
@@ -124,14 +133,21 @@ async fn process(
     let gauges =
         ops.http_addr.map(|_| tokio::spawn(http::refresh_gauges(health.clone(), ops.gauge_interval)));
     let shutdown = {
-        let (health, notifier) = (health.clone(), Arc::clone(&notifier));
+        let (health, notifier, stop_ingest) = (health.clone(), Arc::clone(&notifier), stop_ingest.clone());
         async move {
             shutdown_signal().await;
             health.set_stopping();
             notifier.stopping();
+            // New hooks go to the database while the engine drains.
+            let _ = stop_ingest.send(true);
         }
     };
     let totals = engine.run(shutdown).await;
+    let _ = stop_ingest.send(true);
+    if let Some(ingest) = ingest {
+        // Requests already read are inserted or answered within the server's grace period.
+        let _ = tokio::time::timeout(Duration::from_secs(5), ingest).await;
+    }
     supervisor.abort();
     if let Some(gauges) = gauges {
         gauges.abort();
