@@ -309,17 +309,24 @@ async fn read_request(
 ) -> Result<(Vec<NewEvent>, usize, Vec<OwnedSemaphorePermit>), String> {
     let mut buffer = Vec::new();
     let mut held = Vec::new();
+    // Bytes of `memory` held: the buffer and the room of the next read, so a client that sends
+    // a byte at a time holds no more than one that sends it all at once.
+    let mut reserved = 0;
     let mut searched = 0;
     loop {
         if buffer.len() >= MAX_REQUEST {
             return Err(format!("request over {MAX_REQUEST} bytes"));
         }
         let room = (MAX_REQUEST - buffer.len()).min(READ_CHUNK);
-        let permits = u32::try_from(room).unwrap_or(u32::MAX);
-        let permit = Arc::clone(memory)
-            .try_acquire_many_owned(permits)
-            .map_err(|_| "busy: too many requests in memory".to_owned())?;
-        held.push(permit);
+        let wanted = (buffer.len() + room).saturating_sub(reserved);
+        if wanted > 0 {
+            let permits = u32::try_from(wanted).unwrap_or(u32::MAX);
+            let permit = Arc::clone(memory)
+                .try_acquire_many_owned(permits)
+                .map_err(|_| "busy: too many requests in memory".to_owned())?;
+            held.push(permit);
+            reserved += wanted;
+        }
         let start = buffer.len();
         buffer.resize(start + room, 0);
         let read = stream.read(&mut buffer[start..]).await;
@@ -405,14 +412,22 @@ async fn write_loop(mut queue: mpsc::Receiver<Job>, pool: Pool, config: Arc<Serv
 /// Inserts `events` in one statement (one by one, with raw records for what the database refuses,
 /// if it refuses the statement for its data), within `timeout`.
 async fn store(pool: &Pool, events: &[NewEvent], timeout: Duration) -> Result<(), String> {
-    let work = async {
-        let client = pool.get().await.map_err(|e| format!("no database connection: {}", chain(&e)))?;
-        let writer = Writer { client: &client, synchronous_commit: None };
-        writer.store(events).await.map_err(|e| chain(&e))
-    };
-    match tokio::time::timeout(timeout, work).await {
-        Ok(result) => result,
-        Err(_) => Err(format!("the database did not answer within {}ms", timeout.as_millis())),
+    let deadline = tokio::time::Instant::now() + timeout;
+    let late = || format!("the database did not answer within {}ms", timeout.as_millis());
+    let client = tokio::time::timeout_at(deadline, pool.get())
+        .await
+        .map_err(|_| late())?
+        .map_err(|e| format!("no database connection: {}", chain(&e)))?;
+    let writer = Writer { client: &client, synchronous_commit: None };
+    match tokio::time::timeout_at(deadline, writer.store(events)).await {
+        Ok(result) => result.map_err(|e| chain(&e)),
+        Err(_) => {
+            // A connection that hangs (a network partition) is not given back to the pool. Each
+            // statement commits on its own, so none is left inside a transaction either way.
+            drop(writer);
+            drop(hook_store::deadpool_postgres::Object::take(client));
+            Err(late())
+        }
     }
 }
 
