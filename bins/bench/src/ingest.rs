@@ -2,7 +2,10 @@
 //! input on stdin, timed from spawn to exit (what the agent waits for around every tool call),
 //! on each of its paths: through the ingest socket of a running `hook-processor`, straight to the
 //! database with a connection of its own, and with the processor killed (its socket file left
-//! behind, so the hook tries it, is refused, and falls back). Starting `/bin/true` is the floor.
+//! behind, so the hook tries it, is refused, and falls back); then the socket and the own
+//! connection again with `synchronous_commit=off` (set in the processor, resp. the hook), which
+//! shows what each path costs apart from the commit's WAL flush. Starting `/bin/true` is the
+//! floor.
 //!
 //! Every call must exit 0 with nothing on stderr, and every event must be stored once; the
 //! processor must have handled them all before it is killed.
@@ -56,6 +59,8 @@ const FLOOR: &str = "/bin/true (starting any process)";
 const SOCKET: &str = "hook-ingest: socket, processor running";
 const DIRECT: &str = "hook-ingest: own connection (socket off)";
 const FALLBACK: &str = "hook-ingest: processor killed, own connection";
+const SOCKET_ASYNC: &str = "  the same, synchronous_commit=off: socket";
+const DIRECT_ASYNC: &str = "  the same, synchronous_commit=off: own conn.";
 
 pub(crate) async fn ingest_latency(db: &Db, plan: &Plan) -> anyhow::Result<IngestReport> {
     let ingest_bin = plan.processor_bin.with_file_name("hook-ingest");
@@ -83,20 +88,6 @@ pub(crate) async fn ingest_latency(db: &Db, plan: &Plan) -> anyhow::Result<Inges
         paths.push(summary(FLOOR, &samples, None));
     }
 
-    let log_path = workdir.join("hook-processor.log");
-    let log = File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
-    let mut command = processor_command(&plan.processor_bin, &db.url, &plan.engine, &workdir, log);
-    command.env("HOOK_INGEST_SOCKET", &socket);
-    let mut child = command.spawn().with_context(|| format!("starting {}", plan.processor_bin.display()))?;
-    let until = Instant::now() + Duration::from_secs(60);
-    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
-        if let Some(status) = child.try_wait()? {
-            anyhow::bail!("hook-processor exited early ({status}); its log: {}", tail(&log_path));
-        }
-        anyhow::ensure!(Instant::now() < until, "hook-processor did not serve its socket within 60 s");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-
     let (url, socket_text, spool_text) =
         (db.url.clone(), socket.display().to_string(), spool.display().to_string());
     // No database of its own: the socket is the only way in, so each stored event went through it.
@@ -108,25 +99,30 @@ pub(crate) async fn ingest_latency(db: &Db, plan: &Plan) -> anyhow::Result<Inges
         ("HOOK_INGEST_SOCKET", socket_text.as_str()),
         ("HOOK_SPOOL", spool_text.as_str()),
     ];
+    let asynchronous = [("HOOK_INGEST_SYNCHRONOUS_COMMIT", "off")];
+    let own_connection_async = [own_connection.as_slice(), asynchronous.as_slice()].concat();
     let mut stored = bench::row_count(&client).await?;
+
+    let mut child = serve(db, plan, &workdir, &socket, &[]).await?;
     let samples = run_calls(&ingest_bin, &through_socket, &input, &workdir, calls).await?;
     paths.push(summary(SOCKET, &samples, Some(added(&client, &mut stored).await?)));
     let samples = run_calls(&ingest_bin, &own_connection, &input, &workdir, calls).await?;
     paths.push(summary(DIRECT, &samples, Some(added(&client, &mut stored).await?)));
-
     // The processor handles what the hooks stored, then is killed: its socket file stays.
-    let until = Instant::now() + Duration::from_secs(120);
-    while bench::unprocessed_count(&client).await? > 0 {
-        anyhow::ensure!(
-            Instant::now() < until,
-            "hook-processor did not handle the hooks' events in 2 minutes"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    drained(&client).await?;
     child.kill().await.context("killing hook-processor")?;
     anyhow::ensure!(socket.exists(), "the killed processor's socket file is gone");
     let samples = run_calls(&ingest_bin, &fallback, &input, &workdir, calls).await?;
     paths.push(summary(FALLBACK, &samples, Some(added(&client, &mut stored).await?)));
+
+    // The same without waiting for the WAL flush: what the paths cost apart from the disk.
+    let mut child = serve(db, plan, &workdir, &socket, &asynchronous).await?;
+    let samples = run_calls(&ingest_bin, &through_socket, &input, &workdir, calls).await?;
+    paths.push(summary(SOCKET_ASYNC, &samples, Some(added(&client, &mut stored).await?)));
+    let samples = run_calls(&ingest_bin, &own_connection_async, &input, &workdir, calls).await?;
+    paths.push(summary(DIRECT_ASYNC, &samples, Some(added(&client, &mut stored).await?)));
+    drained(&client).await?;
+    child.kill().await.context("killing hook-processor")?;
 
     let expected = i64::try_from(calls + WARMUP).unwrap_or(i64::MAX);
     for path in &paths {
@@ -203,6 +199,43 @@ fn summary(path: &'static str, samples: &[Duration], stored: Option<i64>) -> Ing
         max_us: sorted.last().copied().unwrap_or(0),
         stored,
     }
+}
+
+/// Starts hook-processor serving `socket` (with `env` added) and waits until it accepts.
+async fn serve(
+    db: &Db,
+    plan: &Plan,
+    workdir: &Path,
+    socket: &Path,
+    env: &[(&str, &str)],
+) -> anyhow::Result<tokio::process::Child> {
+    let log_path = workdir.join("hook-processor.log");
+    let log = File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
+    let mut command = processor_command(&plan.processor_bin, &db.url, &plan.engine, workdir, log);
+    command.env("HOOK_INGEST_SOCKET", socket).envs(env.iter().copied());
+    let mut child = command.spawn().with_context(|| format!("starting {}", plan.processor_bin.display()))?;
+    let until = Instant::now() + Duration::from_secs(60);
+    while std::os::unix::net::UnixStream::connect(socket).is_err() {
+        if let Some(status) = child.try_wait()? {
+            anyhow::bail!("hook-processor exited early ({status}); its log: {}", tail(&log_path));
+        }
+        anyhow::ensure!(Instant::now() < until, "hook-processor did not serve its socket within 60 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(child)
+}
+
+/// Waits until the processor has handled every event.
+async fn drained(client: &hook_store::deadpool_postgres::Object) -> anyhow::Result<()> {
+    let until = Instant::now() + Duration::from_secs(120);
+    while bench::unprocessed_count(client).await? > 0 {
+        anyhow::ensure!(
+            Instant::now() < until,
+            "hook-processor did not handle the hooks' events in 2 minutes"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
 }
 
 /// Rows added since `*rows`, which becomes the count now.

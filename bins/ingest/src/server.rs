@@ -71,6 +71,9 @@ pub struct ServerConfig {
     /// How long one insert may take (getting a connection included) before its requests are
     /// answered `error`. Default 10 s.
     pub store_timeout: Duration,
+    /// `synchronous_commit` of the inserts (set with `SET LOCAL` in each insert's transaction);
+    /// `None` keeps the server's setting. Default `None`.
+    pub synchronous_commit: Option<&'static str>,
     /// A pause between a commit and its answers: zero, except in the tests that kill a processor
     /// in between (`hook-processor` sets it only in debug builds, from
     /// `HOOK_INGEST_TEST_ANSWER_DELAY`).
@@ -87,6 +90,7 @@ impl Default for ServerConfig {
             batch_events: 1000,
             batch_bytes: 8 * 1024 * 1024,
             store_timeout: Duration::from_secs(10),
+            synchronous_commit: None,
             answer_delay: Duration::ZERO,
         }
     }
@@ -388,7 +392,7 @@ async fn write_loop(mut queue: mpsc::Receiver<Job>, pool: Pool, config: Arc<Serv
             batch.push(job);
         }
         let all: Vec<NewEvent> = batch.iter_mut().flat_map(|job| std::mem::take(&mut job.events)).collect();
-        let result = store(&pool, &all, config.store_timeout).await;
+        let result = store(&pool, &all, &config).await;
         match &result {
             Ok(()) => {
                 metrics::counter!(EVENTS_METRIC).increment(all.len() as u64);
@@ -411,19 +415,20 @@ async fn write_loop(mut queue: mpsc::Receiver<Job>, pool: Pool, config: Arc<Serv
 
 /// Inserts `events` in one statement (one by one, with raw records for what the database refuses,
 /// if it refuses the statement for its data), within `timeout`.
-async fn store(pool: &Pool, events: &[NewEvent], timeout: Duration) -> Result<(), String> {
+async fn store(pool: &Pool, events: &[NewEvent], config: &ServerConfig) -> Result<(), String> {
+    let timeout = config.store_timeout;
     let deadline = tokio::time::Instant::now() + timeout;
     let late = || format!("the database did not answer within {}ms", timeout.as_millis());
     let client = tokio::time::timeout_at(deadline, pool.get())
         .await
         .map_err(|_| late())?
         .map_err(|e| format!("no database connection: {}", chain(&e)))?;
-    let writer = Writer { client: &client, synchronous_commit: None };
+    let writer = Writer { client: &client, synchronous_commit: config.synchronous_commit };
     match tokio::time::timeout_at(deadline, writer.store(events)).await {
         Ok(result) => result.map_err(|e| chain(&e)),
         Err(_) => {
-            // A connection that hangs (a network partition) is not given back to the pool. Each
-            // statement commits on its own, so none is left inside a transaction either way.
+            // A connection that hangs (a network partition), or one left inside the transaction
+            // of a `SET LOCAL synchronous_commit`, is not given back to the pool.
             drop(writer);
             drop(hook_store::deadpool_postgres::Object::take(client));
             Err(late())

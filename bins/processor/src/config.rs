@@ -130,6 +130,12 @@ pub(crate) struct Args {
     #[arg(long, env = "HOOK_INGEST_SOCKET_MODE", default_value = "0600", value_parser = parse_mode)]
     ingest_socket_mode: u32,
 
+    /// synchronous_commit of the ingest socket's inserts (on, off, local, remote_write,
+    /// remote_apply) [default: the server's]. "off" answers hooks before the WAL reaches the
+    /// disk: a database crash can then lose the last fraction of a second of their events.
+    #[arg(long, env = "HOOK_INGEST_SYNCHRONOUS_COMMIT", value_parser = parse_synchronous_commit)]
+    ingest_synchronous_commit: Option<&'static str>,
+
     /// Log level or filter (error, warn, info, debug, trace, or tracing directives).
     #[arg(long, env = "LOG_LEVEL", default_value = "info", global = true)]
     log_level: String,
@@ -193,6 +199,8 @@ pub(crate) struct IngestSocket {
     pub(crate) path: PathBuf,
     /// Its permissions.
     pub(crate) mode: u32,
+    /// `synchronous_commit` of its inserts; `None`: the server's.
+    pub(crate) synchronous_commit: Option<&'static str>,
 }
 
 /// How log lines are written.
@@ -269,7 +277,11 @@ impl Args {
             return Ok(None);
         }
         let path = std::path::absolute(path).context("reading the working directory")?;
-        Ok(Some(IngestSocket { path, mode: self.ingest_socket_mode }))
+        Ok(Some(IngestSocket {
+            path,
+            mode: self.ingest_socket_mode,
+            synchronous_commit: self.ingest_synchronous_commit,
+        }))
     }
 
     /// The database for `stats`: like [`database`](Self::database), but an embedded cluster is
@@ -365,6 +377,16 @@ pub(crate) fn parse_mode(text: &str) -> Result<u32, String> {
         .ok_or_else(|| format!("{text:?} is not an octal file mode such as 0600 or 0660"))
 }
 
+/// One of the values PostgreSQL takes for `synchronous_commit`, any case.
+pub(crate) fn parse_synchronous_commit(text: &str) -> Result<&'static str, String> {
+    let values = hook_ingest::settings::SYNCHRONOUS_COMMIT;
+    values
+        .iter()
+        .find(|value| value.eq_ignore_ascii_case(text.trim()))
+        .copied()
+        .ok_or_else(|| format!("{text:?} is not one of {}", values.join(", ")))
+}
+
 /// Parses "1.5" (seconds), "250ms", "2s", "5m", "1h" or "7d".
 pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
@@ -453,7 +475,17 @@ mod tests {
         assert_eq!(socket(&[]).unwrap(), None);
         assert_eq!(socket(&["--ingest-socket", "off"]).unwrap(), None);
         let named = socket(&["--ingest-socket", "/run/hook-events/ingest.sock"]).unwrap();
-        assert_eq!(named, Some(IngestSocket { path: "/run/hook-events/ingest.sock".into(), mode: 0o600 }));
+        let expected = IngestSocket {
+            path: "/run/hook-events/ingest.sock".into(),
+            mode: 0o600,
+            synchronous_commit: None,
+        };
+        assert_eq!(named, Some(expected));
+        let off = socket(&["--ingest-socket", "/s.sock", "--ingest-synchronous-commit", "OFF"]).unwrap();
+        assert_eq!(off.and_then(|s| s.synchronous_commit), Some("off"));
+        let error =
+            socket(&["--ingest-socket", "/s.sock", "--ingest-synchronous-commit", "maybe"]).unwrap_err();
+        assert!(error.contains("is not one of on, off"), "{error}");
         let group = socket(&["--ingest-socket", "/s.sock", "--ingest-socket-mode", "0660"]).unwrap();
         assert_eq!(group.map(|s| s.mode), Some(0o660));
         let relative = socket(&["--ingest-socket", "s.sock"]).unwrap().unwrap();

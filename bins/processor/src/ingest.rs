@@ -30,7 +30,8 @@ pub(crate) async fn start(
         .await
         .context("connecting the ingest socket's pool")?;
     #[allow(unused_mut)]
-    let mut config = ServerConfig::default();
+    let mut config =
+        ServerConfig { synchronous_commit: socket.synchronous_commit, ..ServerConfig::default() };
     // Only in debug builds: the tests that kill a processor between a commit and its answer.
     #[cfg(debug_assertions)]
     if let Some(ms) = std::env::var("HOOK_INGEST_TEST_ANSWER_DELAY").ok().and_then(|v| v.parse().ok()) {
