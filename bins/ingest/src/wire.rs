@@ -76,7 +76,7 @@ pub fn request_end(buffer: &[u8], searched: usize) -> Option<usize> {
     }
     let from = searched.saturating_sub(1);
     let tail = buffer.get(from..)?;
-    tail.windows(2).position(|pair| pair == b"\n\n").map(|at| from + at + 2)
+    memchr::memmem::find(tail, b"\n\n").map(|at| from + at + 2)
 }
 
 /// The events of a complete request (`request` up to and including its empty line).
