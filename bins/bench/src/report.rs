@@ -472,25 +472,32 @@ impl Report {
             let _ = writeln!(out);
             let _ = writeln!(
                 out,
-                "{:<46} {:>8} {:>9} {:>9} {:>9} {:>9}",
+                "{:<46} {:>8} {:>9} {:>9} {:>9} {:>9} {:>8}",
                 format!("hook-ingest, spawn to exit ({} B input)", ingest.input_bytes),
                 "calls",
                 "p50",
                 "p90",
                 "p99",
-                "max"
+                "max",
+                "spooled"
             );
             for p in &ingest.paths {
                 let _ = writeln!(
                     out,
-                    "{:<46} {:>8} {:>9} {:>9} {:>9} {:>9}",
+                    "{:<46} {:>8} {:>9} {:>9} {:>9} {:>9} {:>8}",
                     p.path,
                     p.calls,
                     ms(p.p50_us),
                     ms(p.p90_us),
                     ms(p.p99_us),
-                    ms(p.max_us)
+                    ms(p.max_us),
+                    p.spooled
                 );
+            }
+            for p in &ingest.paths {
+                if let Some(warning) = &p.warning {
+                    let _ = writeln!(out, "  {}: {warning}", p.path.trim());
+                }
             }
         }
         let r = &self.ratios;
