@@ -50,6 +50,8 @@ pub(crate) struct IngestPath {
 /// The phase's result.
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct IngestReport {
+    /// The hook-ingest binary measured.
+    pub(crate) binary: String,
     pub(crate) input_bytes: usize,
     pub(crate) paths: Vec<IngestPath>,
 }
@@ -69,12 +71,12 @@ const SOCKET_ASYNC: &str = "  the same, synchronous_commit=off: socket";
 const DIRECT_ASYNC: &str = "  the same, synchronous_commit=off: own conn.";
 
 pub(crate) async fn ingest_latency(db: &Db, plan: &Plan) -> anyhow::Result<IngestReport> {
-    let ingest_bin = plan.processor_bin.with_file_name("hook-ingest");
+    let ingest_bin = plan.ingest_bin.clone();
     for bin in [&plan.processor_bin, &ingest_bin] {
         anyhow::ensure!(
             bin.is_file(),
             "no {} (build it with `cargo build --release -p hook-ingest -p hook-processor`, or pass \
-             --processor-bin with hook-ingest next to it)",
+             --processor-bin and --ingest-bin)",
             bin.display()
         );
     }
@@ -125,7 +127,7 @@ pub(crate) async fn ingest_latency(db: &Db, plan: &Plan) -> anyhow::Result<Inges
 
     bench::truncate(&client).await?;
     let _ = std::fs::remove_dir_all(&workdir);
-    Ok(IngestReport { input_bytes: INPUT.len(), paths })
+    Ok(IngestReport { binary: ingest_bin.display().to_string(), input_bytes: INPUT.len(), paths })
 }
 
 /// What every path's calls share.

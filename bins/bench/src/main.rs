@@ -103,6 +103,10 @@ struct Args {
     #[arg(long, default_value_t = 1000)]
     ingest_calls: usize,
 
+    /// The hook-ingest binary of the ingest phase [default: next to the hook-processor binary].
+    #[arg(long)]
+    ingest_bin: Option<PathBuf>,
+
     /// Print the report as JSON instead of a table.
     #[arg(long, global = true)]
     json: bool,
@@ -326,6 +330,7 @@ pub(crate) struct Plan {
     pub(crate) limit_connections: Vec<usize>,
     pub(crate) processor_bin: PathBuf,
     pub(crate) ingest_calls: usize,
+    pub(crate) ingest_bin: PathBuf,
 }
 
 impl Plan {
@@ -359,8 +364,12 @@ impl Plan {
             engine,
             limit_batch: args.limit_batch,
             limit_connections,
-            processor_bin,
+            processor_bin: processor_bin.clone(),
             ingest_calls: args.ingest_calls,
+            ingest_bin: args
+                .ingest_bin
+                .clone()
+                .unwrap_or_else(|| processor_bin.with_file_name("hook-ingest")),
         })
     }
 }

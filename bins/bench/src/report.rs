@@ -470,6 +470,7 @@ impl Report {
         }
         if let Some(ingest) = &self.ingest {
             let _ = writeln!(out);
+            let _ = writeln!(out, "hook-ingest: {}", ingest.binary);
             let _ = writeln!(
                 out,
                 "{:<46} {:>8} {:>9} {:>9} {:>9} {:>9} {:>8}",
