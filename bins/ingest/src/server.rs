@@ -429,7 +429,6 @@ async fn store(pool: &Pool, events: &[NewEvent], config: &ServerConfig) -> Resul
         Err(_) => {
             // A connection that hangs (a network partition), or one left inside the transaction
             // of a `SET LOCAL synchronous_commit`, is not given back to the pool.
-            drop(writer);
             drop(hook_store::deadpool_postgres::Object::take(client));
             Err(late())
         }

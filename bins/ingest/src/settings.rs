@@ -216,7 +216,8 @@ mod tests {
 
     #[test]
     fn the_sockets_are_the_variables_path_or_the_defaults_or_none() {
-        let cases: &[(&[(&str, &str)], &[&str])] = &[
+        type Case<'a> = (&'a [(&'a str, &'a str)], &'a [&'a str]);
+        let cases: &[Case<'_>] = &[
             (&[("HOOK_INGEST_SOCKET", "/tmp/x.sock"), ("XDG_RUNTIME_DIR", "/run/user/7")], &["/tmp/x.sock"]),
             (&[("HOOK_INGEST_SOCKET", "off"), ("XDG_RUNTIME_DIR", "/run/user/7")], &[]),
             (&[("HOOK_INGEST_SOCKET", " OFF ")], &[]),

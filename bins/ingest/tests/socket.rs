@@ -224,9 +224,9 @@ fn spool_ids(spool: &Path) -> Vec<Uuid> {
         .map(|line| {
             serde_json::from_str::<Value>(line).expect("a spool line is JSON")["id"]
                 .as_str()
-                .unwrap()
+                .expect("a spool line has an id")
                 .parse()
-                .unwrap()
+                .expect("the id is a UUID")
         })
         .collect()
 }
@@ -264,9 +264,9 @@ fn mode(path: &Path) -> u32 {
 /// Sends `bytes` on a new connection to `socket` and returns the answer line.
 fn raw_request(socket: &Path, bytes: &[u8]) -> String {
     let mut stream = UnixStream::connect(socket).expect("connect to the socket");
-    stream.set_read_timeout(Some(PATIENCE)).unwrap();
+    stream.set_read_timeout(Some(PATIENCE)).expect("set a read timeout");
     let writer = {
-        let mut stream = stream.try_clone().unwrap();
+        let mut stream = stream.try_clone().expect("clone the stream");
         let bytes = bytes.to_vec();
         // The server may stop reading (and close) before all is sent: that is the point.
         std::thread::spawn(move || {
