@@ -1,5 +1,6 @@
-//! Delivering one event: connect, flush the spool, insert; whatever does not get in within the
-//! time budget goes to the spool.
+//! Delivering one event: through a running processor's socket if one answers ([`crate::socket`]);
+//! else connect, flush the spool, insert; whatever does not get in within the time budget goes to
+//! the spool.
 //!
 //! One tokio-postgres connection on a current-thread runtime, no pool, no migrations: the table
 //! is assumed to exist (`hook-processor` creates it), and if it does not, the insert fails and the
