@@ -523,6 +523,12 @@ async fn bad_clients_are_answered_or_cut_off_and_the_processor_keeps_serving() {
     assert!(busy >= 40, "{busy} of 44 connections past the limit were turned away");
     assert_eq!(ingest(&stop_event(1), &with_db).check(), None, "stored beside the flood");
     drop(flood);
+    // Their connections are freed as the server sees them close.
+    let until = Instant::now() + PATIENCE;
+    while raw_request(&socket, b"\n") != "stored 0\n" {
+        assert!(Instant::now() < until, "the connection limit was not freed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     // Events the database refuses for their data become raw records with their ids, without
     // failing the good event sent with them.
