@@ -257,6 +257,10 @@ impl<S: Store> Engine<S> {
         let mut budget_wait = false;
         // Bytes of JSON per event in the last claim that returned events (see `fitting`).
         let mut event_bytes = 0u64;
+        // Halved by each failed claim, back to a batch by one that returns events: a claim that
+        // fails because it took too long (rows of megabytes, measured as the server renders them,
+        // on a busy server) is not tried again as large as it was.
+        let mut claim_cap = config.batch_size;
         tokio::pin!(shutdown);
         info!(
             batch_size = config.batch_size,
@@ -314,7 +318,7 @@ impl<S: Store> Engine<S> {
             let held = shared.bytes_held.load(Ordering::Relaxed);
             let max_bytes = config.max_bytes_in_flight.saturating_sub(held);
             let request = ClaimRequest {
-                limit: config.batch_size.min(free).min(fitting(max_bytes, event_bytes)),
+                limit: claim_cap.min(free).min(fitting(max_bytes, event_bytes)),
                 max_retry_count: config.retry.max_retry_count,
                 claim_timeout: config.claim_timeout,
                 max_bytes,
@@ -346,12 +350,13 @@ impl<S: Store> Engine<S> {
             let full = match claimed {
                 Err(error) => {
                     shared.metrics.add_error();
+                    claim_cap = (request.limit / 2).max(1);
                     let delay = error_backoff.next();
                     let failures = error_backoff.failures;
                     if is_loud_failure(failures) {
-                        warn!(error = %error, retry_in_ms = delay.as_millis() as u64, failures, "claim failed");
+                        warn!(error = %error, retry_in_ms = delay.as_millis() as u64, failures, next_limit = claim_cap, "claim failed");
                     } else {
-                        debug!(error = %error, retry_in_ms = delay.as_millis() as u64, failures, "claim failed");
+                        debug!(error = %error, retry_in_ms = delay.as_millis() as u64, failures, next_limit = claim_cap, "claim failed");
                     }
                     drop((permit, first_slots));
                     tokio::select! {
@@ -371,6 +376,7 @@ impl<S: Store> Engine<S> {
                     let (set_aside, held_back) = (batch.set_aside(), batch.held_back());
                     if !events.is_empty() {
                         event_bytes = batch.bytes() / events.len() as u64;
+                        claim_cap = config.batch_size;
                     }
                     if events.is_empty() && crashed.is_empty() && set_aside == 0 {
                         // Nothing fitted in what is left of the byte budget (rows were held
