@@ -635,11 +635,13 @@ async fn run_batch<B: ClaimedBatch>(
         } else {
             let attempt = u32::try_from(retry_count).unwrap_or(0);
             let error = bound_text(&result.error_text());
-            if config.retry.is_dead(attempt + 1) {
+            if result.retry.is_permanent() || config.retry.is_dead(attempt + 1) {
                 warn!(event_id = %id, source = %record.source, action = %record.action, attempt = attempt + 1, error = %error, "attempt failed; retry limit reached, event is dead");
                 (Class::Dead, Resolution::Failed { error, retry_after: None })
             } else {
-                let delay = config.retry.delay(attempt, id.as_u64_pair().1);
+                let delay = result
+                    .retry
+                    .delay(config.retry.delay(attempt, id.as_u64_pair().1), config.retry.max_delay);
                 warn!(event_id = %id, source = %record.source, action = %record.action, attempt = attempt + 1, error = %error, retry_in_s = delay.as_secs_f64(), "attempt failed; will retry");
                 (Class::Retried, Resolution::Failed { error, retry_after: Some(delay) })
             }
