@@ -229,6 +229,27 @@ async fn main() {
             ),
         ];
         measure(addr, &cookie, &pages).await;
+        // where the overview's time goes: each of its queries alone
+        let hour = 3_600_000_000i64;
+        let (cap, sample, routes) = (100_000i64, 10_000i64, 20i64);
+        let queries: [(&str, &str, Vec<&(dyn tokio_postgres::types::ToSql + Sync)>); 6] = [
+            ("stats::queue_depth", hook_store::stats::QUEUE_DEPTH, vec![&hour]),
+            ("stats::errors_by_route", hook_store::stats::ERRORS_BY_ROUTE, vec![&hour, &routes]),
+            ("console::processed_in_window", hook_store::console::PROCESSED_IN_WINDOW, vec![&hour, &cap]),
+            ("console::processed_per_minute", hook_store::console::PROCESSED_PER_MINUTE, vec![&cap]),
+            ("console::received_per_minute", hook_store::console::RECEIVED_PER_MINUTE, vec![&cap]),
+            ("console::latency_per_minute", hook_store::console::LATENCY_PER_MINUTE, vec![&sample]),
+        ];
+        println!("\noverview (1h), each query alone (EXPLAIN ANALYZE execution time):\n");
+        for (name, sql, params) in queries {
+            let rows = admin.query(&format!("EXPLAIN (ANALYZE) {sql}"), &params).await.unwrap();
+            let time = rows
+                .iter()
+                .map(|r| r.get::<_, String>(0))
+                .find(|l| l.starts_with("Execution Time"))
+                .unwrap_or_default();
+            println!("- {name}: {time}");
+        }
     }
     tokio::time::sleep(Duration::from_millis(10)).await;
 }
