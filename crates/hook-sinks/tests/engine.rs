@@ -1,8 +1,11 @@
 //! Routes through the engine on a real PostgreSQL: how they compose with the built-in handlers,
-//! a permanent failure making the event dead at once, and a retryable one burning its retries.
+//! a permanent failure making the event dead at once (logged with its reason, not as a retry
+//! limit), and a retryable one burning its retries.
 
 mod common;
 
+use std::io::Write;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{insert, registry, row, test_config, wait_for_count, Running, UNDECIDED};
@@ -42,8 +45,40 @@ action = "session_ended"
 sinks = ["ok", "later"]
 "#;
 
+/// A `tracing` writer into a shared buffer: what the engine logs.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("log buffer").extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    /// The captured lines that mention `id`.
+    fn lines_of(&self, id: uuid::Uuid) -> Vec<String> {
+        let bytes = self.0.lock().expect("log buffer").clone();
+        let id = id.to_string();
+        String::from_utf8_lossy(&bytes).lines().filter(|l| l.contains(&id)).map(str::to_owned).collect()
+    }
+}
+
+// A current-thread runtime: the engine's tasks run on this thread, under its log subscriber.
 #[tokio::test]
 async fn routes_compose_with_the_builtin_handlers_and_permanent_failures_die_at_once() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::WARN)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _logs = tracing::subscriber::set_default(subscriber);
     let db = TestDb::migrated("sinks_compose").await;
     let client = db.client().await;
     let config = test_config();
@@ -89,6 +124,12 @@ async fn routes_compose_with_the_builtin_handlers_and_permanent_failures_die_at_
     assert_eq!(r.metadata["sinks"]["refuse"]["ok"], false);
     assert_eq!(r.metadata["sinks"]["refuse"]["exit_code"], 65);
     assert_eq!(r.metadata["event"], "stop", "built-in facts kept on failure too");
+    // Its log line says why it is dead: the permanent reason, not a retry limit.
+    let lines = captured.lines_of(permanent);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].contains("attempt failed permanently"), "{lines:?}");
+    assert!(lines[0].contains("exited with 65 (permanent): no such channel"), "{lines:?}");
+    assert!(!lines[0].contains("retry limit"), "{lines:?}");
 
     // No route: the built-in handler alone, as without a routes file.
     let r = row(&client, unrouted).await;
@@ -102,6 +143,10 @@ async fn routes_compose_with_the_builtin_handlers_and_permanent_failures_die_at_
     assert!(r.errors.iter().all(|e| e.contains("sink later: sh exited with 75: busy")), "{:?}", r.errors);
     assert_eq!(r.metadata["sinks"]["ok"]["ok"], true);
     assert_eq!(r.metadata["sinks"]["later"]["ok"], false);
+    let lines = captured.lines_of(retried);
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    assert!(lines[..2].iter().all(|l| l.contains("will retry")), "{lines:?}");
+    assert!(lines[2].contains("retry limit reached"), "{lines:?}");
 
     assert_eq!((totals.succeeded, totals.dead), (2, 2), "{totals:?}");
     assert_eq!(totals.retried, 2, "only the retryable event was retried: {totals:?}");
