@@ -85,8 +85,8 @@ fn run(args: Args, notifier: Arc<Notifier>) -> anyhow::Result<()> {
                 (cluster.config("hook_events"), PasswordSource::None, Some(cluster))
             }
         };
-        let result =
-            process(pg_config, &password, engine_config, registry, &ops, health, notifier, starting, console).await;
+        let work = Work { engine_config, registry, console };
+        let result = process(pg_config, &password, work, &ops, health, notifier, starting).await;
         if let Some(cluster) = cluster {
             cluster.stop().await.context("stopping the embedded PostgreSQL")?;
         }
@@ -103,17 +103,24 @@ fn run(args: Args, notifier: Arc<Notifier>) -> anyhow::Result<()> {
 /// running until systemd's SIGKILL (`TimeoutStopSec=30s` against the 25 s drain timeout).
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 
+/// What the processor runs once the database is there: the engine with its configuration and
+/// handlers (the routes file's, or the built-in ones), and the console's pages when enabled.
+struct Work {
+    engine_config: hook_core::EngineConfig,
+    registry: hook_core::HandlerRegistry,
+    console: Option<hook_console::ConsoleState>,
+}
+
 async fn process(
     pg_config: hook_store::tokio_postgres::Config,
     password: &PasswordSource,
-    engine_config: hook_core::EngineConfig,
-    registry: hook_core::HandlerRegistry,
+    work: Work,
     ops: &OpsConfig,
     health: Health,
     notifier: Arc<Notifier>,
     starting: tokio::task::JoinHandle<()>,
-    console: Option<hook_console::ConsoleState>,
 ) -> anyhow::Result<()> {
+    let Work { engine_config, registry, console } = work;
     let pg_config = hook_store::with_service_defaults(pg_config, "hook-processor");
     let shown = redacted(&pg_config);
     let options = StoreOptions {
