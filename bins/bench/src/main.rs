@@ -6,6 +6,7 @@
 
 mod phases;
 mod report;
+mod sinks;
 mod soak;
 mod upgrade;
 
@@ -57,9 +58,14 @@ struct Args {
     #[arg(long, default_value_t = 20.0)]
     duration: f64,
 
-    /// Phases to run, comma separated.
+    /// Phases to run, comma separated. `jetstream` and `webhook` (the sinks) run only when named.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "limit,drain,floor,latency,baseline,rss")]
     phases: Vec<Phase>,
+
+    /// The NATS server of the `jetstream` phase (with JetStream enabled); the phase creates a
+    /// stream of its own and deletes it afterwards.
+    #[arg(long, default_value = "nats://127.0.0.1:4222")]
+    nats_url: String,
 
     /// PostgreSQL URL to benchmark on; without it, an embedded cluster under --data-dir.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true, global = true)]
@@ -199,6 +205,10 @@ enum Phase {
     Baseline,
     /// Peak RSS of the hook-processor binary draining the backlog.
     Rss,
+    /// The engine draining the backlog through a nats route into JetStream (acked).
+    Jetstream,
+    /// The engine draining the backlog through a webhook route into a loopback receiver.
+    Webhook,
 }
 
 fn main() -> ExitCode {
@@ -526,6 +536,13 @@ async fn measure(args: &Args, plan: &Plan, db: &Db) -> anyhow::Result<Report> {
     }
     if wanted(Phase::Rss) {
         report.rss = Some(phases::processor_rss(db, plan).await.context("RSS phase")?);
+    }
+    if wanted(Phase::Jetstream) {
+        report.jetstream =
+            Some(sinks::jetstream_drain(db, plan, &args.nats_url).await.context("jetstream phase")?);
+    }
+    if wanted(Phase::Webhook) {
+        report.webhook = Some(sinks::webhook_drain(db, plan).await.context("webhook phase")?);
     }
     hook_store::bench::truncate(&client).await?;
     report.finish();

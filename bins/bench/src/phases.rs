@@ -63,7 +63,7 @@ impl Db {
         self.pool.get().await.context("connecting")
     }
 
-    async fn store(&self, plan: &Plan) -> anyhow::Result<PgStore> {
+    pub(crate) async fn store(&self, plan: &Plan) -> anyhow::Result<PgStore> {
         let options =
             StoreOptions { pool_size: plan.engine.batches_in_flight + 2, ..StoreOptions::default() };
         PgStore::connect(self.config.clone(), options).await.context("connecting the store")
@@ -71,7 +71,7 @@ impl Db {
 }
 
 /// Empties the table, inserts `n` events (no NOTIFY) and settles it.
-async fn backlog(db: &Db, n: u64) -> anyhow::Result<()> {
+pub(crate) async fn backlog(db: &Db, n: u64) -> anyhow::Result<()> {
     let mut client = db.connect().await?;
     bench::truncate(&client).await?;
     let n = i64::try_from(n).context("backlog too large")?;

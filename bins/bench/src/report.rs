@@ -209,6 +209,10 @@ pub(crate) struct Report {
     pub(crate) baseline_latency: Option<Latency>,
     pub(crate) baseline_drain: Option<BaselineDrain>,
     pub(crate) rss: Option<Rss>,
+    /// The engine through a nats route into JetStream.
+    pub(crate) jetstream: Option<Throughput>,
+    /// The engine through a webhook route into a loopback receiver.
+    pub(crate) webhook: Option<Throughput>,
     ratios: Ratios,
     targets: Vec<Target>,
     seconds: f64,
@@ -255,6 +259,8 @@ impl Report {
             baseline_latency: None,
             baseline_drain: None,
             rss: None,
+            jetstream: None,
+            webhook: None,
             ratios: Ratios::default(),
             targets: Vec::new(),
             seconds: 0.0,
@@ -312,6 +318,14 @@ impl Report {
                 target: "< 64 MiB",
                 measured: format!("{:.1} MiB", rss.peak_rss_kib as f64 / 1024.0),
                 met: rss.peak_rss_kib < 64 * 1024,
+            });
+        }
+        if let Some(j) = self.jetstream {
+            targets.push(Target {
+                what: "engine -> JetStream, events/s",
+                target: ">= 10000",
+                measured: format!("{:.0}", j.events_per_s),
+                met: j.events_per_s >= 10_000.0,
             });
         }
         if let Some(b) = self.baseline_latency {
@@ -395,6 +409,12 @@ impl Report {
                 let _ = write!(note, ", {:.0}% of 1 connection's", r * 100.0);
             }
             row("engine, no-op handler", t, note);
+        }
+        if let Some(t) = &self.jetstream {
+            row("engine -> JetStream (nats sink, each acked)", t, String::new());
+        }
+        if let Some(t) = &self.webhook {
+            row("engine -> webhook (loopback receiver)", t, String::new());
         }
         if let Some(b) = &self.baseline_drain {
             row(

@@ -112,6 +112,12 @@ pub(crate) struct Args {
     #[arg(long, env = "HOOK_HTTP_ADDR")]
     pub(crate) http_addr: Option<SocketAddr>,
 
+    /// Also serve the web console at /console on --http-addr: read-only unless
+    /// HOOK_CONSOLE_TOKEN (or HOOK_CONSOLE_TOKEN_FILE) is set. Off unless set, since the console
+    /// shows event payloads to whoever reaches the address (see docs/console.md).
+    #[arg(long, env = "HOOK_CONSOLE")]
+    console: bool,
+
     /// How often the queue-depth gauges of /metrics are refreshed (one query over the
     /// unprocessed rows).
     #[arg(long, env = "HOOK_GAUGE_INTERVAL", default_value = "15s", value_parser = parse_duration)]
@@ -137,6 +143,12 @@ pub(crate) struct Args {
     #[arg(long, env = "HOOK_WAIT_FOR_DATABASE", default_value = "0", value_parser = parse_duration)]
     wait_for_database: Duration,
 
+    /// Routes file (TOML): deliver events to webhooks, commands and NATS JetStream by
+    /// (source, action); see docs/routes.md. Checked at start-up: any mistake stops the start
+    /// (exit 2) with its line. Without it, the built-in handlers only.
+    #[arg(long, env = "HOOK_ROUTES")]
+    pub(crate) routes: Option<PathBuf>,
+
     /// Log level or filter (error, warn, info, debug, trace, or tracing directives).
     #[arg(long, env = "LOG_LEVEL", default_value = "info", global = true)]
     log_level: String,
@@ -150,8 +162,8 @@ pub(crate) struct Args {
 #[derive(Debug, Subcommand)]
 pub(crate) enum Command {
     /// Print the queue's numbers: pending, retrying and dead events now; events processed in a
-    /// window with their time to process (avg, p95, max) and error rate; failing routes with
-    /// their latest error. Reads only, through the table's indexes.
+    /// window with their time to process (avg, p95, max) and error rate; failing routes and
+    /// sinks (of a routes file) with their latest error. Reads only, through the table's indexes.
     Stats(StatsArgs),
 }
 
@@ -171,7 +183,7 @@ pub(crate) struct StatsArgs {
     #[arg(long, default_value_t = 100_000)]
     pub(crate) p95_of: u64,
 
-    /// At most this many failing routes.
+    /// At most this many failing routes (and as many failing sinks).
     #[arg(long, default_value_t = 20)]
     pub(crate) routes: usize,
 
@@ -193,6 +205,8 @@ pub(crate) struct OpsConfig {
     pub(crate) wait_for_database: Duration,
     /// The deadline of each call to the database (`StoreOptions::call_timeout`).
     pub(crate) db_timeout: Duration,
+    /// Whether the web console is served at /console on `http_addr`.
+    pub(crate) console: bool,
 }
 
 /// How log lines are written.
@@ -258,12 +272,18 @@ impl Args {
         if self.db_timeout.is_zero() {
             anyhow::bail!("invalid configuration: database timeout must be greater than zero");
         }
+        if self.console && self.http_addr.is_none() {
+            anyhow::bail!(
+                "invalid configuration: --console (HOOK_CONSOLE) needs --http-addr (HOOK_HTTP_ADDR)"
+            );
+        }
         Ok(OpsConfig {
             http_addr: self.http_addr,
             gauge_interval: self.gauge_interval,
             stall_timeout,
             wait_for_database: self.wait_for_database,
             db_timeout: self.db_timeout,
+            console: self.console,
         })
     }
 
@@ -421,6 +441,9 @@ mod tests {
         assert!(ops(&["--db-timeout", "0"]).unwrap_err().contains("database timeout"));
         let addr = ops(&["--http-addr", "127.0.0.1:9477"]).unwrap().http_addr;
         assert_eq!(addr, Some("127.0.0.1:9477".parse().unwrap()));
+        assert!(!ops(&[]).unwrap().console);
+        assert!(ops(&["--console"]).unwrap_err().contains("needs --http-addr"));
+        assert!(ops(&["--console", "--http-addr", "127.0.0.1:9477"]).unwrap().console);
     }
 
     #[test]

@@ -38,9 +38,11 @@ pub(crate) fn install_recorder() -> anyhow::Result<PrometheusHandle> {
         .set_buckets_for_metric(Matcher::Full(names::HANDLER_DURATION.into()), HANDLER_BUCKETS)?
         .set_buckets_for_metric(Matcher::Full(names::PICKUP_LATENCY.into()), PICKUP_BUCKETS)?
         .set_buckets_for_metric(Matcher::Full(names::BATCH_SIZE.into()), BATCH_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Full(hook_sinks::metric_names::DURATION.into()), HANDLER_BUCKETS)?
         .install_recorder()
         .context("installing the Prometheus recorder")?;
     hook_core::describe_metrics();
+    hook_sinks::describe_metrics();
     metrics::gauge!("hook_events_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     Ok(handle)
 }
@@ -51,12 +53,13 @@ struct Ops {
     prometheus: PrometheusHandle,
 }
 
-/// Binds `addr` (failing at once if it is taken) and serves the endpoints until the runtime
-/// ends. Also runs the recorder's upkeep.
+/// Binds `addr` (failing at once if it is taken) and serves the endpoints, and the web console
+/// at /console when given, until the runtime ends. Also runs the recorder's upkeep.
 pub(crate) async fn serve(
     addr: SocketAddr,
     health: Health,
     prometheus: PrometheusHandle,
+    console: Option<hook_console::ConsoleState>,
 ) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -71,11 +74,15 @@ pub(crate) async fn serve(
             upkeep.run_upkeep();
         }
     });
-    let app = Router::new()
+    let mut app = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(Ops { health, prometheus });
+    if let Some(console) = console {
+        info!(addr = %local, writable = console.writable(), "serving the web console at /console");
+        app = app.merge(hook_console::mount("/console", console));
+    }
     tokio::spawn(async move {
         if let Err(error) = axum::serve(listener, app).await {
             warn!(%error, "the HTTP endpoint stopped");

@@ -10,6 +10,7 @@ mod config;
 mod health;
 mod http;
 mod notify;
+mod routes;
 mod stats;
 
 use std::process::ExitCode;
@@ -17,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use hook_core::{default_registry, Engine};
+use hook_core::Engine;
 use hook_store::{redacted, EmbeddedCluster, PasswordSource, PgStore, StoreError, StoreOptions};
 use tracing::{info, warn};
 
@@ -57,16 +58,20 @@ fn run(args: Args, notifier: Arc<Notifier>) -> anyhow::Result<()> {
     }
     let engine_config = args.engine_config()?;
     let ops = args.ops_config(&engine_config)?;
+    let routes = args.routes.as_deref().map(|path| routes::load(path, &engine_config)).transpose()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
     let result = runtime.block_on(async {
         let health = Health::new(ops.stall_timeout);
+        let console = console_state(&ops)?;
         if let Some(addr) = ops.http_addr {
             let prometheus = http::install_recorder()?;
-            http::serve(addr, health.clone(), prometheus).await?;
+            http::serve(addr, health.clone(), prometheus, console.clone()).await?;
         }
+        // After the recorder (the sinks' metric handles), before the database.
+        let registry = routes::registry(routes.as_ref(), args.routes.as_deref()).await?;
         let starting = tokio::spawn(notify::extend_while_starting(Arc::clone(&notifier)));
         notifier.status("connecting to the database");
         let (pg_config, password, cluster) = match args.database()? {
@@ -80,7 +85,8 @@ fn run(args: Args, notifier: Arc<Notifier>) -> anyhow::Result<()> {
                 (cluster.config("hook_events"), PasswordSource::None, Some(cluster))
             }
         };
-        let result = process(pg_config, &password, engine_config, &ops, health, notifier, starting).await;
+        let work = Work { engine_config, registry, console };
+        let result = process(pg_config, &password, work, &ops, health, notifier, starting).await;
         if let Some(cluster) = cluster {
             cluster.stop().await.context("stopping the embedded PostgreSQL")?;
         }
@@ -97,15 +103,24 @@ fn run(args: Args, notifier: Arc<Notifier>) -> anyhow::Result<()> {
 /// running until systemd's SIGKILL (`TimeoutStopSec=30s` against the 25 s drain timeout).
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 
+/// What the processor runs once the database is there: the engine with its configuration and
+/// handlers (the routes file's, or the built-in ones), and the console's pages when enabled.
+struct Work {
+    engine_config: hook_core::EngineConfig,
+    registry: hook_core::HandlerRegistry,
+    console: Option<hook_console::ConsoleState>,
+}
+
 async fn process(
     pg_config: hook_store::tokio_postgres::Config,
     password: &PasswordSource,
-    engine_config: hook_core::EngineConfig,
+    work: Work,
     ops: &OpsConfig,
     health: Health,
     notifier: Arc<Notifier>,
     starting: tokio::task::JoinHandle<()>,
 ) -> anyhow::Result<()> {
+    let Work { engine_config, registry, console } = work;
     let pg_config = hook_store::with_service_defaults(pg_config, "hook-processor");
     let shown = redacted(&pg_config);
     let options = StoreOptions {
@@ -136,12 +151,25 @@ async fn process(
     info!(database = %shown, applied = ?report.applied, "database ready");
     // Probes and gauge queries get a pool of their own, so they never wait behind the engine.
     // Same connection settings (TLS included) as the engine's.
-    let probe_options = StoreOptions { pool_size: 2, listen: false, pool_timeout: PROBE_TIMEOUT, ..options };
+    let probe_options =
+        StoreOptions { pool_size: 2, listen: false, pool_timeout: PROBE_TIMEOUT, ..options.clone() };
+    // The console's pages get a small pool of their own too.
+    let console_store = match &console {
+        Some(console) => {
+            let console_options = StoreOptions { pool_size: 3, listen: false, ..options };
+            let store = PgStore::connect(pg_config.clone(), console_options)
+                .await
+                .with_context(|| format!("connecting to {shown}"))?;
+            console.attach(store.pool().clone());
+            Some(store)
+        }
+        None => None,
+    };
     let probe =
         PgStore::connect(pg_config, probe_options).await.with_context(|| format!("connecting to {shown}"))?;
     health.attach_probe_pool(probe.pool().clone());
     let stop_within = engine_config.drain_timeout + SHUTDOWN_GRACE;
-    let engine = Engine::builder(store).registry(default_registry()).config(engine_config).build()?;
+    let engine = Engine::builder(store).registry(registry).config(engine_config).build()?;
     health.attach_engine(engine.metrics());
     starting.abort();
     let supervisor = tokio::spawn(notify::supervise(Arc::clone(&notifier), health.clone()));
@@ -200,7 +228,22 @@ async fn process(
         }
     }
     drop(probe);
+    drop(console_store);
     Ok(())
+}
+
+/// The web console's state when `--console` is set: its token from the environment (read-only
+/// without one); the pool is attached once the database is connected.
+fn console_state(ops: &OpsConfig) -> anyhow::Result<Option<hook_console::ConsoleState>> {
+    if !ops.console {
+        return Ok(None);
+    }
+    let token = match hook_cli::console_token()? {
+        Some(text) => Some(hook_console::Token::new(&text).context("invalid configuration")?),
+        None => None,
+    };
+    let config = hook_console::ConsoleConfig { token, ..hook_console::ConsoleConfig::default() };
+    Ok(Some(hook_console::ConsoleState::unattached(config)))
 }
 
 /// Connects, retrying for up to `wait` while the database is unreachable (refused, timed out,

@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use hook_store::stats::{self, Percentile, ProcessedWindow, QueueDepth, RouteErrors};
+use hook_store::stats::{self, Percentile, ProcessedWindow, QueueDepth, RouteErrors, SinkErrors};
 use hook_store::{redacted, PgStore, StoreOptions};
 use serde_json::{json, Value};
 use time::format_description::well_known::Rfc3339;
@@ -22,6 +22,7 @@ struct Report {
     processed: ProcessedWindow,
     latency: Percentile,
     routes: Vec<RouteErrors>,
+    sinks: Vec<SinkErrors>,
     elapsed: Duration,
 }
 
@@ -52,6 +53,7 @@ pub(crate) async fn run(
     let processed = stats::processed_since(&client, args.since).await.with_context(context)?;
     let latency = stats::p95_latency(&client, args.since, args.p95_of).await.with_context(context)?;
     let routes = stats::errors_by_route(&client, args.since, args.routes).await.with_context(context)?;
+    let sinks = stats::errors_by_sink(&client, args.since, args.routes).await.with_context(context)?;
     let report = Report {
         database: shown,
         window: args.since,
@@ -60,6 +62,7 @@ pub(crate) async fn run(
         processed,
         latency,
         routes,
+        sinks,
         elapsed: started.elapsed(),
     };
     let text = if args.json { format!("{:#}\n", report.json()) } else { report.text() };
@@ -111,6 +114,15 @@ impl Report {
                 "recovered": r.recovered,
                 "latest_error": r.latest_error,
                 "latest_at": r.latest_at.map(rfc3339),
+            })).collect::<Vec<_>>(),
+            "failing_sinks": self.sinks.iter().map(|s| json!({
+                "sink": s.sink,
+                "type": s.kind,
+                "events": s.events,
+                "dead": s.dead,
+                "retrying": s.retrying,
+                "latest_error": s.latest_error,
+                "latest_at": s.latest_at.map(rfc3339),
             })).collect::<Vec<_>>(),
             "query_seconds": self.elapsed.as_secs_f64(),
         })
@@ -193,8 +205,50 @@ impl Report {
             }
         }
         let _ = writeln!(out);
+        self.sinks_text(&mut out, &window);
+        let _ = writeln!(out);
         let _ = writeln!(out, "queries took {}", human(self.elapsed));
         out
+    }
+}
+
+impl Report {
+    /// The sinks of a routes file whose latest delivery failed.
+    fn sinks_text(&self, out: &mut String, window: &str) {
+        if self.sinks.is_empty() {
+            let _ = writeln!(out, "failing sinks: none (no event waiting for a retry, or dead in the last {window}, after a sink failed)");
+            return;
+        }
+        let _ = writeln!(
+            out,
+            "failing sinks (latest attempt failed there: waiting for a retry, or dead in the last {window})"
+        );
+        let ws = self.sinks.iter().map(|s| s.sink.chars().count()).max().unwrap_or(0).max("SINK".len());
+        let wt = self
+            .sinks
+            .iter()
+            .map(|s| s.kind.as_deref().unwrap_or("-").len())
+            .max()
+            .unwrap_or(0)
+            .max("TYPE".len());
+        let _ = writeln!(
+            out,
+            "  {:<ws$}  {:<wt$}  {:>8}  {:>6}  {:>8}  LATEST ERROR",
+            "SINK", "TYPE", "EVENTS", "DEAD", "RETRYING"
+        );
+        for s in &self.sinks {
+            let when = s.latest_at.map(|at| format!(" ({})", ago(self.generated_at, at))).unwrap_or_default();
+            let _ = writeln!(
+                out,
+                "  {:<ws$}  {:<wt$}  {:>8}  {:>6}  {:>8}  {}{when}",
+                s.sink,
+                s.kind.as_deref().unwrap_or("-"),
+                num(s.events),
+                num(s.dead),
+                num(s.retrying),
+                one_line(s.latest_error.as_deref().unwrap_or("-"), 100),
+            );
+        }
     }
 }
 

@@ -35,6 +35,28 @@ pub fn interrupt_flag() -> std::sync::Arc<std::sync::atomic::AtomicBool> {
     flag
 }
 
+/// The web console's token: `HOOK_CONSOLE_TOKEN`, or the contents of the file named by
+/// `HOOK_CONSOLE_TOKEN_FILE` (e.g. a systemd credential); `None` when neither is set (the console
+/// is then read-only). Both set is a [`UsageError`]; so is a file that cannot be read.
+pub fn console_token() -> anyhow::Result<Option<String>> {
+    let value = std::env::var("HOOK_CONSOLE_TOKEN").ok().filter(|v| !v.trim().is_empty());
+    let file = std::env::var_os("HOOK_CONSOLE_TOKEN_FILE").filter(|v| !v.is_empty());
+    match (value, file) {
+        (Some(_), Some(_)) => {
+            Err(UsageError("set HOOK_CONSOLE_TOKEN or HOOK_CONSOLE_TOKEN_FILE, not both".into()).into())
+        }
+        (Some(value), None) => Ok(Some(value)),
+        (None, Some(path)) => {
+            let path = std::path::PathBuf::from(path);
+            let text = std::fs::read_to_string(&path).map_err(|e| {
+                UsageError(format!("HOOK_CONSOLE_TOKEN_FILE: reading {}: {e}", path.display()))
+            })?;
+            Ok(Some(text.trim().to_owned()))
+        }
+        (None, None) => Ok(None),
+    }
+}
+
 /// A mistake in the flags, input or configuration: exit status 2.
 #[derive(Debug)]
 pub struct UsageError(pub String);

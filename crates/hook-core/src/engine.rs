@@ -543,6 +543,48 @@ enum Class {
     Dead,
 }
 
+/// What becomes of an event after a failed attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    /// Dead now, for this reason.
+    Dead(Death),
+    /// Retried after this delay.
+    Retry(Duration),
+}
+
+/// Why a failed attempt leaves its event dead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Death {
+    /// The handler said retrying cannot help ([`RetryHint::Never`](crate::RetryHint::Never):
+    /// a sink's 4xx, a "permanent" exit code), whatever retries were left.
+    Permanent,
+    /// The retry policy's limit was reached.
+    RetryLimit,
+}
+
+impl Death {
+    /// The log line's message; the error (the handler's reason) is a field beside it.
+    fn message(self) -> &'static str {
+        match self {
+            Death::Permanent => "attempt failed permanently (the handler ruled out a retry); event is dead",
+            Death::RetryLimit => "attempt failed; retry limit reached, event is dead",
+        }
+    }
+}
+
+/// The verdict on a failed attempt `attempt` (0 for the first): a permanent failure is dead at
+/// once, one that used up the policy's retries is dead, any other is retried after the policy's
+/// delay or the handler's longer [`RetryHint::After`](crate::RetryHint::After).
+fn failure_verdict(result: &HandlerResult, attempt: u32, policy: &RetryPolicy, salt: u64) -> Verdict {
+    if result.retry.is_permanent() {
+        Verdict::Dead(Death::Permanent)
+    } else if policy.is_dead(attempt + 1) {
+        Verdict::Dead(Death::RetryLimit)
+    } else {
+        Verdict::Retry(result.retry.delay(policy.delay(attempt, salt), policy.max_delay))
+    }
+}
+
 /// The error recorded for an attempt whose processor died while the handler ran.
 fn crash_error(retry_count: i32) -> String {
     format!("processor died while this event was being handled (attempt {})", i64::from(retry_count) + 1)
@@ -674,13 +716,15 @@ async fn run_batch<B: ClaimedBatch>(
         } else {
             let attempt = u32::try_from(retry_count).unwrap_or(0);
             let error = bound_text(&result.error_text());
-            if config.retry.is_dead(attempt + 1) {
-                warn!(event_id = %id, source = %record.source, action = %record.action, attempt = attempt + 1, error = %error, "attempt failed; retry limit reached, event is dead");
-                (Class::Dead, Resolution::Failed { error, retry_after: None })
-            } else {
-                let delay = config.retry.delay(attempt, id.as_u64_pair().1);
-                warn!(event_id = %id, source = %record.source, action = %record.action, attempt = attempt + 1, error = %error, retry_in_s = delay.as_secs_f64(), "attempt failed; will retry");
-                (Class::Retried, Resolution::Failed { error, retry_after: Some(delay) })
+            match failure_verdict(&result, attempt, &config.retry, id.as_u64_pair().1) {
+                Verdict::Dead(why) => {
+                    warn!(event_id = %id, source = %record.source, action = %record.action, attempt = attempt + 1, error = %error, "{}", why.message());
+                    (Class::Dead, Resolution::Failed { error, retry_after: None })
+                }
+                Verdict::Retry(delay) => {
+                    warn!(event_id = %id, source = %record.source, action = %record.action, attempt = attempt + 1, error = %error, retry_in_s = delay.as_secs_f64(), "attempt failed; will retry");
+                    (Class::Retried, Resolution::Failed { error, retry_after: Some(delay) })
+                }
             }
         };
         outcomes.push(Outcome { id, resolution, metadata });
@@ -843,6 +887,7 @@ pub fn is_loud_failure(failures: u32) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::event::RetryHint;
 
     #[test]
     fn claims_wait_for_a_batch_share_of_the_slots() {
@@ -896,6 +941,26 @@ mod tests {
     fn a_streak_of_store_failures_warns_on_the_first_and_every_thirtieth() {
         let loud: Vec<u32> = (1..=95).filter(|&n| is_loud_failure(n)).collect();
         assert_eq!(loud, [1, 30, 60, 90]);
+    }
+
+    #[test]
+    fn a_permanent_failure_is_dead_at_once_for_its_own_reason() {
+        let policy = RetryPolicy::default();
+        let limit = policy.max_retry_count;
+        let permanent = HandlerResult::permanent("sink refuse: exited with 65 (permanent)");
+        for attempt in [0, limit - 1] {
+            let verdict = failure_verdict(&permanent, attempt, &policy, 7);
+            assert_eq!(verdict, Verdict::Dead(Death::Permanent), "attempt {attempt}");
+        }
+        let message = Death::Permanent.message();
+        assert!(message.contains("permanently") && !message.contains("retry limit"), "{message}");
+        let failed = HandlerResult::failed("busy");
+        assert!(matches!(failure_verdict(&failed, 0, &policy, 7), Verdict::Retry(_)));
+        assert_eq!(failure_verdict(&failed, limit - 1, &policy, 7), Verdict::Dead(Death::RetryLimit));
+        assert!(Death::RetryLimit.message().contains("retry limit reached"));
+        // A server's Retry-After moves the retry later, never past the policy's cap.
+        let after = HandlerResult::failed("429").with_retry(RetryHint::After(Duration::from_secs(3600)));
+        assert_eq!(failure_verdict(&after, 0, &policy, 7), Verdict::Retry(policy.max_delay));
     }
 
     #[test]

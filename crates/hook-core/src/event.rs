@@ -1,5 +1,7 @@
 //! The event model: one row of `hook_events`, and what a handler says about it.
 
+use std::time::Duration;
+
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use time::OffsetDateTime;
@@ -43,7 +45,9 @@ pub struct HookEvent {
 ///
 /// `success = false` (or a handler error, panic or timeout) counts as one failed attempt: the
 /// engine records `error` (or `message` when there is no error) and schedules a retry.
-/// `metadata` is stored in the row's `result_metadata` column whatever the outcome.
+/// `metadata` is stored in the row's `result_metadata` column whatever the outcome. `retry` lets
+/// a failed attempt ask for more than the retry policy's schedule: no retry at all (the event is
+/// dead at once) or not before a delay (a server's `Retry-After`).
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct HandlerResult {
     /// Whether the event was handled.
@@ -54,17 +58,86 @@ pub struct HandlerResult {
     pub error: Option<String>,
     /// Structured facts the handler extracted; stored with the event.
     pub metadata: Map<String, Value>,
+    /// How a failed attempt wants to be retried; ignored on success.
+    #[serde(skip)]
+    pub retry: RetryHint,
+}
+
+/// What a failed attempt says about trying again; see [`HandlerResult::retry`].
+///
+/// ```
+/// use std::time::Duration;
+/// use hook_core::RetryHint;
+///
+/// let policy = Duration::from_secs(2);
+/// let max = Duration::from_secs(300);
+/// assert_eq!(RetryHint::Policy.delay(policy, max), policy);
+/// assert_eq!(RetryHint::After(Duration::from_secs(30)).delay(policy, max), Duration::from_secs(30));
+/// assert_eq!(RetryHint::After(Duration::from_secs(1)).delay(policy, max), policy);
+/// assert_eq!(RetryHint::After(Duration::from_secs(3600)).delay(policy, max), max);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RetryHint {
+    /// The retry policy decides (the default).
+    #[default]
+    Policy,
+    /// Retry, but not before this long (e.g. an HTTP `Retry-After`); never later than the
+    /// policy's `max_delay`. The retry limit still applies.
+    After(Duration),
+    /// A permanent failure: retrying cannot help, so the event is dead after this attempt,
+    /// whatever its retry count.
+    Never,
+}
+
+impl RetryHint {
+    /// Whether the event should be dead after this failure regardless of its retry count.
+    pub fn is_permanent(self) -> bool {
+        self == RetryHint::Never
+    }
+
+    /// The delay before the next attempt: the policy's `policy_delay`, or the hint's delay when
+    /// that is longer, never above `max_delay`.
+    pub fn delay(self, policy_delay: Duration, max_delay: Duration) -> Duration {
+        match self {
+            RetryHint::After(after) => policy_delay.max(after).min(max_delay.max(policy_delay)),
+            RetryHint::Policy | RetryHint::Never => policy_delay,
+        }
+    }
 }
 
 impl HandlerResult {
     /// A successful result with a message and no metadata.
     pub fn ok(message: impl Into<String>) -> Self {
-        Self { success: true, message: message.into(), error: None, metadata: Map::new() }
+        Self {
+            success: true,
+            message: message.into(),
+            error: None,
+            metadata: Map::new(),
+            retry: RetryHint::Policy,
+        }
     }
 
     /// A failed result; `error` is recorded in `processing_errors`.
     pub fn failed(error: impl Into<String>) -> Self {
-        Self { success: false, message: "failed".to_owned(), error: Some(error.into()), metadata: Map::new() }
+        Self {
+            success: false,
+            message: "failed".to_owned(),
+            error: Some(error.into()),
+            metadata: Map::new(),
+            retry: RetryHint::Policy,
+        }
+    }
+
+    /// A permanent failure: the event is dead after this attempt, with `error` as the reason.
+    pub fn permanent(error: impl Into<String>) -> Self {
+        Self { retry: RetryHint::Never, ..Self::failed(error) }
+    }
+
+    /// Sets how a failure wants to be retried (see [`RetryHint`]).
+    #[must_use]
+    pub fn with_retry(mut self, retry: RetryHint) -> Self {
+        self.retry = retry;
+        self
     }
 
     /// Adds one metadata entry.

@@ -135,7 +135,7 @@ pub use engine::{
     MAX_ERROR_BYTES, MIN_BYTES_IN_FLIGHT,
 };
 pub use error::ConfigError;
-pub use event::{HandlerResult, HookEvent, NewEvent};
+pub use event::{HandlerResult, HookEvent, NewEvent, RetryHint};
 pub use handler::{Handler, HandlerRegistry, IntoHandlerResult, WILDCARD};
 pub use handlers::register_defaults;
 pub use retry::{RetryPolicy, RETRY_COUNT_LIMIT};

@@ -93,6 +93,7 @@ pub mod archive;
 pub mod bench;
 #[cfg(any(feature = "test-support", feature = "bench"))]
 mod children;
+pub mod console;
 pub mod migrate;
 #[cfg(feature = "test-support")]
 mod proxy;

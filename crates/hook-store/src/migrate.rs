@@ -99,6 +99,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!(7, "0007_archive_table.sql"),
     migration!(8, "0008_archive_key.sql"),
     migration!(9, "0009_claim_ledger.sql"),
+    migration!(10, "0010_console_indexes.sql"),
 ];
 
 /// The migrations up to `version` as they were first released (each file's oldest text): what

@@ -14,7 +14,8 @@
 //! - [`p95_latency`] reads at most the latest `n` of them, newest first through the same index,
 //!   and sorts only those: a percentile needs a sort, and sorting a million values costs seconds;
 //! - [`errors_by_route`] reads the rows that ever failed, through
-//!   `idx_hook_events_retry (retry_count, created_at) WHERE retry_count > 0`.
+//!   `idx_hook_events_retry (retry_count, created_at) WHERE retry_count > 0`, and so does
+//!   [`errors_by_sink`] (which sinks of a routes file failed, from `result_metadata`).
 //!
 //! Windows are counted back from the database's clock (`now()`), like everything else the
 //! processor schedules.
@@ -80,6 +81,25 @@ pub const ERRORS_BY_ROUTE: &str = "SELECT source, action, count(*), sum(retry_co
             OR dead_at >= now() - $1::int8 * interval '1 microsecond') \
      GROUP BY source, action \
      ORDER BY count(*) DESC, source, action \
+     LIMIT $2";
+
+/// Sinks (of a routes file, see hook-sinks) whose latest delivery failed, from
+/// `result_metadata->'sinks'`: events still pending after a failure, or dead within the window
+/// (`$1`, microseconds), counted per sink whose entry says `"ok": false`, at most `$2` sinks.
+/// Read through `idx_hook_events_retry` (every failed event has `retry_count > 0`).
+pub const ERRORS_BY_SINK: &str = "SELECT s.key, max(s.value->>'type'), count(*), \
+         count(*) FILTER (WHERE e.dead_at IS NOT NULL), \
+         count(*) FILTER (WHERE e.dead_at IS NULL), \
+         (array_agg(s.value->>'error' ORDER BY coalesce(e.dead_at, e.next_attempt_at, e.created_at) DESC))[1], \
+         max(coalesce(e.dead_at, e.next_attempt_at, e.created_at)) \
+     FROM hook_events AS e \
+     CROSS JOIN LATERAL jsonb_each(CASE WHEN jsonb_typeof(e.result_metadata->'sinks') = 'object' \
+                                        THEN e.result_metadata->'sinks' ELSE '{}'::jsonb END) AS s(key, value) \
+     WHERE e.retry_count > 0 AND NOT e.processed \
+       AND (e.dead_at IS NULL OR e.dead_at >= now() - $1::int8 * interval '1 microsecond') \
+       AND s.value->>'ok' = 'false' \
+     GROUP BY s.key \
+     ORDER BY count(*) DESC, s.key \
      LIMIT $2";
 
 /// The queue right now.
@@ -150,6 +170,25 @@ pub struct RouteErrors {
     /// The last error of the event with the most recent activity.
     pub latest_error: Option<String>,
     /// That activity's time (death, next attempt, processing or creation).
+    pub latest_at: Option<OffsetDateTime>,
+}
+
+/// A sink whose latest delivery failed for some events (see [`errors_by_sink`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SinkErrors {
+    /// The sink's name in the routes file.
+    pub sink: String,
+    /// Its type (`webhook`, `command`, `nats`).
+    pub kind: Option<String>,
+    /// Events whose latest attempt failed at this sink: still pending, or dead in the window.
+    pub events: u64,
+    /// Of them, dead.
+    pub dead: u64,
+    /// Of them, waiting for a retry.
+    pub retrying: u64,
+    /// The sink's error of the event with the most recent activity.
+    pub latest_error: Option<String>,
+    /// That activity's time (death, next attempt or creation).
     pub latest_at: Option<OffsetDateTime>,
 }
 
@@ -243,6 +282,29 @@ pub async fn errors_by_route(
                 recovered: count(row.try_get(6)?),
                 latest_error: row.try_get(7)?,
                 latest_at: row.try_get(8)?,
+            })
+        })
+        .collect()
+}
+
+/// Sinks whose latest delivery failed, most failing events first, at most `limit` sinks.
+pub async fn errors_by_sink(
+    client: &impl GenericClient,
+    window: Duration,
+    limit: usize,
+) -> Result<Vec<SinkErrors>, StoreError> {
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let rows = client.query(ERRORS_BY_SINK, &[&micros(window), &limit]).await?;
+    rows.iter()
+        .map(|row| {
+            Ok(SinkErrors {
+                sink: row.try_get(0)?,
+                kind: row.try_get(1)?,
+                events: count(row.try_get(2)?),
+                dead: count(row.try_get(3)?),
+                retrying: count(row.try_get(4)?),
+                latest_error: row.try_get(5)?,
+                latest_at: row.try_get(6)?,
             })
         })
         .collect()
