@@ -244,14 +244,18 @@ async fn the_bench_limit_writes_what_the_default_handlers_report() {
     let expected: std::collections::HashMap<uuid::Uuid, Value> = events
         .into_iter()
         .map(|event| {
-            let handler = registry.resolve(&event.source, &event.action).expect("the wildcard takes anything");
+            let handler =
+                registry.resolve(&event.source, &event.action).expect("the wildcard takes anything");
             let id = event.id;
             let result = block_on(handler.handle(Arc::new(event)));
             assert!(result.success, "{result:?}");
             (id, Value::Object(result.metadata))
         })
         .collect();
-    assert!(expected.values().all(|facts| facts.get("unknown").is_none()), "a bench row reached the wildcard");
+    assert!(
+        expected.values().all(|facts| facts.get("unknown").is_none()),
+        "a bench row reached the wildcard"
+    );
     while hook_store::bench::limit_step(&client, 50, 3).await.expect("the limit statement") > 0 {}
     let written = hook_store::bench::result_metadata(&client).await.expect("read result_metadata");
     assert_eq!(written.len(), 120);
