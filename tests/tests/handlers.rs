@@ -234,7 +234,9 @@ fn unknown_hooks_reach_the_wildcard_logged_at_debug_only() {
 #[tokio::test]
 async fn the_bench_limit_writes_what_the_default_handlers_report() {
     let db = TestDb::migrated("handlers_bench_limit").await;
-    let client = db.client().await;
+    // The bench's SQL takes deadpool's clients.
+    let store = db.store(StoreOptions { listen: false, ..StoreOptions::default() }).await;
+    let client = store.pool().get().await.expect("a pooled connection");
     // 120 rows: every hook type of the mix twenty times, the variants (auto fixes every 20th
     // row, prompts of every length) included.
     hook_store::bench::insert_range(&client, 1, 120).await.expect("insert the bench's rows");
