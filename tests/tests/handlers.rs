@@ -227,3 +227,41 @@ fn unknown_hooks_reach_the_wildcard_logged_at_debug_only() {
     let prompt = stored(new_event("hooks/UserPromptSubmit.json"));
     assert_eq!(logs_at(tracing::Level::TRACE, prompt), "");
 }
+
+/// hook-bench's limit statement writes, for every row of the bench's mix, exactly the
+/// `result_metadata` the default handlers report for that row, so that the limit writes what
+/// the processor writes (docs/benchmarks.md).
+#[tokio::test]
+async fn the_bench_limit_writes_what_the_default_handlers_report() {
+    let db = TestDb::migrated("handlers_bench_limit").await;
+    // The bench's SQL takes deadpool's clients.
+    let store = db.store(StoreOptions { listen: false, ..StoreOptions::default() }).await;
+    let client = store.pool().get().await.expect("a pooled connection");
+    // 120 rows: every hook type of the mix twenty times, the variants (auto fixes every 20th
+    // row, prompts of every length) included.
+    hook_store::bench::insert_range(&client, 1, 120).await.expect("insert the bench's rows");
+    let events = hook_store::bench::baseline_fetch(&client, 1_000, 3).await.expect("read the rows");
+    assert_eq!(events.len(), 120);
+    let registry = default_registry();
+    let expected: std::collections::HashMap<uuid::Uuid, Value> = events
+        .into_iter()
+        .map(|event| {
+            let handler =
+                registry.resolve(&event.source, &event.action).expect("the wildcard takes anything");
+            let id = event.id;
+            let result = block_on(handler.handle(Arc::new(event)));
+            assert!(result.success, "{result:?}");
+            (id, Value::Object(result.metadata))
+        })
+        .collect();
+    assert!(
+        expected.values().all(|facts| facts.get("unknown").is_none()),
+        "a bench row reached the wildcard"
+    );
+    while hook_store::bench::limit_step(&client, 50, 3).await.expect("the limit statement") > 0 {}
+    let written = hook_store::bench::result_metadata(&client).await.expect("read result_metadata");
+    assert_eq!(written.len(), 120);
+    for (id, facts) in written {
+        assert_eq!(facts.as_ref(), expected.get(&id), "event {id}");
+    }
+}

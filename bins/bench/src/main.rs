@@ -25,10 +25,12 @@ use crate::report::{LimitRun, Report};
 
 /// Benchmarks hook-events on this machine.
 ///
-/// One run measures, on the same database: the drain of a backlog by the engine (no-op handler)
-/// and by a bare SQL loop (the database's own limit); pickup and completion latency under a
-/// steady trickle; the original service's algorithm (1 s poll, batch 100, one commit per event)
-/// measured the same way; and the peak RSS of the real hook-processor draining a backlog.
+/// One run measures, on the same database: the drain of a backlog by a bare SQL loop that claims
+/// and completes events writing what the processor writes (the database's own limit), by the
+/// hook-processor binary as shipped (default handlers; its peak RSS too), and by the engine in
+/// this process with a no-op handler; pickup and completion latency under a steady trickle; and
+/// the original service's algorithm (1 s poll, batch 100, one commit per event) measured the same
+/// way.
 ///
 /// `hook-bench soak` instead runs hook-processor children under a steady load for minutes while
 /// killing them and restarting the database, then checks that nothing was lost, stranded or done
@@ -42,7 +44,7 @@ struct Args {
     #[command(subcommand)]
     command: Option<Command>,
 
-    /// Backlog size of the drain, limit and RSS phases.
+    /// Backlog size of the limit, processor and drain phases.
     #[arg(long, default_value_t = 100_000)]
     events: u64,
 
@@ -59,7 +61,12 @@ struct Args {
     duration: f64,
 
     /// Phases to run, comma separated. `jetstream` and `webhook` (the sinks) run only when named.
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "limit,drain,floor,latency,baseline,rss")]
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "limit,processor,drain,floor,latency,baseline"
+    )]
     phases: Vec<Phase>,
 
     /// The NATS server of the `jetstream` phase (with JetStream enabled); the phase creates a
@@ -101,7 +108,7 @@ struct Args {
     #[arg(long, value_delimiter = ',')]
     limit_connections: Vec<usize>,
 
-    /// The hook-processor binary of the RSS phase and the soak [default: next to hook-bench].
+    /// The hook-processor binary of the processor phase and the soak [default: next to hook-bench].
     #[arg(long, global = true)]
     processor_bin: Option<PathBuf>,
 
@@ -193,9 +200,14 @@ struct SoakArgs {
 /// One measurement of a run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Phase {
-    /// Drain the backlog with a bare SQL loop: the database's own limit.
+    /// Drain the backlog with a bare SQL loop writing what the processor writes: the database's
+    /// own limit.
     Limit,
-    /// Drain the backlog with the engine and a no-op handler.
+    /// Drain the backlog with the hook-processor binary as shipped (default handlers), and read
+    /// its peak RSS: the headline.
+    #[value(alias = "rss")]
+    Processor,
+    /// Drain the backlog with the engine in this process and a no-op handler.
     Drain,
     /// The trickle with nobody consuming: the producer's own commit latency.
     Floor,
@@ -203,8 +215,6 @@ enum Phase {
     Latency,
     /// The original's algorithm: its drain rate and latency.
     Baseline,
-    /// Peak RSS of the hook-processor binary draining the backlog.
-    Rss,
     /// The engine draining the backlog through a nats route into JetStream (acked).
     Jetstream,
     /// The engine draining the backlog through a webhook route into a loopback receiver.
@@ -486,8 +496,12 @@ async fn close(db: Db, cluster: Option<EmbeddedCluster>) -> anyhow::Result<()> {
 
 async fn bench(args: &Args, plan: &Plan) -> anyhow::Result<Report> {
     let connections = plan.limit_connections.iter().max().copied().unwrap_or(1) + 2;
-    let (db, cluster) = open(args, connections).await?;
-    let result = interruptible(measure(args, plan, &db)).await;
+    let (mut db, cluster) = open(args, connections).await?;
+    let result = async {
+        db.find_postmaster().await?;
+        interruptible(measure(args, plan, &db)).await
+    }
+    .await;
     close(db, cluster).await?;
     result
 }
@@ -520,6 +534,9 @@ async fn measure(args: &Args, plan: &Plan, db: &Db) -> anyhow::Result<Report> {
             report.limit.push(LimitRun { connections, drain });
         }
     }
+    if wanted(Phase::Processor) {
+        report.processor = Some(phases::processor_drain(db, plan).await.context("processor phase")?);
+    }
     if wanted(Phase::Drain) {
         report.drain = Some(phases::engine_drain(db, plan).await.context("drain phase")?);
     }
@@ -533,9 +550,6 @@ async fn measure(args: &Args, plan: &Plan, db: &Db) -> anyhow::Result<Report> {
         report.baseline_latency =
             Some(phases::baseline_latency(db, plan).await.context("baseline latency phase")?);
         report.baseline_drain = Some(phases::baseline_drain(db, plan).await.context("baseline drain phase")?);
-    }
-    if wanted(Phase::Rss) {
-        report.rss = Some(phases::processor_rss(db, plan).await.context("RSS phase")?);
     }
     if wanted(Phase::Jetstream) {
         report.jetstream =

@@ -15,7 +15,7 @@ use hook_store::{bench, PgStore, StoreOptions};
 use time::OffsetDateTime;
 use tokio::sync::watch;
 
-use crate::report::{BaselineDrain, CpuClock, Latency, Percentiles, Rss, Throughput};
+use crate::report::{BaselineDrain, CpuClock, Latency, Percentiles, ProcessorDrain, Throughput};
 use crate::Plan;
 
 /// Rows per INSERT statement when building a backlog.
@@ -34,6 +34,9 @@ pub(crate) struct Db {
     pub(crate) embedded: bool,
     /// The bench's own connections (producer, limit loop, baseline, read-outs).
     pool: Pool,
+    /// The server's postmaster, when it runs on this machine: its CPU time and its children's
+    /// are the server's share of each drain.
+    pub(crate) postmaster: Option<u32>,
 }
 
 impl Db {
@@ -51,7 +54,7 @@ impl Db {
             .wait_timeout(Some(Duration::from_secs(60)))
             .build()
             .context("building the connection pool")?;
-        Ok(Db { config, url, embedded, pool })
+        Ok(Db { config, url, embedded, pool, postmaster: None })
     }
 
     /// The connection settings.
@@ -61,6 +64,20 @@ impl Db {
 
     pub(crate) async fn connect(&self) -> anyhow::Result<Client> {
         self.pool.get().await.context("connecting")
+    }
+
+    /// Finds the server's postmaster (the parent of a server process of ours), if the server runs
+    /// on this machine, so that the drains can report the server's CPU time.
+    pub(crate) async fn find_postmaster(&mut self) -> anyhow::Result<()> {
+        let client = self.connect().await?;
+        let backend = bench::backend_pid(&client).await?;
+        self.postmaster = crate::report::postmaster_of(backend);
+        Ok(())
+    }
+
+    /// A clock of this process's, the server's and the machine's CPU time, from now on.
+    pub(crate) fn clock(&self) -> CpuClock {
+        CpuClock::start(self.postmaster)
     }
 
     pub(crate) async fn store(&self, plan: &Plan) -> anyhow::Result<PgStore> {
@@ -103,7 +120,7 @@ pub(crate) async fn limit_drain(db: &Db, plan: &Plan, connections: usize) -> any
         bench::limit_step(&client, 0, MAX_RETRY_COUNT).await?;
         clients.push(client);
     }
-    let clock = CpuClock::start();
+    let clock = db.clock();
     let loops = clients.into_iter().map(|client| async move {
         let mut done = 0;
         loop {
@@ -115,8 +132,9 @@ pub(crate) async fn limit_drain(db: &Db, plan: &Plan, connections: usize) -> any
         }
     });
     let done: u64 = futures::future::try_join_all(loops).await?.into_iter().sum();
-    let drain = Throughput::new(done, clock);
+    let mut drain = Throughput::new(done, clock);
     anyhow::ensure!(done == plan.events, "the limit loop completed {done} of {} events", plan.events);
+    drain.result_metadata_bytes = bench::mean_result_metadata_bytes(&db.connect().await?).await?;
     Ok(drain)
 }
 
@@ -130,7 +148,7 @@ pub(crate) async fn engine_drain(db: &Db, plan: &Plan) -> anyhow::Result<Through
         .build()?;
     let metrics = engine.metrics();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let clock = CpuClock::start();
+    let clock = db.clock();
     let task = tokio::spawn(engine.run(async move {
         let _ = stopped.await;
     }));
@@ -140,12 +158,13 @@ pub(crate) async fn engine_drain(db: &Db, plan: &Plan) -> anyhow::Result<Through
         anyhow::ensure!(Instant::now() < deadline, "the engine did not drain the backlog in 10 minutes");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let drain = Throughput::new(plan.events, clock);
+    let mut drain = Throughput::new(plan.events, clock);
     let _ = stop.send(());
     let totals = task.await.context("engine task")?;
     let client = db.connect().await?;
     let left = bench::unprocessed_count(&client).await?;
     anyhow::ensure!(left == 0 && totals.succeeded == plan.events, "engine drain: {left} left, {totals}");
+    drain.result_metadata_bytes = bench::mean_result_metadata_bytes(&client).await?;
     Ok(drain)
 }
 
@@ -369,7 +388,7 @@ pub(crate) async fn baseline_latency(db: &Db, plan: &Plan) -> anyhow::Result<Lat
 /// outside the poll sleeps (what one commit per event allows).
 pub(crate) async fn baseline_drain(db: &Db, plan: &Plan) -> anyhow::Result<BaselineDrain> {
     backlog(db, plan.baseline_events).await?;
-    let clock = CpuClock::start();
+    let clock = db.clock();
     let baseline = Baseline::start(db).await?;
     let deadline = Instant::now() + Duration::from_secs(3600);
     while baseline.processed.load(Ordering::Relaxed) < plan.baseline_events {
@@ -382,9 +401,12 @@ pub(crate) async fn baseline_drain(db: &Db, plan: &Plan) -> anyhow::Result<Basel
     Ok(BaselineDrain { drain, busy_events_per_s: busy_rate })
 }
 
-/// The hook-processor binary (default handlers) as a child process draining the backlog; its
-/// peak RSS is the kernel's high-water mark (`VmHWM`), read just before it is stopped.
-pub(crate) async fn processor_rss(db: &Db, plan: &Plan) -> anyhow::Result<Rss> {
+/// The hook-processor binary as shipped (its default handlers, log level and settings, the run's
+/// engine settings) as a child process draining the backlog: the headline drain. Timed from the
+/// moment it logs that its engine started (so its start-up, reported apart, is not counted) until
+/// a poll (every 10 ms, one probe of the claim index) finds no event left. Its peak RSS is the
+/// kernel's high-water mark (`VmHWM`), read just before it is sent SIGTERM.
+pub(crate) async fn processor_drain(db: &Db, plan: &Plan) -> anyhow::Result<ProcessorDrain> {
     anyhow::ensure!(
         plan.processor_bin.is_file(),
         "no hook-processor binary at {} (build it with `cargo build --release -p hook-processor`, \
@@ -393,32 +415,41 @@ pub(crate) async fn processor_rss(db: &Db, plan: &Plan) -> anyhow::Result<Rss> {
     );
     backlog(db, plan.events).await?;
     let client = db.connect().await?;
+    bench::any_unprocessed(&client).await?;
     // A scratch working directory, so that no .env of the caller's is read.
     let workdir = std::env::temp_dir().join(format!("hook-bench-processor-{}", std::process::id()));
     std::fs::create_dir_all(&workdir).with_context(|| format!("creating {}", workdir.display()))?;
     let log_path = workdir.join("hook-processor.log");
     let log = std::fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
-    let clock = CpuClock::start();
-    let started = Instant::now();
+    let spawned = Instant::now();
     let mut child = processor_command(&plan.processor_bin, &db.url, &plan.engine, &workdir, log)
         .spawn()
         .with_context(|| format!("starting {}", plan.processor_bin.display()))?;
     let pid = child.id().context("the processor exited at once")?;
-    let deadline = started + Duration::from_secs(600);
-    let mut peak_kib = 0;
-    loop {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        peak_kib = peak_kib.max(vm_hwm_kib(pid).unwrap_or(0));
+    let deadline = spawned + Duration::from_secs(600);
+    // The engine's first line, logged just before its first claim.
+    while !std::fs::read_to_string(&log_path).unwrap_or_default().contains("engine started") {
         if let Some(status) = child.try_wait()? {
             anyhow::bail!("hook-processor exited early ({status}); its log: {}", tail(&log_path));
         }
-        if bench::unprocessed_count(&client).await? == 0 {
+        anyhow::ensure!(Instant::now() < deadline, "hook-processor did not start in 10 minutes");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let clock = db.clock();
+    let startup = spawned.elapsed();
+    loop {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        if !bench::any_unprocessed(&client).await? {
             break;
+        }
+        if let Some(status) = child.try_wait()? {
+            anyhow::bail!("hook-processor exited early ({status}); its log: {}", tail(&log_path));
         }
         anyhow::ensure!(Instant::now() < deadline, "hook-processor did not drain the backlog in 10 minutes");
     }
     let mut drain = Throughput::new(plan.events, clock);
-    peak_kib = peak_kib.max(vm_hwm_kib(pid).unwrap_or(0));
+    let peak_kib = vm_hwm_kib(pid).unwrap_or(0);
+    // Its whole life's CPU time, start-up included (a few milliseconds).
     let child_ticks = crate::report::process_cpu_ticks(&pid.to_string()).unwrap_or(0);
     drain.client_cpu_us_per_event = crate::report::cpu_us_per_event(child_ticks, plan.events);
     let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).context("pid out of range")?);
@@ -428,7 +459,8 @@ pub(crate) async fn processor_rss(db: &Db, plan: &Plan) -> anyhow::Result<Rss> {
         .context("hook-processor did not stop within 30 s of SIGTERM")??;
     anyhow::ensure!(status.success(), "hook-processor failed ({status}); its log: {}", tail(&log_path));
     let _ = std::fs::remove_dir_all(&workdir);
-    Ok(Rss { drain, peak_rss_kib: peak_kib })
+    drain.result_metadata_bytes = bench::mean_result_metadata_bytes(&client).await?;
+    Ok(ProcessorDrain { drain, peak_rss_kib: peak_kib, startup_s: startup.as_secs_f64() })
 }
 
 /// The hook-processor at `program` on the database at `url` with the engine's settings, in the

@@ -13,7 +13,7 @@ use hook_sinks::{NamedSink, NatsConfig, NatsSink, StreamSpec, WebhookConfig, Web
 use hook_store::bench;
 
 use crate::phases::{backlog, Db};
-use crate::report::{CpuClock, Throughput};
+use crate::report::Throughput;
 use crate::Plan;
 
 /// The engine through a nats route into a stream of its own on `url`, deleted afterwards.
@@ -92,7 +92,7 @@ async fn drain(db: &Db, plan: &Plan, sink: NamedSink) -> anyhow::Result<Throughp
     let engine = Engine::builder(store).registry(registry).config(plan.engine.clone()).build()?;
     let metrics = engine.metrics();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let clock = CpuClock::start();
+    let clock = db.clock();
     let task = tokio::spawn(engine.run(async move {
         let _ = stopped.await;
     }));

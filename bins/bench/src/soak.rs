@@ -363,7 +363,7 @@ pub(crate) async fn soak(
     for _ in 0..plan.processors {
         fleet.spawn()?;
     }
-    let clock = crate::report::CpuClock::start();
+    let clock = crate::report::CpuClock::start(None);
     let (stop_producer, stopped) = watch::channel(false);
     let ledger = Ledger::new();
     let producer = produce(db, &ledger, plan.rate, stopped);

@@ -634,10 +634,9 @@ async fn run_batch<B: ClaimedBatch>(
                 attempt = event.retry_count + 1
             );
             async move {
-                let _slot = slot;
                 if shared.stopping.load(Ordering::SeqCst) {
                     // The drain began before this handler could start: it does not start.
-                    return None;
+                    return (None, slot);
                 }
                 let timer = timer.handler_started();
                 let id = event.id;
@@ -650,7 +649,7 @@ async fn run_batch<B: ClaimedBatch>(
                     result.error = Some(error);
                     result.message = String::new();
                 }
-                Some(Attempt { id, retry_count, result, record: timer.finish() })
+                (Some(Attempt { id, retry_count, result, record: timer.finish() }), slot)
             }
             .instrument(span)
         })
@@ -678,10 +677,25 @@ async fn run_batch<B: ClaimedBatch>(
             deadline = Some(Instant::now() + config.drain_timeout);
         }
         tokio::select! {
-            attempt = running.next() => match attempt {
+            done = running.next() => match done {
                 None => break,
-                Some(Some(attempt)) => attempts.push(attempt),
-                Some(None) => {}
+                Some(first) => {
+                    // Every other handler that is done by now too, and their slots freed at
+                    // once: the claim loop, woken by the first free slot, then sees them all and
+                    // claims a full batch instead of a sliver (a claim takes no more events than
+                    // there are free slots).
+                    let mut freed: Option<OwnedSemaphorePermit> = None;
+                    let mut next = Some(first);
+                    while let Some((attempt, slot)) = next {
+                        attempts.extend(attempt);
+                        match freed.as_mut() {
+                            Some(freed) => freed.merge(slot),
+                            None => freed = Some(slot),
+                        }
+                        next = running.next().now_or_never().flatten();
+                    }
+                    drop(freed);
+                }
             },
             _ = stop.changed(), if deadline.is_none() => {}
             _ = keep_alive.tick() => {
@@ -708,8 +722,8 @@ async fn run_batch<B: ClaimedBatch>(
 
     let mut outcomes = Vec::with_capacity(attempts.len());
     let mut classes = Vec::with_capacity(attempts.len());
-    for Attempt { id, retry_count, result, record } in attempts {
-        let metadata = sanitize_map(result.metadata.clone());
+    for Attempt { id, retry_count, mut result, record } in attempts {
+        let metadata = sanitize_map(std::mem::take(&mut result.metadata));
         let (class, resolution) = if result.success {
             debug!(event_id = %id, source = %record.source, action = %record.action, attempt = retry_count + 1, "handled");
             (Class::Succeeded, Resolution::Succeeded)
@@ -827,9 +841,23 @@ pub fn bound_text(text: &str) -> String {
     format!("{}... [truncated, {} bytes in all]", &clean[..cut], clean.len())
 }
 
-/// Replaces NUL characters in every string and key (jsonb cannot hold `\u0000`).
+/// Replaces NUL characters in every string and key (jsonb cannot hold `\u0000`). A map without
+/// any (the usual case) is returned as it is, without rebuilding it.
 fn sanitize_map(map: Map<String, Value>) -> Map<String, Value> {
+    if !map.iter().any(|(k, v)| k.contains('\0') || holds_nul(v)) {
+        return map;
+    }
     map.into_iter().map(|(k, v)| (k.replace('\0', "\u{FFFD}"), sanitize_value(v))).collect()
+}
+
+/// Whether a string or key anywhere in `value` holds a NUL character.
+fn holds_nul(value: &Value) -> bool {
+    match value {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(items) => items.iter().any(holds_nul),
+        Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || holds_nul(v)),
+        _ => false,
+    }
 }
 
 fn sanitize_value(value: Value) -> Value {

@@ -69,7 +69,8 @@ where
 /// Routes `(source, action)` to a handler: an exact match first, then `(source, *)`, then `(*, *)`.
 #[derive(Clone, Default)]
 pub struct HandlerRegistry {
-    exact: HashMap<(String, String), Arc<dyn Handler>>,
+    /// By source, then action: looked up with the event's `&str`s, without allocating.
+    exact: HashMap<String, HashMap<String, Arc<dyn Handler>>>,
     by_source: HashMap<String, Arc<dyn Handler>>,
     global: Option<Arc<dyn Handler>>,
 }
@@ -103,7 +104,7 @@ impl HandlerRegistry {
                 self.by_source.insert(source.to_owned(), handler);
             }
             (false, false) => {
-                self.exact.insert((source.to_owned(), action.to_owned()), handler);
+                self.exact.entry(source.to_owned()).or_default().insert(action.to_owned(), handler);
             }
         }
         self
@@ -112,7 +113,8 @@ impl HandlerRegistry {
     /// The handler for an event, by the precedence exact, `(source, *)`, `(*, *)`.
     pub fn resolve(&self, source: &str, action: &str) -> Option<Arc<dyn Handler>> {
         self.exact
-            .get(&(source.to_owned(), action.to_owned()))
+            .get(source)
+            .and_then(|actions| actions.get(action))
             .or_else(|| self.by_source.get(source))
             .or(self.global.as_ref())
             .cloned()
@@ -120,7 +122,10 @@ impl HandlerRegistry {
 
     /// Every registered route as `(source, action)`, wildcards spelled `*`, in no fixed order.
     pub fn routes(&self) -> Vec<(String, String)> {
-        let exact = self.exact.keys().cloned();
+        let exact = self
+            .exact
+            .iter()
+            .flat_map(|(source, actions)| actions.keys().map(move |action| (source.clone(), action.clone())));
         let by_source = self.by_source.keys().map(|s| (s.clone(), WILDCARD.to_owned()));
         let global = self.global.iter().map(|_| (WILDCARD.to_owned(), WILDCARD.to_owned()));
         exact.chain(by_source).chain(global).collect()
@@ -128,7 +133,9 @@ impl HandlerRegistry {
 
     /// Number of registered routes.
     pub fn len(&self) -> usize {
-        self.exact.len() + self.by_source.len() + usize::from(self.global.is_some())
+        self.exact.values().map(HashMap::len).sum::<usize>()
+            + self.by_source.len()
+            + usize::from(self.global.is_some())
     }
 
     /// Whether no route is registered.

@@ -2,7 +2,8 @@
 //! claim-and-complete limit, the original service's algorithm, and the read-outs of a run.
 //!
 //! None of this is on the processor's path. It lives here because hook-store holds all SQL.
-//! The limit uses the processor's order, index and success update (`queries.rs`); like the
+//! The limit uses the processor's order and index, and writes the columns the processor's success
+//! update writes (`queries.rs`), `result_metadata` with what the default handlers report; like the
 //! original's fetch (the baseline), it filters `retry_count < max` in SQL instead of setting
 //! such rows aside, which makes no difference to the bench's rows (all at 0).
 
@@ -53,17 +54,96 @@ const INSERT_EVENTS: &str = "INSERT INTO hook_events \
        now() - ($2 - i) * interval '1 microsecond' \
      FROM generate_series($1::int8, $2::int8) AS i";
 
+/// SQL: the session of the row `e`, as the default handlers find it (`session_id` in the
+/// payload, else the `resource_id` of a session row, else `session_id` in the metadata).
+macro_rules! session {
+    () => {
+        "coalesce(e.payload->>'session_id', CASE WHEN e.resource = 'session' THEN e.resource_id END, \
+         e.metadata->>'session_id')"
+    };
+}
+
+/// SQL: the `result_metadata` the default handlers (`hook_core::handlers`) report for the row
+/// `e` of the benchmark's mix: the same keys, values and size, built by the server from the
+/// row's payload, so that the limit writes what the processor writes without any data leaving
+/// the server. `tests/tests/handlers.rs` checks it against the handlers, row by row. (It reads
+/// only the fields the bench's rows have; it is not a general port of the handlers.)
+macro_rules! handler_metadata {
+    () => {
+        concat!(
+            "CASE e.source \
+             WHEN 'PreToolUse' THEN jsonb_build_object( \
+                'tool_name', coalesce(e.payload->>'tool_name', e.metadata->>'tool_name', 'unknown'), \
+                'quality_check_performed', coalesce(jsonb_typeof(e.payload->'quality_check') <> 'null', false), \
+                'file_path', coalesce(e.payload->>'file_path', e.payload#>>'{tool_input,file_path}'), \
+                'session_id', ", session!(), ", \
+                'tool_use_id', e.payload->>'tool_use_id', \
+                'target', left(coalesce(e.payload#>>'{tool_input,file_path}', e.payload#>>'{tool_input,command}', \
+                                        e.payload#>>'{tool_input,description}', e.payload->>'file_path'), 200)) \
+             WHEN 'PostToolUse' THEN jsonb_build_object( \
+                'tool_name', coalesce(e.payload->>'tool_name', e.metadata->>'tool_name', 'unknown'), \
+                'file_path', coalesce(e.payload->>'file_path', e.payload#>>'{tool_input,file_path}'), \
+                'auto_fix_applied', coalesce(jsonb_typeof(e.payload->'auto_fix_details') <> 'null', false), \
+                'session_id', ", session!(), ", \
+                'tool_use_id', e.payload->>'tool_use_id', \
+                'target', left(coalesce(e.payload#>>'{tool_input,file_path}', e.payload#>>'{tool_input,command}', \
+                                        e.payload->>'file_path'), 200), \
+                'success', CASE WHEN e.payload->'tool_output' IS NOT NULL \
+                                THEN coalesce((e.payload#>>'{tool_output,success}')::bool, true) END, \
+                'error', NULL::text, \
+                'interrupted', (e.payload#>>'{tool_output,interrupted}')::bool) \
+             WHEN 'UserPromptSubmit' THEN jsonb_build_object( \
+                'agent_detected', e.payload->>'agent_detected', \
+                'detection_method', e.payload->>'detection_method', \
+                'confidence', e.payload->'confidence', \
+                'prompt_length', char_length(e.payload->>'prompt'), \
+                'session_id', ", session!(), ", \
+                'slash_command', CASE WHEN left(e.payload->>'prompt', 1) = '/' \
+                                      THEN split_part(e.payload->>'prompt', ' ', 1) END) \
+             WHEN 'Stop' THEN jsonb_build_object( \
+                'event', 'stop', \
+                'session_id', ", session!(), ", \
+                'completion_status', e.payload->>'completion_status', \
+                'tool_count', e.payload->'tool_count', \
+                'interrupted', e.payload->'interrupted', \
+                'stop_hook_active', e.payload->'stop_hook_active') \
+             WHEN 'SessionStart' THEN jsonb_build_object( \
+                'event', 'session_start', \
+                'session_id', ", session!(), ", \
+                'cwd', coalesce(e.payload->>'cwd', e.metadata->>'cwd'), \
+                'project_path', e.payload->>'project_path', \
+                'git_branch', e.payload->>'git_branch', \
+                'start_source', e.payload->>'source', \
+                'model', e.payload->>'model', \
+                'agent_type', e.payload->>'agent_type') \
+             WHEN 'SessionEnd' THEN jsonb_build_object( \
+                'event', 'session_end', \
+                'session_id', ", session!(), ", \
+                'reason', coalesce(e.payload->>'reason', e.metadata->>'reason')) \
+             ELSE jsonb_build_object('unknown', true, 'source', e.source, 'action', e.action, \
+                'session_id', ", session!(), ") \
+             END"
+        )
+    };
+}
+
 /// The database's own ceiling: claim and complete up to `$2` events in one statement, with the
-/// processor's order and success update, and nothing in between.
-const LIMIT_STEP: &str = "WITH claimed AS ( \
+/// processor's eligibility, order and locking, and its success update writing what the
+/// processor writes: `processed`, `processed_at`, the handlers' `result_metadata` (see
+/// `handler_metadata!`), `next_attempt_at` and `dead_at`. Nothing leaves the server.
+const LIMIT_STEP: &str = concat!(
+    "WITH claimed AS ( \
        SELECT id FROM hook_events \
        WHERE NOT processed AND dead_at IS NULL AND retry_count < $1 \
          AND (next_attempt_at IS NULL OR next_attempt_at <= now()) \
        ORDER BY created_at LIMIT $2 FOR UPDATE SKIP LOCKED) \
      UPDATE hook_events AS e \
      SET processed = TRUE, processed_at = GREATEST(clock_timestamp(), e.created_at), \
-         result_metadata = '{}'::jsonb, next_attempt_at = NULL, dead_at = NULL \
-     FROM claimed WHERE e.id = claimed.id";
+         result_metadata = ",
+    handler_metadata!(),
+    ", next_attempt_at = NULL, dead_at = NULL \
+     FROM claimed WHERE e.id = claimed.id"
+);
 
 /// The original service's fetch: the oldest unprocessed events, locked only for the duration of
 /// this statement (it ran in autocommit, so the locks ended with the SELECT).
@@ -159,6 +239,40 @@ pub async fn baseline_fetch(
 pub async fn baseline_mark_processed(client: &impl GenericClient, id: Uuid) -> Result<u64, StoreError> {
     let statement = client.prepare_cached(BASELINE_MARK).await?;
     Ok(client.execute(&statement, &[&id]).await?)
+}
+
+/// Whether any live event is still unprocessed (one probe of the claim index, cheap enough to
+/// poll while a drain runs).
+pub async fn any_unprocessed(client: &impl GenericClient) -> Result<bool, StoreError> {
+    let statement = client
+        .prepare_cached("SELECT EXISTS (SELECT 1 FROM hook_events WHERE NOT processed AND dead_at IS NULL)")
+        .await?;
+    Ok(client.query_one(&statement, &[]).await?.get(0))
+}
+
+/// The `result_metadata` of every processed event, by id, in no order.
+pub async fn result_metadata(
+    client: &impl GenericClient,
+) -> Result<Vec<(Uuid, Option<serde_json::Value>)>, StoreError> {
+    let rows = client.query("SELECT id, result_metadata FROM hook_events WHERE processed", &[]).await?;
+    Ok(rows.iter().map(|row| (row.get(0), row.get(1))).collect())
+}
+
+/// The mean stored size (`pg_column_size`) of `result_metadata` over the processed events, in
+/// bytes; `None` when there are none.
+pub async fn mean_result_metadata_bytes(client: &impl GenericClient) -> Result<Option<f64>, StoreError> {
+    Ok(client
+        .query_one(
+            "SELECT avg(pg_column_size(result_metadata))::float8 FROM hook_events WHERE processed",
+            &[],
+        )
+        .await?
+        .get(0))
+}
+
+/// The process id of this connection's server process (its parent is the postmaster).
+pub async fn backend_pid(client: &impl GenericClient) -> Result<i32, StoreError> {
+    Ok(client.query_one("SELECT pg_backend_pid()", &[]).await?.get(0))
 }
 
 /// `processed_at - created_at` in microseconds of every processed event, in no order.
