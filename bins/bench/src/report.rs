@@ -209,6 +209,7 @@ pub(crate) struct Report {
     pub(crate) baseline_latency: Option<Latency>,
     pub(crate) baseline_drain: Option<BaselineDrain>,
     pub(crate) rss: Option<Rss>,
+    pub(crate) ingest: Option<crate::ingest::IngestReport>,
     ratios: Ratios,
     targets: Vec<Target>,
     seconds: f64,
@@ -255,6 +256,7 @@ impl Report {
             baseline_latency: None,
             baseline_drain: None,
             rss: None,
+            ingest: None,
             ratios: Ratios::default(),
             targets: Vec::new(),
             seconds: 0.0,
@@ -312,6 +314,20 @@ impl Report {
                 target: "< 64 MiB",
                 measured: format!("{:.1} MiB", rss.peak_rss_kib as f64 / 1024.0),
                 met: rss.peak_rss_kib < 64 * 1024,
+            });
+        }
+        if let Some(socket) = self.ingest.as_ref().and_then(|i| i.socket()) {
+            targets.push(Target {
+                what: "hook-ingest p50, socket (spawn to exit)",
+                target: "<= 3 ms",
+                measured: ms(socket.p50_us),
+                met: socket.p50_us <= 3_000,
+            });
+            targets.push(Target {
+                what: "hook-ingest p99, socket (spawn to exit)",
+                target: "<= 10 ms",
+                measured: ms(socket.p99_us),
+                met: socket.p99_us <= 10_000,
             });
         }
         if let Some(b) = self.baseline_latency {
@@ -450,6 +466,39 @@ impl Report {
                 lat("original: handler start - created_at", l.events, &l.pickup);
                 lat("original: handler start - producer's commit ack", l.events, &l.pickup_after_commit);
                 lat("original: processed_at - created_at", l.processed.count, &l.processed);
+            }
+        }
+        if let Some(ingest) = &self.ingest {
+            let _ = writeln!(out);
+            let _ = writeln!(out, "hook-ingest: {}", ingest.binary);
+            let _ = writeln!(
+                out,
+                "{:<46} {:>8} {:>9} {:>9} {:>9} {:>9} {:>8}",
+                format!("hook-ingest, spawn to exit ({} B input)", ingest.input_bytes),
+                "calls",
+                "p50",
+                "p90",
+                "p99",
+                "max",
+                "spooled"
+            );
+            for p in &ingest.paths {
+                let _ = writeln!(
+                    out,
+                    "{:<46} {:>8} {:>9} {:>9} {:>9} {:>9} {:>8}",
+                    p.path,
+                    p.calls,
+                    ms(p.p50_us),
+                    ms(p.p90_us),
+                    ms(p.p99_us),
+                    ms(p.max_us),
+                    p.spooled
+                );
+            }
+            for p in &ingest.paths {
+                if let Some(warning) = &p.warning {
+                    let _ = writeln!(out, "  {}: {warning}", p.path.trim());
+                }
             }
         }
         let r = &self.ratios;

@@ -9,6 +9,7 @@
 mod config;
 mod health;
 mod http;
+mod ingest;
 mod notify;
 mod stats;
 
@@ -21,7 +22,7 @@ use hook_core::{default_registry, Engine};
 use hook_store::{redacted, EmbeddedCluster, PasswordSource, PgStore, StoreError, StoreOptions};
 use tracing::{info, warn};
 
-use crate::config::{Args, Command, Database, OpsConfig};
+use crate::config::{Args, Command, Database, IngestSocket, OpsConfig};
 use crate::health::{Health, PROBE_TIMEOUT};
 use crate::notify::Notifier;
 
@@ -57,6 +58,7 @@ fn run(args: Args, notifier: Arc<Notifier>) -> anyhow::Result<()> {
     }
     let engine_config = args.engine_config()?;
     let ops = args.ops_config(&engine_config)?;
+    let ingest_socket = args.ingest_socket()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -80,7 +82,9 @@ fn run(args: Args, notifier: Arc<Notifier>) -> anyhow::Result<()> {
                 (cluster.config("hook_events"), PasswordSource::None, Some(cluster))
             }
         };
-        let result = process(pg_config, &password, engine_config, &ops, health, notifier, starting).await;
+        let result =
+            process(pg_config, &password, engine_config, &ops, ingest_socket.as_ref(), health, notifier, starting)
+                .await;
         if let Some(cluster) = cluster {
             cluster.stop().await.context("stopping the embedded PostgreSQL")?;
         }
@@ -97,11 +101,16 @@ fn run(args: Args, notifier: Arc<Notifier>) -> anyhow::Result<()> {
 /// running until systemd's SIGKILL (`TimeoutStopSec=30s` against the 25 s drain timeout).
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 
+/// After the engine stopped, how long the processor waits for the ingest socket's server to
+/// finish the requests it had read (it stopped accepting at the signal).
+const INGEST_STOP_WAIT: Duration = Duration::from_secs(2);
+
 async fn process(
     pg_config: hook_store::tokio_postgres::Config,
     password: &PasswordSource,
     engine_config: hook_core::EngineConfig,
     ops: &OpsConfig,
+    ingest_socket: Option<&IngestSocket>,
     health: Health,
     notifier: Arc<Notifier>,
     starting: tokio::task::JoinHandle<()>,
@@ -134,6 +143,11 @@ async fn process(
     .await
     .with_context(|| format!("checking the tables of {shown}"))?;
     info!(database = %shown, applied = ?report.applied, "database ready");
+    let (stop_ingest, ingest_stopped) = tokio::sync::watch::channel(false);
+    let ingest = match ingest_socket {
+        Some(socket) => Some(ingest::start(&pg_config, &options, socket, ingest_stopped).await?),
+        None => None,
+    };
     // Probes and gauge queries get a pool of their own, so they never wait behind the engine.
     // Same connection settings (TLS included) as the engine's.
     let probe_options = StoreOptions { pool_size: 2, listen: false, pool_timeout: PROBE_TIMEOUT, ..options };
@@ -151,11 +165,13 @@ async fn process(
     // between store calls, and the bound below must start when the signal arrives.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let signals = {
-        let (health, notifier) = (health.clone(), Arc::clone(&notifier));
+        let (health, notifier, stop_ingest) = (health.clone(), Arc::clone(&notifier), stop_ingest.clone());
         tokio::spawn(async move {
             shutdown_signal().await;
             health.set_stopping();
             notifier.stopping();
+            // New hooks go to the database while the engine drains.
+            stop_ingest.send_replace(true);
             stop_tx.send_replace(true);
         })
     };
@@ -181,6 +197,12 @@ async fn process(
         totals = engine.run(shutdown) => Some(totals),
         () = overdue => None,
     };
+    stop_ingest.send_replace(true);
+    if let Some(ingest) = ingest {
+        // Requests already read are inserted or answered within the server's grace period, which
+        // began at the signal, alongside the engine's drain.
+        let _ = tokio::time::timeout(INGEST_STOP_WAIT, ingest).await;
+    }
     supervisor.abort();
     signals.abort();
     if let Some(gauges) = gauges {
