@@ -197,7 +197,8 @@ pub(crate) struct StatsArgs {
     pub(crate) timeout: Duration,
 }
 
-/// What the binary does around the engine: health, systemd, the metrics endpoint.
+/// What the binary does around the engine: health, systemd, the metrics endpoint, the ingest
+/// socket.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct OpsConfig {
     /// Where /metrics, /healthz and /readyz are served; `None`: not at all.
@@ -210,6 +211,8 @@ pub(crate) struct OpsConfig {
     pub(crate) wait_for_database: Duration,
     /// The deadline of each call to the database (`StoreOptions::call_timeout`).
     pub(crate) db_timeout: Duration,
+    /// The ingest socket to serve; `None`: none.
+    pub(crate) ingest_socket: Option<IngestSocket>,
 }
 
 /// The ingest socket to serve.
@@ -292,6 +295,7 @@ impl Args {
             stall_timeout,
             wait_for_database: self.wait_for_database,
             db_timeout: self.db_timeout,
+            ingest_socket: self.ingest_socket()?,
         })
     }
 

@@ -22,7 +22,7 @@ use hook_core::{default_registry, Engine};
 use hook_store::{redacted, EmbeddedCluster, PasswordSource, PgStore, StoreError, StoreOptions};
 use tracing::{info, warn};
 
-use crate::config::{Args, Command, Database, IngestSocket, OpsConfig};
+use crate::config::{Args, Command, Database, OpsConfig};
 use crate::health::{Health, PROBE_TIMEOUT};
 use crate::notify::Notifier;
 
@@ -58,7 +58,6 @@ fn run(args: Args, notifier: Arc<Notifier>) -> anyhow::Result<()> {
     }
     let engine_config = args.engine_config()?;
     let ops = args.ops_config(&engine_config)?;
-    let ingest_socket = args.ingest_socket()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -83,8 +82,7 @@ fn run(args: Args, notifier: Arc<Notifier>) -> anyhow::Result<()> {
             }
         };
         let result =
-            process(pg_config, &password, engine_config, &ops, ingest_socket.as_ref(), health, notifier, starting)
-                .await;
+            process(pg_config, &password, engine_config, &ops, health, notifier, starting).await;
         if let Some(cluster) = cluster {
             cluster.stop().await.context("stopping the embedded PostgreSQL")?;
         }
@@ -110,7 +108,6 @@ async fn process(
     password: &PasswordSource,
     engine_config: hook_core::EngineConfig,
     ops: &OpsConfig,
-    ingest_socket: Option<&IngestSocket>,
     health: Health,
     notifier: Arc<Notifier>,
     starting: tokio::task::JoinHandle<()>,
@@ -144,7 +141,7 @@ async fn process(
     .with_context(|| format!("checking the tables of {shown}"))?;
     info!(database = %shown, applied = ?report.applied, "database ready");
     let (stop_ingest, ingest_stopped) = tokio::sync::watch::channel(false);
-    let ingest = match ingest_socket {
+    let ingest = match &ops.ingest_socket {
         Some(socket) => Some(ingest::start(&pg_config, &options, socket, ingest_stopped).await?),
         None => None,
     };
