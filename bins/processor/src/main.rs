@@ -163,8 +163,12 @@ async fn process(
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let signals = {
         let (health, notifier, stop_ingest) = (health.clone(), Arc::clone(&notifier), stop_ingest.clone());
+        // Registered here, before the engine announces itself: a handler installed only when the
+        // task first runs could leave a SIGTERM sent right after "engine started" to the
+        // default action (the process killed, under load).
+        let signal = shutdown_signal();
         tokio::spawn(async move {
-            shutdown_signal().await;
+            signal.await;
             health.set_stopping();
             notifier.stopping();
             // New hooks go to the database while the engine drains.
@@ -269,19 +273,22 @@ fn is_transient(error: &StoreError) -> bool {
     }
 }
 
-/// Completes on SIGTERM or SIGINT.
-async fn shutdown_signal() {
+/// Waits for SIGTERM or SIGINT. The handlers are installed when this is called, not when the
+/// future is first polled.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(error) => {
-            tracing::error!(%error, "cannot listen for SIGTERM; stop with SIGINT");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+    let streams =
+        signal(SignalKind::terminate()).and_then(|term| Ok((term, signal(SignalKind::interrupt())?)));
+    async move {
+        match streams {
+            Ok((mut term, mut int)) => tokio::select! {
+                _ = term.recv() => info!("SIGTERM received"),
+                _ = int.recv() => info!("SIGINT received"),
+            },
+            Err(error) => {
+                tracing::error!(%error, "cannot listen for SIGTERM; stop with SIGINT");
+                let _ = tokio::signal::ctrl_c().await;
+            }
         }
-    };
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM received"),
-        _ = tokio::signal::ctrl_c() => info!("SIGINT received"),
     }
 }
