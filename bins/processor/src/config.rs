@@ -69,7 +69,7 @@ pub(crate) struct Args {
     max_retry_count: u32,
 
     /// Handlers running at once.
-    #[arg(long, env = "HOOK_CONCURRENCY", default_value_t = 64)]
+    #[arg(long, env = "HOOK_CONCURRENCY", default_value_t = 400)]
     concurrency: usize,
 
     /// Batches claimed and not yet finished, at most.

@@ -4,7 +4,8 @@
 //! byte budget are free; each claimed batch runs in its own task, where the handlers of its
 //! events run concurrently as futures of that task, each under a timeout and a panic guard. A
 //! claim never takes more events than there are free handler slots (`concurrency` over all
-//! batches), and the slots are reserved with the claim, so no claimed event waits for one. When
+//! batches), and the slots are reserved with the claim, so no claimed event waits for one; it
+//! waits until a batch's share of the slots is free, so that claims stay batch-sized. When
 //! all of a batch's handlers are done, its outcomes are written in one call. A full batch means
 //! more work is likely, so the loop claims again at once; a short or empty one means the table is
 //! drained, so it sleeps until the store's wakeup (NOTIFY) or the poll interval, whichever comes
@@ -61,7 +62,10 @@ pub struct EngineConfig {
     /// Events claimed at once. Default 100.
     pub batch_size: usize,
     /// Handlers running at once, over all batches. A claim takes no more events than there are
-    /// free slots, so this also bounds the events claimed at once. Default 64.
+    /// free slots, so this also bounds the events claimed at once; and it waits until a batch's
+    /// share of the slots (`concurrency / batches_in_flight`, at most `batch_size`) is free.
+    /// Default 400, so that the four batches of 100 in flight run at once: with 64, claims
+    /// shrank to the few slots just freed and the drain halved (docs/benchmarks.md).
     pub concurrency: usize,
     /// Batches claimed and not yet finished, at most. Default 4: on two cores, four keep the
     /// server busy while batches are in the engine's hands (hook-bench drains ~1.3x faster than
@@ -91,7 +95,7 @@ impl Default for EngineConfig {
     fn default() -> Self {
         Self {
             batch_size: 100,
-            concurrency: 64,
+            concurrency: 400,
             batches_in_flight: 4,
             poll_interval: Duration::from_secs(1),
             claim_timeout: Duration::from_secs(60),
@@ -251,6 +255,12 @@ impl<S: Store> Engine<S> {
         let mut exclusive = false;
         // The last claim held rows back for want of byte budget: wait for a batch to finish.
         let mut budget_wait = false;
+        // Bytes of JSON per event in the last claim that returned events (see `fitting`).
+        let mut event_bytes = 0u64;
+        // Halved by each failed claim, back to a batch by one that returns events: a claim that
+        // fails because it took too long (rows of megabytes, measured as the server renders them,
+        // on a busy server) is not tried again as large as it was.
+        let mut claim_cap = config.batch_size;
         tokio::pin!(shutdown);
         info!(
             batch_size = config.batch_size,
@@ -291,23 +301,27 @@ impl<S: Store> Engine<S> {
                     continue;
                 }
             };
-            // At least one free handler slot: a claim takes no more events than there are free
-            // slots, so that none of them waits for one.
-            let first_slot = tokio::select! {
+            // A claim takes no more events than there are free handler slots, so that none of
+            // them waits for one; and it waits for a share of the slots (`claim_slots`) to be
+            // free, so that handlers finishing one by one do not turn into claims of one event
+            // each, every one paying a batch's round trips and commit.
+            let want = claim_slots(config);
+            let first_slots = tokio::select! {
                 biased;
                 () = &mut shutdown => break,
-                slot = Arc::clone(&handler_slots).acquire_owned() => match slot {
-                    Ok(slot) => slot,
+                slots = Arc::clone(&handler_slots).acquire_many_owned(want) => match slots {
+                    Ok(slots) => slots,
                     Err(_) => break,
                 },
             };
-            let free = handler_slots.available_permits() + 1;
+            let free = handler_slots.available_permits() + first_slots.num_permits();
             let held = shared.bytes_held.load(Ordering::Relaxed);
+            let max_bytes = config.max_bytes_in_flight.saturating_sub(held);
             let request = ClaimRequest {
-                limit: config.batch_size.min(free),
+                limit: claim_cap.min(free).min(fitting(max_bytes, event_bytes)),
                 max_retry_count: config.retry.max_retry_count,
                 claim_timeout: config.claim_timeout,
-                max_bytes: config.max_bytes_in_flight.saturating_sub(held),
+                max_bytes,
                 max_event_bytes: config.max_bytes_in_flight,
                 isolate,
             };
@@ -336,14 +350,15 @@ impl<S: Store> Engine<S> {
             let full = match claimed {
                 Err(error) => {
                     shared.metrics.add_error();
+                    claim_cap = (request.limit / 2).max(1);
                     let delay = error_backoff.next();
                     let failures = error_backoff.failures;
                     if is_loud_failure(failures) {
-                        warn!(error = %error, retry_in_ms = delay.as_millis() as u64, failures, "claim failed");
+                        warn!(error = %error, retry_in_ms = delay.as_millis() as u64, failures, next_limit = claim_cap, "claim failed");
                     } else {
-                        debug!(error = %error, retry_in_ms = delay.as_millis() as u64, failures, "claim failed");
+                        debug!(error = %error, retry_in_ms = delay.as_millis() as u64, failures, next_limit = claim_cap, "claim failed");
                     }
-                    drop((permit, first_slot));
+                    drop((permit, first_slots));
                     tokio::select! {
                         () = &mut shutdown => break,
                         () = sleep(delay) => continue,
@@ -359,6 +374,10 @@ impl<S: Store> Engine<S> {
                     let events = batch.take_events();
                     let crashed = batch.take_crashed();
                     let (set_aside, held_back) = (batch.set_aside(), batch.held_back());
+                    if !events.is_empty() {
+                        event_bytes = batch.bytes() / events.len() as u64;
+                        claim_cap = config.batch_size;
+                    }
                     if events.is_empty() && crashed.is_empty() && set_aside == 0 {
                         // Nothing fitted in what is left of the byte budget (rows were held
                         // back): let a batch in flight finish first.
@@ -373,9 +392,13 @@ impl<S: Store> Engine<S> {
                         exclusive = batch.isolated() || !crashed.is_empty();
                         // One slot per event, reserved now; each is released when its handler ends.
                         let mut slots = Vec::with_capacity(events.len());
-                        let mut first_slot = Some(first_slot);
+                        let mut first_slots = Some(first_slots);
                         for _ in 0..events.len() {
-                            let slot = match first_slot.take() {
+                            let reserved = match first_slots.as_mut() {
+                                Some(reserved) if reserved.num_permits() > 1 => reserved.split(1),
+                                _ => first_slots.take(),
+                            };
+                            let slot = match reserved {
                                 Some(slot) => slot,
                                 None => match Arc::clone(&handler_slots).try_acquire_owned() {
                                     Ok(slot) => slot,
@@ -388,7 +411,8 @@ impl<S: Store> Engine<S> {
                             };
                             slots.push(slot);
                         }
-                        drop(first_slot);
+                        // Slots reserved beyond the events claimed are freed here.
+                        drop(first_slots);
                         let bytes = BytesHeld::new(&shared, batch.bytes());
                         shared.metrics.add_claimed(events.len() + crashed.len());
                         debug!(
@@ -462,6 +486,21 @@ struct BatchWork {
     crashed: Vec<HookEvent>,
     slots: Vec<OwnedSemaphorePermit>,
     bytes: BytesHeld,
+}
+
+/// The free handler slots a claim waits for: a batch's share of them (`concurrency` over
+/// `batches_in_flight`, rounded up), and no more than a batch. With the defaults, a full batch.
+fn claim_slots(config: &EngineConfig) -> u32 {
+    let share = config.concurrency.div_ceil(config.batches_in_flight.max(1));
+    u32::try_from(share.min(config.batch_size).clamp(1, config.concurrency.max(1))).unwrap_or(u32::MAX)
+}
+
+/// How many events of `event_bytes` each (the average of the last claim's) fit in `max_bytes`,
+/// plus one: the claim measures every row it locks (the server renders large values as JSON text
+/// to count them), so a claim of 100 rows of 16 MiB, of which two fit, would render 1.6 GB to
+/// return 32 MiB. At least one.
+fn fitting(max_bytes: u64, event_bytes: u64) -> usize {
+    usize::try_from(max_bytes / event_bytes.max(1)).unwrap_or(usize::MAX).saturating_add(1)
 }
 
 async fn tick(interval: &mut Option<tokio::time::Interval>) -> Instant {
@@ -804,6 +843,27 @@ pub fn is_loud_failure(failures: u32) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn claims_wait_for_a_batch_share_of_the_slots() {
+        let defaults = EngineConfig::default();
+        assert_eq!(claim_slots(&defaults), 100, "four batches of 100 in 400 slots");
+        let narrow = EngineConfig { concurrency: 64, ..EngineConfig::default() };
+        assert_eq!(claim_slots(&narrow), 16);
+        let one = EngineConfig { concurrency: 1, ..EngineConfig::default() };
+        assert_eq!(claim_slots(&one), 1);
+        let small_batches = EngineConfig { batch_size: 10, ..EngineConfig::default() };
+        assert_eq!(claim_slots(&small_batches), 10);
+    }
+
+    #[test]
+    fn claims_of_large_events_ask_for_what_fits() {
+        let mib = 1024 * 1024;
+        assert_eq!(fitting(32 * mib, 16 * mib), 3, "two fit, one more to learn the next one's size");
+        assert_eq!(fitting(0, 16 * mib), 1, "a spent budget still claims one row");
+        assert!(fitting(32 * mib, 0) > 1_000_000, "no estimate yet: no bound");
+        assert_eq!(fitting(32 * mib, 400), 32 * mib as usize / 400 + 1);
+    }
 
     #[test]
     fn bound_text_cuts_on_char_boundary_and_strips_nul() {

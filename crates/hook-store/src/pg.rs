@@ -190,8 +190,9 @@ impl PgStore {
         let conn = TxConn::new(self.pool.get().await?);
         let client = conn.client()?;
         let begin = format!(
-            "BEGIN; SET LOCAL idle_in_transaction_session_timeout = {}",
-            request.claim_timeout.as_millis().max(1)
+            "BEGIN; SET LOCAL idle_in_transaction_session_timeout = {}; {}",
+            request.claim_timeout.as_millis().max(1),
+            queries::CLAIM_SAVEPOINT
         );
         let mut ledger = Ledger::Ordinary { id: Uuid::nil(), recorded: false };
         let claimed = if request.isolate {

@@ -25,7 +25,7 @@
 //!
 //! ```text
 //! hook-test-worker --url <conn> [--delay-ms 0] [--batch-size 100] [--batches-in-flight 2]
-//!     [--concurrency 64] [--poll-ms 200] [--handler-timeout-ms 30000] [--claim-timeout-ms 60000]
+//!     [--concurrency 400] [--poll-ms 200] [--handler-timeout-ms 30000] [--claim-timeout-ms 60000]
 //!     [--drain-timeout-ms 25000] [--max-retry-count 3] [--retry-base-ms 2000]
 //!     [--max-bytes-in-flight BYTES] [--fault SOURCE=KIND]...
 //! ```
