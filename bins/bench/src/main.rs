@@ -4,6 +4,7 @@
 //!
 //! With no `DATABASE_URL` it runs on a durable embedded cluster under `--data-dir`.
 
+mod ingest;
 mod phases;
 mod report;
 mod sinks;
@@ -112,6 +113,14 @@ struct Args {
     #[arg(long, global = true)]
     processor_bin: Option<PathBuf>,
 
+    /// Calls of hook-ingest per path in the ingest phase (after 20 warm-up calls).
+    #[arg(long, default_value_t = 1000)]
+    ingest_calls: usize,
+
+    /// The hook-ingest binary of the ingest phase [default: next to the hook-processor binary].
+    #[arg(long)]
+    ingest_bin: Option<PathBuf>,
+
     /// Print the report as JSON instead of a table.
     #[arg(long, global = true)]
     json: bool,
@@ -219,6 +228,9 @@ enum Phase {
     Jetstream,
     /// The engine draining the backlog through a webhook route into a loopback receiver.
     Webhook,
+    /// hook-ingest's time per call, spawn to exit: through the processor's socket, on its own
+    /// connection, and with the processor killed (not in the default set).
+    Ingest,
 }
 
 fn main() -> ExitCode {
@@ -419,6 +431,8 @@ pub(crate) struct Plan {
     pub(crate) limit_batch: i64,
     pub(crate) limit_connections: Vec<usize>,
     pub(crate) processor_bin: PathBuf,
+    pub(crate) ingest_calls: usize,
+    pub(crate) ingest_bin: PathBuf,
 }
 
 impl Plan {
@@ -443,6 +457,7 @@ impl Plan {
             "--limit-connections must be in 1..=32"
         );
         let processor_bin = processor_bin(args)?;
+        anyhow::ensure!((1..=100_000).contains(&args.ingest_calls), "--ingest-calls must be in 1..=100000");
         Ok(Plan {
             events: args.events,
             baseline_events: args.baseline_events,
@@ -451,7 +466,12 @@ impl Plan {
             engine,
             limit_batch: args.limit_batch,
             limit_connections,
-            processor_bin,
+            processor_bin: processor_bin.clone(),
+            ingest_calls: args.ingest_calls,
+            ingest_bin: args
+                .ingest_bin
+                .clone()
+                .unwrap_or_else(|| processor_bin.with_file_name("hook-ingest")),
         })
     }
 }
@@ -557,6 +577,9 @@ async fn measure(args: &Args, plan: &Plan, db: &Db) -> anyhow::Result<Report> {
     }
     if wanted(Phase::Webhook) {
         report.webhook = Some(sinks::webhook_drain(db, plan).await.context("webhook phase")?);
+    }
+    if wanted(Phase::Ingest) {
+        report.ingest = Some(ingest::ingest_latency(db, plan).await.context("ingest phase")?);
     }
     hook_store::bench::truncate(&client).await?;
     report.finish();

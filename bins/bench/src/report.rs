@@ -269,6 +269,7 @@ pub(crate) struct Report {
     pub(crate) jetstream: Option<Throughput>,
     /// The engine through a webhook route into a loopback receiver.
     pub(crate) webhook: Option<Throughput>,
+    pub(crate) ingest: Option<crate::ingest::IngestReport>,
     ratios: Ratios,
     targets: Vec<Target>,
     seconds: f64,
@@ -317,6 +318,7 @@ impl Report {
             processor: None,
             jetstream: None,
             webhook: None,
+            ingest: None,
             ratios: Ratios::default(),
             targets: Vec::new(),
             seconds: 0.0,
@@ -385,6 +387,20 @@ impl Report {
                 target: ">= 10000",
                 measured: format!("{:.0}", j.events_per_s),
                 met: j.events_per_s >= 10_000.0,
+            });
+        }
+        if let Some(socket) = self.ingest.as_ref().and_then(|i| i.socket()) {
+            targets.push(Target {
+                what: "hook-ingest p50, socket (spawn to exit)",
+                target: "<= 3 ms",
+                measured: ms(socket.p50_us),
+                met: socket.p50_us <= 3_000,
+            });
+            targets.push(Target {
+                what: "hook-ingest p99, socket (spawn to exit)",
+                target: "<= 10 ms",
+                measured: ms(socket.p99_us),
+                met: socket.p99_us <= 10_000,
             });
         }
         if let Some(b) = self.baseline_latency {
@@ -541,6 +557,39 @@ impl Report {
                 lat("original: handler start - created_at", l.events, &l.pickup);
                 lat("original: handler start - producer's commit ack", l.events, &l.pickup_after_commit);
                 lat("original: processed_at - created_at", l.processed.count, &l.processed);
+            }
+        }
+        if let Some(ingest) = &self.ingest {
+            let _ = writeln!(out);
+            let _ = writeln!(out, "hook-ingest: {}", ingest.binary);
+            let _ = writeln!(
+                out,
+                "{:<46} {:>8} {:>9} {:>9} {:>9} {:>9} {:>8}",
+                format!("hook-ingest, spawn to exit ({} B input)", ingest.input_bytes),
+                "calls",
+                "p50",
+                "p90",
+                "p99",
+                "max",
+                "spooled"
+            );
+            for p in &ingest.paths {
+                let _ = writeln!(
+                    out,
+                    "{:<46} {:>8} {:>9} {:>9} {:>9} {:>9} {:>8}",
+                    p.path,
+                    p.calls,
+                    ms(p.p50_us),
+                    ms(p.p90_us),
+                    ms(p.p99_us),
+                    ms(p.max_us),
+                    p.spooled
+                );
+            }
+            for p in &ingest.paths {
+                if let Some(warning) = &p.warning {
+                    let _ = writeln!(out, "  {}: {warning}", p.path.trim());
+                }
             }
         }
         let r = &self.ratios;

@@ -1,5 +1,6 @@
-//! Delivering one event: connect, flush the spool, insert; whatever does not get in within the
-//! time budget goes to the spool.
+//! Delivering one event: through a running processor's socket if one answers ([`crate::socket`]);
+//! else connect, flush the spool, insert; whatever does not get in within the time budget goes to
+//! the spool.
 //!
 //! One tokio-postgres connection on a current-thread runtime, no pool, no migrations: the table
 //! is assumed to exist (`hook-processor` creates it), and if it does not, the insert fails and the
@@ -18,6 +19,7 @@ use time::OffsetDateTime;
 
 use crate::mapping::{sanitized, INGEST_SOURCE};
 use crate::settings::{Database, Settings, EMBEDDED_DATABASE};
+use crate::socket;
 use crate::spool::Spool;
 
 /// How one delivery talks to the database.
@@ -31,11 +33,15 @@ struct Session {
     synchronous_commit: Option<&'static str>,
 }
 
-/// Spooled events inserted per statement, at most.
-const CHUNK_EVENTS: usize = 500;
+/// Spooled events inserted per statement (or sent per socket request), at most.
+pub(crate) const CHUNK_EVENTS: usize = 500;
 
 /// Bytes of spooled lines inserted per statement, about (at least one line).
 const CHUNK_BYTES: usize = 4 * 1024 * 1024;
+
+/// Bytes of spooled lines sent per socket request, about (at least one line): small enough that a
+/// chunk plus one more line of the largest kind stays under [`crate::wire::MAX_REQUEST`].
+pub(crate) const SOCKET_CHUNK_BYTES: usize = 1024 * 1024;
 
 /// What happened to the event.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,9 +56,42 @@ pub enum Delivered {
 
 /// Delivers `event`: inserts it (after flushing the spool) within `settings.timeout`, else spools
 /// it with `created_at = logged_at`, so that it keeps its place among events when flushed.
+///
+/// When a processor listens on one of `settings.sockets`, the event (and the spool's, first)
+/// goes through it, within a short part of the budget ([`socket::socket_deadline`]); only when
+/// that does not end in `stored` are the database and then the spool tried, as described here.
 pub fn deliver(settings: &Settings, event: &NewEvent, logged_at: OffsetDateTime) -> Delivered {
-    let deadline = Instant::now() + settings.timeout;
+    let started = Instant::now();
+    let deadline = started + settings.timeout;
     let spool = Spool::new(&settings.spool);
+    let database_next = !matches!(settings.database, Database::Unusable(_));
+    let socket_failure = match settings.sockets.as_slice() {
+        [] => None,
+        sockets => {
+            let until = socket::socket_deadline(started, settings.timeout, database_next);
+            match socket::deliver(sockets, &spool, event, until) {
+                socket::Outcome::Stored => return Delivered::Inserted,
+                socket::Outcome::NoProcessor => None,
+                socket::Outcome::Failed(why) => Some(why),
+            }
+        }
+    };
+    let delivered = deliver_directly(settings, &spool, event, logged_at, deadline);
+    match (delivered, socket_failure) {
+        (Delivered::Spooled(why), Some(first)) => Delivered::Spooled(format!("{first}; {why}")),
+        (Delivered::Lost(why), Some(first)) => Delivered::Lost(format!("{first}; {why}")),
+        (delivered, _) => delivered,
+    }
+}
+
+/// The database, then the spool.
+fn deliver_directly(
+    settings: &Settings,
+    spool: &Spool,
+    event: &NewEvent,
+    logged_at: OffsetDateTime,
+    deadline: Instant,
+) -> Delivered {
     let spooled = event.clone().with_created_at(logged_at);
     let config = match &settings.database {
         Database::Configured(config, password) => Ok((Config::clone(config), password.clone())),
@@ -68,7 +107,7 @@ pub fn deliver(settings: &Settings, event: &NewEvent, logged_at: OffsetDateTime)
             .map_err(|e| format!("starting the async runtime: {e}"))?;
         let session =
             Session { deadline, budget: settings.timeout, synchronous_commit: settings.synchronous_commit };
-        let outcome = runtime.block_on(insert(&config, &password, &spool, event, &spooled, &session));
+        let outcome = runtime.block_on(insert(&config, &password, spool, event, &spooled, &session));
         // Don't wait for anything left behind (a DNS lookup, the connection's close).
         runtime.shutdown_background();
         outcome
@@ -142,18 +181,20 @@ async fn flush_and_insert(
     Ok(Delivered::Inserted)
 }
 
-/// Writes events through one connection, each statement committed on its own.
-struct Writer<'a> {
-    client: &'a Client,
+/// Writes events through one connection, each statement committed on its own. Also the
+/// ingest socket's server ([`crate::server`]) writes through it, so a refused event becomes the
+/// same raw record on every path.
+pub(crate) struct Writer<'a> {
+    pub(crate) client: &'a Client,
     /// `synchronous_commit` for each statement's transaction, if not the server's.
-    synchronous_commit: Option<&'static str>,
+    pub(crate) synchronous_commit: Option<&'static str>,
 }
 
 impl Writer<'_> {
     /// Inserts `events` in one statement. If the database refuses the data itself (a value it
     /// cannot take, say, rather than being away), inserts them one by one and stores each refused
     /// event as a raw record with its id, so that one bad event can never block the spool.
-    async fn store(&self, events: &[NewEvent]) -> Result<(), StoreError> {
+    pub(crate) async fn store(&self, events: &[NewEvent]) -> Result<(), StoreError> {
         let error = match self.committed(enqueue_many(self.client, events)).await {
             Ok(_) => return Ok(()),
             Err(error) => error,
@@ -232,7 +273,7 @@ async fn within<T>(
 }
 
 /// The error and its causes, `: `-separated (tokio-postgres keeps the OS error in the source).
-fn chain(error: &dyn std::error::Error) -> String {
+pub(crate) fn chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {

@@ -6,11 +6,16 @@
 //!
 //! - it always exits 0 and never writes to stdout (Claude Code reads a hook's stdout); a problem
 //!   is one line on stderr;
-//! - connecting, flushing and inserting share one time budget (`HOOK_INGEST_TIMEOUT`, 200 ms);
+//! - when a `hook-processor` serves the ingest socket ([`wire`]), the event goes through it
+//!   ([`socket`]): one local round trip, inserted with whatever other hooks sent at the same
+//!   moment on a connection the processor keeps open ([`server`]), answered after the commit;
+//! - otherwise (or when the socket does not answer `stored` within its share of the budget)
+//!   connecting, flushing and inserting share one time budget (`HOOK_INGEST_TIMEOUT`, 200 ms);
 //!   when the database is away or slow, the event goes to the [spool] and the next run that
-//!   reaches the database inserts the spooled events first, in order;
+//!   reaches the database (or the socket) inserts the spooled events first, in order;
 //! - every event's id is assigned before anything is sent, so an insert whose fate is unknown
-//!   (cut off by the deadline) and its spooled copy are still stored once.
+//!   (cut off by the deadline, or committed by a processor that died before answering) and its
+//!   copy sent another way are still stored once.
 //!
 //! [`mapping`] says how a hook's input becomes an event; [`settings`] which variables are read;
 //! `docs/ingest.md` has the whole story. The binary is [`run`] plus printing its warning.
@@ -19,8 +24,11 @@
 
 pub mod deliver;
 pub mod mapping;
+pub mod server;
 pub mod settings;
+pub mod socket;
 pub mod spool;
+pub mod wire;
 
 use std::io::Read;
 

@@ -46,6 +46,10 @@ pub struct Settings {
     /// `synchronous_commit` of the hook's inserts (`HOOK_INGEST_SYNCHRONOUS_COMMIT`), set with
     /// `SET LOCAL` in each insert's transaction; `None` keeps the server's setting.
     pub synchronous_commit: Option<&'static str>,
+    /// The ingest sockets of a running `hook-processor` to try first, in order
+    /// (`HOOK_INGEST_SOCKET`: one path, or `off` for none; by default
+    /// [`wire::default_sockets`](crate::wire::default_sockets)).
+    pub sockets: Vec<PathBuf>,
     /// Problems with the variables, one short text each.
     pub warnings: Vec<String>,
 }
@@ -113,7 +117,13 @@ impl Settings {
             state.join("hook-events").join("spool.jsonl")
         });
 
-        Settings { database, spool, timeout, synchronous_commit, warnings }
+        let sockets = match var(crate::wire::SOCKET_VARIABLE) {
+            Some(value) if value.trim().eq_ignore_ascii_case("off") => Vec::new(),
+            Some(path) => vec![absolute(Path::new(&path))],
+            None => crate::wire::default_sockets(var("XDG_RUNTIME_DIR").as_deref()),
+        };
+
+        Settings { database, spool, timeout, synchronous_commit, sockets, warnings }
     }
 }
 
@@ -202,6 +212,25 @@ mod tests {
         ];
         for (vars, expected) in cases {
             assert_eq!(settings(vars).spool, PathBuf::from(expected), "{vars:?}");
+        }
+    }
+
+    #[test]
+    fn the_sockets_are_the_variables_path_or_the_defaults_or_none() {
+        type Case<'a> = (&'a [(&'a str, &'a str)], &'a [&'a str]);
+        let cases: &[Case<'_>] = &[
+            (&[("HOOK_INGEST_SOCKET", "/tmp/x.sock"), ("XDG_RUNTIME_DIR", "/run/user/7")], &["/tmp/x.sock"]),
+            (&[("HOOK_INGEST_SOCKET", "off"), ("XDG_RUNTIME_DIR", "/run/user/7")], &[]),
+            (&[("HOOK_INGEST_SOCKET", " OFF ")], &[]),
+            (
+                &[("XDG_RUNTIME_DIR", "/run/user/7")],
+                &["/run/user/7/hook-events/ingest.sock", "/run/hook-events/ingest.sock"],
+            ),
+            (&[("HOOK_INGEST_SOCKET", ""), ("XDG_RUNTIME_DIR", "")], &["/run/hook-events/ingest.sock"]),
+        ];
+        for (vars, expected) in cases {
+            let expected: Vec<PathBuf> = expected.iter().map(PathBuf::from).collect();
+            assert_eq!(settings(vars).sockets, expected, "{vars:?}");
         }
     }
 

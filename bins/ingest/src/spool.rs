@@ -294,6 +294,23 @@ impl Spool {
         Ok(flushed)
     }
 
+    /// [`flush`](Self::flush) with an `insert` that blocks instead of returning a future (the
+    /// ingest socket's client, which starts no async runtime). The same batches, order and
+    /// guarantees: it is that function, run to completion on the calling thread.
+    pub fn flush_blocking<F>(&self, max_events: usize, max_bytes: usize, mut insert: F) -> io::Result<Flushed>
+    where
+        F: FnMut(Vec<NewEvent>) -> Result<(), String>,
+    {
+        let flush = self.flush(max_events, max_bytes, |events| std::future::ready(insert(events)));
+        let mut flush = std::pin::pin!(flush);
+        // `flush` awaits nothing but `insert`'s futures, which are ready: it completes on its
+        // first poll, and no waker is ever needed.
+        match flush.as_mut().poll(&mut std::task::Context::from_waker(std::task::Waker::noop())) {
+            std::task::Poll::Ready(flushed) => flushed,
+            std::task::Poll::Pending => Err(io::Error::other("the spool's flush waited for something")),
+        }
+    }
+
     /// Writes `bytes` to a new batch file: a temporary file, `fsync`ed, renamed into place, and
     /// the directory `fsync`ed, so the batch appears whole or not at all.
     fn write_batch(&self, bytes: &[u8]) -> io::Result<PathBuf> {
@@ -744,6 +761,32 @@ mod tests {
         let rest: Vec<String> = flush_all(&spool).into_iter().map(|e| e.resource_id).collect();
         assert_eq!(rest, ["s3", "s4"]);
         assert!(spool.is_empty());
+    }
+
+    #[test]
+    fn a_blocking_flush_is_the_same_flush() {
+        let scratch = Scratch::new("blocking");
+        let spool = Spool::new(scratch.0.join("spool.jsonl"));
+        for n in 0..5 {
+            spool.append(&event(n)).unwrap();
+        }
+        let mut taken = Vec::new();
+        let flushed = spool
+            .flush_blocking(2, usize::MAX, |events| {
+                if !taken.is_empty() {
+                    return Err("cut off".to_owned());
+                }
+                taken.extend(events);
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(flushed.events, 2);
+        assert!(flushed.failure.unwrap().contains("flushing the spool after 2 events: cut off"));
+        let taken: Vec<String> = taken.into_iter().map(|e| e.resource_id).collect();
+        assert_eq!(taken, ["s0", "s1"]);
+        let rest: Vec<String> = flush_all(&spool).into_iter().map(|e| e.resource_id).collect();
+        assert_eq!(rest, ["s2", "s3", "s4"], "what was not taken stays, in order");
+        assert_eq!(scratch.files(), Vec::<String>::new());
     }
 
     #[test]

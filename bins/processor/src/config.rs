@@ -149,6 +149,23 @@ pub(crate) struct Args {
     #[arg(long, env = "HOOK_ROUTES")]
     pub(crate) routes: Option<PathBuf>,
 
+    /// Accept events from hook-ingest on this local Unix socket, inserting them in batches on a
+    /// connection kept open ("off" or unset: no socket). The units set
+    /// %t/hook-events/ingest.sock, where hook-ingest looks by default.
+    #[arg(long, env = "HOOK_INGEST_SOCKET")]
+    ingest_socket: Option<PathBuf>,
+
+    /// Permissions of the ingest socket, octal: 0600 (only the processor's user may connect) or
+    /// 0660 (its group too).
+    #[arg(long, env = "HOOK_INGEST_SOCKET_MODE", default_value = "0600", value_parser = parse_mode)]
+    ingest_socket_mode: u32,
+
+    /// synchronous_commit of the ingest socket's inserts (on, off, local, remote_write,
+    /// remote_apply) [default: the server's]. "off" answers hooks before the WAL reaches the
+    /// disk: a database crash can then lose the last fraction of a second of their events.
+    #[arg(long, env = "HOOK_INGEST_SYNCHRONOUS_COMMIT", value_parser = parse_synchronous_commit)]
+    ingest_synchronous_commit: Option<&'static str>,
+
     /// Log level or filter (error, warn, info, debug, trace, or tracing directives).
     #[arg(long, env = "LOG_LEVEL", default_value = "info", global = true)]
     log_level: String,
@@ -192,7 +209,8 @@ pub(crate) struct StatsArgs {
     pub(crate) timeout: Duration,
 }
 
-/// What the binary does around the engine: health, systemd, the metrics endpoint.
+/// What the binary does around the engine: health, systemd, the metrics endpoint, the ingest
+/// socket.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct OpsConfig {
     /// Where /metrics, /healthz and /readyz are served; `None`: not at all.
@@ -207,6 +225,19 @@ pub(crate) struct OpsConfig {
     pub(crate) db_timeout: Duration,
     /// Whether the web console is served at /console on `http_addr`.
     pub(crate) console: bool,
+    /// The ingest socket to serve; `None`: none.
+    pub(crate) ingest_socket: Option<IngestSocket>,
+}
+
+/// The ingest socket to serve.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct IngestSocket {
+    /// Its path, absolute.
+    pub(crate) path: PathBuf,
+    /// Its permissions.
+    pub(crate) mode: u32,
+    /// `synchronous_commit` of its inserts; `None`: the server's.
+    pub(crate) synchronous_commit: Option<&'static str>,
 }
 
 /// How log lines are written.
@@ -284,7 +315,24 @@ impl Args {
             wait_for_database: self.wait_for_database,
             db_timeout: self.db_timeout,
             console: self.console,
+            ingest_socket: self.ingest_socket()?,
         })
+    }
+
+    /// The ingest socket to serve, if one is configured.
+    pub(crate) fn ingest_socket(&self) -> anyhow::Result<Option<IngestSocket>> {
+        let Some(path) = self.ingest_socket.as_ref().filter(|path| !path.as_os_str().is_empty()) else {
+            return Ok(None);
+        };
+        if path.as_os_str().eq_ignore_ascii_case("off") {
+            return Ok(None);
+        }
+        let path = std::path::absolute(path).context("reading the working directory")?;
+        Ok(Some(IngestSocket {
+            path,
+            mode: self.ingest_socket_mode,
+            synchronous_commit: self.ingest_synchronous_commit,
+        }))
     }
 
     /// The database for `stats`: like [`database`](Self::database), but an embedded cluster is
@@ -363,6 +411,34 @@ pub(crate) fn init_logging(args: &Args) -> anyhow::Result<()> {
         }
     };
     result.map_err(|e| anyhow::anyhow!("setting up logging: {e}"))
+}
+
+/// Parses an octal file mode for the ingest socket: "0600", "660", "0o660". A mode that lets
+/// every local user connect (write permission for others) is refused: anyone could then insert
+/// events.
+pub(crate) fn parse_mode(text: &str) -> Result<u32, String> {
+    let digits = text.trim();
+    let digits = digits.strip_prefix("0o").unwrap_or(digits);
+    let mode = u32::from_str_radix(digits, 8)
+        .ok()
+        .filter(|mode| *mode <= 0o777 && !digits.is_empty())
+        .ok_or_else(|| format!("{text:?} is not an octal file mode such as 0600 or 0660"))?;
+    if mode & 0o002 != 0 {
+        return Err(format!(
+            "{text:?} would let every local user insert events; use 0600, or 0660 and a group"
+        ));
+    }
+    Ok(mode)
+}
+
+/// One of the values PostgreSQL takes for `synchronous_commit`, any case.
+pub(crate) fn parse_synchronous_commit(text: &str) -> Result<&'static str, String> {
+    let values = hook_ingest::settings::SYNCHRONOUS_COMMIT;
+    values
+        .iter()
+        .find(|value| value.eq_ignore_ascii_case(text.trim()))
+        .copied()
+        .ok_or_else(|| format!("{text:?} is not one of {}", values.join(", ")))
 }
 
 /// Parses a byte count: "1048576", or with a unit: "512KiB", "64MiB", "1GiB" (powers of 1024;
@@ -444,6 +520,43 @@ mod tests {
         assert!(!ops(&[]).unwrap().console);
         assert!(ops(&["--console"]).unwrap_err().contains("needs --http-addr"));
         assert!(ops(&["--console", "--http-addr", "127.0.0.1:9477"]).unwrap().console);
+    }
+
+    #[test]
+    fn the_ingest_socket_is_off_unless_named() {
+        let socket = |extra: &[&str]| {
+            let mut argv = vec!["hook-processor"];
+            argv.extend_from_slice(extra);
+            Args::try_parse_from(argv).map_err(|e| e.to_string())?.ingest_socket().map_err(|e| e.to_string())
+        };
+        assert_eq!(socket(&[]).unwrap(), None);
+        assert_eq!(socket(&["--ingest-socket", "off"]).unwrap(), None);
+        let named = socket(&["--ingest-socket", "/run/hook-events/ingest.sock"]).unwrap();
+        let expected = IngestSocket {
+            path: "/run/hook-events/ingest.sock".into(),
+            mode: 0o600,
+            synchronous_commit: None,
+        };
+        assert_eq!(named, Some(expected));
+        let off = socket(&["--ingest-socket", "/s.sock", "--ingest-synchronous-commit", "OFF"]).unwrap();
+        assert_eq!(off.and_then(|s| s.synchronous_commit), Some("off"));
+        let error =
+            socket(&["--ingest-socket", "/s.sock", "--ingest-synchronous-commit", "maybe"]).unwrap_err();
+        assert!(error.contains("is not one of on, off"), "{error}");
+        let group = socket(&["--ingest-socket", "/s.sock", "--ingest-socket-mode", "0660"]).unwrap();
+        assert_eq!(group.map(|s| s.mode), Some(0o660));
+        let relative = socket(&["--ingest-socket", "s.sock"]).unwrap().unwrap();
+        assert!(relative.path.is_absolute(), "{relative:?}");
+        for bad in ["0800", "rw", "", "01777"] {
+            let error = socket(&["--ingest-socket", "/s.sock", "--ingest-socket-mode", bad]).unwrap_err();
+            assert!(error.contains("octal file mode"), "{bad}: {error}");
+        }
+        for open in ["0666", "0o602"] {
+            let error = socket(&["--ingest-socket", "/s.sock", "--ingest-socket-mode", open]).unwrap_err();
+            assert!(error.contains("every local user"), "{open}: {error}");
+        }
+        let read_only = socket(&["--ingest-socket", "/s.sock", "--ingest-socket-mode", "0644"]).unwrap();
+        assert_eq!(read_only.map(|s| s.mode), Some(0o644), "others may not connect: allowed");
     }
 
     #[test]

@@ -43,6 +43,7 @@ pub(crate) fn install_recorder() -> anyhow::Result<PrometheusHandle> {
         .context("installing the Prometheus recorder")?;
     hook_core::describe_metrics();
     hook_sinks::describe_metrics();
+    hook_ingest::server::describe_metrics();
     metrics::gauge!("hook_events_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     Ok(handle)
 }

@@ -9,6 +9,7 @@
 mod config;
 mod health;
 mod http;
+mod ingest;
 mod notify;
 mod routes;
 mod stats;
@@ -111,6 +112,10 @@ struct Work {
     console: Option<hook_console::ConsoleState>,
 }
 
+/// After the engine stopped, how long the processor waits for the ingest socket's server to
+/// finish the requests it had read (it stopped accepting at the signal).
+const INGEST_STOP_WAIT: Duration = Duration::from_secs(2);
+
 async fn process(
     pg_config: hook_store::tokio_postgres::Config,
     password: &PasswordSource,
@@ -149,6 +154,11 @@ async fn process(
     .await
     .with_context(|| format!("checking the tables of {shown}"))?;
     info!(database = %shown, applied = ?report.applied, "database ready");
+    let (stop_ingest, ingest_stopped) = tokio::sync::watch::channel(false);
+    let ingest = match &ops.ingest_socket {
+        Some(socket) => Some(ingest::start(&pg_config, &options, socket, ingest_stopped).await?),
+        None => None,
+    };
     // Probes and gauge queries get a pool of their own, so they never wait behind the engine.
     // Same connection settings (TLS included) as the engine's.
     let probe_options =
@@ -179,11 +189,17 @@ async fn process(
     // between store calls, and the bound below must start when the signal arrives.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let signals = {
-        let (health, notifier) = (health.clone(), Arc::clone(&notifier));
+        let (health, notifier, stop_ingest) = (health.clone(), Arc::clone(&notifier), stop_ingest.clone());
+        // Registered here, before the engine announces itself: a handler installed only when the
+        // task first runs could leave a SIGTERM sent right after "engine started" to the
+        // default action (the process killed, under load).
+        let signal = shutdown_signal();
         tokio::spawn(async move {
-            shutdown_signal().await;
+            signal.await;
             health.set_stopping();
             notifier.stopping();
+            // New hooks go to the database while the engine drains.
+            stop_ingest.send_replace(true);
             stop_tx.send_replace(true);
         })
     };
@@ -209,6 +225,12 @@ async fn process(
         totals = engine.run(shutdown) => Some(totals),
         () = overdue => None,
     };
+    stop_ingest.send_replace(true);
+    if let Some(ingest) = ingest {
+        // Requests already read are inserted or answered within the server's grace period, which
+        // began at the signal, alongside the engine's drain.
+        let _ = tokio::time::timeout(INGEST_STOP_WAIT, ingest).await;
+    }
     supervisor.abort();
     signals.abort();
     if let Some(gauges) = gauges {
@@ -293,19 +315,22 @@ fn is_transient(error: &StoreError) -> bool {
     }
 }
 
-/// Completes on SIGTERM or SIGINT.
-async fn shutdown_signal() {
+/// Waits for SIGTERM or SIGINT. The handlers are installed when this is called, not when the
+/// future is first polled.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(error) => {
-            tracing::error!(%error, "cannot listen for SIGTERM; stop with SIGINT");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+    let streams =
+        signal(SignalKind::terminate()).and_then(|term| Ok((term, signal(SignalKind::interrupt())?)));
+    async move {
+        match streams {
+            Ok((mut term, mut int)) => tokio::select! {
+                _ = term.recv() => info!("SIGTERM received"),
+                _ = int.recv() => info!("SIGINT received"),
+            },
+            Err(error) => {
+                tracing::error!(%error, "cannot listen for SIGTERM; stop with SIGINT");
+                let _ = tokio::signal::ctrl_c().await;
+            }
         }
-    };
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM received"),
-        _ = tokio::signal::ctrl_c() => info!("SIGINT received"),
     }
 }
