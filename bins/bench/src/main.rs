@@ -5,6 +5,7 @@
 //! With no `DATABASE_URL` it runs on a durable embedded cluster under `--data-dir`.
 
 mod phases;
+mod pressure;
 mod report;
 mod soak;
 mod upgrade;
@@ -57,9 +58,30 @@ struct Args {
     #[arg(long, default_value_t = 20.0)]
     duration: f64,
 
-    /// Phases to run, comma separated.
+    /// Phases to run, comma separated (waiting and horizon run only when named).
     #[arg(long, value_enum, value_delimiter = ',', default_value = "limit,drain,floor,latency,baseline,rss")]
     phases: Vec<Phase>,
+
+    /// Rows waiting for a retry in the waiting phase (its trickle is --rate for --duration).
+    #[arg(long, default_value_t = 100_000)]
+    waiting_rows: u64,
+
+    /// Events per second of the producers of the horizon phase.
+    #[arg(long, default_value_t = 500.0)]
+    horizon_rate: f64,
+
+    /// How long the horizon phase's producers run while the snapshot is held, in seconds.
+    #[arg(long, default_value_t = 600.0)]
+    horizon_duration: f64,
+
+    /// Seconds per row of the waiting and horizon phases' reports.
+    #[arg(long, default_value_t = 60.0)]
+    window: f64,
+
+    /// Claims read the fresh index from its beginning, as before the low-water mark: to measure
+    /// what the mark saves.
+    #[arg(long)]
+    no_low_water_mark: bool,
 
     /// PostgreSQL URL to benchmark on; without it, an embedded cluster under --data-dir.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true, global = true)]
@@ -199,6 +221,12 @@ enum Phase {
     Baseline,
     /// Peak RSS of the hook-processor binary draining the backlog.
     Rss,
+    /// Pickup under the trickle on an empty table, then with --waiting-rows rows waiting for a
+    /// retry, and the claim's EXPLAIN (ANALYZE, BUFFERS) on both.
+    Waiting,
+    /// Pickup, CPU per event and dead tuples per window while producers insert at
+    /// --horizon-rate and a REPEATABLE READ snapshot is held for --horizon-duration.
+    Horizon,
 }
 
 fn main() -> ExitCode {
@@ -399,6 +427,11 @@ pub(crate) struct Plan {
     pub(crate) limit_batch: i64,
     pub(crate) limit_connections: Vec<usize>,
     pub(crate) processor_bin: PathBuf,
+    pub(crate) waiting_rows: u64,
+    pub(crate) horizon_rate: f64,
+    pub(crate) horizon_duration: Duration,
+    pub(crate) window: Duration,
+    pub(crate) low_water_mark: bool,
 }
 
 impl Plan {
@@ -423,6 +456,16 @@ impl Plan {
             "--limit-connections must be in 1..=32"
         );
         let processor_bin = processor_bin(args)?;
+        anyhow::ensure!(args.waiting_rows <= 100_000_000, "--waiting-rows must be at most 100000000");
+        anyhow::ensure!(
+            args.horizon_rate > 0.0 && args.horizon_rate <= 10_000.0,
+            "--horizon-rate must be in (0, 10000]"
+        );
+        anyhow::ensure!(
+            args.horizon_duration > 0.0 && args.horizon_duration <= 24.0 * 3600.0,
+            "--horizon-duration must be in (0, 86400]"
+        );
+        anyhow::ensure!(args.window >= 1.0 && args.window <= 3600.0, "--window must be in [1, 3600]");
         Ok(Plan {
             events: args.events,
             baseline_events: args.baseline_events,
@@ -432,6 +475,11 @@ impl Plan {
             limit_batch: args.limit_batch,
             limit_connections,
             processor_bin,
+            waiting_rows: args.waiting_rows,
+            horizon_rate: args.horizon_rate,
+            horizon_duration: Duration::from_secs_f64(args.horizon_duration),
+            window: Duration::from_secs_f64(args.window),
+            low_water_mark: !args.no_low_water_mark,
         })
     }
 }
@@ -475,7 +523,8 @@ async fn close(db: Db, cluster: Option<EmbeddedCluster>) -> anyhow::Result<()> {
 }
 
 async fn bench(args: &Args, plan: &Plan) -> anyhow::Result<Report> {
-    let connections = plan.limit_connections.iter().max().copied().unwrap_or(1) + 2;
+    // The pressure phases hold their producers', the snapshot's and two read-out connections.
+    let connections = (plan.limit_connections.iter().max().copied().unwrap_or(1) + 2).max(8);
     let (db, cluster) = open(args, connections).await?;
     let result = interruptible(measure(args, plan, &db)).await;
     close(db, cluster).await?;
@@ -526,6 +575,12 @@ async fn measure(args: &Args, plan: &Plan, db: &Db) -> anyhow::Result<Report> {
     }
     if wanted(Phase::Rss) {
         report.rss = Some(phases::processor_rss(db, plan).await.context("RSS phase")?);
+    }
+    if wanted(Phase::Waiting) {
+        report.waiting = Some(pressure::waiting(db, plan).await.context("waiting phase")?);
+    }
+    if wanted(Phase::Horizon) {
+        report.horizon = Some(pressure::horizon(db, plan).await.context("horizon phase")?);
     }
     hook_store::bench::truncate(&client).await?;
     report.finish();
