@@ -38,8 +38,10 @@ async fn claim(store: &PgStore, limit: usize) -> Option<(PgBatch, Vec<HookEvent>
 async fn claim_and_succeed(store: &PgStore, limit: usize) -> Vec<Uuid> {
     let Some((batch, events)) = claim(store, limit).await else { return Vec::new() };
     let ids: Vec<Uuid> = events.iter().map(|e| e.id).collect();
-    let outcomes =
-        ids.iter().map(|&id| Outcome { id, resolution: Resolution::Succeeded, metadata: Map::new() }).collect();
+    let outcomes = ids
+        .iter()
+        .map(|&id| Outcome { id, resolution: Resolution::Succeeded, metadata: Map::new() })
+        .collect();
     batch.finish(outcomes).await.expect("the completion");
     ids
 }
@@ -73,7 +75,12 @@ async fn insert_waiting(db: &TestDb, store: &PgStore, n: i64) {
     db.client().await.batch_execute("VACUUM (ANALYZE) hook_events").await.expect("vacuum");
 }
 
-async fn explain(store: &PgStore, limit: i64, floor: Option<time::OffsetDateTime>, generic: bool) -> ClaimPlan {
+async fn explain(
+    store: &PgStore,
+    limit: i64,
+    floor: Option<time::OffsetDateTime>,
+    generic: bool,
+) -> ClaimPlan {
     let client = store.pool().get().await.expect("a pooled connection");
     bench::explain_claim(&client, limit, floor, generic).await.expect("explain the claim")
 }
@@ -82,7 +89,12 @@ async fn explain(store: &PgStore, limit: i64, floor: Option<time::OffsetDateTime
 fn check_small(plan: &ClaimPlan, rows: i64, what: &str) {
     assert_eq!(plan.rows, rows, "{what}: rows claimed\n{:#}", plan.json);
     assert_eq!(plan.seq_scans, 0, "{what}: a sequential scan of hook_events\n{:#}", plan.json);
-    assert!(plan.rows_removed < 100, "{what}: {} rows read and discarded\n{:#}", plan.rows_removed, plan.json);
+    assert!(
+        plan.rows_removed < 100,
+        "{what}: {} rows read and discarded\n{:#}",
+        plan.rows_removed,
+        plan.json
+    );
     // 100,000 rows fill thousands of heap pages and hundreds of index pages; the claim reads the
     // first pages of two indexes, the ledger and the heap pages of the rows it takes.
     assert!(plan.buffers < 100, "{what}: {} buffers\n{:#}", plan.buffers, plan.json);
@@ -111,7 +123,8 @@ async fn a_claim_reads_none_of_100000_rows_waiting_for_a_retry() {
     // from the store's mark, is as small.
     let claimed = claim_and_succeed(&store, 100).await;
     assert_eq!(claimed, fresh);
-    let plan = explain(&store, 100, Some(time::OffsetDateTime::now_utc() - time::Duration::SECOND), true).await;
+    let plan =
+        explain(&store, 100, Some(time::OffsetDateTime::now_utc() - time::Duration::SECOND), true).await;
     check_small(&plan, 0, "from the mark, nothing claimable");
     assert_eq!(count(&client, "SELECT count(*) FROM hook_events WHERE NOT processed").await, WAITING);
 }
@@ -254,7 +267,8 @@ async fn the_background_rescan_claims_a_late_event_within_its_interval() {
     let db = TestDb::migrated("claim_cost_rescan").await;
     let client = db.client().await;
     let interval = Duration::from_secs(1);
-    let store = db.store(StoreOptions { listen: false, rescan_interval: interval, ..StoreOptions::default() }).await;
+    let store =
+        db.store(StoreOptions { listen: false, rescan_interval: interval, ..StoreOptions::default() }).await;
     let newer = insert_events(&client, 2, "PreToolUse", "tool_invocation").await;
     assert_eq!(claim_and_succeed(&store, 10).await, newer);
     // An event created an hour ago (a producer's clock behind the database's, or a long
@@ -287,7 +301,8 @@ async fn under_a_held_snapshot_the_mark_spares_the_claim_the_dead_index_entries(
     let fresh = insert_events(&client, 5, "PreToolUse", "tool_invocation").await;
 
     let beginning = explain(&store, 100, None, true).await;
-    let mark = explain(&store, 100, Some(time::OffsetDateTime::now_utc() - time::Duration::SECOND), true).await;
+    let mark =
+        explain(&store, 100, Some(time::OffsetDateTime::now_utc() - time::Duration::SECOND), true).await;
     assert_eq!((beginning.rows, mark.rows), (5, 5));
     check_small(&mark, 5, "from the mark");
     assert!(

@@ -234,13 +234,7 @@ async fn sample(
 
 /// The engine (no-op handler) under `PRODUCERS` connections inserting `rate` events per second
 /// in all for `duration`, sampled every `plan.window`.
-async fn run(
-    db: &Db,
-    plan: &Plan,
-    what: String,
-    rate: f64,
-    duration: Duration,
-) -> anyhow::Result<Pressure> {
+async fn run(db: &Db, plan: &Plan, what: String, rate: f64, duration: Duration) -> anyhow::Result<Pressure> {
     let client = db.connect().await?;
     let server = ServerCpu::find(&client).await;
     let options = StoreOptions {

@@ -338,11 +338,16 @@ impl Report {
         }
         if let Some(h) = &self.horizon {
             let windows = &h.run.windows;
-            if let (Some(first), Some(last)) = (windows.first(), windows.iter().rev().find(|w| w.pickup.count > 0)) {
+            if let (Some(first), Some(last)) =
+                (windows.first(), windows.iter().rev().find(|w| w.pickup.count > 0))
+            {
                 targets.push(Target {
                     what: "horizon: p99 pickup, last window / first",
                     target: "<= 2x",
-                    measured: format!("{:.2}x", last.pickup.p99_us as f64 / first.pickup.p99_us.max(1) as f64),
+                    measured: format!(
+                        "{:.2}x",
+                        last.pickup.p99_us as f64 / first.pickup.p99_us.max(1) as f64
+                    ),
                     met: last.pickup.p99_us <= 2 * first.pickup.p99_us,
                 });
                 targets.push(Target {
@@ -500,7 +505,11 @@ impl Report {
             }
         }
         if let Some(w) = &self.waiting {
-            let _ = writeln!(out, "\nwaiting: the trickle at {}/s for {} s, then with {} rows waiting for a retry", s.rate, s.duration_s, w.rows_waiting);
+            let _ = writeln!(
+                out,
+                "\nwaiting: the trickle at {}/s for {} s, then with {} rows waiting for a retry",
+                s.rate, s.duration_s, w.rows_waiting
+            );
             plan_row(&mut out, "claim plan, empty table (generic)", &w.plan_empty);
             plan_row(&mut out, "claim plan, rows waiting (generic)", &w.plan_waiting);
             plan_row(&mut out, "claim plan, rows waiting (custom)", &w.plan_waiting_custom);

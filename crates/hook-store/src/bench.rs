@@ -74,8 +74,6 @@ const INSERT_WAITING: &str = concat!(
     ") AS m(id, source, action, resource, resource_id, payload, metadata, created_at)"
 );
 
-
-
 /// The database's own ceiling: claim and complete up to `$2` events in one statement, with the
 /// processor's order and indexes (due retries, then the fresh index oldest first) and success
 /// update, and nothing in between.
@@ -193,11 +191,18 @@ pub async fn explain_claim(
         )
         .await;
     let ended = client.batch_execute("ROLLBACK; DEALLOCATE hook_bench_claim").await;
-    let json: serde_json::Value = explained?.try_get(0)?;
+    let explained = explained?;
     ended?;
+    // The plan's column is `json`; read as text, should a server send it so.
+    let json: serde_json::Value = match explained.try_get(0) {
+        Ok(json) => json,
+        Err(_) => serde_json::from_str(&explained.try_get::<_, String>(0)?)
+            .map_err(|e| StoreError::Config(format!("EXPLAIN returned no JSON: {e}")))?,
+    };
     let root = &json[0]["Plan"];
     let mut plan = ClaimPlan {
-        buffers: root["Shared Hit Blocks"].as_i64().unwrap_or(0) + root["Shared Read Blocks"].as_i64().unwrap_or(0),
+        buffers: root["Shared Hit Blocks"].as_i64().unwrap_or(0)
+            + root["Shared Read Blocks"].as_i64().unwrap_or(0),
         rows_removed: 0,
         seq_scans: 0,
         indexes: Vec::new(),

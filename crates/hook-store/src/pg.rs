@@ -225,7 +225,11 @@ impl PgStore {
         let (wakeups, listener, wake) = if options.listen {
             let (tx, rx) = watch::channel(());
             let wake = tx.clone();
-            (Some(rx), Some(tokio::spawn(listen::listen_loop(config.clone(), tls, tx, call_timeout))), Some(wake))
+            (
+                Some(rx),
+                Some(tokio::spawn(listen::listen_loop(config.clone(), tls, tx, call_timeout))),
+                Some(wake),
+            )
         } else {
             (None, None, None)
         };
@@ -284,7 +288,9 @@ impl PgStore {
                     }
                 }
                 Ok(None) => {}
-                Err(error) => debug!(error = %error, "the rescan below the low-water mark failed; it is tried again later"),
+                Err(error) => {
+                    debug!(error = %error, "the rescan below the low-water mark failed; it is tried again later")
+                }
             }
             mark.rescan_done();
         });

@@ -96,7 +96,15 @@ macro_rules! fresh {
 /// SQL: the event waits for a retry and is alive: the rows of `hook_events_due_idx`.
 macro_rules! waiting {
     ($e:literal) => {
-        concat!("NOT ", $e, ".processed AND ", $e, ".dead_at IS NULL AND ", $e, ".next_attempt_at IS NOT NULL")
+        concat!(
+            "NOT ",
+            $e,
+            ".processed AND ",
+            $e,
+            ".dead_at IS NULL AND ",
+            $e,
+            ".next_attempt_at IS NOT NULL"
+        )
     };
 }
 
