@@ -149,9 +149,7 @@ async fn waiting_retries_become_claimable_when_due_and_are_not_starved_by_fresh_
         .await
         .unwrap();
     // Neither is due: only the fresh event is claimed.
-    let (batch, events) = claim(&store, 10).await.expect("a batch");
-    assert_eq!(events.iter().map(|e| e.id).collect::<Vec<_>>(), [fresh]);
-    batch.finish(vec![]).await.unwrap();
+    assert_eq!(claim_and_succeed(&store, 10).await, [fresh]);
     assert!(claim(&store, 10).await.is_none(), "nothing is due");
 
     // Time passes (the schedule is moved, rather than waited for): the retry is due.
@@ -187,9 +185,9 @@ async fn the_original_reset_sql_revives_dead_and_waiting_events_into_the_claim()
     client
         .execute(
             "UPDATE hook_events SET retry_count = 3, processing_errors = ARRAY['a', 'b', 'c'],
-                    dead_at = CASE WHEN id = $1 THEN now() END,
-                    next_attempt_at = CASE WHEN id = $2 THEN now() + interval '1 day' END
-             WHERE id = ANY (ARRAY[$1, $2])",
+                    dead_at = CASE WHEN id = $1::uuid THEN now() END,
+                    next_attempt_at = CASE WHEN id = $2::uuid THEN now() + interval '1 day' END
+             WHERE id = ANY (ARRAY[$1::uuid, $2::uuid])",
             &[&old[0], &old[1]],
         )
         .await
@@ -300,9 +298,14 @@ async fn under_a_held_snapshot_the_mark_spares_the_claim_the_dead_index_entries(
     client.batch_execute("VACUUM (ANALYZE) hook_events").await.unwrap();
     let fresh = insert_events(&client, 5, "PreToolUse", "tool_invocation").await;
 
+    // The mark a claim that took the oldest of them would leave.
+    let oldest: time::OffsetDateTime = client
+        .query_one("SELECT min(created_at) FROM hook_events WHERE NOT processed", &[])
+        .await
+        .unwrap()
+        .get(0);
     let beginning = explain(&store, 100, None, true).await;
-    let mark =
-        explain(&store, 100, Some(time::OffsetDateTime::now_utc() - time::Duration::SECOND), true).await;
+    let mark = explain(&store, 100, Some(oldest), true).await;
     assert_eq!((beginning.rows, mark.rows), (5, 5));
     check_small(&mark, 5, "from the mark");
     assert!(

@@ -171,8 +171,9 @@ pub async fn explain_claim(
     let mode = if generic { "force_generic_plan" } else { "force_custom_plan" };
     let prepared = client
         .batch_execute(&format!(
-            "BEGIN; SET LOCAL plan_cache_mode = {mode}; \
+            "BEGIN; SET LOCAL plan_cache_mode = {mode}; {}; \
              PREPARE hook_bench_claim (int8, int8, int8, timestamptz) AS {}",
+            crate::queries::CLAIM_PLANNER,
             crate::queries::CLAIM
         ))
         .await;

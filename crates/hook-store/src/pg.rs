@@ -686,8 +686,9 @@ impl PgBatch {
                 if written.rows != expected as u64 {
                     warn!(expected, written = written.rows, "some outcomes matched no unprocessed row");
                 }
-                if self.held_back == 0 {
-                    // Every locked row was decided and committed: nothing comes back.
+                if self.held_back == 0 && completion.len() >= self.event_ids.len() {
+                    // Every locked row was decided and committed: nothing comes back. (Events
+                    // without an outcome, cut off by the drain, come back unchanged.)
                     if let Some(guard) = self.returned.as_mut() {
                         guard.floor = None;
                     }

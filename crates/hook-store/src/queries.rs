@@ -177,6 +177,19 @@ pub(crate) const CLAIM: &str = concat!(
      FROM sized ORDER BY created_at"
 );
 
+/// Set around [`CLAIM`] in its transaction: the claim is planned (a prepared statement's plan,
+/// cached after five runs, is made under the settings of the run that makes it) with sorts
+/// penalized, so that each branch reads its own index in order and stops at its `LIMIT`. Without
+/// it, when the statistics say no row waits for a retry (`next_attempt_at` all NULL), the
+/// planner may serve the due branch with a full scan of another partial index
+/// (`hook_events_claim_idx`, every live row) and a sort of the one row it expects: a scan
+/// proportional to the backlog, in every claim. The sorts the statement cannot do without (the
+/// byte budget's window and the final order, over at most `$1` rows) are still made.
+pub(crate) const CLAIM_PLANNER: &str = "SET LOCAL enable_sort = off";
+
+/// Restores the planner's setting after [`CLAIM`], for the rest of the claim's transaction.
+const CLAIM_PLANNER_END: &str = "SET LOCAL enable_sort = on";
+
 /// The rescan below the low-water mark (see [`rescan`]): the oldest event never tried whose
 /// `created_at` is before `$1` and that no claim holds (`FOR KEY SHARE SKIP LOCKED`: an
 /// autocommitted statement, so the lock ends with it; it conflicts only with a claim's
@@ -432,12 +445,20 @@ pub async fn claim_events_after(
             None => Ok(()),
         }
     };
-    // BEGIN, the claim and what the transaction learns from it: one round trip.
+    // BEGIN, the claim (planned without sorts, see CLAIM_PLANNER) and what the transaction
+    // learns from it: one round trip.
     let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
         [&limit, &max_bytes, &max_event_bytes, &floor];
-    let (begun, rows, info) =
-        futures::join!(begun, client.query(&statement, &params), client.query_one(&info, &[]));
+    let (begun, planner, rows, restored, info) = futures::join!(
+        begun,
+        client.batch_execute(CLAIM_PLANNER),
+        client.query(&statement, &params),
+        client.batch_execute(CLAIM_PLANNER_END),
+        client.query_one(&info, &[])
+    );
     begun?;
+    planner?;
+    restored?;
     let rows = rows?;
     let info = info?;
     let mut claimed = decide(client, &rows, request).await?;
