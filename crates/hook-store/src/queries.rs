@@ -184,11 +184,13 @@ pub(crate) const CLAIM: &str = concat!(
 /// planner may serve the due branch with a full scan of another partial index
 /// (`hook_events_claim_idx`, every live row) and a sort of the one row it expects: a scan
 /// proportional to the backlog, in every claim. The sorts the statement cannot do without (the
-/// byte budget's window and the final order, over at most `$1` rows) are still made.
-pub(crate) const CLAIM_PLANNER: &str = "SET LOCAL enable_sort = off";
+/// byte budget's window and the final order, over at most `$1` rows) are still made. The
+/// penalty inflates the plan's estimated cost past every JIT threshold, so JIT is off too: it
+/// would compile the statement, for seconds, at every run.
+pub(crate) const CLAIM_PLANNER: &str = "SET LOCAL enable_sort = off; SET LOCAL jit = off";
 
-/// Restores the planner's setting after [`CLAIM`], for the rest of the claim's transaction.
-const CLAIM_PLANNER_END: &str = "SET LOCAL enable_sort = on";
+/// Restores the planner's settings after [`CLAIM`], for the rest of the claim's transaction.
+const CLAIM_PLANNER_END: &str = "RESET enable_sort; RESET jit";
 
 /// The rescan below the low-water mark (see [`rescan`]): the oldest event never tried whose
 /// `created_at` is before `$1` and that no claim holds (`FOR KEY SHARE SKIP LOCKED`: an
