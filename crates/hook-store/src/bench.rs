@@ -120,7 +120,7 @@ pub async fn insert_backlog(
 }
 
 /// Inserts events `first..=last` of the benchmark mix, each waiting for a retry a day from now
-/// (see [`INSERT_WAITING`]), in one transaction with NOTIFY silenced. Returns the number of rows.
+/// (`retry_count = 1`, `next_attempt_at = now() + 1 day`), in one transaction with NOTIFY silenced. Returns the number of rows.
 pub async fn insert_waiting(
     client: &mut impl GenericClient,
     first: i64,
