@@ -6,6 +6,7 @@
 
 mod ingest;
 mod phases;
+mod pressure;
 mod report;
 mod sinks;
 mod soak;
@@ -61,7 +62,8 @@ struct Args {
     #[arg(long, default_value_t = 20.0)]
     duration: f64,
 
-    /// Phases to run, comma separated. `jetstream` and `webhook` (the sinks) run only when named.
+    /// Phases to run, comma separated. `jetstream`, `webhook`, `ingest`, `waiting` and `horizon`
+    /// run only when named.
     #[arg(
         long,
         value_enum,
@@ -74,6 +76,27 @@ struct Args {
     /// stream of its own and deletes it afterwards.
     #[arg(long, default_value = "nats://127.0.0.1:4222")]
     nats_url: String,
+
+    /// Rows waiting for a retry in the waiting phase (its trickle is --rate for --duration).
+    #[arg(long, default_value_t = 100_000)]
+    waiting_rows: u64,
+
+    /// Events per second of the producers of the horizon phase.
+    #[arg(long, default_value_t = 500.0)]
+    horizon_rate: f64,
+
+    /// How long the horizon phase's producers run while the snapshot is held, in seconds.
+    #[arg(long, default_value_t = 600.0)]
+    horizon_duration: f64,
+
+    /// Seconds per row of the waiting and horizon phases' reports.
+    #[arg(long, default_value_t = 60.0)]
+    window: f64,
+
+    /// Claims read the fresh index from its beginning, as before the low-water mark: to measure
+    /// what the mark saves.
+    #[arg(long)]
+    no_low_water_mark: bool,
 
     /// PostgreSQL URL to benchmark on; without it, an embedded cluster under --data-dir.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true, global = true)]
@@ -231,6 +254,12 @@ enum Phase {
     /// hook-ingest's time per call, spawn to exit: through the processor's socket, on its own
     /// connection, and with the processor killed (not in the default set).
     Ingest,
+    /// Pickup under the trickle on an empty table, then with --waiting-rows rows waiting for a
+    /// retry, and the claim's EXPLAIN (ANALYZE, BUFFERS) on both.
+    Waiting,
+    /// Pickup, CPU per event and dead tuples per window while producers insert at
+    /// --horizon-rate and a REPEATABLE READ snapshot is held for --horizon-duration.
+    Horizon,
 }
 
 fn main() -> ExitCode {
@@ -433,6 +462,11 @@ pub(crate) struct Plan {
     pub(crate) processor_bin: PathBuf,
     pub(crate) ingest_calls: usize,
     pub(crate) ingest_bin: PathBuf,
+    pub(crate) waiting_rows: u64,
+    pub(crate) horizon_rate: f64,
+    pub(crate) horizon_duration: Duration,
+    pub(crate) window: Duration,
+    pub(crate) low_water_mark: bool,
 }
 
 impl Plan {
@@ -458,6 +492,16 @@ impl Plan {
         );
         let processor_bin = processor_bin(args)?;
         anyhow::ensure!((1..=100_000).contains(&args.ingest_calls), "--ingest-calls must be in 1..=100000");
+        anyhow::ensure!(args.waiting_rows <= 100_000_000, "--waiting-rows must be at most 100000000");
+        anyhow::ensure!(
+            args.horizon_rate > 0.0 && args.horizon_rate <= 10_000.0,
+            "--horizon-rate must be in (0, 10000]"
+        );
+        anyhow::ensure!(
+            args.horizon_duration > 0.0 && args.horizon_duration <= 24.0 * 3600.0,
+            "--horizon-duration must be in (0, 86400]"
+        );
+        anyhow::ensure!(args.window >= 1.0 && args.window <= 3600.0, "--window must be in [1, 3600]");
         Ok(Plan {
             events: args.events,
             baseline_events: args.baseline_events,
@@ -472,6 +516,11 @@ impl Plan {
                 .ingest_bin
                 .clone()
                 .unwrap_or_else(|| processor_bin.with_file_name("hook-ingest")),
+            waiting_rows: args.waiting_rows,
+            horizon_rate: args.horizon_rate,
+            horizon_duration: Duration::from_secs_f64(args.horizon_duration),
+            window: Duration::from_secs_f64(args.window),
+            low_water_mark: !args.no_low_water_mark,
         })
     }
 }
@@ -515,7 +564,8 @@ async fn close(db: Db, cluster: Option<EmbeddedCluster>) -> anyhow::Result<()> {
 }
 
 async fn bench(args: &Args, plan: &Plan) -> anyhow::Result<Report> {
-    let connections = plan.limit_connections.iter().max().copied().unwrap_or(1) + 2;
+    // The pressure phases hold their producers', the snapshot's and two read-out connections.
+    let connections = (plan.limit_connections.iter().max().copied().unwrap_or(1) + 2).max(8);
     let (mut db, cluster) = open(args, connections).await?;
     let result = async {
         db.find_postmaster().await?;
@@ -580,6 +630,12 @@ async fn measure(args: &Args, plan: &Plan, db: &Db) -> anyhow::Result<Report> {
     }
     if wanted(Phase::Ingest) {
         report.ingest = Some(ingest::ingest_latency(db, plan).await.context("ingest phase")?);
+    }
+    if wanted(Phase::Waiting) {
+        report.waiting = Some(pressure::waiting(db, plan).await.context("waiting phase")?);
+    }
+    if wanted(Phase::Horizon) {
+        report.horizon = Some(pressure::horizon(db, plan).await.context("horizon phase")?);
     }
     hook_store::bench::truncate(&client).await?;
     report.finish();

@@ -270,6 +270,8 @@ pub(crate) struct Report {
     /// The engine through a webhook route into a loopback receiver.
     pub(crate) webhook: Option<Throughput>,
     pub(crate) ingest: Option<crate::ingest::IngestReport>,
+    pub(crate) waiting: Option<crate::pressure::Waiting>,
+    pub(crate) horizon: Option<crate::pressure::Horizon>,
     ratios: Ratios,
     targets: Vec<Target>,
     seconds: f64,
@@ -319,6 +321,8 @@ impl Report {
             jetstream: None,
             webhook: None,
             ingest: None,
+            waiting: None,
+            horizon: None,
             ratios: Ratios::default(),
             targets: Vec::new(),
             seconds: 0.0,
@@ -411,6 +415,54 @@ impl Report {
                 measured: ms(b.pickup.p50_us),
                 met: (300_000..=1_000_000).contains(&b.pickup.p50_us),
             });
+        }
+        if let Some(w) = &self.waiting {
+            let (empty, waiting) = (w.empty.pickup.p99_us, w.waiting.pickup.p99_us);
+            targets.push(Target {
+                what: "waiting: p99 pickup / the same on an empty table",
+                target: "<= 1.5x",
+                measured: format!("{:.2}x", waiting as f64 / empty.max(1) as f64),
+                met: waiting as f64 <= 1.5 * empty as f64,
+            });
+        }
+        if let Some(h) = &self.horizon {
+            let windows = &h.run.windows;
+            if let (Some(first), Some(last)) =
+                (windows.first(), windows.iter().rev().find(|w| w.pickup.count > 0))
+            {
+                targets.push(Target {
+                    what: "horizon: p99 pickup, last window / first",
+                    target: "<= 2x",
+                    measured: format!(
+                        "{:.2}x",
+                        last.pickup.p99_us as f64 / first.pickup.p99_us.max(1) as f64
+                    ),
+                    met: last.pickup.p99_us <= 2 * first.pickup.p99_us,
+                });
+                targets.push(Target {
+                    what: "horizon: p99 pickup, last window",
+                    target: "<= 30 ms",
+                    measured: ms(last.pickup.p99_us),
+                    met: last.pickup.p99_us <= 30_000,
+                });
+                if let (Some(a), Some(b)) = (first.server_cpu_us_per_event, last.server_cpu_us_per_event) {
+                    targets.push(Target {
+                        what: "horizon: server CPU per event, last / first",
+                        target: "<= 1.5x",
+                        measured: format!("{:.2}x", b / a.max(1e-9)),
+                        met: b <= 1.5 * a,
+                    });
+                }
+                targets.push(Target {
+                    what: "horizon: hook-bench CPU per event, last / first",
+                    target: "<= 1.5x",
+                    measured: format!(
+                        "{:.2}x",
+                        last.bench_cpu_us_per_event / first.bench_cpu_us_per_event.max(1e-9)
+                    ),
+                    met: last.bench_cpu_us_per_event <= 1.5 * first.bench_cpu_us_per_event,
+                });
+            }
         }
         self.targets = targets;
     }
@@ -592,6 +644,25 @@ impl Report {
                 }
             }
         }
+        if let Some(w) = &self.waiting {
+            let _ = writeln!(
+                out,
+                "\nwaiting: the trickle at {}/s for {} s, then with {} rows waiting for a retry",
+                s.rate, s.duration_s, w.rows_waiting
+            );
+            plan_row(&mut out, "claim plan, empty table (generic)", &w.plan_empty);
+            plan_row(&mut out, "claim plan, rows waiting (generic)", &w.plan_waiting);
+            plan_row(&mut out, "claim plan, rows waiting (custom)", &w.plan_waiting_custom);
+            pressure_table(&mut out, &w.empty);
+            pressure_table(&mut out, &w.waiting);
+        }
+        if let Some(h) = &self.horizon {
+            let mark = if h.low_water_mark { "low-water mark on" } else { "low-water mark OFF" };
+            let _ = writeln!(out, "\nhorizon: producers at {}/s, {} ({mark})", h.run.rate, h.run.what);
+            pressure_table(&mut out, &h.run);
+            plan_row(&mut out, "claim plan after, from the beginning", &h.plan_from_beginning);
+            plan_row(&mut out, "claim plan after, from a mark 1 s ago", &h.plan_from_mark);
+        }
         let r = &self.ratios;
         let mut ratios = Vec::new();
         if let Some(x) = r.drain_over_baseline_drain {
@@ -620,6 +691,52 @@ impl Report {
             }
         }
         out
+    }
+}
+
+fn plan_row(out: &mut String, name: &str, p: &crate::pressure::PlanFacts) {
+    let _ = writeln!(
+        out,
+        "  {name:<40} {} buffers, {} rows removed by filters, {} seq scans, {} rows; {}",
+        p.buffers,
+        p.rows_removed,
+        p.seq_scans,
+        p.rows,
+        p.indexes.join(", ")
+    );
+}
+
+fn pressure_table(out: &mut String, p: &crate::pressure::Pressure) {
+    let _ = writeln!(
+        out,
+        "  {}: {} inserted, {} processed in {:.0} s; pickup p50 {} p99 {} max {}",
+        p.what,
+        p.inserted,
+        p.processed,
+        p.seconds,
+        ms(p.pickup.p50_us),
+        ms(p.pickup.p99_us),
+        ms(p.pickup.max_us)
+    );
+    let _ = writeln!(
+        out,
+        "  {:>8} {:>8} {:>10} {:>10} {:>14} {:>14} {:>11} {:>11}",
+        "from s", "events", "p50", "p99", "server us/ev", "bench us/ev", "dead tuples", "ledger KiB"
+    );
+    for w in &p.windows {
+        let server = w.server_cpu_us_per_event.map_or_else(|| "-".to_owned(), |v| format!("{v:.0}"));
+        let _ = writeln!(
+            out,
+            "  {:>8.0} {:>8} {:>10} {:>10} {:>14} {:>14.0} {:>11} {:>11}",
+            w.from_s,
+            w.pickup.count,
+            ms(w.pickup.p50_us),
+            ms(w.pickup.p99_us),
+            server,
+            w.bench_cpu_us_per_event,
+            w.dead_tuples,
+            w.ledger_kib
+        );
     }
 }
 

@@ -14,14 +14,11 @@ use uuid::Uuid;
 use crate::error::StoreError;
 use crate::queries::{event_columns, event_from_row};
 
-/// Rows `$1..=$2` of the benchmark's event mix: six hook types in turn, with payloads and
-/// metadata shaped like the original producers' (tool calls with their input and output,
-/// prompts, session starts and ends), 250 to 650 bytes of JSON each. `metadata.seq` is the
-/// row's number, so the bench can match a handled event with its insert. `created_at` counts up
-/// by 1 µs per row and ends at `now()`, so a one-row insert gets the column's default, `now()`.
-const INSERT_EVENTS: &str = "INSERT INTO hook_events \
-       (id, source, action, resource, resource_id, payload, metadata, created_at) \
-     SELECT gen_random_uuid(), \
+// The SELECT of `INSERT_EVENTS`: (id, source, action, resource, resource_id, payload, metadata,
+// created_at) of rows `$1..=$2`.
+macro_rules! event_mix {
+    () => {
+        "SELECT gen_random_uuid(), \
        (ARRAY['PreToolUse','PostToolUse','UserPromptSubmit','Stop','SessionStart','SessionEnd'])[1 + i % 6], \
        (ARRAY['tool_invocation','tool_completion','prompt_submitted','response_completed', \
               'session_initialized','session_completed'])[1 + i % 6], \
@@ -52,7 +49,31 @@ const INSERT_EVENTS: &str = "INSERT INTO hook_events \
               (ARRAY['PreToolUse','PostToolUse','UserPromptSubmit','Stop','SessionStart','SessionEnd'])[1 + i % 6], \
               'cwd', '/work/main', 'correlation_id', gen_random_uuid(), 'user', 'dev', 'seq', i), \
        now() - ($2 - i) * interval '1 microsecond' \
-     FROM generate_series($1::int8, $2::int8) AS i";
+     FROM generate_series($1::int8, $2::int8) AS i"
+    };
+}
+
+/// Rows `$1..=$2` of the benchmark's event mix: six hook types in turn, with payloads and
+/// metadata shaped like the original producers' (tool calls with their input and output,
+/// prompts, session starts and ends), 250 to 650 bytes of JSON each. `metadata.seq` is the
+/// row's number, so the bench can match a handled event with its insert. `created_at` counts up
+/// by 1 µs per row and ends at `now()`, so a one-row insert gets the column's default, `now()`.
+const INSERT_EVENTS: &str = concat!(
+    "INSERT INTO hook_events (id, source, action, resource, resource_id, payload, metadata, created_at) ",
+    event_mix!()
+);
+
+/// Rows `$1..=$2` of the event mix as [`INSERT_EVENTS`] makes them, but each waiting for a
+/// retry a day from now after one failed attempt: rows a claim cannot take.
+const INSERT_WAITING: &str = concat!(
+    "INSERT INTO hook_events (id, source, action, resource, resource_id, payload, metadata, created_at, \
+         retry_count, processing_errors, next_attempt_at) \
+     SELECT id, source, action, resource, resource_id, payload, metadata, created_at, \
+         1, ARRAY['hook-bench: failed once, waiting for a retry'], now() + interval '1 day' \
+     FROM (",
+    event_mix!(),
+    ") AS m(id, source, action, resource, resource_id, payload, metadata, created_at)"
+);
 
 /// SQL: the session of the row `e`, as the default handlers find it (`session_id` in the
 /// payload, else the `resource_id` of a session row, else `session_id` in the metadata).
@@ -128,15 +149,21 @@ macro_rules! handler_metadata {
 }
 
 /// The database's own ceiling: claim and complete up to `$2` events in one statement, with the
-/// processor's eligibility, order and locking, and its success update writing what the
-/// processor writes: `processed`, `processed_at`, the handlers' `result_metadata` (see
-/// `handler_metadata!`), `next_attempt_at` and `dead_at`. Nothing leaves the server.
+/// processor's order and indexes (due retries, then the fresh index oldest first), locking, and
+/// its success update writing what the processor writes: `processed`, `processed_at`, the
+/// handlers' `result_metadata` (see `handler_metadata!`), `next_attempt_at` and `dead_at`.
+/// Nothing leaves the server.
 const LIMIT_STEP: &str = concat!(
-    "WITH claimed AS ( \
+    "WITH due AS ( \
        SELECT id FROM hook_events \
-       WHERE NOT processed AND dead_at IS NULL AND retry_count < $1 \
-         AND (next_attempt_at IS NULL OR next_attempt_at <= now()) \
-       ORDER BY created_at LIMIT $2 FOR UPDATE SKIP LOCKED) \
+       WHERE NOT processed AND dead_at IS NULL AND next_attempt_at IS NOT NULL \
+         AND next_attempt_at <= now() AND retry_count < $1 \
+       ORDER BY next_attempt_at LIMIT $2 FOR UPDATE SKIP LOCKED), \
+     fresh AS ( \
+       SELECT id FROM hook_events \
+       WHERE NOT processed AND dead_at IS NULL AND next_attempt_at IS NULL AND retry_count < $1 \
+       ORDER BY created_at LIMIT $2 FOR UPDATE SKIP LOCKED), \
+     claimed AS (SELECT id FROM due UNION ALL SELECT id FROM fresh LIMIT $2) \
      UPDATE hook_events AS e \
      SET processed = TRUE, processed_at = GREATEST(clock_timestamp(), e.created_at), \
          result_metadata = ",
@@ -170,6 +197,164 @@ pub async fn insert_backlog(
     let inserted = tx.execute(INSERT_EVENTS, &[&first, &last]).await?;
     tx.commit().await?;
     Ok(inserted)
+}
+
+/// Inserts events `first..=last` of the benchmark mix, each waiting for a retry a day from now
+/// (`retry_count = 1`, `next_attempt_at = now() + 1 day`), in one transaction with NOTIFY silenced. Returns the number of rows.
+pub async fn insert_waiting(
+    client: &mut impl GenericClient,
+    first: i64,
+    last: i64,
+) -> Result<u64, StoreError> {
+    let tx = client.transaction().await?;
+    tx.batch_execute("SET LOCAL hook_events.notify = off").await?;
+    let inserted = tx.execute(INSERT_WAITING, &[&first, &last]).await?;
+    tx.commit().await?;
+    Ok(inserted)
+}
+
+/// What `EXPLAIN (ANALYZE, BUFFERS)` says of one run of the processor's claim statement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimPlan {
+    /// Shared buffers hit and read by the whole statement.
+    pub buffers: i64,
+    /// Rows its scans read and then discarded, summed over the plan's nodes ("Rows Removed by
+    /// Filter", "Rows Removed by Index Recheck").
+    pub rows_removed: i64,
+    /// Sequential scans of `hook_events` in the plan.
+    pub seq_scans: usize,
+    /// The indexes it scanned, in plan order.
+    pub indexes: Vec<String>,
+    /// The rows it locked and returned.
+    pub rows: i64,
+    /// The plan as JSON, for a failing assertion's message.
+    pub json: serde_json::Value,
+}
+
+/// Runs the processor's claim statement (see `queries::CLAIM`) of up to `limit` rows, reading
+/// the fresh index from `floor`, under `EXPLAIN (ANALYZE, BUFFERS)` in a transaction that is
+/// rolled back (nothing stays locked or changed). `generic` plans it as a prepared statement
+/// reused many times is planned (`plan_cache_mode = force_generic_plan`), else for these values.
+pub async fn explain_claim(
+    client: &impl GenericClient,
+    limit: i64,
+    floor: Option<time::OffsetDateTime>,
+    generic: bool,
+) -> Result<ClaimPlan, StoreError> {
+    let floor = match floor {
+        Some(at) => format!(
+            "('epoch'::timestamptz + {} * interval '1 microsecond')",
+            at.unix_timestamp_nanos() / 1000
+        ),
+        None => "NULL::timestamptz".to_owned(),
+    };
+    let mode = if generic { "force_generic_plan" } else { "force_custom_plan" };
+    let prepared = client
+        .batch_execute(&format!(
+            "BEGIN; SET LOCAL plan_cache_mode = {mode}; {}; \
+             PREPARE hook_bench_claim (int8, int8, int8, timestamptz) AS {}",
+            crate::queries::CLAIM_PLANNER,
+            crate::queries::CLAIM
+        ))
+        .await;
+    if let Err(error) = prepared {
+        let _ = client.batch_execute("ROLLBACK").await;
+        return Err(error.into());
+    }
+    let explained = client
+        .query_one(
+            &format!(
+                "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) EXECUTE hook_bench_claim ({limit}, {}, {}, {floor})",
+                i64::MAX,
+                i64::MAX
+            ),
+            &[],
+        )
+        .await;
+    let ended = client.batch_execute("ROLLBACK; DEALLOCATE hook_bench_claim").await;
+    let explained = explained?;
+    ended?;
+    // The plan's column is `json`; read as text, should a server send it so.
+    let json: serde_json::Value = match explained.try_get(0) {
+        Ok(json) => json,
+        Err(_) => serde_json::from_str(&explained.try_get::<_, String>(0)?)
+            .map_err(|e| StoreError::Config(format!("EXPLAIN returned no JSON: {e}")))?,
+    };
+    let root = &json[0]["Plan"];
+    let mut plan = ClaimPlan {
+        buffers: root["Shared Hit Blocks"].as_i64().unwrap_or(0)
+            + root["Shared Read Blocks"].as_i64().unwrap_or(0),
+        rows_removed: 0,
+        seq_scans: 0,
+        indexes: Vec::new(),
+        rows: root["Actual Rows"].as_i64().unwrap_or(0),
+        json: json.clone(),
+    };
+    walk_plan(root, &mut plan);
+    Ok(plan)
+}
+
+fn walk_plan(node: &serde_json::Value, plan: &mut ClaimPlan) {
+    for key in ["Rows Removed by Filter", "Rows Removed by Index Recheck"] {
+        plan.rows_removed += node[key].as_i64().unwrap_or(0);
+    }
+    if node["Node Type"] == "Seq Scan" && node["Relation Name"] == "hook_events" {
+        plan.seq_scans += 1;
+    }
+    if let Some(index) = node["Index Name"].as_str() {
+        plan.indexes.push(index.to_owned());
+    }
+    if let Some(children) = node["Plans"].as_array() {
+        for child in children {
+            walk_plan(child, plan);
+        }
+    }
+}
+
+/// Processed events.
+pub async fn processed_count(client: &impl GenericClient) -> Result<i64, StoreError> {
+    Ok(client.query_one("SELECT count(*) FROM hook_events WHERE processed", &[]).await?.get(0))
+}
+
+/// The statistics collector's dead row versions of `hook_events` (`n_dead_tup`).
+pub async fn dead_tuples(client: &impl GenericClient) -> Result<i64, StoreError> {
+    Ok(client
+        .query_one(
+            "SELECT coalesce((SELECT n_dead_tup FROM pg_stat_user_tables WHERE relid = 'hook_events'::regclass), 0)",
+            &[],
+        )
+        .await?
+        .get(0))
+}
+
+/// The size of the claim ledger, `hook_events_claims`, in bytes (its dead row versions stay
+/// while a snapshot older than them is held).
+pub async fn ledger_bytes(client: &impl GenericClient) -> Result<i64, StoreError> {
+    Ok(client.query_one("SELECT pg_relation_size('hook_events_claims')", &[]).await?.get(0))
+}
+
+/// The process id of this session's server process (`pg_backend_pid()`).
+pub async fn backend_pid(client: &impl GenericClient) -> Result<i32, StoreError> {
+    Ok(client.query_one("SELECT pg_backend_pid()", &[]).await?.get(0))
+}
+
+/// Opens a transaction on `client` that holds a `REPEATABLE READ` snapshot (taken by a read of
+/// `hook_events`) until [`release_snapshot`]: while it is open, vacuum can remove no row version
+/// that died after it began, as with a long report, a stuck `idle in transaction` client or a
+/// backup. Returns the rows it saw.
+pub async fn hold_snapshot(client: &impl GenericClient) -> Result<i64, StoreError> {
+    client
+        .batch_execute(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ; SET LOCAL idle_in_transaction_session_timeout = 0",
+        )
+        .await?;
+    Ok(client.query_one("SELECT count(*) FROM hook_events", &[]).await?.get(0))
+}
+
+/// Ends the transaction of [`hold_snapshot`].
+pub async fn release_snapshot(client: &impl GenericClient) -> Result<(), StoreError> {
+    client.batch_execute("ROLLBACK").await?;
+    Ok(())
 }
 
 /// Inserts event `i` of the benchmark mix as a producer does: one autocommitted statement, whose
@@ -268,11 +453,6 @@ pub async fn mean_result_metadata_bytes(client: &impl GenericClient) -> Result<O
         )
         .await?
         .get(0))
-}
-
-/// The process id of this connection's server process (its parent is the postmaster).
-pub async fn backend_pid(client: &impl GenericClient) -> Result<i32, StoreError> {
-    Ok(client.query_one("SELECT pg_backend_pid()", &[]).await?.get(0))
 }
 
 /// `processed_at - created_at` in microseconds of every processed event, in no order.

@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use hook_core::{ClaimRequest, ClaimedBatch, Finished, HookEvent, Outcome, Resolution, Store};
+use time::OffsetDateTime;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_postgres::Config;
@@ -43,6 +44,14 @@ pub struct StoreOptions {
     /// TCP keepalives cannot: a peer that acknowledges packets but never answers. Default
     /// [`DEFAULT_CALL_TIMEOUT`](crate::DEFAULT_CALL_TIMEOUT), 20 s.
     pub call_timeout: Duration,
+    /// How often the store looks below its low-water mark for events the claims would not
+    /// reach (see [`PgStore::rescan`]): the longest an event that became claimable out of order
+    /// waits for a claim, plus the engine's poll interval. Default 10 s.
+    pub rescan_interval: Duration,
+    /// Whether claims start reading the fresh index at the store's low-water mark (default)
+    /// rather than at its beginning. Off only to measure what the mark saves (`hook-bench
+    /// --no-low-water-mark`).
+    pub low_water_mark: bool,
 }
 
 impl Default for StoreOptions {
@@ -53,6 +62,8 @@ impl Default for StoreOptions {
             pool_timeout: Duration::from_secs(30),
             tls_root_cert: None,
             call_timeout: DEFAULT_CALL_TIMEOUT,
+            rescan_interval: Duration::from_secs(10),
+            low_water_mark: true,
         }
     }
 }
@@ -69,10 +80,110 @@ pub struct PgStore {
     suspects: Arc<AtomicBool>,
     /// The ids of this store's ledger slots that are clear, for the next batches to reuse.
     slots: Slots,
+    /// The low-water mark of the claims on the fresh index.
+    mark: Mark,
+    rescan_interval: Duration,
+    low_water_mark: bool,
+    /// Wakes the engine (as a NOTIFY does) when a rescan lowered the mark.
+    wake: Option<watch::Sender<()>>,
 }
 
 /// The ids of a store's clear ledger slots (see `queries::RECORD_CLAIM`).
 type Slots = Arc<std::sync::Mutex<Vec<Uuid>>>;
+
+/// A store's low-water mark on `hook_events_fresh_idx`: where its claims start reading events
+/// never tried (see ARCHITECTURE.md, "What a claim reads"). Each claim moves it to what it saw
+/// ([`Claimed::floor`]); rows that come back below it (a batch released or rolled back, rows it
+/// held back) lower it again; and every `rescan_interval` a rescan looks below it, off the
+/// claim's path, for rows that became claimable out of order.
+#[derive(Debug, Clone)]
+struct Mark(Arc<std::sync::Mutex<MarkState>>);
+
+#[derive(Debug, Default)]
+struct MarkState {
+    /// `None`: from the beginning.
+    floor: Option<OffsetDateTime>,
+    /// Counts the lowerings, so that a claim that began before one never moves the mark above
+    /// what it lowered.
+    lowered: u64,
+    /// When the last rescan began.
+    rescanned: Option<tokio::time::Instant>,
+    rescanning: bool,
+}
+
+/// The earlier of two marks (`None` is the beginning).
+fn earlier(a: Option<OffsetDateTime>, b: Option<OffsetDateTime>) -> Option<OffsetDateTime> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        _ => None,
+    }
+}
+
+impl Mark {
+    /// From the beginning; the first rescan one interval from now.
+    fn new() -> Self {
+        let state = MarkState { rescanned: Some(tokio::time::Instant::now()), ..MarkState::default() };
+        Mark(Arc::new(std::sync::Mutex::new(state)))
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, MarkState> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Where a claim starts, and the lowering count it saw.
+    fn begin(&self) -> (Option<OffsetDateTime>, u64) {
+        let state = self.state();
+        (state.floor, state.lowered)
+    }
+
+    /// Moves the mark to what a claim that began at `lowered` saw.
+    fn advance(&self, lowered: u64, floor: Option<OffsetDateTime>) {
+        let mut state = self.state();
+        state.floor = if state.lowered == lowered { floor } else { earlier(state.floor, floor) };
+    }
+
+    /// Rows older than the mark may be claimable again: the next claims start at `floor`.
+    fn lower(&self, floor: Option<OffsetDateTime>) {
+        let mut state = self.state();
+        state.floor = earlier(state.floor, floor);
+        state.lowered += 1;
+    }
+
+    /// The mark to rescan below, if a rescan is due (and none is running); marks it running.
+    fn rescan_due(&self, interval: Duration) -> Option<OffsetDateTime> {
+        let mut state = self.state();
+        let now = tokio::time::Instant::now();
+        let due = state.rescanned.is_none_or(|at| now.duration_since(at) >= interval);
+        let floor = state.floor?;
+        if state.rescanning || !due {
+            return None;
+        }
+        state.rescanning = true;
+        state.rescanned = Some(now);
+        Some(floor)
+    }
+
+    fn rescan_done(&self) {
+        self.state().rescanning = false;
+    }
+}
+
+/// Lowers its store's mark when dropped, unless disarmed: a batch's locked rows come back
+/// unchanged (released, rolled back, or held back) unless it commits with none held back.
+#[derive(Debug)]
+struct MarkGuard {
+    mark: Mark,
+    /// The mark of the claim that locked the rows (at or before each of them); `None`: disarmed.
+    floor: Option<Option<OffsetDateTime>>,
+}
+
+impl Drop for MarkGuard {
+    fn drop(&mut self) {
+        if let Some(floor) = self.floor.take() {
+            self.mark.lower(floor);
+        }
+    }
+}
 
 impl Drop for PgStore {
     fn drop(&mut self) {
@@ -111,11 +222,16 @@ impl PgStore {
             .build()
             .map_err(|e| StoreError::Pool(e.to_string()))?;
         drop(pool.get().await?);
-        let (wakeups, listener) = if options.listen {
+        let (wakeups, listener, wake) = if options.listen {
             let (tx, rx) = watch::channel(());
-            (Some(rx), Some(tokio::spawn(listen::listen_loop(config.clone(), tls, tx, call_timeout))))
+            let wake = tx.clone();
+            (
+                Some(rx),
+                Some(tokio::spawn(listen::listen_loop(config.clone(), tls, tx, call_timeout))),
+                Some(wake),
+            )
         } else {
-            (None, None)
+            (None, None, None)
         };
         Ok(Self {
             pool,
@@ -125,7 +241,59 @@ impl PgStore {
             call_timeout,
             suspects: Arc::new(AtomicBool::new(true)),
             slots: Slots::default(),
+            mark: Mark::new(),
+            rescan_interval: options.rescan_interval,
+            low_water_mark: options.low_water_mark,
+            wake,
         })
+    }
+
+    /// Looks below the store's low-water mark, now, for an event never tried that no claim
+    /// holds, and lowers the mark to it so that the next claim takes it; returns whether it
+    /// found one. The store does this by itself every [`StoreOptions::rescan_interval`], in the
+    /// background, while it claims: it catches events that became claimable out of order (a
+    /// producer's transaction that ran longer than [`LATE_COMMIT_MARGIN`](crate::LATE_COMMIT_MARGIN)
+    /// before it committed, a producer's clock behind the database's, a batch another process
+    /// released, the original's reset SQL or hook-replay on old events).
+    pub async fn rescan(&self) -> Result<bool, StoreError> {
+        let Some(floor) = self.mark.begin().0 else { return Ok(false) };
+        let client = self.pool.get().await?;
+        let found = within(self.call_timeout, "rescan", queries::rescan(&client, floor)).await?;
+        if let Some(at) = found {
+            self.mark.lower(at);
+            if let Some(wake) = &self.wake {
+                wake.send_replace(());
+            }
+        }
+        Ok(found.is_some())
+    }
+
+    /// Starts a background rescan when one is due.
+    fn rescan_if_due(&self) {
+        let Some(floor) = self.mark.rescan_due(self.rescan_interval) else { return };
+        let (pool, mark, call_timeout) = (self.pool.clone(), self.mark.clone(), self.call_timeout);
+        let wake = self.wake.clone();
+        tokio::spawn(async move {
+            let found = within(call_timeout, "rescan", async {
+                let client = pool.get().await?;
+                queries::rescan(&client, floor).await
+            })
+            .await;
+            match found {
+                Ok(Some(at)) => {
+                    debug!(below = %floor, "the rescan found a claimable event below the low-water mark");
+                    mark.lower(at);
+                    if let Some(wake) = &wake {
+                        wake.send_replace(());
+                    }
+                }
+                Ok(None) => {}
+                Err(error) => {
+                    debug!(error = %error, "the rescan below the low-water mark failed; it is tried again later")
+                }
+            }
+            mark.rescan_done();
+        });
     }
 
     /// The connection pool, for queries outside the claim path.
@@ -195,6 +363,12 @@ impl PgStore {
             queries::CLAIM_SAVEPOINT
         );
         let mut ledger = Ledger::Ordinary { id: Uuid::nil(), recorded: false };
+        if self.low_water_mark {
+            self.rescan_if_due();
+        }
+        let (floor, lowered) = self.mark.begin();
+        // Whether the claim read the fresh index (and so moves the mark).
+        let mut marked = self.low_water_mark;
         let claimed = if request.isolate {
             // Recover what dead holders left, then one crash to count or one suspect to run
             // alone; if there is neither, an ordinary claim in the same transaction.
@@ -217,10 +391,11 @@ impl PgStore {
                         ledger = Ledger::Isolated { id, event, recorded: false };
                     }
                     self.suspects.store(true, Ordering::Relaxed);
+                    marked = false;
                     claimed
                 }
                 None => {
-                    let claimed = queries::claim_events(client, &request, None).await?;
+                    let claimed = queries::claim_events_after(client, &request, None, floor).await?;
                     // What is left is locked by other claimers, which handle it.
                     self.suspects.store(false, Ordering::Relaxed);
                     claimed
@@ -228,18 +403,29 @@ impl PgStore {
             }
         } else {
             // BEGIN and the claim are pipelined: one round trip.
-            let claimed = queries::claim_events(client, &request, Some(&begin)).await?;
+            let claimed = queries::claim_events_after(client, &request, Some(&begin), floor).await?;
             self.suspects.store(claimed.suspects, Ordering::Relaxed);
             claimed
         };
+        // The rows this claim locked come back below the mark it leaves if its batch does not
+        // commit them: the guard lowers the mark again then.
+        let guard = MarkGuard { mark: self.mark.clone(), floor: marked.then_some(claimed.floor) };
+        if marked {
+            self.mark.advance(lowered, claimed.floor);
+        }
         if claimed.events.is_empty() && claimed.set_aside == 0 && claimed.held_back == 0 {
             client.batch_execute("COMMIT").await?;
             conn.release();
+            // Nothing was locked: nothing comes back.
+            let mut guard = guard;
+            guard.floor = None;
             return Ok(None);
         }
         // With rows set aside and no events, the batch still goes to the engine: finishing it
         // commits the set-asides, and its size tells the engine to claim again at once.
-        Ok(Some(PgBatch::new(conn, self, claimed, ledger, Vec::new())))
+        let mut batch = PgBatch::new(conn, self, claimed, ledger, Vec::new());
+        batch.returned = Some(guard);
+        Ok(Some(batch))
     }
 }
 
@@ -313,6 +499,8 @@ pub struct PgBatch {
     bytes: u64,
     xid: Option<String>,
     ledger: Ledger,
+    /// Lowers the store's mark unless the batch commits with nothing held back.
+    returned: Option<MarkGuard>,
 }
 
 impl PgBatch {
@@ -331,6 +519,7 @@ impl PgBatch {
             xid: claimed.xid,
             ledger,
             call_timeout: store.call_timeout,
+            returned: None,
         }
     }
 
@@ -487,7 +676,7 @@ impl ClaimedBatch for PgBatch {
 }
 
 impl PgBatch {
-    async fn finish_unbounded(self, outcomes: Vec<Outcome>) -> Result<Finished, StoreError> {
+    async fn finish_unbounded(mut self, outcomes: Vec<Outcome>) -> Result<Finished, StoreError> {
         let client = self.conn.client()?;
         let end = self.ledger.at_commit(&outcomes);
         let commit = queries::commit_sql(end);
@@ -497,6 +686,13 @@ impl PgBatch {
                 let expected = completion.len() - written.set_aside.len();
                 if written.rows != expected as u64 {
                     warn!(expected, written = written.rows, "some outcomes matched no unprocessed row");
+                }
+                if self.held_back == 0 && completion.len() >= self.event_ids.len() {
+                    // Every locked row was decided and committed: nothing comes back. (Events
+                    // without an outcome, cut off by the drain, come back unchanged.)
+                    if let Some(guard) = self.returned.as_mut() {
+                        guard.floor = None;
+                    }
                 }
                 reuse_slot(&self.slots, end);
                 self.conn.release();

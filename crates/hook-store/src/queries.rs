@@ -5,6 +5,7 @@ use std::time::Duration;
 use deadpool_postgres::GenericClient;
 use hook_core::{ClaimRequest, HookEvent, Outcome, Resolution};
 use serde_json::Value;
+use time::OffsetDateTime;
 use tokio_postgres::Row;
 use tracing::warn;
 use uuid::Uuid;
@@ -71,37 +72,102 @@ macro_rules! due {
     };
 }
 
-/// Locks up to `$1` live events that are due, oldest first, skipping rows another claim holds and
-/// every event a ledger row names: suspects (a ledger row whose holder is gone: they are retried
-/// one at a time, by [`claim_suspect`]), quarantined events, and the events of batches in flight,
-/// which are locked anyway, except for the moment a batch's outcome fallback re-takes their locks
-/// (see [`write_one_by_one`]). The locks last until the claiming transaction ends; that
-/// transaction is the claim. They are taken in the savepoint [`CLAIM_SAVEPOINT`].
+/// SQL: the event is not a suspect (named by a ledger row whose holder is gone: suspects are
+/// retried one at a time, by [`claim_suspect`]).
+macro_rules! not_suspect {
+    ($e:literal) => {
+        concat!(
+            $e,
+            ".id NOT IN (SELECT unnest(c.event_ids) FROM hook_events_claims AS c WHERE NOT ",
+            holder_live!("c.holder"),
+            ")"
+        )
+    };
+}
+
+/// SQL: the event was never tried, or is to be tried again at once, and is alive: the rows of
+/// `hook_events_fresh_idx` (migration 0011).
+macro_rules! fresh {
+    ($e:literal) => {
+        concat!("NOT ", $e, ".processed AND ", $e, ".dead_at IS NULL AND ", $e, ".next_attempt_at IS NULL")
+    };
+}
+
+/// SQL: the event waits for a retry and is alive: the rows of `hook_events_due_idx`.
+macro_rules! waiting {
+    ($e:literal) => {
+        concat!(
+            "NOT ",
+            $e,
+            ".processed AND ",
+            $e,
+            ".dead_at IS NULL AND ",
+            $e,
+            ".next_attempt_at IS NOT NULL"
+        )
+    };
+}
+
+/// The columns every branch of [`CLAIM`] selects: the event's, its bytes, and whether it came
+/// from the fresh index (its `created_at` moves the low-water mark).
+macro_rules! claim_columns {
+    () => {
+        concat!(event_columns!(), ", ", json_bytes!("e"), " AS bytes")
+    };
+}
+
+/// Locks up to `$1` live events that are due, skipping rows another claim holds and every event
+/// a ledger row names (read once per claim): suspects (a ledger row whose holder is gone: they
+/// are retried one at a time, by [`claim_suspect`]), quarantined events, and the events of
+/// batches in flight, which are locked anyway, except for the moment a batch's outcome fallback
+/// takes their locks again (see [`write_one_by_one`]). The locks last until the claiming
+/// transaction ends; that transaction is the claim. They are taken in the savepoint
+/// [`CLAIM_SAVEPOINT`].
+///
+/// Two index range scans, so that no claim walks rows it cannot take (see ARCHITECTURE.md, "What
+/// a claim reads"): first the retries that are due, longest overdue first, on
+/// `hook_events_due_idx` (`next_attempt_at <= now()`: the scan stops at the first retry that is
+/// not due, however many wait behind it); then, for what is left of `$1`, events never tried,
+/// oldest first, on `hook_events_fresh_idx` from `$4` (the store's low-water mark; NULL: from the
+/// beginning). `UNION ALL` under one `LIMIT` runs its branches in order and only as far as the
+/// limit needs, and `FOR UPDATE` locks a row only when it is fetched, so the claim locks no row
+/// it does not return.
 ///
 /// Then bounds the bytes: a row is returned whole while the running sum of the JSON bytes of the
-/// rows before it and its own stays within `$2`; a row whose bytes alone exceed `$3` is returned
-/// without payload and metadata (never fetched) to be set aside dead; the rest are returned
-/// without payload and metadata and are held back (locked until the batch ends, untouched).
-/// The columns: the event's (payload and metadata NULL unless it fits), then its bytes and
-/// whether it fits.
+/// rows before it (oldest `created_at` first) and its own stays within `$2`; a row whose bytes
+/// alone exceed `$3` is returned without payload and metadata (never fetched) to be set aside
+/// dead; the rest are returned without payload and metadata and are held back (locked until the
+/// batch ends, untouched). The columns: the event's (payload and metadata NULL unless it fits),
+/// then its bytes, whether it fits, and whether it came from the fresh branch.
 ///
 /// Rows whose `retry_count` is already at the limit are claimed too, and set aside as dead by
 /// [`claim_events`]: left out here they would never be decided, and would lie at the head of
-/// the claim index for every claim to step over.
-const CLAIM: &str = concat!(
-    "WITH locked AS ( \
+/// the claim's index for every claim to step over.
+pub(crate) const CLAIM: &str = concat!(
+    "WITH suspects AS ( \
+         SELECT unnest(c.event_ids) AS id FROM hook_events_claims AS c \
+     ), due AS ( \
          SELECT ",
-    event_columns!(),
-    ", ",
-    json_bytes!("e"),
-    " AS bytes \
-         FROM hook_events AS e \
+    claim_columns!(),
+    ", FALSE AS fresh FROM hook_events AS e \
          WHERE ",
-    due!("e"),
-    " AND e.id NOT IN (SELECT unnest(c.event_ids) FROM hook_events_claims AS c) \
+    waiting!("e"),
+    " AND e.next_attempt_at <= now() AND e.id NOT IN (SELECT id FROM suspects) \
+         ORDER BY e.next_attempt_at \
+         LIMIT $1::int8 \
+         FOR UPDATE OF e SKIP LOCKED \
+     ), fresh AS ( \
+         SELECT ",
+    claim_columns!(),
+    ", TRUE AS fresh FROM hook_events AS e \
+         WHERE ",
+    fresh!("e"),
+    " AND e.created_at >= COALESCE($4::timestamptz, '-infinity') AND e.id NOT IN (SELECT id FROM suspects) \
          ORDER BY e.created_at \
          LIMIT $1::int8 \
-         FOR UPDATE SKIP LOCKED \
+         FOR UPDATE OF e SKIP LOCKED \
+     ), locked AS ( \
+         SELECT * FROM due UNION ALL SELECT * FROM fresh LIMIT $1::int8 \
      ), sized AS ( \
          SELECT *, bytes <= $3::int8 AND sum(CASE WHEN bytes > $3::int8 THEN 0 ELSE bytes END) \
                    OVER (ORDER BY created_at ROWS UNBOUNDED PRECEDING) <= $2::int8 AS fits \
@@ -109,7 +175,7 @@ const CLAIM: &str = concat!(
      ) \
      SELECT id, source, action, resource, resource_id, \
             CASE WHEN fits THEN payload END, CASE WHEN fits THEN metadata END, \
-            processed, processing_errors, retry_count, created_at, processed_at, bytes, fits \
+            processed, processing_errors, retry_count, created_at, processed_at, bytes, fits, fresh \
      FROM sized ORDER BY created_at"
 );
 
@@ -122,10 +188,43 @@ const CLAIM: &str = concat!(
 /// back by every claim that steps over the row's dead version (measured: a third of the drain).
 pub(crate) const CLAIM_SAVEPOINT: &str = "SAVEPOINT hook_claim";
 
+/// Set around [`CLAIM`] in its transaction: the claim is planned (a prepared statement's plan,
+/// cached after five runs, is made under the settings of the run that makes it) with sorts
+/// penalized, so that each branch reads its own index in order and stops at its `LIMIT`. Without
+/// it, when the statistics say no row waits for a retry (`next_attempt_at` all NULL), the
+/// planner may serve the due branch with a full scan of another partial index
+/// (`hook_events_claim_idx`, every live row) and a sort of the one row it expects: a scan
+/// proportional to the backlog, in every claim. The sorts the statement cannot do without (the
+/// byte budget's window and the final order, over at most `$1` rows) are still made. The
+/// penalty inflates the plan's estimated cost past every JIT threshold, so JIT is off too: it
+/// would compile the statement, for seconds, at every run.
+pub(crate) const CLAIM_PLANNER: &str = "SET LOCAL enable_sort = off; SET LOCAL jit = off";
+
+/// Restores the planner's settings after [`CLAIM`], for the rest of the claim's transaction.
+const CLAIM_PLANNER_END: &str = "RESET enable_sort; RESET jit";
+
+/// The rescan below the low-water mark (see [`rescan`]): the oldest event never tried whose
+/// `created_at` is before `$1` and that no claim holds (`FOR KEY SHARE SKIP LOCKED`: an
+/// autocommitted statement, so the lock ends with it; it conflicts only with a claim's
+/// `FOR UPDATE`, so rows in flight are skipped and no writer waits), and whether that
+/// `created_at` is finite (an `-infinity` cannot be a mark: the claim then starts from the
+/// beginning).
+const RESCAN: &str = concat!(
+    "SELECT isfinite(e.created_at), CASE WHEN isfinite(e.created_at) THEN e.created_at END \
+     FROM hook_events AS e \
+     WHERE ",
+    fresh!("e"),
+    " AND e.created_at < $1::timestamptz AND ",
+    not_suspect!("e"),
+    " ORDER BY e.created_at \
+     LIMIT 1 \
+     FOR KEY SHARE SKIP LOCKED"
+);
+
 /// What the claim's transaction learns right after claiming, in the same round trip: its
-/// transaction id (assigned by the row locks; NULL when it locked nothing), and whether suspect
-/// events are waiting: a ledger row whose holder is gone (to be recovered), or a queued suspect
-/// that is due.
+/// transaction id (assigned by the row locks; NULL when it locked nothing), whether suspect
+/// events are waiting (a ledger row whose holder is gone, to be recovered, or a queued suspect
+/// that is due), and the transaction's `now()` (for the low-water mark).
 const CLAIM_INFO: &str = concat!(
     "SELECT pg_current_xact_id_if_assigned()::text, \
             EXISTS (SELECT 1 FROM hook_events_claims AS c \
@@ -134,7 +233,7 @@ const CLAIM_INFO: &str = concat!(
     " AND (c.holder IS NOT NULL \
                          OR EXISTS (SELECT 1 FROM hook_events AS e WHERE e.id = ANY (c.event_ids) AND ",
     due!("e"),
-    ")))"
+    "))), now()"
 );
 
 /// Recovery, before an isolated claim, autocommitted. First, each ledger row of an ordinary batch
@@ -315,21 +414,44 @@ pub struct Claimed {
     pub xid: Option<String>,
     /// Whether suspect events are waiting for an isolated claim.
     pub suspects: bool,
+    /// The low-water mark this claim leaves: where the next claim may start reading events never
+    /// tried (see [`claim_events_after`]). `None`: from the beginning.
+    pub floor: Option<OffsetDateTime>,
 }
 
 /// Claims up to `request.limit` eligible rows with `FOR UPDATE SKIP LOCKED`, within
-/// `request.max_bytes`. Must run inside a transaction, which then holds the claim; `begin`, when
-/// given, is sent first in the same round trip (the statements that open that transaction).
+/// `request.max_bytes`, reading the fresh index from its beginning. See [`claim_events_after`].
+pub async fn claim_events(
+    client: &impl GenericClient,
+    request: &ClaimRequest,
+    begin: Option<&str>,
+) -> Result<Claimed, StoreError> {
+    claim_events_after(client, request, begin, None).await
+}
+
+/// How far out of order by `created_at` events may commit and still be claimed by the next
+/// claim: a claim's low-water mark ([`Claimed::floor`]) is never later than its transaction's
+/// start less this. An event whose `created_at` is its inserting transaction's start (the
+/// column's default) is late by as long as that transaction ran; events later than this are
+/// found by the store's rescan ([`PgStore::rescan`](crate::PgStore::rescan)).
+pub const LATE_COMMIT_MARGIN: Duration = Duration::from_secs(1);
+
+/// Claims up to `request.limit` eligible rows with `FOR UPDATE SKIP LOCKED`, within
+/// `request.max_bytes`: due retries first, then events never tried from `floor` (a low-water
+/// mark: an earlier claim's [`Claimed::floor`]; `None` reads from the beginning). Must run inside
+/// a transaction, which then holds the claim; `begin`, when given, is sent first in the same
+/// round trip (the statements that open that transaction).
 ///
 /// Claimed rows that cannot be attempted are set aside as dead in the same transaction, with
 /// the reason appended to `processing_errors`, and not returned: rows this build cannot decode,
 /// rows whose `retry_count` is already `max_retry_count` or more (inserted that way, left by
 /// the original service, or by a processor with a higher limit), and rows whose payload and
 /// metadata alone exceed `request.max_event_bytes` (never fetched).
-pub async fn claim_events(
+pub async fn claim_events_after(
     client: &impl GenericClient,
     request: &ClaimRequest,
     begin: Option<&str>,
+    floor: Option<OffsetDateTime>,
 ) -> Result<Claimed, StoreError> {
     let statement = client.prepare_cached(CLAIM).await?;
     let info = client.prepare_cached(CLAIM_INFO).await?;
@@ -342,17 +464,71 @@ pub async fn claim_events(
             None => Ok(()),
         }
     };
-    // BEGIN, the claim and what the transaction learns from it: one round trip.
-    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] = [&limit, &max_bytes, &max_event_bytes];
-    let (begun, rows, info) =
-        futures::join!(begun, client.query(&statement, &params), client.query_one(&info, &[]));
+    // BEGIN, the claim (planned without sorts, see CLAIM_PLANNER) and what the transaction
+    // learns from it: one round trip.
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
+        [&limit, &max_bytes, &max_event_bytes, &floor];
+    let (begun, planner, rows, restored, info) = futures::join!(
+        begun,
+        client.batch_execute(CLAIM_PLANNER),
+        client.query(&statement, &params),
+        client.batch_execute(CLAIM_PLANNER_END),
+        client.query_one(&info, &[])
+    );
     begun?;
+    planner?;
+    restored?;
     let rows = rows?;
     let info = info?;
     let mut claimed = decide(client, &rows, request).await?;
     claimed.xid = info.try_get(0)?;
     claimed.suspects = info.try_get(1)?;
+    claimed.floor = next_floor(&rows, info.try_get(2)?)?;
     Ok(claimed)
+}
+
+/// The low-water mark after a claim that locked `rows` (the columns of [`CLAIM`]) in a
+/// transaction that started at `now`: the oldest `created_at` it locked from the fresh index,
+/// or `now` less [`LATE_COMMIT_MARGIN`] if that is earlier. Every event never tried that is
+/// older than the mark, and committed when the claim ran, was processed, held by a claim, a
+/// suspect, or invisible to the claim's snapshot (committed since); the last commit within the
+/// margin, or are found by [`rescan`]. `None` (from the beginning) when a locked row's
+/// `created_at` cannot be represented (`-infinity`, `infinity`).
+fn next_floor(rows: &[Row], now: OffsetDateTime) -> Result<Option<OffsetDateTime>, StoreError> {
+    let margin = time::Duration::try_from(LATE_COMMIT_MARGIN).unwrap_or(time::Duration::SECOND);
+    let mut floor = now - margin;
+    for row in rows {
+        if !row.try_get::<_, bool>(14)? {
+            continue;
+        }
+        match row.try_get::<_, OffsetDateTime>(10) {
+            Ok(created_at) => floor = floor.min(created_at),
+            // `-infinity` (or `infinity`): such a row is set aside by this claim; from the
+            // beginning, once, to be sure nothing is left behind it.
+            Err(_) => return Ok(None),
+        }
+    }
+    Ok(Some(floor))
+}
+
+/// Looks for an event never tried, older than the low-water mark `floor` and held by no claim:
+/// one that committed later than [`LATE_COMMIT_MARGIN`] after it was created, was released by a
+/// claim of another process, or became claimable again (the original's reset SQL, hook-replay,
+/// an operator's fix). Returns the mark the next claim must start from: `Some(created_at)` of
+/// the oldest such event, `Some(None)` for the beginning (its `created_at` is `-infinity`), or
+/// `None` when there is none. Autocommitted, off the claim's path: under a held snapshot it
+/// walks every index entry below the mark that vacuum could not remove, which is what the mark
+/// spares the claims.
+pub(crate) async fn rescan(
+    client: &impl GenericClient,
+    floor: OffsetDateTime,
+) -> Result<Option<Option<OffsetDateTime>>, StoreError> {
+    let statement = client.prepare_cached(RESCAN).await?;
+    let Some(row) = client.query_opt(&statement, &[&floor]).await? else {
+        return Ok(None);
+    };
+    let finite: bool = row.try_get(0)?;
+    Ok(Some(if finite { row.try_get(1)? } else { None }))
 }
 
 /// Recovers the ledger rows of dead holders (see [`RECOVER`]), autocommitted, then runs `begin`;

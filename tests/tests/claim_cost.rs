@@ -1,0 +1,322 @@
+//! What a claim reads (issue 15, item 1), against a real PostgreSQL: rows waiting for a retry are
+//! not walked (asserted on `EXPLAIN (ANALYZE, BUFFERS)`: buffers and rows read, not time), they
+//! become claimable when due, the original's reset SQL still revives events, and the low-water
+//! mark spares the claim the dead index entries a held snapshot leaves, without stranding an
+//! event that commits late or comes back below it.
+
+use std::time::Duration;
+
+use hook_core::{ClaimRequest, ClaimedBatch, HookEvent, Outcome, Resolution, Store};
+use hook_store::bench::{self, ClaimPlan};
+use hook_store::testing::TestDb;
+use hook_store::{PgBatch, PgStore, StoreOptions};
+use hook_tests::{count, insert_events};
+use serde_json::Map;
+use tokio_postgres::Client;
+use uuid::Uuid;
+
+/// Rows waiting for a retry in the plan tests.
+const WAITING: i64 = 100_000;
+
+fn request(limit: usize) -> ClaimRequest {
+    ClaimRequest { limit, max_retry_count: 3, ..ClaimRequest::default() }
+}
+
+/// A store that rescans below its mark only when told to (`PgStore::rescan`), so that what a
+/// claim does not see is asserted without a race with the background rescan.
+fn no_rescan() -> StoreOptions {
+    StoreOptions { listen: false, rescan_interval: Duration::from_secs(3600), ..StoreOptions::default() }
+}
+
+async fn claim(store: &PgStore, limit: usize) -> Option<(PgBatch, Vec<HookEvent>)> {
+    let mut batch = store.claim(request(limit)).await.expect("the claim query")?;
+    let events = batch.take_events();
+    Some((batch, events))
+}
+
+/// Claims up to `limit` events and commits them as processed; returns their ids.
+async fn claim_and_succeed(store: &PgStore, limit: usize) -> Vec<Uuid> {
+    let Some((batch, events)) = claim(store, limit).await else { return Vec::new() };
+    let ids: Vec<Uuid> = events.iter().map(|e| e.id).collect();
+    let outcomes = ids
+        .iter()
+        .map(|&id| Outcome { id, resolution: Resolution::Succeeded, metadata: Map::new() })
+        .collect();
+    batch.finish(outcomes).await.expect("the completion");
+    ids
+}
+
+/// Inserts `n` events created `age_secs` seconds ago (1 µs apart, oldest first); returns their
+/// ids in that order.
+async fn insert_aged(client: &Client, n: usize, age_secs: i64) -> Vec<Uuid> {
+    let ids: Vec<Uuid> = (0..n).map(|_| Uuid::new_v4()).collect();
+    client
+        .execute(
+            "INSERT INTO hook_events (id, source, action, resource, resource_id, created_at)
+             SELECT id, 'PreToolUse', 'tool_invocation', 'tool', 'Bash',
+                    now() - $2::int8 * interval '1 second' + ord * interval '1 microsecond'
+             FROM unnest($1::uuid[]) WITH ORDINALITY AS t(id, ord)",
+            &[&ids, &age_secs],
+        )
+        .await
+        .expect("insert aged events");
+    ids
+}
+
+/// Fills the table with `n` rows waiting for a retry a day away (hook-bench's rows), analyzed.
+async fn insert_waiting(db: &TestDb, store: &PgStore, n: i64) {
+    let mut client = store.pool().get().await.expect("a pooled connection");
+    let mut first = 1;
+    while first <= n {
+        let last = (first + 20_000 - 1).min(n);
+        bench::insert_waiting(&mut client, first, last).await.expect("insert waiting rows");
+        first = last + 1;
+    }
+    db.client().await.batch_execute("VACUUM (ANALYZE) hook_events").await.expect("vacuum");
+}
+
+async fn explain(
+    store: &PgStore,
+    limit: i64,
+    floor: Option<time::OffsetDateTime>,
+    generic: bool,
+) -> ClaimPlan {
+    let client = store.pool().get().await.expect("a pooled connection");
+    bench::explain_claim(&client, limit, floor, generic).await.expect("explain the claim")
+}
+
+/// The claim's plan reads a few pages, whatever waits behind what it takes.
+fn check_small(plan: &ClaimPlan, rows: i64, what: &str) {
+    assert_eq!(plan.rows, rows, "{what}: rows claimed\n{:#}", plan.json);
+    assert_eq!(plan.seq_scans, 0, "{what}: a sequential scan of hook_events\n{:#}", plan.json);
+    assert!(
+        plan.rows_removed < 100,
+        "{what}: {} rows read and discarded\n{:#}",
+        plan.rows_removed,
+        plan.json
+    );
+    // 100,000 rows fill thousands of heap pages and hundreds of index pages; the claim reads the
+    // first pages of two indexes, the ledger and the heap pages of the rows it takes.
+    assert!(plan.buffers < 100, "{what}: {} buffers\n{:#}", plan.buffers, plan.json);
+}
+
+#[tokio::test]
+async fn a_claim_reads_none_of_100000_rows_waiting_for_a_retry() {
+    let db = TestDb::migrated("claim_cost_waiting").await;
+    let client = db.client().await;
+    let store = db.store(no_rescan()).await;
+    insert_waiting(&db, &store, WAITING).await;
+    let fresh = insert_events(&client, 5, "PreToolUse", "tool_invocation").await;
+    client.batch_execute("ANALYZE hook_events").await.unwrap();
+
+    for generic in [true, false] {
+        let plan = explain(&store, 100, None, generic).await;
+        check_small(&plan, 5, if generic { "generic plan" } else { "custom plan" });
+        assert!(
+            plan.indexes.iter().any(|i| i == "hook_events_fresh_idx")
+                && plan.indexes.iter().any(|i| i == "hook_events_due_idx"),
+            "{:?}",
+            plan.indexes
+        );
+    }
+    // The claim itself: the fresh events, none of the waiting ones; and the next claim's plan,
+    // from the store's mark, is as small.
+    let claimed = claim_and_succeed(&store, 100).await;
+    assert_eq!(claimed, fresh);
+    let plan =
+        explain(&store, 100, Some(time::OffsetDateTime::now_utc() - time::Duration::SECOND), true).await;
+    check_small(&plan, 0, "from the mark, nothing claimable");
+    assert_eq!(count(&client, "SELECT count(*) FROM hook_events WHERE NOT processed").await, WAITING);
+}
+
+#[tokio::test]
+async fn waiting_retries_become_claimable_when_due_and_are_not_starved_by_fresh_events() {
+    let db = TestDb::migrated("claim_cost_due").await;
+    let client = db.client().await;
+    let store = db.store(no_rescan()).await;
+    let ids = insert_events(&client, 3, "PreToolUse", "tool_invocation").await;
+    let (retry, waiting, fresh) = (ids[0], ids[1], ids[2]);
+    // A failed attempt through the store: the event waits for its retry.
+    let (batch, events) = claim(&store, 1).await.expect("a batch");
+    assert_eq!(events[0].id, retry);
+    let failure = Resolution::Failed { error: "boom".into(), retry_after: Some(Duration::from_secs(3600)) };
+    batch.finish(vec![Outcome { id: retry, resolution: failure, metadata: Map::new() }]).await.unwrap();
+    client
+        .execute(
+            "UPDATE hook_events SET retry_count = 1, next_attempt_at = now() + interval '1 hour' WHERE id = $1",
+            &[&waiting],
+        )
+        .await
+        .unwrap();
+    // Neither is due: only the fresh event is claimed.
+    assert_eq!(claim_and_succeed(&store, 10).await, [fresh]);
+    assert!(claim(&store, 10).await.is_none(), "nothing is due");
+
+    // Time passes (the schedule is moved, rather than waited for): the retry is due.
+    client
+        .execute("UPDATE hook_events SET next_attempt_at = now() - interval '1 ms' WHERE id = $1", &[&retry])
+        .await
+        .unwrap();
+    // Behind 50 newer fresh events, the due retry is still in the first claim of 10.
+    insert_events(&client, 50, "PreToolUse", "tool_invocation").await;
+    let (batch, events) = claim(&store, 10).await.expect("a batch");
+    assert!(events.iter().any(|e| e.id == retry), "the due retry was not claimed");
+    assert!(events.iter().all(|e| e.id != waiting), "a retry that is not due was claimed");
+    let retried = events.iter().find(|e| e.id == retry).unwrap();
+    assert_eq!(retried.retry_count, 1);
+    batch.finish(vec![]).await.unwrap();
+}
+
+/// The original's "Reset Failed Events" SQL, as its README gives it.
+const RESET: &str = "UPDATE hook_events
+SET retry_count = 0,
+    processing_errors = NULL
+WHERE retry_count >= 3
+  AND source = 'PreToolUse'
+  AND created_at > NOW() - INTERVAL '1 day'";
+
+#[tokio::test]
+async fn the_original_reset_sql_revives_dead_and_waiting_events_into_the_claim() {
+    let db = TestDb::migrated("claim_cost_reset").await;
+    let client = db.client().await;
+    let store = db.store(no_rescan()).await;
+    // An hour old: one dead at the limit, one waiting for a retry a day away.
+    let old = insert_aged(&client, 2, 3600).await;
+    client
+        .execute(
+            "UPDATE hook_events SET retry_count = 3, processing_errors = ARRAY['a', 'b', 'c'],
+                    dead_at = CASE WHEN id = $1::uuid THEN now() END,
+                    next_attempt_at = CASE WHEN id = $2::uuid THEN now() + interval '1 day' END
+             WHERE id = ANY (ARRAY[$1::uuid, $2::uuid])",
+            &[&old[0], &old[1]],
+        )
+        .await
+        .unwrap();
+    // The store's claims move its mark past them.
+    let newer = insert_events(&client, 3, "PreToolUse", "tool_invocation").await;
+    assert_eq!(claim_and_succeed(&store, 10).await, newer);
+    assert!(claim(&store, 10).await.is_none());
+
+    assert_eq!(client.execute(RESET, &[]).await.unwrap(), 2);
+    let revived = count(
+        &client,
+        "SELECT count(*) FROM hook_events
+         WHERE NOT processed AND dead_at IS NULL AND next_attempt_at IS NULL AND retry_count = 0",
+    )
+    .await;
+    assert_eq!(revived, 2, "the trigger clears the dead mark and the schedule");
+    // A processor without a mark yet claims them at once.
+    let other = db.store(no_rescan()).await;
+    let (batch, events) = claim(&other, 10).await.expect("a batch");
+    assert_eq!(events.iter().map(|e| e.id).collect::<Vec<_>>(), old);
+    batch.release().await;
+    // Below this store's mark: its claims do not reach them, its rescan does.
+    assert!(claim(&store, 10).await.is_none());
+    assert!(store.rescan().await.unwrap(), "the rescan finds the revived events");
+    assert_eq!(claim_and_succeed(&store, 10).await, old);
+    assert!(!store.rescan().await.unwrap(), "nothing is left below the mark");
+}
+
+#[tokio::test]
+async fn an_event_committed_late_below_the_mark_is_claimed_by_the_rescan_and_released_rows_at_once() {
+    let db = TestDb::migrated("claim_cost_late").await;
+    let client = db.client().await;
+    let store = db.store(no_rescan()).await;
+    // A producer's transaction starts (created_at is its start) and commits only after newer
+    // events were inserted and claimed, later than the margin.
+    let producer = db.client().await;
+    let late = Uuid::new_v4();
+    producer.batch_execute("BEGIN").await.unwrap();
+    producer
+        .execute(
+            "INSERT INTO hook_events (id, source, action, resource, resource_id) VALUES ($1, 'Stop', 'x', 'r', 'r1')",
+            &[&late],
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(hook_store::LATE_COMMIT_MARGIN + Duration::from_millis(500)).await;
+    let newer = insert_events(&client, 3, "PreToolUse", "tool_invocation").await;
+    assert_eq!(claim_and_succeed(&store, 10).await, newer);
+    producer.batch_execute("COMMIT").await.unwrap();
+    let late_created: time::OffsetDateTime =
+        client.query_one("SELECT created_at FROM hook_events WHERE id = $1", &[&late]).await.unwrap().get(0);
+    assert!(late_created < time::OffsetDateTime::now_utc() - hook_store::LATE_COMMIT_MARGIN);
+
+    // Committed, but below the mark: the claims do not walk there; the rescan does.
+    assert!(claim(&store, 10).await.is_none());
+    assert!(store.rescan().await.unwrap());
+    assert_eq!(claim_and_succeed(&store, 10).await, [late]);
+
+    // Rows a batch locked and released come back at once, below the mark: another store, whose
+    // first claim reads from the beginning.
+    let old = insert_aged(&client, 6, 3600).await;
+    let store = db.store(no_rescan()).await;
+    let (first, events) = claim(&store, 3).await.expect("a batch");
+    assert_eq!(events.iter().map(|e| e.id).collect::<Vec<_>>(), old[..3]);
+    let second = claim_and_succeed(&store, 3).await;
+    assert_eq!(second, old[3..]);
+    assert!(claim(&store, 10).await.is_none(), "the first three are still held");
+    first.release().await;
+    assert_eq!(claim_and_succeed(&store, 10).await, old[..3], "released rows are claimed without a rescan");
+}
+
+#[tokio::test]
+async fn the_background_rescan_claims_a_late_event_within_its_interval() {
+    let db = TestDb::migrated("claim_cost_rescan").await;
+    let client = db.client().await;
+    let interval = Duration::from_secs(1);
+    let store =
+        db.store(StoreOptions { listen: false, rescan_interval: interval, ..StoreOptions::default() }).await;
+    let newer = insert_events(&client, 2, "PreToolUse", "tool_invocation").await;
+    assert_eq!(claim_and_succeed(&store, 10).await, newer);
+    // An event created an hour ago (a producer's clock behind the database's, or a long
+    // transaction) arrives after the claims moved on.
+    let late = insert_aged(&client, 1, 3600).await;
+    // Claims go on as the engine's would (it polls every second); the rescan, started by a claim
+    // once its interval has passed, lowers the mark.
+    let started = tokio::time::Instant::now();
+    let mut claimed = Vec::new();
+    while claimed.is_empty() {
+        assert!(started.elapsed() < Duration::from_secs(60), "the late event was never claimed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        claimed = claim_and_succeed(&store, 10).await;
+    }
+    assert_eq!(claimed, late);
+}
+
+#[tokio::test]
+async fn under_a_held_snapshot_the_mark_spares_the_claim_the_dead_index_entries() {
+    let db = TestDb::migrated("claim_cost_horizon").await;
+    let client = db.client().await;
+    let store = db.store(no_rescan()).await;
+    let holder = store.pool().get().await.unwrap();
+    bench::hold_snapshot(&holder).await.unwrap();
+    // 20,000 events an hour old, processed while the snapshot is held: vacuum can remove none of
+    // their index entries, and no scan can mark them dead.
+    insert_aged(&client, 20_000, 3600).await;
+    client.batch_execute("UPDATE hook_events SET processed = true, processed_at = now()").await.unwrap();
+    client.batch_execute("VACUUM (ANALYZE) hook_events").await.unwrap();
+    let fresh = insert_events(&client, 5, "PreToolUse", "tool_invocation").await;
+
+    // The mark a claim that took the oldest of them would leave.
+    let oldest: time::OffsetDateTime = client
+        .query_one("SELECT min(created_at) FROM hook_events WHERE NOT processed", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let beginning = explain(&store, 100, None, true).await;
+    let mark = explain(&store, 100, Some(oldest), true).await;
+    assert_eq!((beginning.rows, mark.rows), (5, 5));
+    check_small(&mark, 5, "from the mark");
+    assert!(
+        beginning.buffers > 10 * mark.buffers,
+        "from the beginning {} buffers, from the mark {}",
+        beginning.buffers,
+        mark.buffers
+    );
+    // The store's own claims: the first reads from the beginning, the next from its mark.
+    assert_eq!(claim_and_succeed(&store, 100).await, fresh);
+    let next = insert_events(&client, 2, "PreToolUse", "tool_invocation").await;
+    assert_eq!(claim_and_succeed(&store, 100).await, next);
+    bench::release_snapshot(&holder).await.unwrap();
+}
