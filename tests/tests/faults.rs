@@ -489,7 +489,7 @@ async fn sessions_terminated_during_claims_handlers_and_completions_lose_nothing
         (0..3).map(|_| Worker::start(env!("CARGO_BIN_EXE_hook-test-worker"), &url, &flags)).collect();
     let pids: Vec<i32> = workers.iter().map(|w| w.pid).collect();
 
-    let claim_sql = "query LIKE '%FOR UPDATE SKIP LOCKED%'";
+    let claim_sql = "query LIKE '%FOR UPDATE%SKIP LOCKED%'";
     let mut terminated = [0i64; 4];
     for round in 0..ROUNDS {
         // Spread the rounds over the drain: at 10%, 40% and 70%.
