@@ -144,7 +144,7 @@ macro_rules! claim_columns {
 /// [`claim_events`]: left out here they would never be decided, and would lie at the head of
 /// the claim's index for every claim to step over.
 pub(crate) const CLAIM: &str = concat!(
-    "WITH suspects AS ( \
+    "WITH named AS ( \
          SELECT unnest(c.event_ids) AS id FROM hook_events_claims AS c \
      ), due AS ( \
          SELECT ",
@@ -152,7 +152,7 @@ pub(crate) const CLAIM: &str = concat!(
     ", FALSE AS fresh FROM hook_events AS e \
          WHERE ",
     waiting!("e"),
-    " AND e.next_attempt_at <= now() AND e.id NOT IN (SELECT id FROM suspects) \
+    " AND e.next_attempt_at <= now() AND e.id NOT IN (SELECT id FROM named) \
          ORDER BY e.next_attempt_at \
          LIMIT $1::int8 \
          FOR UPDATE OF e SKIP LOCKED \
@@ -162,7 +162,7 @@ pub(crate) const CLAIM: &str = concat!(
     ", TRUE AS fresh FROM hook_events AS e \
          WHERE ",
     fresh!("e"),
-    " AND e.created_at >= COALESCE($4::timestamptz, '-infinity') AND e.id NOT IN (SELECT id FROM suspects) \
+    " AND e.created_at >= COALESCE($4::timestamptz, '-infinity') AND e.id NOT IN (SELECT id FROM named) \
          ORDER BY e.created_at \
          LIMIT $1::int8 \
          FOR UPDATE OF e SKIP LOCKED \
