@@ -320,3 +320,56 @@ async fn under_a_held_snapshot_the_mark_spares_the_claim_the_dead_index_entries(
     assert_eq!(claim_and_succeed(&store, 100).await, next);
     bench::release_snapshot(&holder).await.unwrap();
 }
+
+/// Issue 15: under a held snapshot, the rows batches leave in the claim ledger (one inserted and
+/// deleted per batch, none of which vacuum may remove) are not read by the claim while their
+/// processors live: thousands of batches later, the claim reads what it read after the first.
+#[tokio::test]
+async fn under_a_held_snapshot_the_rows_of_thousands_of_batches_cost_the_claim_nothing() {
+    let db = TestDb::migrated("claim_cost_ledger_horizon").await;
+    let client = db.client().await;
+    let store = db.store(no_rescan()).await;
+    let holder = store.pool().get().await.unwrap();
+    bench::hold_snapshot(&holder).await.unwrap();
+    let presence = hook_tests::worker::Deadline::new(Duration::from_secs(60), "the store's presence");
+    let mut batches = 0;
+    let mut first = None;
+    while batches < 3_000 {
+        let ids = insert_events(&client, 1, "PreToolUse", "tool_invocation").await;
+        let (mut batch, events) = claim(&store, 100).await.expect("a batch");
+        assert_eq!(events.iter().map(|e| e.id).collect::<Vec<_>>(), ids);
+        batch.start().await.unwrap();
+        let outcomes = vec![Outcome { id: ids[0], resolution: Resolution::Succeeded, metadata: Map::new() }];
+        batch.finish(outcomes).await.unwrap();
+        if first.is_none() {
+            // Counted from the first batch recorded under the store's presence key.
+            if count(&client, "SELECT count(*) FROM hook_events_processors").await == 0 {
+                presence.tick().await;
+                continue;
+            }
+            let next = insert_events(&client, 1, "PreToolUse", "tool_invocation").await;
+            let floor = created_at(&client, next[0]).await;
+            first = Some((explain(&store, 100, Some(floor), true).await, next));
+            assert_eq!(claim_and_succeed(&store, 100).await, first.as_ref().unwrap().1);
+        }
+        batches += 1;
+    }
+    let (before, _) = first.unwrap();
+    let pages: i64 =
+        client.query_one("SELECT pg_relation_size('hook_events_claims') / 8192", &[]).await.unwrap().get(0);
+    assert!(pages >= 20, "the ledger holds the batches' dead rows: {pages} pages");
+    let next = insert_events(&client, 1, "PreToolUse", "tool_invocation").await;
+    let after = explain(&store, 100, Some(created_at(&client, next[0]).await), true).await;
+    check_small(&after, 1, "after 3,000 batches");
+    assert!(
+        after.buffers <= before.buffers + 5,
+        "the claim read {} buffers after 3,000 batches and {} after the first; the ledger is {pages} pages",
+        after.buffers,
+        before.buffers
+    );
+    bench::release_snapshot(&holder).await.unwrap();
+}
+
+async fn created_at(client: &Client, id: Uuid) -> time::OffsetDateTime {
+    client.query_one("SELECT created_at FROM hook_events WHERE id = $1", &[&id]).await.unwrap().get(0)
+}

@@ -86,6 +86,7 @@ mod error;
 mod libpq;
 mod listen;
 mod pg;
+mod presence;
 mod queries;
 
 pub mod archive;

@@ -101,6 +101,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!(9, "0009_claim_ledger.sql"),
     migration!(10, "0010_console_indexes.sql"),
     migration!(11, "0011_claim_split.sql"),
+    migration!(12, "0012_claim_presence.sql"),
 ];
 
 /// The migrations up to `version` as they were first released (each file's oldest text): what

@@ -25,6 +25,7 @@ use crate::deadline::{within, DEFAULT_CALL_TIMEOUT};
 use crate::error::StoreError;
 use crate::listen;
 use crate::migrate::{self, MigrationReport};
+use crate::presence::Presence;
 use crate::queries::{self, Claimed, CommitError, Completion, LedgerEnd};
 
 /// How a [`PgStore`] connects.
@@ -78,8 +79,10 @@ pub struct PgStore {
     /// Whether the latest claim saw suspects waiting (true at first, so that a processor
     /// restarted after a crash recovers first).
     suspects: Arc<AtomicBool>,
-    /// The ids of this store's ledger slots that are clear, for the next batches to reuse.
-    slots: Slots,
+    /// The store's presence (registered by its first claim), whose key its batches' ledger rows
+    /// carry.
+    presence: Presence,
+    tls: tokio_postgres_rustls::MakeRustlsConnect,
     /// The low-water mark of the claims on the fresh index.
     mark: Mark,
     rescan_interval: Duration,
@@ -87,9 +90,6 @@ pub struct PgStore {
     /// Wakes the engine (as a NOTIFY does) when a rescan lowered the mark.
     wake: Option<watch::Sender<()>>,
 }
-
-/// The ids of a store's clear ledger slots (see `queries::RECORD_CLAIM`).
-type Slots = Arc<std::sync::Mutex<Vec<Uuid>>>;
 
 /// A store's low-water mark on `hook_events_fresh_idx`: where its claims start reading events
 /// never tried (see ARCHITECTURE.md, "What a claim reads"). Each claim moves it to what it saw
@@ -190,6 +190,7 @@ impl Drop for PgStore {
         if let Some(listener) = self.listener.take() {
             listener.abort();
         }
+        self.presence.stop();
     }
 }
 
@@ -227,7 +228,7 @@ impl PgStore {
             let wake = tx.clone();
             (
                 Some(rx),
-                Some(tokio::spawn(listen::listen_loop(config.clone(), tls, tx, call_timeout))),
+                Some(tokio::spawn(listen::listen_loop(config.clone(), tls.clone(), tx, call_timeout))),
                 Some(wake),
             )
         } else {
@@ -240,7 +241,8 @@ impl PgStore {
             listener,
             call_timeout,
             suspects: Arc::new(AtomicBool::new(true)),
-            slots: Slots::default(),
+            presence: Presence::new(),
+            tls,
             mark: Mark::new(),
             rescan_interval: options.rescan_interval,
             low_water_mark: options.low_water_mark,
@@ -355,6 +357,7 @@ impl PgStore {
     }
 
     async fn claim_unbounded(&self, request: ClaimRequest) -> Result<Option<PgBatch>, StoreError> {
+        self.presence.start(&self.config, &self.tls, self.call_timeout);
         let conn = TxConn::new(self.pool.get().await?);
         let client = conn.client()?;
         let begin = format!(
@@ -429,21 +432,14 @@ impl PgStore {
     }
 }
 
-/// Returns a slot to the store's free list once `end` cleared it.
-fn reuse_slot(slots: &Slots, end: LedgerEnd) {
-    if let LedgerEnd::Clear(id) = end {
-        slots.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(id);
-    }
-}
-
 /// How long a batch that ended in this process keeps trying to clear its ledger row.
 const FORGET_PATIENCE: Duration = Duration::from_secs(60);
 
 /// A batch's row in the claim ledger, `hook_events_claims` (see ARCHITECTURE.md, "The claim").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Ledger {
-    /// An ordinary batch: its row, one of the store's slots, written by `start`, names the events
-    /// handed to handlers.
+    /// An ordinary batch: its row, written by `start` and deleted when the batch ends, names the
+    /// events handed to handlers.
     Ordinary { id: Uuid, recorded: bool },
     /// One suspect run alone: its queued row, taken over by `start`.
     Isolated { id: Uuid, event: Uuid, recorded: bool },
@@ -456,7 +452,7 @@ impl Ledger {
     fn at_commit(self, outcomes: &[Outcome]) -> LedgerEnd {
         let outcome = |event: Uuid| outcomes.iter().find(|o| o.id == event);
         match self {
-            Ledger::Ordinary { id, recorded: true } => LedgerEnd::Clear(id),
+            Ledger::Ordinary { id, recorded: true } => LedgerEnd::Forget(id),
             Ledger::Isolated { id, event, recorded: true } => match outcome(event) {
                 Some(_) => LedgerEnd::Forget(id),
                 // Its handler did not finish (drain timeout): still a suspect.
@@ -478,7 +474,7 @@ impl Ledger {
     /// knows (released, claim lost, completion refused): nothing crashed.
     fn at_release(self) -> LedgerEnd {
         match self {
-            Ledger::Ordinary { id, recorded: true } => LedgerEnd::Clear(id),
+            Ledger::Ordinary { id, recorded: true } => LedgerEnd::Forget(id),
             Ledger::Isolated { id, recorded: true, .. } => LedgerEnd::Requeue(id),
             _ => LedgerEnd::Keep,
         }
@@ -489,7 +485,9 @@ impl Ledger {
 pub struct PgBatch {
     conn: TxConn,
     pool: Pool,
-    slots: Slots,
+    /// The presence key the batch's ledger row was written under, if any.
+    processor: Option<i64>,
+    presence: Presence,
     events: Vec<HookEvent>,
     event_ids: Vec<Uuid>,
     crashed: Vec<HookEvent>,
@@ -509,7 +507,8 @@ impl PgBatch {
         Self {
             conn,
             pool: store.pool.clone(),
-            slots: Arc::clone(&store.slots),
+            processor: None,
+            presence: store.presence.clone(),
             events: claimed.events,
             event_ids,
             crashed,
@@ -531,16 +530,13 @@ impl PgBatch {
         if end == LedgerEnd::Keep {
             return;
         }
-        let (pool, slots) = (self.pool.clone(), Arc::clone(&self.slots));
+        let pool = self.pool.clone();
         tokio::spawn(async move {
             let started = tokio::time::Instant::now();
             let mut pause = Duration::from_millis(100);
             loop {
                 match async { queries::end_claim(&pool.get().await?, end).await }.await {
-                    Ok(()) => {
-                        reuse_slot(&slots, end);
-                        return;
-                    }
+                    Ok(()) => return,
                     Err(error) if started.elapsed() > FORGET_PATIENCE => {
                         debug!(error = %error, ?end, "could not clear the claim's ledger row; its events will be retried alone");
                         return;
@@ -608,20 +604,12 @@ impl ClaimedBatch for PgBatch {
             Ledger::Ordinary { id, recorded } if !self.event_ids.is_empty() => {
                 let xid = self.xid.as_deref().ok_or_else(lost)?;
                 let client = self.pool.get().await?;
-                let slot = self.slots.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop();
-                let mut written = false;
-                // A reused slot that is not clear (its batch's commit did not clear it, so it
-                // names suspects) is left alone: a fresh one then.
-                for candidate in slot.into_iter().chain([Uuid::new_v4()]) {
-                    if queries::record_claim(&client, candidate, xid, &self.event_ids).await? {
-                        *id = candidate;
-                        written = true;
-                        break;
-                    }
-                }
-                if !written {
+                let (row, processor) = (Uuid::new_v4(), self.presence.key());
+                if !queries::record_claim(&client, row, xid, &self.event_ids, processor).await? {
                     return Err(lost());
                 }
+                *id = row;
+                self.processor = processor;
                 *recorded = true;
             }
             Ledger::Isolated { id, recorded, .. } => {
@@ -650,7 +638,6 @@ impl ClaimedBatch for PgBatch {
             Err(_) => false,
         };
         if done {
-            reuse_slot(&self.slots, end);
             self.conn.release();
         } else {
             self.forget_in_background(end);
@@ -681,7 +668,13 @@ impl PgBatch {
         let end = self.ledger.at_commit(&outcomes);
         let commit = queries::commit_sql(end);
         let completion = Completion::new(outcomes);
-        match queries::record_outcomes_and_commit(client, &completion, &commit).await {
+        let guard = match self.ledger {
+            Ledger::Ordinary { id, recorded: true } if self.processor.is_some() => {
+                Some(queries::Guard { pool: &self.pool, ledger: id })
+            }
+            _ => None,
+        };
+        match queries::record_outcomes_and_commit(client, &completion, &commit, guard).await {
             Ok(written) => {
                 let expected = completion.len() - written.set_aside.len();
                 if written.rows != expected as u64 {
@@ -694,7 +687,6 @@ impl PgBatch {
                         guard.floor = None;
                     }
                 }
-                reuse_slot(&self.slots, end);
                 self.conn.release();
                 Ok(Finished { set_aside: written.set_aside })
             }

@@ -39,6 +39,18 @@ macro_rules! holder_live {
     };
 }
 
+/// SQL: whether a processor that claims (a row of `hook_events_processors`, migration 0012) is
+/// gone: the session advisory lock on its key, which its presence connection holds for as long as
+/// it runs, is free. Tried as a shared session lock and released at once (`CASE` fixes the
+/// order), so a claim that asks holds nothing afterwards; a processor's exclusive lock makes the
+/// try fail. One lock-table probe per processor, no row of any batch read.
+macro_rules! processor_gone {
+    () => {
+        "EXISTS (SELECT 1 FROM hook_events_processors AS p \
+                 WHERE CASE WHEN pg_try_advisory_lock_shared(p.key) THEN pg_advisory_unlock_shared(p.key) ELSE FALSE END)"
+    };
+}
+
 /// SQL: the bytes of JSON of a row's payload and metadata, as estimated before fetching them.
 /// Values stored uncompressed in 2 kB or less are counted at their stored size (no work); others
 /// (compressed, or larger) are measured as the JSON text the server will send, which detoasts
@@ -117,11 +129,15 @@ macro_rules! claim_columns {
 }
 
 /// Locks up to `$1` live events that are due, skipping rows another claim holds and every event
-/// a ledger row names (read once per claim): suspects (a ledger row whose holder is gone: they
-/// are retried one at a time, by [`claim_suspect`]), quarantined events, and the events of
-/// batches in flight, which are locked anyway, except for the moment a batch's outcome fallback
-/// takes their locks again (see [`write_one_by_one`]). The locks last until the claiming
-/// transaction ends; that transaction is the claim. They are taken in the savepoint
+/// named by a ledger row without a processor (read once per claim, through
+/// `hook_events_claims_named_idx`: a few rows): suspects (retried one at a time, by
+/// [`claim_suspect`]), quarantined events, and a batch whose outcomes are being written one at a
+/// time, whose locks are dropped for a moment (see [`write_one_by_one`]). The rows of ordinary
+/// batches, one per batch in flight, are read only when a processor has died (see
+/// [`processor_gone`]): until the recovery turns them into suspects, their events must stay out of
+/// ordinary claims. While every processor lives, their events are locked by their claims, and no
+/// claim reads them, however many dead versions a held snapshot keeps. The locks last until the
+/// claiming transaction ends; that transaction is the claim. They are taken in the savepoint
 /// [`CLAIM_SAVEPOINT`].
 ///
 /// Two index range scans, so that no claim walks rows it cannot take (see ARCHITECTURE.md, "What
@@ -145,7 +161,12 @@ macro_rules! claim_columns {
 /// the claim's index for every claim to step over.
 pub(crate) const CLAIM: &str = concat!(
     "WITH named AS ( \
-         SELECT unnest(c.event_ids) AS id FROM hook_events_claims AS c \
+         SELECT unnest(c.event_ids) AS id FROM hook_events_claims AS c WHERE c.processor IS NULL \
+         UNION ALL \
+         SELECT unnest(c.event_ids) FROM hook_events_claims AS c \
+         WHERE c.processor IS NOT NULL AND (SELECT ",
+    processor_gone!(),
+    ") \
      ), due AS ( \
          SELECT ",
     claim_columns!(),
@@ -198,10 +219,16 @@ pub(crate) const CLAIM_SAVEPOINT: &str = "SAVEPOINT hook_claim";
 /// byte budget's window and the final order, over at most `$1` rows) are still made. The
 /// penalty inflates the plan's estimated cost past every JIT threshold, so JIT is off too: it
 /// would compile the statement, for seconds, at every run.
-pub(crate) const CLAIM_PLANNER: &str = "SET LOCAL enable_sort = off; SET LOCAL jit = off";
+///
+/// Sequential scans are penalized too, so that the ledger's rows every claim reads (those without
+/// a processor) are read through `hook_events_claims_named_idx` however the statistics of a
+/// table of a few rows come out, and never by a scan of every batch's row and dead version.
+pub(crate) const CLAIM_PLANNER: &str =
+    "SET LOCAL enable_sort = off; SET LOCAL enable_seqscan = off; SET LOCAL jit = off";
 
-/// Restores the planner's settings after [`CLAIM`], for the rest of the claim's transaction.
-const CLAIM_PLANNER_END: &str = "RESET enable_sort; RESET jit";
+/// Restores the planner's settings after [`CLAIM`] and [`CLAIM_INFO`], for the rest of the
+/// claim's transaction.
+const CLAIM_PLANNER_END: &str = "RESET enable_sort; RESET enable_seqscan; RESET jit";
 
 /// The rescan below the low-water mark (see [`rescan`]): the oldest event never tried whose
 /// `created_at` is before `$1` and that no claim holds (`FOR KEY SHARE SKIP LOCKED`: an
@@ -223,17 +250,20 @@ const RESCAN: &str = concat!(
 
 /// What the claim's transaction learns right after claiming, in the same round trip: its
 /// transaction id (assigned by the row locks; NULL when it locked nothing), whether suspect
-/// events are waiting (a ledger row whose holder is gone, to be recovered, or a queued suspect
-/// that is due), and the transaction's `now()` (for the low-water mark).
+/// events are waiting (a processor gone, whose batches are to be recovered; a row without a
+/// processor whose holder is gone; or a queued suspect that is due), and the transaction's
+/// `now()` (for the low-water mark). Reads the ledger's rows without a processor only.
 const CLAIM_INFO: &str = concat!(
     "SELECT pg_current_xact_id_if_assigned()::text, \
             EXISTS (SELECT 1 FROM hook_events_claims AS c \
-                    WHERE c.note IS NULL AND NOT ",
+                    WHERE c.processor IS NULL AND c.note IS NULL AND NOT ",
     holder_live!("c.holder"),
     " AND (c.holder IS NOT NULL \
                          OR EXISTS (SELECT 1 FROM hook_events AS e WHERE e.id = ANY (c.event_ids) AND ",
     due!("e"),
-    "))), now()"
+    "))) OR ",
+    processor_gone!(),
+    ", now()"
 );
 
 /// Recovery, before an isolated claim, autocommitted. First, each ledger row of an ordinary batch
@@ -241,8 +271,11 @@ const CLAIM_INFO: &str = concat!(
 /// per event (no holder): its events are suspects, to be handled one at a time, and are not
 /// charged an attempt (which of them took the process down is not known). Second, rows that
 /// name no pending event any more (processed, dead, replayed, archived) are dropped, and so are
-/// clear slots unused for an hour (left by processors that are gone). Rows locked by another
-/// claimer's recovery are skipped.
+/// clear slots unused for an hour (left by processors before migration 0012). Rows locked by
+/// another claimer's recovery are skipped. Third, the processors that are gone (their lock is
+/// free) and whose batches have all ended are struck off `hook_events_processors`, so that claims
+/// stop reading the batches' rows. One implicit transaction (a simple query of several
+/// statements): a processor is struck off only with its batches recovered.
 const RECOVER: &str = concat!(
     "WITH orphans AS ( \
          DELETE FROM hook_events_claims WHERE id IN ( \
@@ -261,7 +294,12 @@ const RECOVER: &str = concat!(
     " AND (cardinality(c.event_ids) > 0 OR c.created_at < now() - interval '1 hour') \
            AND NOT EXISTS (SELECT 1 FROM hook_events AS e \
                            WHERE e.id = ANY (c.event_ids) AND NOT e.processed AND e.dead_at IS NULL) \
-         FOR UPDATE SKIP LOCKED)"
+         FOR UPDATE SKIP LOCKED); \
+     DELETE FROM hook_events_processors AS p \
+     WHERE CASE WHEN pg_try_advisory_lock(p.key) THEN pg_advisory_unlock(p.key) ELSE FALSE END \
+       AND NOT EXISTS (SELECT 1 FROM hook_events_claims AS c WHERE c.processor = p.key AND ",
+    holder_live!("c.holder"),
+    ")"
 );
 
 /// An event whose isolated attempt died with its holder: the crash was the event's. Locks the
@@ -302,23 +340,18 @@ const CLAIM_SUSPECT: &str = concat!(
 );
 
 /// Records, on a connection of its own and autocommitted, the events an ordinary claim is about
-/// to hand to handlers: `$1` the row's id, `$2` the claim's transaction id, `$3` the events. Only
-/// while that transaction is alive (one already gone has lost its locks: its handlers must not
-/// start).
+/// to hand to handlers: `$1` the row's id (new for each batch), `$2` the claim's transaction id,
+/// `$3` the events, `$4` the store's processor key (NULL while its presence is not registered:
+/// the row is then read by every claim, as a suspect's is). Only while that transaction is alive
+/// (one already gone has lost its locks: its handlers must not start).
 ///
-/// The row is one of the store's slots, reused batch after batch: a batch's commit clears its
-/// slot (no holder, no events) rather than deleting it, and the next batch overwrites it here,
-/// only if it is clear. An update in place that changes no indexed column is a HOT update, whose
-/// dead versions are pruned within the page, so the table stays a few pages long however many
-/// batches go through it; an INSERT and a DELETE per batch would leave dead rows that only
-/// VACUUM reclaims, and every claim scans this table.
+/// The batch's commit deletes the row. No claim reads the rows of live processors' batches (see
+/// [`CLAIM`]), so the dead versions they leave, which only vacuum removes (and, under a held
+/// snapshot, not even vacuum), cost the claims nothing; the row is found by its key alone.
 const RECORD_CLAIM: &str = concat!(
-    "INSERT INTO hook_events_claims AS c (id, holder, event_ids) \
-     SELECT $1, $2::text::xid8, $3::uuid[] WHERE ",
-    holder_live!("$2::text::xid8"),
-    " ON CONFLICT (id) DO UPDATE \
-         SET holder = EXCLUDED.holder, event_ids = EXCLUDED.event_ids, isolated = FALSE, created_at = now() \
-         WHERE c.holder IS NULL AND c.note IS NULL AND cardinality(c.event_ids) = 0"
+    "INSERT INTO hook_events_claims (id, holder, event_ids, processor) \
+     SELECT $1, $2::text::xid8, $3::uuid[], $4::int8 WHERE ",
+    holder_live!("$2::text::xid8")
 );
 
 /// Takes over a queued suspect for an isolated claim (`$1` the ledger row, `$2` the claim's
@@ -340,6 +373,18 @@ const XACT_STATUS: &str = "SELECT pg_xact_status($1::text::xid8)::text";
 /// the batch's transaction.
 const QUARANTINE: &str =
     "INSERT INTO hook_events_claims (id, event_ids, note) VALUES (gen_random_uuid(), ARRAY[$1::uuid], $2)";
+
+/// Makes a batch's ledger row (`$1`) one that every claim reads, before its outcome fallback drops
+/// the batch's locks for a moment (see [`write_one_by_one`]).
+const GUARD_CLAIM: &str = "UPDATE hook_events_claims SET processor = NULL WHERE id = $1";
+
+/// What [`write_one_by_one`] needs to keep other claims off a batch's events while its locks are
+/// dropped: a pool for a connection of its own, and the batch's ledger row.
+#[derive(Clone, Copy)]
+pub(crate) struct Guard<'a> {
+    pub(crate) pool: &'a deadpool_postgres::Pool,
+    pub(crate) ledger: Uuid,
+}
 
 /// Locks a batch's events again, and the ledger rows that name them, after its transaction
 /// returned to the claim's savepoint.
@@ -468,12 +513,12 @@ pub async fn claim_events_after(
     // learns from it: one round trip.
     let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
         [&limit, &max_bytes, &max_event_bytes, &floor];
-    let (begun, planner, rows, restored, info) = futures::join!(
+    let (begun, planner, rows, info, restored) = futures::join!(
         begun,
         client.batch_execute(CLAIM_PLANNER),
         client.query(&statement, &params),
-        client.batch_execute(CLAIM_PLANNER_END),
-        client.query_one(&info, &[])
+        client.query_one(&info, &[]),
+        client.batch_execute(CLAIM_PLANNER_END)
     );
     begun?;
     planner?;
@@ -673,9 +718,10 @@ pub(crate) async fn record_claim(
     id: Uuid,
     xid: &str,
     events: &[Uuid],
+    processor: Option<i64>,
 ) -> Result<bool, StoreError> {
     let statement = client.prepare_cached(RECORD_CLAIM).await?;
-    Ok(client.execute(&statement, &[&id, &xid, &events]).await? == 1)
+    Ok(client.execute(&statement, &[&id, &xid, &events, &processor]).await? == 1)
 }
 
 /// Takes over a queued suspect's ledger row for an isolated claim, on `client` (not the claim's
@@ -702,9 +748,6 @@ pub(crate) async fn end_claim(client: &impl GenericClient, end: LedgerEnd) -> Re
 pub(crate) fn ledger_sql(end: LedgerEnd) -> Option<String> {
     match end {
         LedgerEnd::Keep => None,
-        LedgerEnd::Clear(id) => Some(format!(
-            "UPDATE hook_events_claims SET holder = NULL, event_ids = '{{}}', isolated = FALSE WHERE id = '{id}'"
-        )),
         LedgerEnd::Forget(id) => Some(format!("DELETE FROM hook_events_claims WHERE id = '{id}'")),
         LedgerEnd::Requeue(id) => Some(format!(
             "UPDATE hook_events_claims SET holder = NULL, isolated = FALSE WHERE id = '{id}' AND isolated"
@@ -725,8 +768,6 @@ pub(crate) fn commit_sql(end: LedgerEnd) -> String {
 pub(crate) enum LedgerEnd {
     /// There is none, or it stays as it is.
     Keep,
-    /// It is a slot of the store's: cleared (no holder, no events) for the next batch.
-    Clear(Uuid),
     /// It is dropped.
     Forget(Uuid),
     /// Its event goes back in the queue of suspects (no holder).
@@ -845,6 +886,7 @@ pub(crate) async fn record_outcomes_and_commit(
     client: &impl GenericClient,
     c: &Completion,
     commit: &str,
+    guard: Option<Guard<'_>>,
 ) -> Result<Written, CommitError> {
     let succeed_statement = client.prepare_cached(SUCCEED).await.map_err(CommitError::known)?;
     let fail_statement = client.prepare_cached(FAIL).await.map_err(CommitError::known)?;
@@ -883,7 +925,7 @@ pub(crate) async fn record_outcomes_and_commit(
         _ if refused.is_some() => {
             let refused = refused.unwrap_or_default();
             warn!(error = %refused, outcomes = c.len(), "writing the batch's outcomes failed; writing them one at a time");
-            write_one_by_one(client, c, &succeed_statement, &fail_statement, commit).await
+            write_one_by_one(client, c, &succeed_statement, &fail_statement, commit, guard).await
         }
         (_, _, committed) => {
             // The savepoint, the ledger statement or COMMIT itself failed: nothing is written.
@@ -903,7 +945,8 @@ fn db_text(error: &tokio_postgres::Error) -> String {
 
 /// The fallback of [`record_outcomes_and_commit`]: back to the claim's savepoint (which drops
 /// the row locks: no other claim takes the events meanwhile, since the batch's ledger row names
-/// them and [`CLAIM`] skips every event a ledger row names), the events locked again, then each
+/// them, made by `guard` one that [`CLAIM`] reads, and [`CLAIM`] skips the events such a row
+/// names), the events locked again, then each
 /// outcome in a savepoint of its own; an outcome the server refuses is tried again plainly (its error text
 /// made ASCII, no metadata), then the event is set aside as dead with the reason, and if even
 /// that is refused, it is quarantined in the claim ledger (kept out of every claim, with the
@@ -914,7 +957,15 @@ async fn write_one_by_one(
     succeed: &tokio_postgres::Statement,
     fail: &tokio_postgres::Statement,
     commit: &str,
+    guard: Option<Guard<'_>>,
 ) -> Result<Written, CommitError> {
+    // The batch's ledger row is made one that every claim reads (no processor) before the locks
+    // are dropped, on another connection, autocommitted.
+    if let Some(Guard { pool, ledger }) = guard {
+        let guarded =
+            async { pool.get().await?.execute(GUARD_CLAIM, &[&ledger]).await.map_err(StoreError::from) };
+        guarded.await.map_err(CommitError::known)?;
+    }
     // Back to the savepoint first: until then the transaction refuses every statement, even a
     // Parse. The locks are dropped for one round trip, during which the ledger row keeps other
     // claims off the events.
@@ -1074,14 +1125,11 @@ mod tests {
     fn commit_sql_names_the_ledger_row() {
         let id = Uuid::nil();
         assert_eq!(commit_sql(LedgerEnd::Keep), "SELECT 1; COMMIT");
-        let clear = commit_sql(LedgerEnd::Clear(id));
-        assert!(
-            clear.starts_with("UPDATE hook_events_claims SET holder = NULL, event_ids = '{}'"),
-            "{clear}"
+        let forget = commit_sql(LedgerEnd::Forget(id));
+        assert_eq!(
+            forget,
+            "DELETE FROM hook_events_claims WHERE id = '00000000-0000-0000-0000-000000000000'; COMMIT"
         );
-        assert!(clear.ends_with("WHERE id = '00000000-0000-0000-0000-000000000000'; COMMIT"), "{clear}");
-        assert!(commit_sql(LedgerEnd::Forget(id))
-            .starts_with("DELETE FROM hook_events_claims WHERE id = '00000000-"));
         assert!(commit_sql(LedgerEnd::Requeue(id)).contains("SET holder = NULL, isolated = FALSE"));
     }
 }
