@@ -43,11 +43,15 @@ GRANT SELECT ON hook_events TO hook_processor;
 GRANT UPDATE (processed, processed_at, retry_count, processing_errors,
               result_metadata, next_attempt_at, dead_at)
     ON hook_events TO hook_processor;
--- The claim ledger (migration 0006): the processor records, deletes and recovers its claims.
+-- The claim ledger (migration 0009): the processor records, deletes and recovers its claims;
+-- and the processors' presence (migration 0012): it registers itself, and strikes off those gone.
 DO $$
 BEGIN
     IF to_regclass('hook_events_claims') IS NOT NULL THEN
         GRANT SELECT, INSERT, UPDATE, DELETE ON hook_events_claims TO hook_processor;
+    END IF;
+    IF to_regclass('hook_events_processors') IS NOT NULL THEN
+        GRANT SELECT, INSERT, DELETE ON hook_events_processors TO hook_processor;
     END IF;
 END
 $$;

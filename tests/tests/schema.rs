@@ -158,7 +158,7 @@ async fn an_install_of_the_first_release_upgrades_to_the_schema_of_a_fresh_one()
         let old = migrate::migrate_these(&b, &migrate::first_released(5), &options).await.unwrap();
         assert_eq!(old.applied, [1, 2, 3, 4, 5]);
         let report = migrate::migrate(&b).await.expect("the old checksums are accepted");
-        assert_eq!(report.applied, [6, 7, 8, 9, 10, 11], "only the new migrations run");
+        assert_eq!(report.applied, since(6), "only the new migrations run");
         assert_eq!(catalog(&a).await, catalog(&b).await, "with_seed={with_seed}");
         assert!(migrate::migrate(&b).await.unwrap().applied.is_empty());
         if with_seed {
@@ -196,7 +196,7 @@ async fn an_original_archive_with_duplicate_ids_is_refused_clearly_and_left_alon
         )
         .await
         .unwrap();
-    assert_eq!(migrate::migrate(&client).await.unwrap().applied, [8, 9, 10, 11]);
+    assert_eq!(migrate::migrate(&client).await.unwrap().applied, since(8));
     let key = count(
         &client,
         "SELECT count(*) FROM pg_constraint WHERE conrelid = 'hook_events_archive'::regclass AND contype = 'p'",
@@ -283,7 +283,7 @@ async fn a_lock_that_never_comes_free_fails_the_migration_with_nothing_applied()
     .await;
     assert_eq!(columns, 0);
     blocker.batch_execute("COMMIT").await.unwrap();
-    assert_eq!(migrate::migrate(&client).await.unwrap().applied, [2, 3, 4, 5, 6, 7, 8, 9, 10, 11]);
+    assert_eq!(migrate::migrate(&client).await.unwrap().applied, since(2));
 }
 
 /// The one-statement archive SQL that docs/compatibility.md and docs/maintenance.md give in place
@@ -357,4 +357,9 @@ async fn the_documented_archive_statement_moves_old_processed_rows_and_nothing_e
     // Run again: nothing left to move, nothing fails.
     client.batch_execute(&sql).await.unwrap();
     assert_eq!(count(&client, "SELECT count(*) FROM hook_events").await, before - 4);
+}
+
+/// The versions of this build's migrations from `first` on.
+fn since(first: i32) -> Vec<i32> {
+    migrate::MIGRATIONS.iter().map(|m| m.version).filter(|v| *v >= first).collect()
 }
