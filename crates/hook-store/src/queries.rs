@@ -273,9 +273,12 @@ const CLAIM_INFO: &str = concat!(
 /// name no pending event any more (processed, dead, replayed, archived) are dropped, and so are
 /// clear slots unused for an hour (left by processors before migration 0012). Rows locked by
 /// another claimer's recovery are skipped. Third, the processors that are gone (their lock is
-/// free) and whose batches have all ended are struck off `hook_events_processors`, so that claims
-/// stop reading the batches' rows. One implicit transaction (a simple query of several
-/// statements): a processor is struck off only with its batches recovered.
+/// free) and that no ledger row names any more are struck off `hook_events_processors`, so that
+/// claims stop reading the batches' rows. One implicit transaction (a simple query of several
+/// statements): a processor is struck off only with its batches recovered. Not "with no batch
+/// live": a batch whose holder was live for the first statement and is gone by the third (its
+/// claim's session outlived the presence's) keeps its row, which no claim would read once its
+/// processor is struck off; the next recovery makes it suspects, then strikes the processor off.
 const RECOVER: &str = concat!(
     "WITH orphans AS ( \
          DELETE FROM hook_events_claims WHERE id IN ( \
@@ -297,9 +300,7 @@ const RECOVER: &str = concat!(
          FOR UPDATE SKIP LOCKED); \
      DELETE FROM hook_events_processors AS p \
      WHERE CASE WHEN pg_try_advisory_lock(p.key) THEN pg_advisory_unlock(p.key) ELSE FALSE END \
-       AND NOT EXISTS (SELECT 1 FROM hook_events_claims AS c WHERE c.processor = p.key AND ",
-    holder_live!("c.holder"),
-    ")"
+       AND NOT EXISTS (SELECT 1 FROM hook_events_claims AS c WHERE c.processor = p.key)"
 );
 
 /// An event whose isolated attempt died with its holder: the crash was the event's. Locks the
