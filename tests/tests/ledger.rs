@@ -580,3 +580,61 @@ async fn a_dead_processor_is_not_struck_off_while_a_row_of_its_batch_is_left() {
                   AND NOT EXISTS (SELECT 1 FROM hook_events_processors AS p WHERE p.key = c.processor)";
     assert_eq!(count(&client, left).await, 0, "no batch row of a processor struck off");
 }
+
+/// A store's presence session ends while its process lives (terminated, a network cut): until
+/// its next ping the store does not know, and goes on recording batches under the old key. A
+/// recovery may strike that key off meanwhile (its lock is free, no row names it), and a batch
+/// recorded under it afterwards is one no claim reads: if its process then dies, its events go
+/// to ordinary claims, the one that crashed among them, uncharged. A batch must be recorded
+/// under a key only while the key is registered.
+#[tokio::test]
+async fn a_batch_recorded_under_a_key_struck_off_is_still_kept_out_of_ordinary_claims() {
+    let db = TestDb::migrated("ledger_stale_key").await;
+    let client = db.client().await;
+    let warm = insert_events(&client, 1, "Warm", "a").await;
+    let a = db.store(no_listen()).await;
+    let (mut batch, _) = claim(&a, false).await.expect("a batch");
+    registered(&client).await;
+    batch.start().await.unwrap();
+    batch.finish(vec![succeeded(warm[0])]).await.unwrap();
+    let key: i64 = client.query_one("SELECT key FROM hook_events_processors", &[]).await.unwrap().get(0);
+
+    // Its presence session ends; the store learns it only at its next ping.
+    let presence = format!(
+        "SELECT count(pg_terminate_backend(l.pid)) FROM pg_locks AS l \
+         WHERE l.locktype = 'advisory' AND l.granted AND ((l.classid::int8 << 32) | l.objid::int8) = {key}"
+    );
+    assert_eq!(count(&client, &presence).await, 1);
+    let held = format!(
+        "SELECT count(*) FROM pg_locks AS l WHERE l.locktype = 'advisory' \
+           AND ((l.classid::int8 << 32) | l.objid::int8) = {key}"
+    );
+    let deadline = Deadline::new(PATIENCE, "the presence's lock to be free");
+    while count(&client, &held).await > 0 {
+        deadline.tick().await;
+    }
+    // Another processor's recovery strikes the key off: gone, and no row names it.
+    let b = db.store(no_listen()).await;
+    assert!(b.claim(request(true)).await.unwrap().is_none());
+    let listed = format!("SELECT count(*) FROM hook_events_processors WHERE key = {key}");
+    assert_eq!(count(&client, &listed).await, 0, "struck off");
+
+    // The store's next batch, then its process dies.
+    let ids = insert_events(&client, 3, "Fine", "a").await;
+    let (mut batch, events) = claim(&a, false).await.expect("a batch");
+    assert_eq!(events.len(), 3);
+    batch.start().await.unwrap();
+    kill_the_claim(&client).await;
+    drop(batch);
+
+    if let Some((batch, events)) = claim(&b, false).await {
+        let taken = events.iter().filter(|e| ids.contains(&e.id)).count();
+        batch.release().await;
+        panic!("the dead batch's events went to an ordinary claim ({taken} of 3)");
+    }
+    assert!(b.suspects_waiting());
+    let (batch, events) = claim(&b, true).await.expect("a suspect");
+    assert!(batch.isolated());
+    assert_eq!(events.iter().map(|e| (e.id, e.retry_count)).collect::<Vec<_>>(), [(ids[0], 0)]);
+    batch.release().await;
+}
