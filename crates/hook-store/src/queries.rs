@@ -343,7 +343,10 @@ const CLAIM_SUSPECT: &str = concat!(
 /// Records, on a connection of its own and autocommitted, the events an ordinary claim is about
 /// to hand to handlers: `$1` the row's id (new for each batch), `$2` the claim's transaction id,
 /// `$3` the events, `$4` the store's processor key (NULL while its presence is not registered:
-/// the row is then read by every claim, as a suspect's is). Only while that transaction is alive
+/// the row is then read by every claim, as a suspect's is). The key is written only if it is
+/// registered: a presence whose session ended is known to its store only at its next ping, and a
+/// recovery may have struck the key off meanwhile; a row under a key no registry row holds would
+/// be read by no claim, even after its process died. Only while that transaction is alive
 /// (one already gone has lost its locks: its handlers must not start).
 ///
 /// The batch's commit deletes the row. No claim reads the rows of live processors' batches (see
@@ -351,7 +354,8 @@ const CLAIM_SUSPECT: &str = concat!(
 /// snapshot, not even vacuum), cost the claims nothing; the row is found by its key alone.
 const RECORD_CLAIM: &str = concat!(
     "INSERT INTO hook_events_claims (id, holder, event_ids, processor) \
-     SELECT $1, $2::text::xid8, $3::uuid[], $4::int8 WHERE ",
+     SELECT $1, $2::text::xid8, $3::uuid[], \
+            (SELECT p.key FROM hook_events_processors AS p WHERE p.key = $4::int8) WHERE ",
     holder_live!("$2::text::xid8")
 );
 
