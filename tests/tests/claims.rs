@@ -450,3 +450,30 @@ async fn an_event_too_large_to_hold_is_set_aside_dead_under_a_400_mib_address_sp
     );
     eprintln!("{restarts:?}; the big one's reason: {}", errors[0]);
 }
+
+/// A processor stopped with SIGTERM leaves no row in `hook_events_processors`: a row left behind,
+/// its lock free, reads as a processor gone, and sends every other processor's next claims to
+/// read every batch's row and recover (an isolated claim each) for nothing.
+#[tokio::test]
+async fn a_processor_stopped_with_sigterm_strikes_itself_off() {
+    let db = TestDb::migrated("claims_presence_exit").await;
+    let client = db.client().await;
+    insert_events(&client, 5, "Fine", "a").await;
+    let mut worker = Worker::start(WORKER, &db.url(), &["--poll-ms", "100"]);
+    let deadline = Deadline::new(PATIENCE, "the worker to register and handle the events");
+    while count(&client, "SELECT count(*) FROM hook_events WHERE processed").await < 5
+        || count(&client, "SELECT count(*) FROM hook_events_processors").await == 0
+    {
+        worker.assert_running();
+        deadline.tick().await;
+    }
+    worker.signal(Signal::SIGTERM);
+    let status = worker.wait().await;
+    assert!(status.success(), "{status:?}\n{}", worker.log());
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM hook_events_processors").await,
+        0,
+        "the registry row of a processor that exited cleanly\n{}",
+        worker.log()
+    );
+}

@@ -495,3 +495,146 @@ async fn a_lost_commit_reply_is_found_out_or_reported_as_unknown_never_as_a_roll
     }
     assert_eq!(ledger_rows(&client).await, 0);
 }
+
+/// A dead processor's presence session ends before its claim session (the server ends both, in
+/// no set order), and another processor's recovery runs in between: the recovery's first
+/// statement sees the batch's holder still live and leaves its row, and by the time it strikes
+/// the processor off (its last statement, with a snapshot of its own) the holder is gone. The
+/// processor must not be struck off while a row of its batch is left unrecovered: no claim would
+/// read that row again (its key is in no registry row), so the dead batch's events, the one that
+/// crashed among them, would go to an ordinary batch, uncharged. The instant between the two
+/// statements is widened here by a lock on `hook_events_processors` that the last statement
+/// waits for.
+#[tokio::test]
+async fn a_dead_processor_is_not_struck_off_while_a_row_of_its_batch_is_left() {
+    let db = TestDb::migrated("ledger_strike_off_race").await;
+    let client = db.client().await;
+    let ids = insert_events(&client, 3, "Fine", "a").await;
+    let a = db.store(no_listen()).await;
+    let (mut batch, events) = claim(&a, false).await.expect("a batch");
+    assert_eq!(events.len(), 3);
+    registered(&client).await;
+    batch.start().await.unwrap();
+    let holder: i32 = client
+        .query_one(
+            "SELECT pid FROM pg_stat_activity \
+             WHERE datname = current_database() AND state LIKE 'idle in transaction%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    // The presence dies first; the claim's session lives on for a moment.
+    let presence = "SELECT count(pg_terminate_backend(l.pid)) FROM pg_locks AS l \
+                    WHERE l.locktype = 'advisory' AND l.granted \
+                      AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())";
+    assert_eq!(count(&client, presence).await, 1);
+    let deadline = Deadline::new(PATIENCE, "the presence's lock to be free");
+    let held = "SELECT count(*) FROM pg_locks AS l JOIN hook_events_processors AS p \
+                  ON ((l.classid::int8 << 32) | l.objid::int8) = p.key \
+                WHERE l.locktype = 'advisory' AND l.granted";
+    while count(&client, held).await > 0 {
+        deadline.tick().await;
+    }
+
+    // Another processor's recovery, held before its last statement.
+    let mut blocker = db.client().await;
+    let lock = blocker.transaction().await.unwrap();
+    lock.batch_execute("LOCK TABLE hook_events_processors IN SHARE MODE").await.unwrap();
+    let b = db.store(no_listen()).await;
+    let recovery = tokio::spawn(async move {
+        let claimed = b.claim(request(true)).await.unwrap().map(|mut batch| {
+            let events = batch.take_events();
+            (batch, events)
+        });
+        (b, claimed)
+    });
+    let deadline = Deadline::new(PATIENCE, "the recovery to wait for the registry's lock");
+    let waiting = "SELECT count(*) FROM pg_stat_activity \
+                   WHERE datname = current_database() AND wait_event_type = 'Lock' \
+                     AND query LIKE 'WITH orphans AS%'";
+    while count(&client, waiting).await == 0 {
+        deadline.tick().await;
+    }
+    // Now the claim's session ends too, and the recovery goes on.
+    let _ = client.execute("SELECT pg_terminate_backend($1)", &[&holder]).await.unwrap();
+    let deadline = Deadline::new(PATIENCE, "the killed claim's session to end");
+    while count(&client, &format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {holder}")).await > 0 {
+        deadline.tick().await;
+    }
+    drop(batch);
+    lock.commit().await.unwrap();
+    let (b, claimed) = recovery.await.unwrap();
+    if let Some((batch, events)) = claimed {
+        let taken = events.iter().filter(|e| ids.contains(&e.id)).count();
+        batch.release().await;
+        panic!("the dead batch's events went to a claim as ordinary events ({taken} of 3)");
+    }
+    // The next isolated claim recovers the row, strikes the processor off, and runs a suspect alone.
+    let (batch, events) = claim(&b, true).await.expect("a suspect");
+    assert!(batch.isolated());
+    assert_eq!(events.iter().map(|e| (e.id, e.retry_count)).collect::<Vec<_>>(), [(ids[0], 0)]);
+    batch.release().await;
+    let left = "SELECT count(*) FROM hook_events_claims AS c \
+                WHERE c.processor IS NOT NULL \
+                  AND NOT EXISTS (SELECT 1 FROM hook_events_processors AS p WHERE p.key = c.processor)";
+    assert_eq!(count(&client, left).await, 0, "no batch row of a processor struck off");
+}
+
+/// A store's presence session ends while its process lives (terminated, a network cut): until
+/// its next ping the store does not know, and goes on recording batches under the old key. A
+/// recovery may strike that key off meanwhile (its lock is free, no row names it), and a batch
+/// recorded under it afterwards is one no claim reads: if its process then dies, its events go
+/// to ordinary claims, the one that crashed among them, uncharged. A batch must be recorded
+/// under a key only while the key is registered.
+#[tokio::test]
+async fn a_batch_recorded_under_a_key_struck_off_is_still_kept_out_of_ordinary_claims() {
+    let db = TestDb::migrated("ledger_stale_key").await;
+    let client = db.client().await;
+    let warm = insert_events(&client, 1, "Warm", "a").await;
+    let a = db.store(no_listen()).await;
+    let (mut batch, _) = claim(&a, false).await.expect("a batch");
+    registered(&client).await;
+    batch.start().await.unwrap();
+    batch.finish(vec![succeeded(warm[0])]).await.unwrap();
+    let key: i64 = client.query_one("SELECT key FROM hook_events_processors", &[]).await.unwrap().get(0);
+
+    // Its presence session ends; the store learns it only at its next ping.
+    let presence = format!(
+        "SELECT count(pg_terminate_backend(l.pid)) FROM pg_locks AS l \
+         WHERE l.locktype = 'advisory' AND l.granted AND ((l.classid::int8 << 32) | l.objid::int8) = {key}"
+    );
+    assert_eq!(count(&client, &presence).await, 1);
+    let held = format!(
+        "SELECT count(*) FROM pg_locks AS l WHERE l.locktype = 'advisory' \
+           AND ((l.classid::int8 << 32) | l.objid::int8) = {key}"
+    );
+    let deadline = Deadline::new(PATIENCE, "the presence's lock to be free");
+    while count(&client, &held).await > 0 {
+        deadline.tick().await;
+    }
+    // Another processor's recovery strikes the key off: gone, and no row names it.
+    let b = db.store(no_listen()).await;
+    assert!(b.claim(request(true)).await.unwrap().is_none());
+    let listed = format!("SELECT count(*) FROM hook_events_processors WHERE key = {key}");
+    assert_eq!(count(&client, &listed).await, 0, "struck off");
+
+    // The store's next batch, then its process dies.
+    let ids = insert_events(&client, 3, "Fine", "a").await;
+    let (mut batch, events) = claim(&a, false).await.expect("a batch");
+    assert_eq!(events.len(), 3);
+    batch.start().await.unwrap();
+    kill_the_claim(&client).await;
+    drop(batch);
+
+    if let Some((batch, events)) = claim(&b, false).await {
+        let taken = events.iter().filter(|e| ids.contains(&e.id)).count();
+        batch.release().await;
+        panic!("the dead batch's events went to an ordinary claim ({taken} of 3)");
+    }
+    assert!(b.suspects_waiting());
+    let (batch, events) = claim(&b, true).await.expect("a suspect");
+    assert!(batch.isolated());
+    assert_eq!(events.iter().map(|e| (e.id, e.retry_count)).collect::<Vec<_>>(), [(ids[0], 0)]);
+    batch.release().await;
+}

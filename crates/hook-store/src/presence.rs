@@ -9,7 +9,7 @@
 //! (before the first registration, or while the connection is being replaced) batches are
 //! recorded without a key, and every claim reads their rows, as it reads a suspect's: safe, and
 //! as costly as before migration 0012. A connection that was lost is replaced under a new key:
-//! the old one's row is left to the recovery, which strikes it off once its batches have ended.
+//! the old one's row is left to the recovery, which strikes it off once no ledger row names it.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;

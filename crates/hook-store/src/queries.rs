@@ -273,9 +273,12 @@ const CLAIM_INFO: &str = concat!(
 /// name no pending event any more (processed, dead, replayed, archived) are dropped, and so are
 /// clear slots unused for an hour (left by processors before migration 0012). Rows locked by
 /// another claimer's recovery are skipped. Third, the processors that are gone (their lock is
-/// free) and whose batches have all ended are struck off `hook_events_processors`, so that claims
-/// stop reading the batches' rows. One implicit transaction (a simple query of several
-/// statements): a processor is struck off only with its batches recovered.
+/// free) and that no ledger row names any more are struck off `hook_events_processors`, so that
+/// claims stop reading the batches' rows. One implicit transaction (a simple query of several
+/// statements): a processor is struck off only with its batches recovered. Not "with no batch
+/// live": a batch whose holder was live for the first statement and is gone by the third (its
+/// claim's session outlived the presence's) keeps its row, which no claim would read once its
+/// processor is struck off; the next recovery makes it suspects, then strikes the processor off.
 const RECOVER: &str = concat!(
     "WITH orphans AS ( \
          DELETE FROM hook_events_claims WHERE id IN ( \
@@ -297,9 +300,7 @@ const RECOVER: &str = concat!(
          FOR UPDATE SKIP LOCKED); \
      DELETE FROM hook_events_processors AS p \
      WHERE CASE WHEN pg_try_advisory_lock(p.key) THEN pg_advisory_unlock(p.key) ELSE FALSE END \
-       AND NOT EXISTS (SELECT 1 FROM hook_events_claims AS c WHERE c.processor = p.key AND ",
-    holder_live!("c.holder"),
-    ")"
+       AND NOT EXISTS (SELECT 1 FROM hook_events_claims AS c WHERE c.processor = p.key)"
 );
 
 /// An event whose isolated attempt died with its holder: the crash was the event's. Locks the
@@ -342,7 +343,10 @@ const CLAIM_SUSPECT: &str = concat!(
 /// Records, on a connection of its own and autocommitted, the events an ordinary claim is about
 /// to hand to handlers: `$1` the row's id (new for each batch), `$2` the claim's transaction id,
 /// `$3` the events, `$4` the store's processor key (NULL while its presence is not registered:
-/// the row is then read by every claim, as a suspect's is). Only while that transaction is alive
+/// the row is then read by every claim, as a suspect's is). The key is written only if it is
+/// registered: a presence whose session ended is known to its store only at its next ping, and a
+/// recovery may have struck the key off meanwhile; a row under a key no registry row holds would
+/// be read by no claim, even after its process died. Only while that transaction is alive
 /// (one already gone has lost its locks: its handlers must not start).
 ///
 /// The batch's commit deletes the row. No claim reads the rows of live processors' batches (see
@@ -350,7 +354,8 @@ const CLAIM_SUSPECT: &str = concat!(
 /// snapshot, not even vacuum), cost the claims nothing; the row is found by its key alone.
 const RECORD_CLAIM: &str = concat!(
     "INSERT INTO hook_events_claims (id, holder, event_ids, processor) \
-     SELECT $1, $2::text::xid8, $3::uuid[], $4::int8 WHERE ",
+     SELECT $1, $2::text::xid8, $3::uuid[], \
+            (SELECT p.key FROM hook_events_processors AS p WHERE p.key = $4::int8) WHERE ",
     holder_live!("$2::text::xid8")
 );
 
