@@ -179,6 +179,7 @@ async fn process(
         PgStore::connect(pg_config, probe_options).await.with_context(|| format!("connecting to {shown}"))?;
     health.attach_probe_pool(probe.pool().clone());
     let stop_within = engine_config.drain_timeout + SHUTDOWN_GRACE;
+    let presence = store.presence();
     let engine = Engine::builder(store).registry(registry).config(engine_config).build()?;
     health.attach_engine(engine.metrics());
     starting.abort();
@@ -199,6 +200,7 @@ async fn process(
             health.set_stopping();
             notifier.stopping();
             // New hooks go to the database while the engine drains.
+            presence.leave().await;
             stop_ingest.send_replace(true);
             stop_tx.send_replace(true);
         })

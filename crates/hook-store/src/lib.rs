@@ -87,6 +87,7 @@ mod libpq;
 mod listen;
 mod pg;
 mod presence;
+pub use presence::Presence;
 mod queries;
 
 pub mod archive;

@@ -298,6 +298,11 @@ impl PgStore {
         });
     }
 
+    /// The store's presence, to [`leave`](Presence::leave) when the process stops.
+    pub fn presence(&self) -> Presence {
+        self.presence.clone()
+    }
+
     /// The connection pool, for queries outside the claim path.
     pub fn pool(&self) -> &Pool {
         &self.pool

@@ -27,14 +27,17 @@ use crate::error::StoreError;
 /// silent is noticed and replaced (as the LISTEN connection's ping).
 const PING_EVERY: Duration = Duration::from_secs(10);
 
-/// A store's presence, started by its first claim.
+/// A store's presence, started by its first claim. [`PgStore::presence`](crate::PgStore::presence)
+/// hands out a clone, so that a process can [`leave`](Presence::leave) cleanly after its engine
+/// (which owns the store) has stopped.
 #[derive(Debug, Clone)]
-pub(crate) struct Presence {
+pub struct Presence {
     /// The registered key; 0 while there is none.
     key: Arc<AtomicI64>,
     started: Arc<AtomicBool>,
     /// Dropped with the store: the task then strikes its row off and ends.
     stop: Arc<watch::Sender<()>>,
+    task: Arc<std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>>,
 }
 
 impl Presence {
@@ -44,6 +47,7 @@ impl Presence {
             key: Arc::new(AtomicI64::new(0)),
             started: Arc::new(AtomicBool::new(false)),
             stop: Arc::new(stop),
+            task: Arc::default(),
         }
     }
 
@@ -59,7 +63,19 @@ impl Presence {
         }
         let (config, tls, key) = (config.clone(), tls.clone(), Arc::clone(&self.key));
         let stop = self.stop.subscribe();
-        tokio::spawn(presence_loop(config, tls, key, stop, call_timeout));
+        let task = tokio::spawn(presence_loop(config, tls, key, stop, call_timeout));
+        *self.task.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(task);
+    }
+
+    /// Strikes the store's row off `hook_events_processors` and closes the presence connection,
+    /// waiting up to 2 s: a process that exits without it leaves a row whose lock is free, which
+    /// the other processors take for a crash (one needless recovery each).
+    pub async fn leave(self) {
+        self.stop();
+        let task = self.task.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+        if let Some(task) = task {
+            let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+        }
     }
 
     /// Ends the presence task (it strikes its row off first), as dropping the store does.

@@ -300,6 +300,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             }
         }
     };
+    let presence = store.presence();
     let engine = Engine::builder(store)
         .handler(WILDCARD, WILDCARD, handler)
         .config(args.engine_config())
@@ -307,6 +308,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .context("building the engine")?;
     info!(pid, delay_ms = delay.as_millis() as u64, faults = ?args.faults, "hook-test-worker running");
     let snapshot = engine.run(shutdown).await;
+    presence.leave().await;
     info!(pid, "hook-test-worker stopped: {snapshot}");
     Ok(())
 }
