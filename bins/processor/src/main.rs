@@ -200,7 +200,6 @@ async fn process(
             health.set_stopping();
             notifier.stopping();
             // New hooks go to the database while the engine drains.
-            presence.leave().await;
             stop_ingest.send_replace(true);
             stop_tx.send_replace(true);
         })
@@ -227,6 +226,10 @@ async fn process(
         totals = engine.run(shutdown) => Some(totals),
         () = overdue => None,
     };
+    if totals.is_some() {
+        // A database that did not answer the drain would not answer this either.
+        presence.leave().await;
+    }
     stop_ingest.send_replace(true);
     if let Some(ingest) = ingest {
         // Requests already read are inserted or answered within the server's grace period, which
