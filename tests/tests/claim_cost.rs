@@ -371,5 +371,9 @@ async fn under_a_held_snapshot_the_rows_of_thousands_of_batches_cost_the_claim_n
 }
 
 async fn created_at(client: &Client, id: Uuid) -> time::OffsetDateTime {
-    client.query_one("SELECT created_at FROM hook_events WHERE id = $1", &[&id]).await.unwrap().get(0)
+    client
+        .query_one("SELECT created_at FROM hook_events WHERE id = $1", &[&id])
+        .await
+        .expect("the event")
+        .get(0)
 }
