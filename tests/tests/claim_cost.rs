@@ -377,3 +377,45 @@ async fn created_at(client: &Client, id: Uuid) -> time::OffsetDateTime {
         .expect("the event")
         .get(0)
 }
+
+/// The outcome statements are prepared once per connection, and their generic plan is made
+/// under the statistics of that moment: made when the table was empty, the success statement
+/// joins the batch to a sequential scan of `hook_events`, and keeps doing so for as long as no
+/// `ANALYZE` comes (for ever on a server with autovacuum off): every completion reading the
+/// whole table. Planned as the store plans it (at each run), it probes the primary key.
+#[tokio::test]
+async fn completions_probe_the_primary_key_however_the_table_grew_after_their_plan_was_made() {
+    let db = TestDb::migrated("claim_cost_outcome_plans").await;
+    let client = db.client().await;
+    // As on a server with autovacuum off: no ANALYZE comes between the steps.
+    client
+        .batch_execute("ALTER TABLE hook_events SET (autovacuum_enabled = false); ANALYZE hook_events")
+        .await
+        .unwrap();
+    let store = db.store(no_rescan()).await;
+    let pooled = store.pool().get().await.expect("a pooled connection");
+    const GROWN: i64 = 200_000;
+
+    // What the setting prevents: the generic plan made on the empty table (a walk of the whole
+    // table, by a sequential scan or a full index scan, with the batch probed for each row).
+    let unplanned = bench::explain_success_after_growth(&pooled, GROWN, false).await.unwrap();
+    assert!(rows_read(&unplanned.json[0]["Plan"]) >= GROWN, "{:#}", unplanned.json);
+
+    // The rows rolled back are still in the table's file, which the planner sees: empty it.
+    client.batch_execute("TRUNCATE hook_events; ANALYZE hook_events").await.unwrap();
+    let planned = bench::explain_success_after_growth(&pooled, GROWN, true).await.unwrap();
+    assert_eq!(planned.rows, 0, "{:#}", planned.json);
+    assert_eq!(planned.seq_scans, 0, "{:#}", planned.json);
+    assert_eq!(planned.indexes, ["hook_events_pkey"], "{:#}", planned.json);
+    assert_eq!(rows_read(&planned.json[0]["Plan"]), 100, "{:#}", planned.json);
+}
+
+/// The rows a plan's scans of `hook_events` returned, over all their loops.
+fn rows_read(node: &serde_json::Value) -> i64 {
+    let own = if node["Relation Name"] == "hook_events" && node["Node Type"] != "ModifyTable" {
+        node["Actual Rows"].as_i64().unwrap_or(0) * node["Actual Loops"].as_i64().unwrap_or(1)
+    } else {
+        0
+    };
+    own + node["Plans"].as_array().map_or(0, |children| children.iter().map(rows_read).sum())
+}

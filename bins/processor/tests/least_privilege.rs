@@ -121,3 +121,48 @@ async fn a_pending_migration_under_hook_processor_fails_with_one_clear_line() {
     assert!(last.contains("permission denied"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+/// A processor whose role may not register its presence (here: no `INSERT` on
+/// `hook_events_processors`, as under a roles script older than migration 0012) still processes
+/// every event, says once what is wrong, and does not ask the server again every second.
+#[tokio::test]
+async fn a_presence_the_server_refuses_is_reported_once_and_not_retried_every_second() {
+    let (db, admin) = setup("least_privilege_presence").await;
+    admin.batch_execute("REVOKE INSERT ON hook_events_processors FROM hook_processor").await.unwrap();
+    for i in 0..20 {
+        admin
+            .execute(
+                "INSERT INTO hook_events (id, source, action, resource, resource_id, payload)
+                 VALUES (gen_random_uuid(), 'PreToolUse', 'tool_invocation', 'tool', $1, '{}')",
+                &[&format!("r{i}")],
+            )
+            .await
+            .unwrap();
+    }
+    let mut child = processor_as(&db, "hook_processor").env("LOG_LEVEL", "debug").spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let pending: i64 =
+            admin.query_one("SELECT count(*) FROM hook_events WHERE NOT processed", &[]).await.unwrap().get(0);
+        if pending == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{pending} events still pending without a presence");
+        assert!(child.try_wait().unwrap().is_none(), "the processor exited early");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Retrying every second, as before, would have logged four or five attempts by now.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(stderr.contains("Succeeded=20"), "{stderr}");
+    let attempts: Vec<&str> = stderr.lines().filter(|line| line.contains("presence")).collect();
+    assert_eq!(attempts.len(), 1, "one refused registration, reported once: {attempts:#?}");
+    assert!(attempts[0].contains("WARN") && attempts[0].contains("docs/roles.sql"), "{}", attempts[0]);
+    assert!(attempts[0].contains("permission denied"), "{}", attempts[0]);
+    let registered: i64 =
+        admin.query_one("SELECT count(*) FROM hook_events_processors", &[]).await.unwrap().get(0);
+    assert_eq!(registered, 0);
+}

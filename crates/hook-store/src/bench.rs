@@ -274,6 +274,57 @@ pub async fn explain_claim(
     let ended = client.batch_execute("ROLLBACK; DEALLOCATE hook_bench_claim").await;
     let explained = explained?;
     ended?;
+    plan_of(&explained)
+}
+
+/// The plan a batch's success statement (see `queries::SUCCEED`) runs with once the table has
+/// grown by `rows` rows since its generic plan was made on the table as it is now (expected
+/// empty and analyzed): prepared, planned by a first run on no events, then `rows` events
+/// inserted and 100 of them completed under `EXPLAIN (ANALYZE, BUFFERS)`; all in a transaction
+/// that is rolled back. `as_the_store_does` sets the planner settings the store sets before the
+/// outcomes (`queries::OUTCOME_OPEN`); without them, the planner's own choice.
+pub async fn explain_success_after_growth(
+    client: &impl GenericClient,
+    rows: i64,
+    as_the_store_does: bool,
+) -> Result<ClaimPlan, StoreError> {
+    let settings = if as_the_store_does { crate::queries::OUTCOME_OPEN } else { "SELECT 1" };
+    let completed: Vec<String> = (0..100).map(|_| Uuid::new_v4().to_string()).collect();
+    let completed = format!("'{{{}}}'::uuid[]", completed.join(","));
+    let prepared = client
+        .batch_execute(&format!(
+            "BEGIN; SET LOCAL plan_cache_mode = force_generic_plan; {settings}; \
+             PREPARE hook_bench_succeed (uuid[], jsonb[]) AS {}; \
+             EXECUTE hook_bench_succeed ('{{}}', '{{}}'); \
+             INSERT INTO hook_events (id, source, action, resource, resource_id) \
+             SELECT gen_random_uuid(), 'PreToolUse', 'tool_invocation', 'tool', 'Bash' \
+             FROM generate_series(101, {rows}); \
+             INSERT INTO hook_events (id, source, action, resource, resource_id) \
+             SELECT id, 'PreToolUse', 'tool_invocation', 'tool', 'Bash' FROM unnest({completed}) AS id",
+            crate::queries::SUCCEED
+        ))
+        .await;
+    if let Err(error) = prepared {
+        let _ = client.batch_execute("ROLLBACK; DEALLOCATE ALL").await;
+        return Err(error.into());
+    }
+    let explained = client
+        .query_one(
+            &format!(
+                "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) EXECUTE hook_bench_succeed ( \
+                 {completed}, array_fill('{{}}'::jsonb, ARRAY[100]))"
+            ),
+            &[],
+        )
+        .await;
+    let ended = client.batch_execute("ROLLBACK; DEALLOCATE hook_bench_succeed").await;
+    let explained = explained?;
+    ended?;
+    plan_of(&explained)
+}
+
+/// A [`ClaimPlan`] from the row of an `EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON)`.
+fn plan_of(explained: &tokio_postgres::Row) -> Result<ClaimPlan, StoreError> {
     // The plan's column is `json`; read as text, should a server send it so.
     let json: serde_json::Value = match explained.try_get(0) {
         Ok(json) => json,

@@ -27,6 +27,9 @@ use crate::error::StoreError;
 /// silent is noticed and replaced (as the LISTEN connection's ping).
 const PING_EVERY: Duration = Duration::from_secs(10);
 
+/// How long the presence waits before asking again after the server refused its registration.
+const REFUSED_RETRY: Duration = Duration::from_secs(30);
+
 /// A store's presence, started by its first claim. [`PgStore::presence`](crate::PgStore::presence)
 /// hands out a clone, so that a process can [`leave`](Presence::leave) cleanly after its engine
 /// (which owns the store) has stopped.
@@ -97,12 +100,21 @@ async fn presence_loop(
     loop {
         let ended = session(&config, tls.clone(), &key, &mut stop, call_timeout).await;
         key.store(0, Ordering::Release);
+        let mut wait = delay;
         match ended {
             Ok(true) => return,
             Ok(false) => delay = Duration::from_millis(100),
             Err(error) => {
                 failures = failures.saturating_add(1);
-                if hook_core::is_loud_failure(failures) {
+                // The server refused a statement (no right on hook_events_processors, a table
+                // that is not there): asking again every second changes nothing.
+                let refused = matches!(&error, StoreError::Db(db) if db.as_db_error().is_some());
+                if refused {
+                    wait = REFUSED_RETRY;
+                }
+                if refused && hook_core::is_loud_failure(failures) {
+                    warn!(error = %error, failures, retry_in_s = REFUSED_RETRY.as_secs(), "the processor's presence cannot be registered (see docs/roles.sql for the rights it needs); batches are recorded for every claim to read until it is");
+                } else if hook_core::is_loud_failure(failures) {
                     warn!(error = %error, failures, "the processor's presence connection is lost; batches are recorded for every claim to read until it is back");
                 } else {
                     debug!(error = %error, failures, "the processor's presence connection is lost; reconnecting");
@@ -113,7 +125,7 @@ async fn presence_loop(
             return;
         }
         tokio::select! {
-            () = tokio::time::sleep(delay) => {}
+            () = tokio::time::sleep(wait) => {}
             _ = stop.changed() => return,
         }
         delay = (delay * 2).min(Duration::from_secs(1));

@@ -230,9 +230,25 @@ pub(crate) const CLAIM_PLANNER: &str =
 /// claim's transaction.
 const CLAIM_PLANNER_END: &str = "RESET enable_sort; RESET enable_seqscan; RESET jit";
 
+/// Sent before a batch's outcomes ([`SUCCEED`], [`FAIL`], [`SET_ASIDE`]) in the claim's
+/// transaction, whose end ends it too. Deferred constraints are checked at each statement, where
+/// a refusal can be caught, not at COMMIT, where it would roll the batch back. And the outcome
+/// statements are planned at each run, for the table as it is then (a few dozen microseconds per
+/// batch): a prepared statement's generic plan is made once, under the statistics of that
+/// moment, and kept until the next `ANALYZE` of the table. Made while the table was new or just
+/// emptied (no rows, as far as the planner knows), it walks the whole table (a sequential scan,
+/// or with those disabled a full scan of an index) and probes the batch's ids for each row, and
+/// on a server whose autovacuum is off every completion did so for ever (seen: 120,000 rows read
+/// per completion after five minutes at 500 events/s, and growing). The setting also applies to
+/// what a user's trigger on `hook_events` runs during the outcomes.
+pub(crate) const OUTCOME_OPEN: &str = "SET CONSTRAINTS ALL IMMEDIATE; SET LOCAL plan_cache_mode = force_custom_plan";
+
+/// Opens the rescan's transaction (see [`rescan`]).
+const RESCAN_BEGIN: &str = "BEGIN; SET LOCAL plan_cache_mode = force_custom_plan";
+
 /// The rescan below the low-water mark (see [`rescan`]): the oldest event never tried whose
-/// `created_at` is before `$1` and that no claim holds (`FOR KEY SHARE SKIP LOCKED`: an
-/// autocommitted statement, so the lock ends with it; it conflicts only with a claim's
+/// `created_at` is before `$1` and that no claim holds (`FOR KEY SHARE SKIP LOCKED`, in a
+/// transaction that ends at once, so the lock ends with it; it conflicts only with a claim's
 /// `FOR UPDATE`, so rows in flight are skipped and no writer waits), and whether that
 /// `created_at` is finite (an `-infinity` cannot be a mark: the claim then starts from the
 /// beginning).
@@ -408,7 +424,7 @@ const SET_ASIDE: &str = "UPDATE hook_events AS e \
 /// not the claim transaction's start, `now()`, which is before the handler ran), as in the
 /// original, which set it in its own transaction after the handler. `GREATEST` keeps the table's
 /// `processed_at >= created_at` check true when a producer's clock ran ahead of the database's.
-const SUCCEED: &str = "UPDATE hook_events AS e \
+pub(crate) const SUCCEED: &str = "UPDATE hook_events AS e \
      SET processed = TRUE, processed_at = GREATEST(clock_timestamp(), e.created_at), \
          result_metadata = r.metadata, next_attempt_at = NULL, dead_at = NULL \
      FROM unnest($1::uuid[], $2::jsonb[]) AS r(id, metadata) \
@@ -566,7 +582,7 @@ fn next_floor(rows: &[Row], now: OffsetDateTime) -> Result<Option<OffsetDateTime
 /// claim of another process, or became claimable again (the original's reset SQL, hook-replay,
 /// an operator's fix). Returns the mark the next claim must start from: `Some(created_at)` of
 /// the oldest such event, `Some(None)` for the beginning (its `created_at` is `-infinity`), or
-/// `None` when there is none. Autocommitted, off the claim's path: under a held snapshot it
+/// `None` when there is none. In a transaction of its own, off the claim's path: under a held snapshot it
 /// walks every index entry below the mark that vacuum could not remove, which is what the mark
 /// spares the claims.
 pub(crate) async fn rescan(
@@ -574,7 +590,18 @@ pub(crate) async fn rescan(
     floor: OffsetDateTime,
 ) -> Result<Option<Option<OffsetDateTime>>, StoreError> {
     let statement = client.prepare_cached(RESCAN).await?;
-    let Some(row) = client.query_opt(&statement, &[&floor]).await? else {
+    // In a transaction of its own, planned at each run for the table as it is (see
+    // OUTCOME_OPEN: a generic plan made on an empty table would scan and sort the whole table).
+    // One round trip.
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&floor];
+    let (begun, row, ended) = futures::join!(
+        client.batch_execute(RESCAN_BEGIN),
+        client.query_opt(&statement, &params),
+        client.batch_execute("COMMIT")
+    );
+    begun?;
+    ended?;
+    let Some(row) = row? else {
         return Ok(None);
     };
     let finite: bool = row.try_get(0)?;
@@ -897,7 +924,7 @@ pub(crate) async fn record_outcomes_and_commit(
     let fail_statement = client.prepare_cached(FAIL).await.map_err(CommitError::known)?;
     // Deferred constraints are checked at each statement, where a refusal can be caught, not at
     // COMMIT, where it would roll the batch back.
-    let open = client.batch_execute("SET CONSTRAINTS ALL IMMEDIATE");
+    let open = client.batch_execute(OUTCOME_OPEN);
     let succeed = async {
         if c.ok_ids.is_empty() {
             return Ok(0);
@@ -975,7 +1002,7 @@ async fn write_one_by_one(
     // Parse. The locks are dropped for one round trip, during which the ledger row keeps other
     // claims off the events.
     client
-        .batch_execute("ROLLBACK TO SAVEPOINT hook_claim; SET CONSTRAINTS ALL IMMEDIATE")
+        .batch_execute(&format!("ROLLBACK TO SAVEPOINT hook_claim; {OUTCOME_OPEN}"))
         .await
         .map_err(CommitError::known)?;
     let ids: Vec<Uuid> = c.ok_ids.iter().chain(&c.failed_ids).copied().collect();
