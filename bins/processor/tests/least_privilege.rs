@@ -158,7 +158,7 @@ async fn a_presence_the_server_refuses_is_reported_once_and_not_retried_every_se
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stderr}");
     assert!(stderr.contains("Succeeded=20"), "{stderr}");
-    let attempts: Vec<&str> = stderr.lines().filter(|line| line.contains("presence")).collect();
+    let attempts: Vec<&str> = stderr.lines().filter(|line| line.contains("hook_store::presence")).collect();
     assert_eq!(attempts.len(), 1, "one refused registration, reported once: {attempts:#?}");
     assert!(attempts[0].contains("WARN") && attempts[0].contains("docs/roles.sql"), "{}", attempts[0]);
     assert!(attempts[0].contains("permission denied"), "{}", attempts[0]);
