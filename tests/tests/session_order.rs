@@ -33,6 +33,16 @@ fn options() -> StoreOptions {
     }
 }
 
+/// docs/routes.md, "Unblocking a session": the heads that hold their sessions back.
+const HEADS_WAITING: &str = "SELECT * FROM (
+    SELECT DISTINCT ON (session) left(coalesce(metadata->>'session_id', payload->>'session_id'), 128) AS session,
+           id, source, action, retry_count, next_attempt_at, processing_errors[cardinality(processing_errors)] AS last_error
+    FROM hook_events
+    WHERE NOT processed AND dead_at IS NULL
+      AND left(coalesce(metadata->>'session_id', payload->>'session_id'), 128) IS NOT NULL
+    ORDER BY 1, created_at, id) AS heads
+WHERE next_attempt_at > now()";
+
 fn request(limit: usize) -> ClaimRequest {
     ClaimRequest { limit, max_retry_count: 3, ..ClaimRequest::default() }
 }
@@ -163,9 +173,14 @@ async fn a_failed_event_holds_back_its_session_until_it_succeeds_or_dies_while_o
     // A new event of the held session (`s0`) waits behind it.
     let extra = insert_sessions(&client, 1, 1, "PreToolUse").await;
     assert!(claim(&store, 100).await.is_none(), "behind the waiting event");
+    // The operator's query of docs/routes.md finds the head that holds its session back.
+    let heads = client.query(HEADS_WAITING, &[]).await.expect("the heads query");
+    let found: Vec<(String, Uuid)> = heads.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(found, [("s0".to_owned(), held[2])]);
     client
         .execute(
-            "UPDATE hook_events SET processed = TRUE, processed_at = GREATEST(now(), created_at), next_attempt_at = NULL WHERE id = $1",
+            "UPDATE hook_events SET processed = TRUE, processed_at = GREATEST(now(), created_at), next_attempt_at = NULL \
+             WHERE id = $1 AND NOT processed",
             &[&held[2]],
         )
         .await
