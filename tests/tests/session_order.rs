@@ -247,3 +247,39 @@ async fn the_ordered_claim_reads_a_few_buffers_per_session_whatever_the_backlog(
     drop(conn);
     batch.release().await;
 }
+
+/// A session's next event is claimed as soon as its head commits, not at the poll interval: the
+/// commit of a batch that held heads sends `NOTIFY hook_events`, which wakes every processor.
+#[tokio::test]
+async fn a_sessions_next_event_is_claimed_when_its_head_commits_not_at_the_poll() {
+    let db = TestDb::migrated("order_wakeup").await;
+    let client = db.client().await;
+    let store = db.store(StoreOptions { listen: true, ..options() }).await;
+    let invocations = hook_tests::Invocations::default();
+    let engine = hook_core::Engine::builder(store)
+        .handler("*", "*", invocations.handler())
+        .config(hook_core::EngineConfig {
+            poll_interval: Duration::from_secs(30),
+            ..hook_tests::test_config()
+        })
+        .build()
+        .expect("an engine");
+    let running = hook_tests::Running::start(engine);
+    // The engine's first claim finds nothing; then it waits for a wakeup or the poll.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = std::time::Instant::now();
+    insert_sessions(&client, 1, 20, "PreToolUse").await;
+    hook_tests::wait_for_count(
+        &client,
+        "SELECT count(*) FROM hook_events WHERE processed",
+        20,
+        Duration::from_secs(20),
+    )
+    .await;
+    let took = started.elapsed();
+    running.stop().await;
+    assert_eq!(invocations.total(), 20);
+    // 20 events one after the other, each woken by its predecessor's commit.
+    assert!(took < Duration::from_secs(20), "{took:?}");
+    eprintln!("20 events of one session in {took:?}");
+}
