@@ -178,7 +178,7 @@ async fn fifty_sessions_through_four_processors_arrive_in_order_and_interleave()
         let _ = child.wait();
     }
 
-    let seen = seen.lock().expect("lock");
+    let seen = std::mem::take(&mut *seen.lock().expect("lock"));
     assert!(
         seen.overlaps.is_empty(),
         "one at a time per session: {:?}",
