@@ -356,9 +356,9 @@ pub(crate) const CLAIM_ORDERED: &str = concat!(
      FROM sized ORDER BY created_at"
 );
 
-/// The rules of session order as the parameters of [`CLAIM_ORDERED`] and [`RESCAN_ORDERED`]:
+/// The rules of session order as the parameters of `CLAIM_ORDERED` and `RESCAN_ORDERED`:
 /// one element per rule in each array. Built once per store from a [`SessionOrder`]; `None`
-/// when no route is ordered, and the claim is then [`CLAIM`], unchanged.
+/// when no route is ordered, and the claim is then `CLAIM`, unchanged.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct OrderRules {
     sources: Vec<String>,
@@ -708,8 +708,8 @@ pub async fn claim_events_after(
     claim_events_ordered(client, request, begin, floor, None).await
 }
 
-/// [`claim_events_after`], in session order when `order` is given ([`CLAIM_ORDERED`]: an event
-/// of an ordered route is claimed only as its session's head); `None` is [`CLAIM`], unchanged.
+/// [`claim_events_after`], in session order when `order` is given (`CLAIM_ORDERED`: an event
+/// of an ordered route is claimed only as its session's head); `None` is `CLAIM`, unchanged.
 pub async fn claim_events_ordered(
     client: &impl GenericClient,
     request: &ClaimRequest,
