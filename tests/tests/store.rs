@@ -277,7 +277,9 @@ async fn migrations_are_idempotent_and_concurrent_runs_take_turns() {
         count(&client, "SELECT count(*) FROM hook_events_migrations").await,
         hook_store::migrate::MIGRATIONS.len() as i64
     );
-    for index in ["hook_events_claim_idx", "hook_events_fresh_idx", "hook_events_due_idx"] {
+    for index in
+        ["hook_events_claim_idx", "hook_events_fresh_idx", "hook_events_due_idx", "hook_events_order_idx"]
+    {
         let valid: bool = client
             .query_one("SELECT indisvalid FROM pg_index WHERE indexrelid = $1::text::regclass", &[&index])
             .await

@@ -86,7 +86,8 @@ fn run(args: Args, notifier: Arc<Notifier>) -> anyhow::Result<()> {
                 (cluster.config("hook_events"), PasswordSource::None, Some(cluster))
             }
         };
-        let work = Work { engine_config, registry, console };
+        let session_order = routes.as_ref().map(hook_sinks::RoutesFile::session_order).unwrap_or_default();
+        let work = Work { engine_config, registry, console, session_order };
         let result = process(pg_config, &password, work, &ops, health, notifier, starting).await;
         if let Some(cluster) = cluster {
             cluster.stop().await.context("stopping the embedded PostgreSQL")?;
@@ -110,6 +111,8 @@ struct Work {
     engine_config: hook_core::EngineConfig,
     registry: hook_core::HandlerRegistry,
     console: Option<hook_console::ConsoleState>,
+    /// Which events the claims take in session order (the routes file's `order`).
+    session_order: hook_core::SessionOrder,
 }
 
 /// After the engine stopped, how long the processor waits for the ingest socket's server to
@@ -125,7 +128,7 @@ async fn process(
     notifier: Arc<Notifier>,
     starting: tokio::task::JoinHandle<()>,
 ) -> anyhow::Result<()> {
-    let Work { engine_config, registry, console } = work;
+    let Work { engine_config, registry, console, session_order } = work;
     let pg_config = hook_store::with_service_defaults(pg_config, "hook-processor");
     let shown = redacted(&pg_config);
     let options = StoreOptions {
@@ -133,6 +136,7 @@ async fn process(
         // libpq's variable for extra trusted roots (sslmode=require); see hook_store::tls.
         tls_root_cert: std::env::var_os("PGSSLROOTCERT").filter(|v| !v.is_empty()).map(Into::into),
         call_timeout: ops.db_timeout,
+        session_order,
         ..StoreOptions::default()
     };
     let store = connect(&pg_config, options.clone(), ops.wait_for_database, &notifier)

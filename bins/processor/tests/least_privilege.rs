@@ -142,8 +142,11 @@ async fn a_presence_the_server_refuses_is_reported_once_and_not_retried_every_se
     let mut child = processor_as(&db, "hook_processor").env("LOG_LEVEL", "debug").spawn().unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let pending: i64 =
-            admin.query_one("SELECT count(*) FROM hook_events WHERE NOT processed", &[]).await.unwrap().get(0);
+        let pending: i64 = admin
+            .query_one("SELECT count(*) FROM hook_events WHERE NOT processed", &[])
+            .await
+            .unwrap()
+            .get(0);
         if pending == 0 {
             break;
         }

@@ -219,3 +219,17 @@ async fn a_failing_sink_shows_on_metrics_and_in_stats() {
     assert_eq!((hook["dead"].as_u64(), hook["retrying"].as_u64()), (Some(0), Some(1)));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_bad_order_exits_2_with_the_line_and_the_reason() {
+    let stderr = refused(
+        "order",
+        "[sinks.fine]\ntype = \"command\"\nargv = [\"true\"]\n\n[[routes]]\nsource = \"*\"\naction = \"*\"\nsinks = [\"fine\"]\norder = \"by-session\"\n",
+    );
+    assert!(
+        stderr.contains(
+            "routes.toml:9: route (\"*\", \"*\"): unknown order \"by-session\" (one of \"session\" or \"none\")"
+        ),
+        "{stderr}"
+    );
+}

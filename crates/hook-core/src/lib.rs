@@ -123,6 +123,7 @@ mod event;
 mod handler;
 mod handlers;
 mod metrics;
+mod order;
 mod retry;
 mod store;
 
@@ -138,6 +139,7 @@ pub use error::ConfigError;
 pub use event::{HandlerResult, HookEvent, NewEvent, RetryHint};
 pub use handler::{Handler, HandlerRegistry, IntoHandlerResult, WILDCARD};
 pub use handlers::register_defaults;
+pub use order::{OrderRule, SessionOrder};
 pub use retry::{RetryPolicy, RETRY_COUNT_LIMIT};
 pub use store::{ClaimRequest, ClaimedBatch, Finished, Outcome, Resolution, Store};
 

@@ -31,7 +31,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use hook_core::WILDCARD;
+use hook_core::{OrderRule, SessionOrder, WILDCARD};
 use hyper::header::{HeaderName, HeaderValue};
 use hyper::Uri;
 use serde::Deserialize;
@@ -71,6 +71,9 @@ pub struct RoutesFile {
     /// Things worth a warning that are not mistakes (a sink no route uses, a secret file others
     /// can read).
     pub warnings: Vec<Problem>,
+    /// The top-level `order = "session"`: every event is attempted in session order unless its
+    /// route says `order = "none"` (events no route matches too). Default false.
+    pub order_all: bool,
 }
 
 /// One `[sinks.NAME]` table.
@@ -115,6 +118,9 @@ pub struct RouteSpec {
     pub action: String,
     /// Sink names, each defined in the file.
     pub sinks: Vec<String>,
+    /// The route's `order`: `Some(true)` for `"session"`, `Some(false)` for `"none"`, `None`
+    /// when it has none (the file's top-level `order` then decides).
+    pub ordered: Option<bool>,
     /// Where it is defined.
     pub line: usize,
 }
@@ -179,6 +185,23 @@ struct RawRoute {
     source: Spanned<String>,
     action: Spanned<String>,
     sinks: Spanned<Vec<Spanned<String>>>,
+    order: Option<Spanned<String>>,
+}
+
+/// The values of `order` (a route's, or the file's top-level one).
+const ORDER_VALUES: &str = "\"session\" or \"none\"";
+
+/// Reads an `order` value: `Some(true)` for `"session"`, `Some(false)` for `"none"`, `None`
+/// (reported) for anything else.
+fn order_value(checker: &mut Checker<'_>, value: &Spanned<String>, what: &str) -> Option<bool> {
+    match value.get_ref().as_str() {
+        "session" => Some(true),
+        "none" => Some(false),
+        other => {
+            checker.problem(value.span(), format!("{what}: unknown order {other:?} (one of {ORDER_VALUES})"));
+            None
+        }
+    }
 }
 
 /// A duration: `"10s"`, `"250ms"`, `"2m"`, `"1h"`, or a number of seconds.
@@ -247,6 +270,7 @@ impl RoutesFile {
         }
         let mut sinks = Vec::new();
         let mut routes = Vec::new();
+        let mut order_all = false;
         if syntax.is_empty() {
             let root = root.into_inner();
             let mut sinks_value = None;
@@ -255,10 +279,16 @@ impl RoutesFile {
                 match key.get_ref().as_ref() {
                     "sinks" => sinks_value = Some(value),
                     "routes" => routes_value = Some(value),
+                    "order" => {
+                        let span = value.span();
+                        if let Some(order) = deserialize::<Spanned<String>>(&mut checker, value, span) {
+                            order_all = order_value(&mut checker, &order, "the top-level order") == Some(true);
+                        }
+                    }
                     other => checker.problem(
                         key.span(),
                         format!(
-                            "unknown key {other:?} at the top level (expected [sinks.NAME] tables and [[routes]] entries)"
+                            "unknown key {other:?} at the top level (expected order, [sinks.NAME] tables and [[routes]] entries)"
                         ),
                     ),
                 }
@@ -289,7 +319,28 @@ impl RoutesFile {
                 problems: problems.into_iter().map(|(_, p)| p).collect(),
             });
         }
-        Ok(RoutesFile { sinks, routes, warnings: checker.warnings })
+        Ok(RoutesFile { sinks, routes, warnings: checker.warnings, order_all })
+    }
+}
+
+impl RoutesFile {
+    /// Which events are attempted in session order, for the store's claim: one rule per route
+    /// (its own `order`, else the top-level one), and with a top-level `order = "session"` and
+    /// no `(*, *)` route, a `(*, *)` rule for the events no route matches.
+    pub fn session_order(&self) -> SessionOrder {
+        let mut rules: Vec<OrderRule> = self
+            .routes
+            .iter()
+            .map(|r| OrderRule {
+                source: r.source.clone(),
+                action: r.action.clone(),
+                ordered: r.ordered.unwrap_or(self.order_all),
+            })
+            .collect();
+        if self.order_all && !rules.iter().any(|r| r.source == WILDCARD && r.action == WILDCARD) {
+            rules.push(OrderRule { source: WILDCARD.into(), action: WILDCARD.into(), ordered: true });
+        }
+        SessionOrder { rules }
     }
 }
 
@@ -866,6 +917,14 @@ fn check_routes(
             ok = false;
         }
         seen.insert((source.clone(), action.clone()), line);
+        let ordered = match &raw.order {
+            Some(order) => {
+                let ordered = order_value(checker, order, &format!("route ({source:?}, {action:?})"));
+                ok &= ordered.is_some();
+                ordered
+            }
+            None => None,
+        };
         let names_span = raw.sinks.span();
         let names = raw.sinks.into_inner();
         if names.is_empty() {
@@ -897,7 +956,7 @@ fn check_routes(
             }
         }
         if ok {
-            routes.push(RouteSpec { source, action, sinks: route_sinks, line });
+            routes.push(RouteSpec { source, action, sinks: route_sinks, ordered, line });
         }
     }
     routes

@@ -215,3 +215,67 @@ fn an_unused_sink_is_a_warning_not_a_mistake() {
     assert_eq!(file.warnings[0].line, 5);
     assert!(file.warnings[0].message.contains("\"b\" is used by no route"));
 }
+
+const ORDERED: &str = r#"
+[sinks.hook]
+type = "command"
+argv = ["true"]
+
+[[routes]]
+source = "PreToolUse"
+action = "*"
+sinks = ["hook"]
+order = "session"
+
+[[routes]]
+source = "PreToolUse"
+action = "tool_invocation"
+sinks = ["hook"]
+
+[[routes]]
+source = "Stop"
+action = "*"
+sinks = ["hook"]
+order = "none"
+"#;
+
+#[test]
+fn order_session_on_a_route_orders_its_events_and_nothing_else() {
+    let file = parse(ORDERED).expect("a good file");
+    let orders: Vec<Option<bool>> = file.routes.iter().map(|r| r.ordered).collect();
+    assert_eq!(orders, [Some(true), None, Some(false)]);
+    let order = file.session_order();
+    assert!(order.is_on());
+    // The most specific route decides, as for handlers: the exact route has no order.
+    assert!(order.ordered("PreToolUse", "tool_result"));
+    assert!(!order.ordered("PreToolUse", "tool_invocation"));
+    assert!(!order.ordered("Stop", "response_completed"));
+    assert!(!order.ordered("Notification", "notification"), "no route, no top-level order");
+}
+
+#[test]
+fn a_top_level_order_is_every_routes_default_and_covers_events_without_a_route() {
+    let file = parse(&format!("order = \"session\"\n{ORDERED}")).expect("a good file");
+    assert!(file.order_all);
+    let order = file.session_order();
+    assert!(order.ordered("PreToolUse", "tool_invocation"), "the route without an order");
+    assert!(!order.ordered("Stop", "response_completed"), "the route's own order = \"none\"");
+    assert!(order.ordered("Notification", "notification"), "no route: the top-level order");
+    assert!(!parse(ORDERED.replace("order = \"session\"", "").as_str())
+        .expect("good")
+        .session_order()
+        .is_on());
+}
+
+#[test]
+fn a_bad_order_value_is_reported_with_its_line() {
+    check_problems(
+        &ORDERED.replace("order = \"session\"", "order = \"sesion\""),
+        &[(10, "route (\"PreToolUse\", \"*\"): unknown order \"sesion\" (one of \"session\" or \"none\")")],
+    );
+    check_problems(
+        &format!("order = \"fifo\"\n{ORDERED}"),
+        &[(1, "the top-level order: unknown order \"fifo\" (one of \"session\" or \"none\")")],
+    );
+    check_problems(&format!("order = 1\n{ORDERED}"), &[(1, "invalid type: integer `1`, expected a string")]);
+}

@@ -241,6 +241,39 @@ pub async fn explain_claim(
     floor: Option<time::OffsetDateTime>,
     generic: bool,
 ) -> Result<ClaimPlan, StoreError> {
+    explain_claim_ordered(client, limit, floor, generic, &hook_core::SessionOrder::default()).await
+}
+
+/// [`explain_claim`] of the claim in session order by `order` (`queries::CLAIM_ORDERED`), or of
+/// the ordinary claim when `order` orders nothing.
+pub async fn explain_claim_ordered(
+    client: &impl GenericClient,
+    limit: i64,
+    floor: Option<time::OffsetDateTime>,
+    generic: bool,
+    order: &hook_core::SessionOrder,
+) -> Result<ClaimPlan, StoreError> {
+    let ordered = order.is_on();
+    let text = |items: Vec<String>| {
+        let quoted: Vec<String> = items.iter().map(|s| format!("'{}'", s.replace('\'', "''"))).collect();
+        format!("ARRAY[{}]::text[]", quoted.join(", "))
+    };
+    let rules = if ordered {
+        let flags: Vec<&str> = order.rules.iter().map(|r| if r.ordered { "true" } else { "false" }).collect();
+        format!(
+            ", {}, {}, ARRAY[{}]::bool[]",
+            text(order.rules.iter().map(|r| r.source.clone()).collect()),
+            text(order.rules.iter().map(|r| r.action.clone()).collect()),
+            flags.join(", ")
+        )
+    } else {
+        String::new()
+    };
+    let (types, statement) = if ordered {
+        ("int8, int8, int8, timestamptz, text[], text[], bool[]", crate::queries::CLAIM_ORDERED)
+    } else {
+        ("int8, int8, int8, timestamptz", crate::queries::CLAIM)
+    };
     let floor = match floor {
         Some(at) => format!(
             "('epoch'::timestamptz + {} * interval '1 microsecond')",
@@ -252,9 +285,8 @@ pub async fn explain_claim(
     let prepared = client
         .batch_execute(&format!(
             "BEGIN; SET LOCAL plan_cache_mode = {mode}; {}; \
-             PREPARE hook_bench_claim (int8, int8, int8, timestamptz) AS {}",
+             PREPARE hook_bench_claim ({types}) AS {statement}",
             crate::queries::CLAIM_PLANNER,
-            crate::queries::CLAIM
         ))
         .await;
     if let Err(error) = prepared {
@@ -264,7 +296,7 @@ pub async fn explain_claim(
     let explained = client
         .query_one(
             &format!(
-                "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) EXECUTE hook_bench_claim ({limit}, {}, {}, {floor})",
+                "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) EXECUTE hook_bench_claim ({limit}, {}, {}, {floor}{rules})",
                 i64::MAX,
                 i64::MAX
             ),

@@ -122,5 +122,7 @@ pub use error::StoreError;
 pub use libpq::{read_passfile, LibpqEnv, PassfileKey, PasswordSource, Resolved};
 pub use listen::CHANNEL;
 pub use pg::{PgBatch, PgStore, StoreOptions};
-pub use queries::{claim_events, claim_events_after, Claimed, LATE_COMMIT_MARGIN};
+pub use queries::{
+    claim_events, claim_events_after, claim_events_ordered, Claimed, OrderRules, LATE_COMMIT_MARGIN,
+};
 pub use tokio_postgres;

@@ -13,7 +13,7 @@ use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use hook_core::{ClaimRequest, ClaimedBatch, Finished, HookEvent, Outcome, Resolution, Store};
+use hook_core::{ClaimRequest, ClaimedBatch, Finished, HookEvent, Outcome, Resolution, SessionOrder, Store};
 use time::OffsetDateTime;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -26,7 +26,7 @@ use crate::error::StoreError;
 use crate::listen;
 use crate::migrate::{self, MigrationReport};
 use crate::presence::Presence;
-use crate::queries::{self, Claimed, CommitError, Completion, LedgerEnd};
+use crate::queries::{self, Claimed, CommitError, Completion, LedgerEnd, OrderRules};
 
 /// How a [`PgStore`] connects.
 #[derive(Debug, Clone)]
@@ -53,6 +53,10 @@ pub struct StoreOptions {
     /// rather than at its beginning. Off only to measure what the mark saves (`hook-bench
     /// --no-low-water-mark`).
     pub low_water_mark: bool,
+    /// Which events are attempted in session order (see [`queries::claim_events_ordered`] and
+    /// docs/routes.md, "Session order"). Default: none; the claim is then the same as without
+    /// the feature.
+    pub session_order: SessionOrder,
 }
 
 impl Default for StoreOptions {
@@ -65,6 +69,7 @@ impl Default for StoreOptions {
             call_timeout: DEFAULT_CALL_TIMEOUT,
             rescan_interval: Duration::from_secs(10),
             low_water_mark: true,
+            session_order: SessionOrder::default(),
         }
     }
 }
@@ -89,6 +94,8 @@ pub struct PgStore {
     low_water_mark: bool,
     /// Wakes the engine (as a NOTIFY does) when a rescan lowered the mark.
     wake: Option<watch::Sender<()>>,
+    /// The rules of session order, when some route is ordered.
+    order: Option<Arc<OrderRules>>,
 }
 
 /// A store's low-water mark on `hook_events_fresh_idx`: where its claims start reading events
@@ -247,6 +254,7 @@ impl PgStore {
             rescan_interval: options.rescan_interval,
             low_water_mark: options.low_water_mark,
             wake,
+            order: OrderRules::new(&options.session_order).map(Arc::new),
         })
     }
 
@@ -260,7 +268,9 @@ impl PgStore {
     pub async fn rescan(&self) -> Result<bool, StoreError> {
         let Some(floor) = self.mark.begin().0 else { return Ok(false) };
         let client = self.pool.get().await?;
-        let found = within(self.call_timeout, "rescan", queries::rescan(&client, floor)).await?;
+        let found =
+            within(self.call_timeout, "rescan", queries::rescan(&client, floor, self.order.as_deref()))
+                .await?;
         if let Some(at) = found {
             self.mark.lower(at);
             if let Some(wake) = &self.wake {
@@ -274,11 +284,11 @@ impl PgStore {
     fn rescan_if_due(&self) {
         let Some(floor) = self.mark.rescan_due(self.rescan_interval) else { return };
         let (pool, mark, call_timeout) = (self.pool.clone(), self.mark.clone(), self.call_timeout);
-        let wake = self.wake.clone();
+        let (wake, order) = (self.wake.clone(), self.order.clone());
         tokio::spawn(async move {
             let found = within(call_timeout, "rescan", async {
                 let client = pool.get().await?;
-                queries::rescan(&client, floor).await
+                queries::rescan(&client, floor, order.as_deref()).await
             })
             .await;
             match found {
@@ -403,7 +413,9 @@ impl PgStore {
                     claimed
                 }
                 None => {
-                    let claimed = queries::claim_events_after(client, &request, None, floor).await?;
+                    let claimed =
+                        queries::claim_events_ordered(client, &request, None, floor, self.order.as_deref())
+                            .await?;
                     // What is left is locked by other claimers, which handle it.
                     self.suspects.store(false, Ordering::Relaxed);
                     claimed
@@ -411,7 +423,9 @@ impl PgStore {
             }
         } else {
             // BEGIN and the claim are pipelined: one round trip.
-            let claimed = queries::claim_events_after(client, &request, Some(&begin), floor).await?;
+            let claimed =
+                queries::claim_events_ordered(client, &request, Some(&begin), floor, self.order.as_deref())
+                    .await?;
             self.suspects.store(claimed.suspects, Ordering::Relaxed);
             claimed
         };
@@ -504,11 +518,15 @@ pub struct PgBatch {
     ledger: Ledger,
     /// Lowers the store's mark unless the batch commits with nothing held back.
     returned: Option<MarkGuard>,
+    /// The batch holds heads of sessions in order: its commit notifies every processor, since it
+    /// may make the next event of each session claimable.
+    notify: bool,
 }
 
 impl PgBatch {
     fn new(conn: TxConn, store: &PgStore, claimed: Claimed, ledger: Ledger, crashed: Vec<HookEvent>) -> Self {
         let event_ids = claimed.events.iter().map(|e| e.id).collect();
+        let notify = claimed.heads > 0;
         Self {
             conn,
             pool: store.pool.clone(),
@@ -524,6 +542,7 @@ impl PgBatch {
             ledger,
             call_timeout: store.call_timeout,
             returned: None,
+            notify,
         }
     }
 
@@ -672,6 +691,8 @@ impl PgBatch {
         let client = self.conn.client()?;
         let end = self.ledger.at_commit(&outcomes);
         let commit = queries::commit_sql(end);
+        // Before the ledger statement: it fails like it when an outcome was refused.
+        let commit = if self.notify { format!("NOTIFY {}; {commit}", listen::CHANNEL) } else { commit };
         let completion = Completion::new(outcomes);
         let guard = match self.ledger {
             Ledger::Ordinary { id, recorded: true } if self.processor.is_some() => {

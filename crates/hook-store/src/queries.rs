@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use deadpool_postgres::GenericClient;
-use hook_core::{ClaimRequest, HookEvent, Outcome, Resolution};
+use hook_core::{ClaimRequest, HookEvent, Outcome, Resolution, SessionOrder};
 use serde_json::Value;
 use time::OffsetDateTime;
 use tokio_postgres::Row;
@@ -200,6 +200,188 @@ pub(crate) const CLAIM: &str = concat!(
      FROM sized ORDER BY created_at"
 );
 
+/// SQL: an event's session, for session order: `metadata.session_id`, else `payload.session_id`,
+/// cut to 128 characters; the key of `hook_events_order_idx` (migration 0013) and of the
+/// console's `hook_events_session_idx` (0010).
+macro_rules! session_key {
+    ($e:literal) => {
+        concat!("left(coalesce(", $e, ".metadata->>'session_id', ", $e, ".payload->>'session_id'), 128)")
+    };
+}
+
+/// SQL: whether the event's route is ordered, by the rules in the parameters `$s` (sources),
+/// `$a` (actions) and `$o` (ordered), one element per rule (see [`OrderRules`]): the most
+/// specific rule that matches decides (exact, then `(source, *)`, then `(*, *)`), as in the
+/// handler registry; no rule, not ordered.
+macro_rules! ordered_route {
+    ($e:literal, $s:literal, $a:literal, $o:literal) => {
+        concat!(
+            "COALESCE((SELECT bool_or(r.o) FROM unnest(",
+            $s,
+            "::text[], ",
+            $a,
+            "::text[], ",
+            $o,
+            "::bool[]) AS r(s, a, o) WHERE r.s = ",
+            $e,
+            ".source AND r.a = ",
+            $e,
+            ".action), \
+             (SELECT bool_or(r.o) FROM unnest(",
+            $s,
+            "::text[], ",
+            $a,
+            "::text[], ",
+            $o,
+            "::bool[]) AS r(s, a, o) WHERE r.s = ",
+            $e,
+            ".source AND r.a = '*'), \
+             (SELECT bool_or(r.o) FROM unnest(",
+            $s,
+            "::text[], ",
+            $a,
+            "::text[], ",
+            $o,
+            "::bool[]) AS r(s, a, o) WHERE r.s = '*' AND r.a = '*'), FALSE)"
+        )
+    };
+}
+
+/// SQL: the event is held to its session's order: its route is ordered and it has a session.
+/// Such events are claimed only as their session's head (see [`CLAIM_ORDERED`]).
+macro_rules! in_order {
+    ($e:literal, $s:literal, $a:literal, $o:literal) => {
+        concat!("(", ordered_route!($e, $s, $a, $o), " AND ", session_key!($e), " IS NOT NULL)")
+    };
+}
+
+/// SQL: the pending rows of `hook_events_order_idx` (migration 0013), in its order, from after
+/// the session `$after` (a SQL expression; none: from the first session): the first is the
+/// head of the next session, its oldest event neither processed nor dead.
+macro_rules! next_head {
+    ($after:literal) => {
+        concat!(
+            "SELECT ",
+            session_key!("o"),
+            " AS session, o.created_at AS at, o.id AS head FROM hook_events AS o \
+             WHERE NOT o.processed AND o.dead_at IS NULL AND ",
+            session_key!("o"),
+            " IS NOT NULL",
+            $after,
+            " ORDER BY ",
+            session_key!("o"),
+            ", o.created_at, o.id LIMIT 1"
+        )
+    };
+}
+
+/// [`CLAIM`] when some routes are ordered (`$5`, `$6`, `$7`: the rules, see [`OrderRules`]).
+/// Events of ordered routes that have a session are left out of the two branches of [`CLAIM`]
+/// and claimed by a third, between them: each session's head (its oldest event, by
+/// `(created_at, id)`, that is neither processed nor dead), if that head is of an ordered
+/// route, due, not named by the ledger and not locked by another claim. So an ordered event is
+/// attempted only when every earlier event of its session is processed or dead: one at a time
+/// across all processors (a head another claim holds is still pending, and its successors are
+/// not heads), at most one per session in a claim, and a failed event (waiting for its retry,
+/// or a suspect) holds its session's later events back until it succeeds or dies.
+///
+/// The heads are found by a loose index scan of `hook_events_order_idx` (a recursive CTE that
+/// steps from one session to the next, one index probe per session with pending events), so a
+/// claim costs the number of sessions with pending events, whatever their backlog; the heads
+/// are claimed oldest first, each looked up by its id (a lateral subquery, which also locks it:
+/// a join would let the planner read every pending row to hash them). The rows it returns
+/// carry one more column, whether they came from
+/// the heads (their commit sends `NOTIFY hook_events`: it may make the next event of their
+/// session claimable, for any processor).
+pub(crate) const CLAIM_ORDERED: &str = concat!(
+    "WITH RECURSIVE named AS ( \
+         SELECT unnest(c.event_ids) AS id FROM hook_events_claims AS c WHERE c.processor IS NULL \
+         UNION ALL \
+         SELECT unnest(c.event_ids) FROM hook_events_claims AS c \
+         WHERE c.processor IS NOT NULL AND (SELECT ",
+    processor_gone!(),
+    ") \
+     ), heads AS ( \
+         (",
+    next_head!(""),
+    ") \
+         UNION ALL \
+         SELECT n.session, n.at, n.head FROM heads AS h CROSS JOIN LATERAL (",
+    next_head!(" AND left(coalesce(o.metadata->>'session_id', o.payload->>'session_id'), 128) > h.session"),
+    ") AS n \
+     ), due AS ( \
+         SELECT ",
+    claim_columns!(),
+    ", FALSE AS fresh, FALSE AS ordered FROM hook_events AS e \
+         WHERE ",
+    waiting!("e"),
+    " AND e.next_attempt_at <= now() AND e.id NOT IN (SELECT id FROM named) AND NOT ",
+    in_order!("e", "$5", "$6", "$7"),
+    " ORDER BY e.next_attempt_at \
+         LIMIT $1::int8 \
+         FOR UPDATE OF e SKIP LOCKED \
+     ), ordered AS ( \
+         SELECT x.* FROM (SELECT head, at FROM heads ORDER BY at) AS h CROSS JOIN LATERAL ( \
+             SELECT ",
+    claim_columns!(),
+    ", FALSE AS fresh, TRUE AS ordered FROM hook_events AS e \
+             WHERE e.id = h.head AND ",
+    due!("e"),
+    " AND e.id NOT IN (SELECT id FROM named) AND ",
+    ordered_route!("e", "$5", "$6", "$7"),
+    " FOR UPDATE OF e SKIP LOCKED \
+         ) AS x \
+         LIMIT $1::int8 \
+     ), fresh AS ( \
+         SELECT ",
+    claim_columns!(),
+    ", TRUE AS fresh, FALSE AS ordered FROM hook_events AS e \
+         WHERE ",
+    fresh!("e"),
+    " AND e.created_at >= COALESCE($4::timestamptz, '-infinity') AND e.id NOT IN (SELECT id FROM named) AND NOT ",
+    in_order!("e", "$5", "$6", "$7"),
+    " ORDER BY e.created_at \
+         LIMIT $1::int8 \
+         FOR UPDATE OF e SKIP LOCKED \
+     ), locked AS ( \
+         SELECT * FROM due UNION ALL SELECT * FROM ordered UNION ALL SELECT * FROM fresh LIMIT $1::int8 \
+     ), sized AS ( \
+         SELECT *, bytes <= $3::int8 AND sum(CASE WHEN bytes > $3::int8 THEN 0 ELSE bytes END) \
+                   OVER (ORDER BY created_at ROWS UNBOUNDED PRECEDING) <= $2::int8 AS fits \
+         FROM locked \
+     ) \
+     SELECT id, source, action, resource, resource_id, \
+            CASE WHEN fits THEN payload END, CASE WHEN fits THEN metadata END, \
+            processed, processing_errors, retry_count, created_at, processed_at, bytes, fits, fresh, ordered \
+     FROM sized ORDER BY created_at"
+);
+
+/// The rules of session order as the parameters of `CLAIM_ORDERED` and `RESCAN_ORDERED`:
+/// one element per rule in each array. Built once per store from a [`SessionOrder`]; `None`
+/// when no route is ordered, and the claim is then `CLAIM`, unchanged.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OrderRules {
+    sources: Vec<String>,
+    actions: Vec<String>,
+    ordered: Vec<bool>,
+}
+
+impl OrderRules {
+    /// The parameters for `order`, or `None` when it orders nothing.
+    pub fn new(order: &SessionOrder) -> Option<Self> {
+        if !order.is_on() {
+            return None;
+        }
+        let mut rules = OrderRules::default();
+        for rule in &order.rules {
+            rules.sources.push(rule.source.clone());
+            rules.actions.push(rule.action.clone());
+            rules.ordered.push(rule.ordered);
+        }
+        Some(rules)
+    }
+}
+
 /// The savepoint every claim's transaction opens right after BEGIN, before it locks anything.
 ///
 /// The claim's row locks and the outcomes' updates are then made by the same subtransaction. Were
@@ -241,7 +423,8 @@ const CLAIM_PLANNER_END: &str = "RESET enable_sort; RESET enable_seqscan; RESET 
 /// on a server whose autovacuum is off every completion did so for ever (seen: 120,000 rows read
 /// per completion after five minutes at 500 events/s, and growing). The setting also applies to
 /// what a user's trigger on `hook_events` runs during the outcomes.
-pub(crate) const OUTCOME_OPEN: &str = "SET CONSTRAINTS ALL IMMEDIATE; SET LOCAL plan_cache_mode = force_custom_plan";
+pub(crate) const OUTCOME_OPEN: &str =
+    "SET CONSTRAINTS ALL IMMEDIATE; SET LOCAL plan_cache_mode = force_custom_plan";
 
 /// Opens the rescan's transaction (see [`rescan`]).
 const RESCAN_BEGIN: &str = "BEGIN; SET LOCAL plan_cache_mode = force_custom_plan";
@@ -259,6 +442,24 @@ const RESCAN: &str = concat!(
     fresh!("e"),
     " AND e.created_at < $1::timestamptz AND ",
     not_suspect!("e"),
+    " ORDER BY e.created_at \
+     LIMIT 1 \
+     FOR KEY SHARE SKIP LOCKED"
+);
+
+/// [`RESCAN`] when some routes are ordered (`$2`, `$3`, `$4`: the rules, see [`OrderRules`]):
+/// events held to their session's order are left out, as they are out of the fresh branch of
+/// [`CLAIM_ORDERED`] (its heads are found without the mark), so that events waiting behind
+/// their session's head do not pull the mark back at every rescan.
+const RESCAN_ORDERED: &str = concat!(
+    "SELECT isfinite(e.created_at), CASE WHEN isfinite(e.created_at) THEN e.created_at END \
+     FROM hook_events AS e \
+     WHERE ",
+    fresh!("e"),
+    " AND e.created_at < $1::timestamptz AND ",
+    not_suspect!("e"),
+    " AND NOT ",
+    in_order!("e", "$2", "$3", "$4"),
     " ORDER BY e.created_at \
      LIMIT 1 \
      FOR KEY SHARE SKIP LOCKED"
@@ -483,6 +684,8 @@ pub struct Claimed {
     /// The low-water mark this claim leaves: where the next claim may start reading events never
     /// tried (see [`claim_events_after`]). `None`: from the beginning.
     pub floor: Option<OffsetDateTime>,
+    /// Rows claimed as their session's head, in session order (see [`claim_events_ordered`]).
+    pub heads: usize,
 }
 
 /// Claims up to `request.limit` eligible rows with `FOR UPDATE SKIP LOCKED`, within
@@ -519,7 +722,19 @@ pub async fn claim_events_after(
     begin: Option<&str>,
     floor: Option<OffsetDateTime>,
 ) -> Result<Claimed, StoreError> {
-    let statement = client.prepare_cached(CLAIM).await?;
+    claim_events_ordered(client, request, begin, floor, None).await
+}
+
+/// [`claim_events_after`], in session order when `order` is given (`CLAIM_ORDERED`: an event
+/// of an ordered route is claimed only as its session's head); `None` is `CLAIM`, unchanged.
+pub async fn claim_events_ordered(
+    client: &impl GenericClient,
+    request: &ClaimRequest,
+    begin: Option<&str>,
+    floor: Option<OffsetDateTime>,
+    order: Option<&OrderRules>,
+) -> Result<Claimed, StoreError> {
+    let statement = client.prepare_cached(if order.is_some() { CLAIM_ORDERED } else { CLAIM }).await?;
     let info = client.prepare_cached(CLAIM_INFO).await?;
     let limit = i64::try_from(request.limit).unwrap_or(i64::MAX);
     let max_bytes = i64::try_from(request.max_bytes).unwrap_or(i64::MAX);
@@ -532,8 +747,15 @@ pub async fn claim_events_after(
     };
     // BEGIN, the claim (planned without sorts, see CLAIM_PLANNER) and what the transaction
     // learns from it: one round trip.
-    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
-        [&limit, &max_bytes, &max_event_bytes, &floor];
+    let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+        vec![&limit, &max_bytes, &max_event_bytes, &floor];
+    if let Some(rules) = order {
+        params.extend([
+            &rules.sources as &(dyn tokio_postgres::types::ToSql + Sync),
+            &rules.actions,
+            &rules.ordered,
+        ]);
+    }
     let (begun, planner, rows, info, restored) = futures::join!(
         begun,
         client.batch_execute(CLAIM_PLANNER),
@@ -550,6 +772,13 @@ pub async fn claim_events_after(
     claimed.xid = info.try_get(0)?;
     claimed.suspects = info.try_get(1)?;
     claimed.floor = next_floor(&rows, info.try_get(2)?)?;
+    if order.is_some() {
+        for row in &rows {
+            if row.try_get::<_, bool>(15)? {
+                claimed.heads += 1;
+            }
+        }
+    }
     Ok(claimed)
 }
 
@@ -588,12 +817,18 @@ fn next_floor(rows: &[Row], now: OffsetDateTime) -> Result<Option<OffsetDateTime
 pub(crate) async fn rescan(
     client: &impl GenericClient,
     floor: OffsetDateTime,
+    order: Option<&OrderRules>,
 ) -> Result<Option<Option<OffsetDateTime>>, StoreError> {
-    let statement = client.prepare_cached(RESCAN).await?;
     // In a transaction of its own, planned at each run for the table as it is (see
     // OUTCOME_OPEN: a generic plan made on an empty table would scan and sort the whole table).
     // One round trip.
-    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&floor];
+    let (statement, params): (_, Vec<&(dyn tokio_postgres::types::ToSql + Sync)>) = match order {
+        None => (client.prepare_cached(RESCAN).await?, vec![&floor]),
+        Some(rules) => (
+            client.prepare_cached(RESCAN_ORDERED).await?,
+            vec![&floor, &rules.sources, &rules.actions, &rules.ordered],
+        ),
+    };
     let (begun, row, ended) = futures::join!(
         client.batch_execute(RESCAN_BEGIN),
         client.query_opt(&statement, &params),

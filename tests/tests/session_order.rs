@@ -1,0 +1,285 @@
+//! Session order in the claim (issue 12, item 3), against a real PostgreSQL: under an ordered
+//! route a claim takes only each session's head (its oldest event neither processed nor dead),
+//! one per session, none behind a head another claim holds; a failed event holds its session
+//! back until it succeeds or dies while other sessions go on; events of unordered routes and
+//! events without a session are not held back; and the claim reads a few buffers per session
+//! with pending events, whatever their backlog (asserted on `EXPLAIN (ANALYZE, BUFFERS)`).
+
+use std::time::Duration;
+
+use hook_core::{ClaimRequest, ClaimedBatch, HookEvent, OrderRule, Outcome, Resolution, SessionOrder, Store};
+use hook_store::testing::TestDb;
+use hook_store::{bench, PgBatch, PgStore, StoreOptions};
+use serde_json::Map;
+use tokio_postgres::Client;
+use uuid::Uuid;
+
+/// `PreToolUse` events are ordered; every other source is not.
+fn order() -> SessionOrder {
+    SessionOrder {
+        rules: vec![
+            OrderRule { source: "PreToolUse".into(), action: "*".into(), ordered: true },
+            OrderRule { source: "Stop".into(), action: "*".into(), ordered: false },
+        ],
+    }
+}
+
+fn options() -> StoreOptions {
+    StoreOptions {
+        listen: false,
+        rescan_interval: Duration::from_secs(3600),
+        session_order: order(),
+        ..StoreOptions::default()
+    }
+}
+
+/// docs/routes.md, "Unblocking a session": the heads that hold their sessions back.
+const HEADS_WAITING: &str = "SELECT * FROM (
+    SELECT DISTINCT ON (session) left(coalesce(metadata->>'session_id', payload->>'session_id'), 128) AS session,
+           id, source, action, retry_count, next_attempt_at, processing_errors[cardinality(processing_errors)] AS last_error
+    FROM hook_events
+    WHERE NOT processed AND dead_at IS NULL
+      AND left(coalesce(metadata->>'session_id', payload->>'session_id'), 128) IS NOT NULL
+    ORDER BY 1, created_at, id) AS heads
+WHERE next_attempt_at > now()";
+
+fn request(limit: usize) -> ClaimRequest {
+    ClaimRequest { limit, max_retry_count: 3, ..ClaimRequest::default() }
+}
+
+/// Inserts `per` events in each of `sessions` sessions (`s0`, `s1`, ...) of `source`,
+/// interleaved (event 0 of every session, then event 1, ...), 1 µs apart; returns the ids by
+/// session, each in created_at order.
+async fn insert_sessions(client: &Client, sessions: usize, per: usize, source: &str) -> Vec<Vec<Uuid>> {
+    let by_session: Vec<Vec<Uuid>> =
+        (0..sessions).map(|_| (0..per).map(|_| Uuid::new_v4()).collect()).collect();
+    let (mut ids, mut keys) = (Vec::new(), Vec::new());
+    for i in 0..per {
+        for (s, events) in by_session.iter().enumerate() {
+            ids.push(events[i]);
+            keys.push(format!("s{s}"));
+        }
+    }
+    for (ids, keys) in ids.chunks(5_000).zip(keys.chunks(5_000)) {
+        client
+            .execute(
+                "INSERT INTO hook_events (id, source, action, resource, resource_id, metadata, created_at)
+                 SELECT id, $3, 'tool_invocation', 'tool', 'Bash', jsonb_build_object('session_id', key),
+                        clock_timestamp() + ord * interval '1 microsecond'
+                 FROM unnest($1::uuid[], $2::text[]) WITH ORDINALITY AS t(id, key, ord)",
+                &[&ids, &keys, &source],
+            )
+            .await
+            .expect("insert session events");
+    }
+    by_session
+}
+
+async fn claim(store: &PgStore, limit: usize) -> Option<(PgBatch, Vec<HookEvent>)> {
+    let mut batch = store.claim(request(limit)).await.expect("the claim query")?;
+    let events = batch.take_events();
+    Some((batch, events))
+}
+
+fn ids(events: &[HookEvent]) -> Vec<Uuid> {
+    events.iter().map(|e| e.id).collect()
+}
+
+fn succeeded(ids: &[Uuid]) -> Vec<Outcome> {
+    ids.iter().map(|&id| Outcome { id, resolution: Resolution::Succeeded, metadata: Map::new() }).collect()
+}
+
+fn failed(id: Uuid, retry_after: Option<Duration>) -> Outcome {
+    Outcome {
+        id,
+        resolution: Resolution::Failed { error: "sink down".into(), retry_after },
+        metadata: Map::new(),
+    }
+}
+
+#[tokio::test]
+async fn a_claim_takes_each_sessions_head_and_nothing_behind_a_head_another_claim_holds() {
+    let db = TestDb::migrated("order_heads").await;
+    let client = db.client().await;
+    let sessions = insert_sessions(&client, 3, 3, "PreToolUse").await;
+    // Not held back: an unordered route's events of the same session, and an ordered route's
+    // event without a session.
+    let unordered = insert_sessions(&client, 1, 2, "Stop").await;
+    let lone =
+        hook_tests::insert_event(&client, "PreToolUse", "tool_invocation", serde_json::json!({})).await;
+    let (a, b) = (db.store(options()).await, db.store(options()).await);
+
+    let (first, events) = claim(&a, 100).await.expect("a batch");
+    let heads: Vec<Uuid> = sessions.iter().map(|s| s[0]).collect();
+    let mut expected = heads.clone();
+    expected.extend(&unordered[0]);
+    expected.push(lone);
+    assert_eq!(ids(&events), expected, "the heads, oldest first, and the events not held back");
+
+    // Every head is held by `a`: `b` finds nothing, the heads' successors included.
+    assert!(claim(&b, 100).await.is_none(), "a claim behind heads another claim holds");
+
+    first.finish(succeeded(&ids(&events))).await.expect("the completion");
+    let (second, events) = claim(&b, 100).await.expect("the next heads");
+    assert_eq!(ids(&events), sessions.iter().map(|s| s[1]).collect::<Vec<_>>());
+    second.finish(succeeded(&ids(&events))).await.expect("the completion");
+
+    // A claim of one takes the oldest head.
+    let (third, events) = claim(&a, 1).await.expect("one head");
+    assert_eq!(ids(&events), [sessions[0][2]]);
+    third.release().await;
+}
+
+#[tokio::test]
+async fn a_failed_event_holds_back_its_session_until_it_succeeds_or_dies_while_others_go_on() {
+    let db = TestDb::migrated("order_failed").await;
+    let client = db.client().await;
+    let sessions = insert_sessions(&client, 2, 3, "PreToolUse").await;
+    let (held, other) = (&sessions[0], &sessions[1]);
+    let store = db.store(options()).await;
+
+    // The first attempt of the held session's head fails: it waits for a retry an hour away.
+    let (batch, events) = claim(&store, 100).await.expect("a batch");
+    assert_eq!(ids(&events), [held[0], other[0]]);
+    batch
+        .finish(vec![failed(held[0], Some(Duration::from_secs(3600))), succeeded(&[other[0]]).remove(0)])
+        .await
+        .expect("the completion");
+
+    // The other session goes on to its end; the held one stays behind its failed event.
+    for next in &other[1..] {
+        let (batch, events) = claim(&store, 100).await.expect("the other session");
+        assert_eq!(ids(&events), [*next], "only the session that is not held back");
+        batch.finish(succeeded(&[*next])).await.expect("the completion");
+    }
+    assert!(claim(&store, 100).await.is_none(), "the held session's later events are claimed");
+
+    // Its retry due: it is claimed again, alone; failing for good (dead) frees the session.
+    client
+        .execute("UPDATE hook_events SET next_attempt_at = now() WHERE id = $1", &[&held[0]])
+        .await
+        .expect("make the retry due");
+    let (batch, events) = claim(&store, 100).await.expect("the retry");
+    assert_eq!(ids(&events), [held[0]]);
+    batch.finish(vec![failed(held[0], None)]).await.expect("the completion");
+    let (batch, events) = claim(&store, 100).await.expect("the next event of the freed session");
+    assert_eq!(ids(&events), [held[1]]);
+    batch.finish(succeeded(&[held[1]])).await.expect("the completion");
+
+    // An operator's unblock (docs/routes.md): mark the head processed by SQL.
+    let (batch, events) = claim(&store, 100).await.expect("the last event");
+    assert_eq!(ids(&events), [held[2]]);
+    batch.finish(vec![failed(held[2], Some(Duration::from_secs(3600)))]).await.expect("the completion");
+    // A new event of the held session (`s0`) waits behind it.
+    let extra = insert_sessions(&client, 1, 1, "PreToolUse").await;
+    assert!(claim(&store, 100).await.is_none(), "behind the waiting event");
+    // The operator's query of docs/routes.md finds the head that holds its session back.
+    let heads = client.query(HEADS_WAITING, &[]).await.expect("the heads query");
+    let found: Vec<(String, Uuid)> = heads.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(found, [("s0".to_owned(), held[2])]);
+    client
+        .execute(
+            "UPDATE hook_events SET processed = TRUE, processed_at = GREATEST(now(), created_at), next_attempt_at = NULL \
+             WHERE id = $1 AND NOT processed",
+            &[&held[2]],
+        )
+        .await
+        .expect("the operator's unblock");
+    let (batch, events) = claim(&store, 100).await.expect("unblocked");
+    assert_eq!(ids(&events), [extra[0][0]]);
+    batch.release().await;
+}
+
+#[tokio::test]
+async fn without_an_ordered_route_nothing_is_held_back() {
+    let db = TestDb::migrated("order_off").await;
+    let client = db.client().await;
+    let sessions = insert_sessions(&client, 2, 3, "PreToolUse").await;
+    let off = SessionOrder {
+        rules: vec![OrderRule { source: "PreToolUse".into(), action: "*".into(), ordered: false }],
+    };
+    let store = db.store(StoreOptions { listen: false, session_order: off, ..StoreOptions::default() }).await;
+    let (batch, events) = claim(&store, 100).await.expect("a batch");
+    assert_eq!(events.len(), 6, "{sessions:?}");
+    batch.release().await;
+}
+
+/// The claim's plan in session order reads a few buffers per session with pending events: not
+/// per pending event, nor per processed one.
+#[tokio::test]
+async fn the_ordered_claim_reads_a_few_buffers_per_session_whatever_the_backlog() {
+    let db = TestDb::migrated("order_cost").await;
+    let client = db.client().await;
+    let store = db.store(options()).await;
+    // 10 sessions with 2,000 pending events each, behind 20,000 processed ones.
+    insert_sessions(&client, 10, 2_000, "PreToolUse").await;
+    client
+        .batch_execute("UPDATE hook_events SET processed = TRUE, processed_at = created_at")
+        .await
+        .expect("a processed history");
+    let sessions = insert_sessions(&client, 10, 2_000, "PreToolUse").await;
+    client.batch_execute("VACUUM (ANALYZE) hook_events").await.expect("vacuum");
+
+    let check = |plan: &bench::ClaimPlan, rows: i64, what: &str| {
+        assert_eq!(plan.rows, rows, "{what}: rows claimed\n{:#}", plan.json);
+        assert_eq!(plan.seq_scans, 0, "{what}: a sequential scan\n{:#}", plan.json);
+        assert!(plan.indexes.iter().any(|i| i == "hook_events_order_idx"), "{what}: {:?}", plan.indexes);
+        // About five per session (an index descent and a heap page) and the pages of the
+        // fresh and due indexes and the ledger: 40,000 rows fill hundreds of pages.
+        assert!(plan.buffers < 200, "{what}: {} buffers\n{:#}", plan.buffers, plan.json);
+        assert!(plan.rows_removed < 100, "{what}: {} rows discarded\n{:#}", plan.rows_removed, plan.json);
+    };
+    // From a low-water mark after the inserts: the fresh branch, which leaves ordered events
+    // out by a filter, reads only the entries of the last second before the mark (see
+    // docs/routes.md); the heads are found without the mark.
+    let floor = Some(time::OffsetDateTime::now_utc());
+    for generic in [true, false] {
+        let conn = store.pool().get().await.expect("a connection");
+        let plan = bench::explain_claim_ordered(&conn, 100, floor, generic, &order()).await.expect("explain");
+        check(&plan, 10, if generic { "generic plan" } else { "custom plan" });
+    }
+    // With every head held by a claim, the next claim finds nothing, as cheaply.
+    let (batch, events) = claim(&store, 100).await.expect("the heads");
+    assert_eq!(ids(&events), sessions.iter().map(|s| s[0]).collect::<Vec<_>>());
+    let conn = store.pool().get().await.expect("a connection");
+    let plan = bench::explain_claim_ordered(&conn, 100, floor, true, &order()).await.expect("explain");
+    check(&plan, 0, "behind held heads");
+    drop(conn);
+    batch.release().await;
+}
+
+/// A session's next event is claimed as soon as its head commits, not at the poll interval: the
+/// commit of a batch that held heads sends `NOTIFY hook_events`, which wakes every processor.
+#[tokio::test]
+async fn a_sessions_next_event_is_claimed_when_its_head_commits_not_at_the_poll() {
+    let db = TestDb::migrated("order_wakeup").await;
+    let client = db.client().await;
+    let store = db.store(StoreOptions { listen: true, ..options() }).await;
+    let invocations = hook_tests::Invocations::default();
+    let engine = hook_core::Engine::builder(store)
+        .handler("*", "*", invocations.handler())
+        .config(hook_core::EngineConfig {
+            poll_interval: Duration::from_secs(30),
+            ..hook_tests::test_config()
+        })
+        .build()
+        .expect("an engine");
+    let running = hook_tests::Running::start(engine);
+    // The engine's first claim finds nothing; then it waits for a wakeup or the poll.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = std::time::Instant::now();
+    insert_sessions(&client, 1, 20, "PreToolUse").await;
+    hook_tests::wait_for_count(
+        &client,
+        "SELECT count(*) FROM hook_events WHERE processed",
+        20,
+        Duration::from_secs(20),
+    )
+    .await;
+    let took = started.elapsed();
+    running.stop().await;
+    assert_eq!(invocations.total(), 20);
+    // 20 events one after the other, each woken by its predecessor's commit.
+    assert!(took < Duration::from_secs(20), "{took:?}");
+    eprintln!("20 events of one session in {took:?}");
+}
