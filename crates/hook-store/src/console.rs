@@ -494,14 +494,14 @@ pub async fn routes(client: &impl GenericClient, limit: usize) -> Result<Vec<(St
 
 /// Events processed in the window (`$1`, microseconds back from now), counted up to `$2`
 /// through `hook_events_archive_idx` alone (an index-only range), and those that needed
-/// retries, through `idx_hook_events_retry` (only the rows that ever failed are read; the
-/// `OFFSET 0` fence keeps the planner from walking the window's rows instead when it
-/// underestimates them).
+/// retries, an index-only range of `hook_events_retried_idx` (which holds only rows that
+/// failed at least once).
 pub const PROCESSED_IN_WINDOW: &str = "SELECT \
        (SELECT count(*) FROM (SELECT 1 FROM hook_events \
         WHERE processed AND processed_at >= now() - $1::int8 * interval '1 microsecond' LIMIT $2) AS x), \
-       (SELECT count(*) FROM (SELECT processed, processed_at FROM hook_events WHERE retry_count > 0 OFFSET 0) AS f \
-        WHERE processed AND processed_at >= now() - $1::int8 * interval '1 microsecond')";
+       (SELECT count(*) FROM hook_events \
+        WHERE processed AND dead_at IS NULL AND retry_count > 0 \
+          AND processed_at >= now() - $1::int8 * interval '1 microsecond')";
 
 /// Events processed within `window` (counted up to `cap`: a count of `cap` means "at least"),
 /// and how many of them needed retries. Unlike [`crate::stats::processed_since`] it reads no

@@ -102,6 +102,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!(10, "0010_console_indexes.sql"),
     migration!(11, "0011_claim_split.sql"),
     migration!(12, "0012_claim_presence.sql"),
+    migration!(14, "0014_console_failures.sql"),
 ];
 
 /// The migrations up to `version` as they were first released (each file's oldest text): what
