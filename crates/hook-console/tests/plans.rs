@@ -66,7 +66,12 @@ async fn each_console_query_is_served_by_an_index() {
         ("all, older page", EventFilter::default(), PageAt::Before(cursor), "hook_events_created_idx"),
         ("all, newer page", EventFilter::default(), PageAt::After(cursor), "hook_events_created_idx"),
         ("pending", state(EventState::Pending), PageAt::Newest, "hook_events_claim_idx"),
-        ("retrying", state(EventState::Retrying), PageAt::Newest, "hook_events_claim_idx|hook_events_retried_idx"),
+        (
+            "retrying",
+            state(EventState::Retrying),
+            PageAt::Newest,
+            "hook_events_claim_idx|hook_events_retried_idx",
+        ),
         ("dead", state(EventState::Dead), PageAt::Newest, "hook_events_failed_idx|hook_events_dead_idx"),
         (
             "dead, older page",
@@ -130,7 +135,9 @@ async fn each_console_query_is_served_by_an_index() {
     // The overview's queue counts and failing routes (shared with `hook-processor stats`): the
     // failed rows' indexes alone, read index-only (migration 0014).
     let depth = plan(&client, stats::QUEUE_DEPTH, &[&day]).await;
-    for index in ["hook_events_claim_idx", "hook_events_retried_idx", "hook_events_due_idx", "hook_events_dead_idx"] {
+    for index in
+        ["hook_events_claim_idx", "hook_events_retried_idx", "hook_events_due_idx", "hook_events_dead_idx"]
+    {
         check("queue depth", &depth, &format!("Index Only Scan using {index}"));
     }
     let routes_shown = 20i64;
