@@ -12,7 +12,7 @@
 //! average (`/proc/loadavg`) before and after each shape.
 //!
 //! ```text
-//! TMPDIR=/tmp/... cargo run --release -p hook-console --example measure -- [events]
+//! TMPDIR=/tmp/... cargo run --release -p hook-console --example measure -- [events] [week,burst]
 //! ```
 //!
 //! A measurement, not a test: it asserts nothing about speed (see docs/console.md for the
@@ -206,7 +206,9 @@ async fn main() {
     let at = page.find(marker).unwrap() + marker.len();
     let csrf = page[at..at + 64].to_owned();
 
-    for shape in ["week", "burst"] {
+    // `measure [events] [shapes]`: shapes `week,burst` (the default), or one of them
+    let shapes = std::env::args().nth(2).unwrap_or_else(|| "week,burst".to_owned());
+    for shape in shapes.split(',') {
         if shape == "week" {
             let started = Instant::now();
             admin.execute(WEEK, &[&events]).await.unwrap();
@@ -272,7 +274,8 @@ async fn main() {
         // where the overview's time goes: each of its queries alone
         // the widest window offered but 30 d: on the `week` table it holds every failure
         let window = 7 * 86_400_000_000i64;
-        let (cap, sample, routes) = (100_000i64, 10_000i64, 20i64);
+        // the overview's caps (crates/hook-console/src/pages/overview.rs)
+        let (cap, minute_cap, sample, routes) = (20_000i64, 10_000i64, 100i64, 20i64);
         let queries: [(&str, &str, Vec<&(dyn tokio_postgres::types::ToSql + Sync)>); 9] = [
             ("stats::queue_depth", hook_store::stats::QUEUE_DEPTH, vec![&window]),
             ("stats::queue_depth before 0014", BEFORE_QUEUE_DEPTH, vec![&window]),
@@ -280,8 +283,8 @@ async fn main() {
             ("stats::errors_by_route before 0014", BEFORE_ERRORS_BY_ROUTE, vec![&window, &routes]),
             ("console::processed_in_window", hook_store::console::PROCESSED_IN_WINDOW, vec![&window, &cap]),
             ("console::processed_in_window before 0014", BEFORE_PROCESSED_IN_WINDOW, vec![&window, &cap]),
-            ("console::processed_per_minute", hook_store::console::PROCESSED_PER_MINUTE, vec![&cap]),
-            ("console::received_per_minute", hook_store::console::RECEIVED_PER_MINUTE, vec![&cap]),
+            ("console::processed_per_minute", hook_store::console::PROCESSED_PER_MINUTE, vec![&minute_cap]),
+            ("console::received_per_minute", hook_store::console::RECEIVED_PER_MINUTE, vec![&minute_cap]),
             ("console::latency_per_minute", hook_store::console::LATENCY_PER_MINUTE, vec![&sample]),
         ];
         println!("\noverview (7d), each query alone (EXPLAIN ANALYZE execution time):\n");

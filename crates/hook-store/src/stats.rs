@@ -79,7 +79,9 @@ pub const P95_LATENCY: &str = "SELECT percentile_disc(0.95) WITHIN GROUP (ORDER 
 /// The three parts are index-only ranges of the failed rows' indexes (`hook_events_dead_idx`
 /// from the window's start, `hook_events_retried_idx` for the retrying and for the window's
 /// processed ones), whose entries carry the route, the attempts, the activity and the id; only
-/// the latest event of each route shown is read from the table, for its last error.
+/// the latest event of each route shown is read from the table, for its last error. The
+/// counts are a plain (hashed) aggregate and the latest event is found by joining the routes
+/// shown back to their latest activity, so no sort of all the failures is needed.
 pub const ERRORS_BY_ROUTE: &str = "WITH f AS ( \
          SELECT source, action, retry_count, 1 AS dead, 0 AS retrying, 0 AS recovered, dead_at AS at, id \
          FROM hook_events \
@@ -97,16 +99,20 @@ pub const ERRORS_BY_ROUTE: &str = "WITH f AS ( \
      g AS ( \
          SELECT source, action, count(*) AS events, sum(retry_count)::int8 AS attempts, \
                 sum(dead)::int8 AS dead, sum(retrying)::int8 AS retrying, sum(recovered)::int8 AS recovered, \
-                (array_agg(id ORDER BY at DESC))[1] AS latest, max(at) AS at \
+                max(at) AS at \
          FROM f \
          GROUP BY source, action \
          ORDER BY count(*) DESC, source, action \
-         LIMIT $2) \
-     SELECT g.source, g.action, g.events, g.attempts, g.dead, g.retrying, g.recovered, \
-            (SELECT e.processing_errors[cardinality(e.processing_errors)] FROM hook_events AS e WHERE e.id = g.latest), \
-            g.at \
-     FROM g \
-     ORDER BY g.events DESC, g.source, g.action";
+         LIMIT $2), \
+     latest AS ( \
+         SELECT DISTINCT ON (g.source, g.action) g.*, f.id \
+         FROM g JOIN f ON f.source = g.source AND f.action = g.action AND f.at = g.at \
+         ORDER BY g.source, g.action, f.id) \
+     SELECT l.source, l.action, l.events, l.attempts, l.dead, l.retrying, l.recovered, \
+            (SELECT e.processing_errors[cardinality(e.processing_errors)] FROM hook_events AS e WHERE e.id = l.id), \
+            l.at \
+     FROM latest AS l \
+     ORDER BY l.events DESC, l.source, l.action";
 
 /// Sinks (of a routes file, see hook-sinks) whose latest delivery failed, from
 /// `result_metadata->'sinks'`: events still pending after a failure, or dead within the window
