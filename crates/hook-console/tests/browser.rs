@@ -290,7 +290,7 @@ async fn walk(served: &Served, client: &Client, javascript: bool, prefix: &str) 
     click(client, "#confirm-replay").await;
     assert!(text(client, "#replay-result").await.starts_with("Re-queued 2 events"));
     let still_dead = dead(served).await;
-    assert_eq!(still_dead, [left.clone()], "exactly the selected ones were re-queued");
+    assert_eq!(still_dead, std::slice::from_ref(&left), "exactly the selected ones were re-queued");
     let pending = pending_ids(served).await;
     assert!(chosen.iter().all(|c| pending.contains(c)));
 
