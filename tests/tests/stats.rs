@@ -173,10 +173,10 @@ async fn each_query_is_served_by_its_index() {
     let window = 3_600_000_000i64;
     let limit = 20i64;
     let cases: [(&str, &str, Vec<&(dyn tokio_postgres::types::ToSql + Sync)>); 4] = [
-        (QUEUE_DEPTH, "idx_hook_events_processed", vec![&window]),
+        (QUEUE_DEPTH, "Index Only Scan using hook_events_dead_idx", vec![&window]),
         (PROCESSED_SINCE, "hook_events_archive_idx", vec![&window]),
         (P95_LATENCY, "hook_events_archive_idx", vec![&window, &limit]),
-        (ERRORS_BY_ROUTE, "idx_hook_events_retry", vec![&window, &limit]),
+        (ERRORS_BY_ROUTE, "Index Only Scan using hook_events_retried_idx", vec![&window, &limit]),
     ];
     for (query, index, params) in cases {
         let rows = client.query(&format!("EXPLAIN {query}"), &params).await.unwrap();

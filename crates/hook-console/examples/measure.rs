@@ -6,11 +6,13 @@
 //! events usually is), `burst` keeps the generator's timestamps (all created within a second and
 //! processed in the last minutes: every "last hour" query sees all of them, the worst case).
 //!
-//! Each page is requested 7 times over loopback; the `Server-Timing` header (queries and
-//! rendering, measured in the console's middleware) is read, and the median and the max printed.
+//! Each page is requested 20 times over loopback; the `Server-Timing` header (queries and
+//! rendering, measured in the console's middleware) is read, and the median, the 95th
+//! percentile (nearest rank: the 19th of 20) and the max printed, with the machine's load
+//! average (`/proc/loadavg`) before and after each shape.
 //!
 //! ```text
-//! TMPDIR=/tmp/... cargo run --release -p hook-console --example measure -- [events]
+//! TMPDIR=/tmp/... cargo run --release -p hook-console --example measure -- [events] [week,burst]
 //! ```
 //!
 //! A measurement, not a test: it asserts nothing about speed (see docs/console.md for the
@@ -26,7 +28,7 @@ use hook_store::StoreOptions;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const TOKEN: &str = "measure-token-0123456789";
-const RUNS: usize = 7;
+const RUNS: usize = 20;
 
 /// The generator's rows, made into a queue that has run: outcomes by `metadata.seq`.
 const OUTCOMES: &str = "UPDATE hook_events SET
@@ -49,6 +51,35 @@ const WEEK: &str = "UPDATE hook_events SET
       processed_at = CASE WHEN processed THEN now() - ($1::int8 - (metadata->>'seq')::int8) * (interval '7 days' / $1::int8)
                               + (5 + (metadata->>'seq')::int8 % 46) * interval '1 millisecond' END,
       dead_at = CASE WHEN dead_at IS NOT NULL THEN now() - ($1::int8 - (metadata->>'seq')::int8) * (interval '7 days' / $1::int8) + interval '2 minutes' END";
+
+/// The overview's failure reads before migration 0014, for comparison on the same table: the
+/// queue counts in one pass over the unprocessed rows, the failing routes and the retried count
+/// from the heap rows of every event that ever failed (through `idx_hook_events_retry`).
+const BEFORE_QUEUE_DEPTH: &str = "SELECT count(*) FILTER (WHERE dead_at IS NULL), \
+         count(*) FILTER (WHERE dead_at IS NULL AND retry_count > 0), \
+         count(*) FILTER (WHERE dead_at IS NULL AND next_attempt_at > now()), \
+         count(*) FILTER (WHERE dead_at IS NOT NULL), \
+         count(*) FILTER (WHERE dead_at >= now() - $1::int8 * interval '1 microsecond'), \
+         date_part('epoch', now() - min(created_at) FILTER (WHERE dead_at IS NULL)) \
+     FROM hook_events WHERE NOT processed";
+const BEFORE_ERRORS_BY_ROUTE: &str = "SELECT source, action, count(*), sum(retry_count)::int8, \
+         count(*) FILTER (WHERE dead_at IS NOT NULL), \
+         count(*) FILTER (WHERE NOT processed AND dead_at IS NULL), \
+         count(*) FILTER (WHERE processed), \
+         (array_agg(processing_errors[cardinality(processing_errors)] \
+              ORDER BY coalesce(dead_at, next_attempt_at, processed_at, created_at) DESC))[1], \
+         max(coalesce(dead_at, next_attempt_at, processed_at, created_at)) \
+     FROM hook_events \
+     WHERE retry_count > 0 \
+       AND ((NOT processed AND dead_at IS NULL) \
+            OR processed_at >= now() - $1::int8 * interval '1 microsecond' \
+            OR dead_at >= now() - $1::int8 * interval '1 microsecond') \
+     GROUP BY source, action ORDER BY count(*) DESC, source, action LIMIT $2";
+const BEFORE_PROCESSED_IN_WINDOW: &str = "SELECT \
+       (SELECT count(*) FROM (SELECT 1 FROM hook_events \
+        WHERE processed AND processed_at >= now() - $1::int8 * interval '1 microsecond' LIMIT $2) AS x), \
+       (SELECT count(*) FROM (SELECT processed, processed_at FROM hook_events WHERE retry_count > 0 OFFSET 0) AS f \
+        WHERE processed AND processed_at >= now() - $1::int8 * interval '1 microsecond')";
 
 async fn get(
     addr: std::net::SocketAddr,
@@ -83,9 +114,16 @@ async fn get(
     (status, dur, raw.len())
 }
 
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
 async fn measure(addr: std::net::SocketAddr, cookie: &str, pages: &[(String, String, Option<String>)]) {
-    println!("| page | request | status | median ms | max ms | bytes |");
-    println!("|---|---|---|---|---|---|");
+    println!("load average (1, 5, 15 min) before: {}\n", load_average());
+    println!("| page | request | status | median ms | p95 ms | max ms | bytes |");
+    println!("|---|---|---|---|---|---|---|");
     for (name, target, body) in pages {
         let mut times = Vec::new();
         let mut last = (0, 0.0, 0);
@@ -95,15 +133,17 @@ async fn measure(addr: std::net::SocketAddr, cookie: &str, pages: &[(String, Str
         }
         times.sort_by(f64::total_cmp);
         println!(
-            "| {name} | `{}{}` | {} | {:.1} | {:.1} | {} |",
+            "| {name} | `{}{}` | {} | {:.1} | {:.1} | {:.1} | {} |",
             if body.is_some() { "POST " } else { "" },
             target,
             last.0,
             times[RUNS / 2],
+            times[(RUNS * 95).div_ceil(100) - 1],
             times[RUNS - 1],
             last.2
         );
     }
+    println!("\nload average (1, 5, 15 min) after: {}", load_average());
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -166,7 +206,9 @@ async fn main() {
     let at = page.find(marker).unwrap() + marker.len();
     let csrf = page[at..at + 64].to_owned();
 
-    for shape in ["week", "burst"] {
+    // `measure [events] [shapes]`: shapes `week,burst` (the default), or one of them
+    let shapes = std::env::args().nth(2).unwrap_or_else(|| "week,burst".to_owned());
+    for shape in shapes.split(',') {
         if shape == "week" {
             let started = Instant::now();
             admin.execute(WEEK, &[&events]).await.unwrap();
@@ -230,17 +272,22 @@ async fn main() {
         ];
         measure(addr, &cookie, &pages).await;
         // where the overview's time goes: each of its queries alone
-        let hour = 3_600_000_000i64;
-        let (cap, sample, routes) = (100_000i64, 10_000i64, 20i64);
-        let queries: [(&str, &str, Vec<&(dyn tokio_postgres::types::ToSql + Sync)>); 6] = [
-            ("stats::queue_depth", hook_store::stats::QUEUE_DEPTH, vec![&hour]),
-            ("stats::errors_by_route", hook_store::stats::ERRORS_BY_ROUTE, vec![&hour, &routes]),
-            ("console::processed_in_window", hook_store::console::PROCESSED_IN_WINDOW, vec![&hour, &cap]),
-            ("console::processed_per_minute", hook_store::console::PROCESSED_PER_MINUTE, vec![&cap]),
-            ("console::received_per_minute", hook_store::console::RECEIVED_PER_MINUTE, vec![&cap]),
+        // the widest window offered but 30 d: on the `week` table it holds every failure
+        let window = 7 * 86_400_000_000i64;
+        // the overview's caps (crates/hook-console/src/pages/overview.rs)
+        let (cap, minute_cap, sample, routes) = (20_000i64, 10_000i64, 100i64, 20i64);
+        let queries: [(&str, &str, Vec<&(dyn tokio_postgres::types::ToSql + Sync)>); 9] = [
+            ("stats::queue_depth", hook_store::stats::QUEUE_DEPTH, vec![&window]),
+            ("stats::queue_depth before 0014", BEFORE_QUEUE_DEPTH, vec![&window]),
+            ("stats::errors_by_route", hook_store::stats::ERRORS_BY_ROUTE, vec![&window, &routes]),
+            ("stats::errors_by_route before 0014", BEFORE_ERRORS_BY_ROUTE, vec![&window, &routes]),
+            ("console::processed_in_window", hook_store::console::PROCESSED_IN_WINDOW, vec![&window, &cap]),
+            ("console::processed_in_window before 0014", BEFORE_PROCESSED_IN_WINDOW, vec![&window, &cap]),
+            ("console::processed_per_minute", hook_store::console::PROCESSED_PER_MINUTE, vec![&minute_cap]),
+            ("console::received_per_minute", hook_store::console::RECEIVED_PER_MINUTE, vec![&minute_cap]),
             ("console::latency_per_minute", hook_store::console::LATENCY_PER_MINUTE, vec![&sample]),
         ];
-        println!("\noverview (1h), each query alone (EXPLAIN ANALYZE execution time):\n");
+        println!("\noverview (7d), each query alone (EXPLAIN ANALYZE execution time):\n");
         for (name, sql, params) in queries {
             let rows = admin.query(&format!("EXPLAIN (ANALYZE) {sql}"), &params).await.unwrap();
             let time = rows

@@ -290,9 +290,33 @@ async fn walk(served: &Served, client: &Client, javascript: bool, prefix: &str) 
     click(client, "#confirm-replay").await;
     assert!(text(client, "#replay-result").await.starts_with("Re-queued 2 events"));
     let still_dead = dead(served).await;
-    assert_eq!(still_dead, [left], "exactly the selected ones were re-queued");
+    assert_eq!(still_dead, std::slice::from_ref(&left), "exactly the selected ones were re-queued");
     let pending = pending_ids(served).await;
     assert!(chosen.iter().all(|c| pending.contains(c)));
+
+    // everything a filter matches: the two Stop events waiting for a retry, not the processed
+    // Stop event that once failed, not the dead event left
+    client.goto(&served.url("/events?state=retrying&source=Stop")).await.unwrap();
+    click(client, "#replay-filter").await;
+    assert_eq!(text(client, "#replay-count").await, "2");
+    click(client, "#confirm-replay").await;
+    assert!(text(client, "#replay-result").await.starts_with("Re-queued 2 events"));
+    let stop: Vec<(bool, i32, bool)> = served
+        .db
+        .client()
+        .await
+        .query(
+            "SELECT processed, retry_count, next_attempt_at IS NULL FROM hook_events
+             WHERE source = 'Stop' AND processing_errors IS NOT NULL ORDER BY processed, created_at",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(stop, [(false, 0, true), (false, 0, true), (true, 1, true)], "exactly the filter's events");
+    assert_eq!(dead(served).await, [left], "the dead event is not the filter's");
 
     // sessions and a timeline
     client.goto(&served.url("/sessions")).await.unwrap();

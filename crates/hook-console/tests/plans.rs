@@ -6,6 +6,7 @@
 #![allow(clippy::unwrap_used)]
 
 use hook_store::console::{self, Cursor, EventFilter, EventState, PageAt};
+use hook_store::stats;
 use hook_store::testing::TestDb;
 use time::OffsetDateTime;
 use tokio_postgres::types::ToSql;
@@ -65,13 +66,18 @@ async fn each_console_query_is_served_by_an_index() {
         ("all, older page", EventFilter::default(), PageAt::Before(cursor), "hook_events_created_idx"),
         ("all, newer page", EventFilter::default(), PageAt::After(cursor), "hook_events_created_idx"),
         ("pending", state(EventState::Pending), PageAt::Newest, "hook_events_claim_idx"),
-        ("retrying", state(EventState::Retrying), PageAt::Newest, "hook_events_claim_idx"),
-        ("dead", state(EventState::Dead), PageAt::Newest, "hook_events_failed_idx"),
+        (
+            "retrying",
+            state(EventState::Retrying),
+            PageAt::Newest,
+            "hook_events_claim_idx|hook_events_retried_idx",
+        ),
+        ("dead", state(EventState::Dead), PageAt::Newest, "hook_events_failed_idx|hook_events_dead_idx"),
         (
             "dead, older page",
             state(EventState::Dead),
             PageAt::Before(cursor),
-            "hook_events_failed_idx|idx_hook_events_processed",
+            "hook_events_failed_idx|idx_hook_events_processed|hook_events_dead_idx",
         ),
         ("failed", state(EventState::Failed), PageAt::Newest, "hook_events_failed_idx"),
         ("processed", state(EventState::Processed), PageAt::Newest, "hook_events_created_idx"),
@@ -124,8 +130,21 @@ async fn each_console_query_is_served_by_an_index() {
     let cap = 100_000i64;
     let day = 86_400_000_000i64;
     let in_window = plan(&client, console::PROCESSED_IN_WINDOW, &[&day, &cap]).await;
-    check("processed in window", &in_window, "hook_events_archive_idx");
-    check("processed in window", &in_window, "idx_hook_events_retry");
+    check("processed in window", &in_window, "Index Only Scan using hook_events_archive_idx");
+    check("processed in window", &in_window, "Index Only Scan using hook_events_retried_idx");
+    // The overview's queue counts and failing routes (shared with `hook-processor stats`): the
+    // failed rows' indexes alone, read index-only (migration 0014).
+    let depth = plan(&client, stats::QUEUE_DEPTH, &[&day]).await;
+    for index in
+        ["hook_events_claim_idx", "hook_events_retried_idx", "hook_events_due_idx", "hook_events_dead_idx"]
+    {
+        check("queue depth", &depth, &format!("Index Only Scan using {index}"));
+    }
+    let routes_shown = 20i64;
+    let failing = plan(&client, stats::ERRORS_BY_ROUTE, &[&day, &routes_shown]).await;
+    check("failing routes", &failing, "Index Only Scan using hook_events_dead_idx");
+    check("failing routes", &failing, "Index Only Scan using hook_events_retried_idx");
+    check("failing routes", &failing, "hook_events_pkey");
     check(
         "processed per minute",
         &plan(&client, console::PROCESSED_PER_MINUTE, &[&cap]).await,
@@ -174,7 +193,7 @@ async fn each_console_query_is_served_by_an_index() {
     );
 
     let replays: Vec<(&str, EventFilter, bool, &str)> = vec![
-        ("dead", state(EventState::Dead), false, "hook_events_failed_idx"),
+        ("dead", state(EventState::Dead), false, "hook_events_failed_idx|hook_events_dead_idx"),
         ("failed, with processed", state(EventState::Failed), true, "hook_events_failed_idx"),
         (
             "error text",

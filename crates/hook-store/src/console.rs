@@ -494,14 +494,14 @@ pub async fn routes(client: &impl GenericClient, limit: usize) -> Result<Vec<(St
 
 /// Events processed in the window (`$1`, microseconds back from now), counted up to `$2`
 /// through `hook_events_archive_idx` alone (an index-only range), and those that needed
-/// retries, through `idx_hook_events_retry` (only the rows that ever failed are read; the
-/// `OFFSET 0` fence keeps the planner from walking the window's rows instead when it
-/// underestimates them).
+/// retries, an index-only range of `hook_events_retried_idx` (which holds only rows that
+/// failed at least once).
 pub const PROCESSED_IN_WINDOW: &str = "SELECT \
        (SELECT count(*) FROM (SELECT 1 FROM hook_events \
         WHERE processed AND processed_at >= now() - $1::int8 * interval '1 microsecond' LIMIT $2) AS x), \
-       (SELECT count(*) FROM (SELECT processed, processed_at FROM hook_events WHERE retry_count > 0 OFFSET 0) AS f \
-        WHERE processed AND processed_at >= now() - $1::int8 * interval '1 microsecond')";
+       (SELECT count(*) FROM hook_events \
+        WHERE processed AND dead_at IS NULL AND retry_count > 0 \
+          AND processed_at >= now() - $1::int8 * interval '1 microsecond')";
 
 /// Events processed within `window` (counted up to `cap`: a count of `cap` means "at least"),
 /// and how many of them needed retries. Unlike [`crate::stats::processed_since`] it reads no
@@ -534,14 +534,17 @@ pub const RECEIVED_PER_MINUTE: &str = "SELECT m, (SELECT count(*) FROM ( \
            AND created_at <= now() - m * interval '1 minute' LIMIT $1) AS x) \
      FROM generate_series(0, 59) AS m";
 
-/// Latency (created → processed) per minute of the latest `$1` first-attempt successes of the
-/// last hour, newest first through `hook_events_archive_idx`: bounded work whatever the rate.
+/// Latency (created → processed) per minute of the last hour, over the latest `$1` first-attempt
+/// successes of each minute, newest first through `hook_events_archive_idx`: at most 60 × `$1`
+/// rows read, whatever the rate, and a minute of a million events costs what a quiet one does.
 pub const LATENCY_PER_MINUTE: &str = "SELECT m, count(*), avg(l), max(l) FROM ( \
-         SELECT floor(date_part('epoch', now() - processed_at) / 60)::int8 AS m, \
-                date_part('epoch', processed_at - created_at) AS l \
-         FROM hook_events \
-         WHERE processed AND processed_at > now() - interval '60 minutes' AND retry_count = 0 \
-         ORDER BY processed_at DESC LIMIT $1) AS w \
+         SELECT m, date_part('epoch', x.processed_at - x.created_at) AS l \
+         FROM generate_series(0, 59) AS m \
+         CROSS JOIN LATERAL (SELECT processed_at, created_at FROM hook_events \
+             WHERE processed AND retry_count = 0 \
+               AND processed_at > now() - (m + 1) * interval '1 minute' \
+               AND processed_at <= now() - m * interval '1 minute' \
+             ORDER BY processed_at DESC LIMIT $1) AS x) AS w \
      GROUP BY m";
 
 async fn per_minute(client: &impl GenericClient, sql: &str, cap: u64) -> Result<PerMinute, StoreError> {
@@ -567,7 +570,7 @@ pub async fn received_per_minute(client: &impl GenericClient, cap: u64) -> Resul
 }
 
 /// Pickup latency in each minute of the last hour, over the latest `latest` first-attempt
-/// successes (`[0]` is the minute ending now).
+/// successes of each minute (`[0]` is the minute ending now).
 pub async fn latency_per_minute(
     client: &impl GenericClient,
     latest: u64,
@@ -575,7 +578,7 @@ pub async fn latency_per_minute(
     let mut minutes = [LatencyMinute::default(); 60];
     let limit = i64::try_from(latest).unwrap_or(i64::MAX);
     for row in client.query(LATENCY_PER_MINUTE, &[&limit]).await? {
-        let minute: i64 = row.try_get(0)?;
+        let minute: i32 = row.try_get(0)?;
         if let Some(slot) = usize::try_from(minute).ok().and_then(|m| minutes.get_mut(m)) {
             *slot = LatencyMinute {
                 events: count(row.try_get(1)?),

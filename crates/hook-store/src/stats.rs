@@ -6,16 +6,21 @@
 //!
 //! Each query reads only what an index narrows down, so the report stays fast on a table of
 //! millions of rows:
-//! - [`queue_depth`] reads the unprocessed rows only, through `idx_hook_events_processed`
-//!   (`WHERE NOT processed`);
+//! - [`queue_depth`] counts index entries only (index-only scans): pending events in
+//!   `hook_events_claim_idx`, retrying ones in `hook_events_retried_idx`, waiting ones in
+//!   `hook_events_due_idx`, dead ones in `hook_events_dead_idx` (migration 0014), so a pile of
+//!   dead events costs its index entries, not its rows;
 //! - [`processed_since`] reads the rows processed in the window, through
 //!   `hook_events_archive_idx (processed_at) WHERE processed` (a plain aggregate, so a window
 //!   spanning most of the table is read by parallel workers);
 //! - [`p95_latency`] reads at most the latest `n` of them, newest first through the same index,
 //!   and sorts only those: a percentile needs a sort, and sorting a million values costs seconds;
-//! - [`errors_by_route`] reads the rows that ever failed, through
-//!   `idx_hook_events_retry (retry_count, created_at) WHERE retry_count > 0`, and so does
-//!   [`errors_by_sink`] (which sinks of a routes file failed, from `result_metadata`).
+//! - [`errors_by_route`] reads the index entries of the failed rows it counts (dead in the
+//!   window from `hook_events_dead_idx`; retrying, and processed in the window after a failure,
+//!   from `hook_events_retried_idx`), and one row per route shown for its latest error;
+//! - [`errors_by_sink`] (which sinks of a routes file failed, from `result_metadata`) reads the
+//!   rows that failed and are not processed, through
+//!   `idx_hook_events_retry (retry_count, created_at) WHERE retry_count > 0`.
 //!
 //! Windows are counted back from the database's clock (`now()`), like everything else the
 //! processor schedules.
@@ -32,16 +37,19 @@ const PING: &str = "SELECT 1";
 const STATEMENT_TIMEOUT: &str = "SELECT set_config('statement_timeout', $1::int8::text, false)";
 
 /// Pending (alive), retrying, waiting and dead counts, deaths within the window (`$1`,
-/// microseconds), and the age of the oldest pending event, in one pass over the unprocessed rows.
+/// microseconds), and the age of the oldest pending event: each an index-only count of the index
+/// that holds exactly those rows (`hook_events_claim_idx`, `hook_events_retried_idx`,
+/// `hook_events_due_idx`, `hook_events_dead_idx`), so that dead events piling up over months
+/// cost their index entries, not their rows.
 pub const QUEUE_DEPTH: &str = "SELECT \
-         count(*) FILTER (WHERE dead_at IS NULL), \
-         count(*) FILTER (WHERE dead_at IS NULL AND retry_count > 0), \
-         count(*) FILTER (WHERE dead_at IS NULL AND next_attempt_at > now()), \
-         count(*) FILTER (WHERE dead_at IS NOT NULL), \
-         count(*) FILTER (WHERE dead_at >= now() - $1::int8 * interval '1 microsecond'), \
-         date_part('epoch', now() - min(created_at) FILTER (WHERE dead_at IS NULL)) \
-     FROM hook_events \
-     WHERE NOT processed";
+         (SELECT count(*) FROM hook_events WHERE NOT processed AND dead_at IS NULL), \
+         (SELECT count(*) FROM hook_events WHERE NOT processed AND dead_at IS NULL AND retry_count > 0), \
+         (SELECT count(*) FROM hook_events WHERE NOT processed AND dead_at IS NULL \
+                                             AND next_attempt_at IS NOT NULL AND next_attempt_at > now()), \
+         (SELECT count(*) FROM hook_events WHERE NOT processed AND dead_at IS NOT NULL), \
+         (SELECT count(*) FROM hook_events WHERE NOT processed AND dead_at IS NOT NULL \
+                                             AND dead_at >= now() - $1::int8 * interval '1 microsecond'), \
+         date_part('epoch', now() - (SELECT min(created_at) FROM hook_events WHERE NOT processed AND dead_at IS NULL))";
 
 /// Events processed in the window (`$1`, microseconds back from now): count, count that needed
 /// retries, mean and max of `processed_at - created_at` in seconds. `date_part` (float8) rather
@@ -65,23 +73,46 @@ pub const P95_LATENCY: &str = "SELECT percentile_disc(0.95) WITHIN GROUP (ORDER 
      ) AS w";
 
 /// Events that failed at least once and are still pending, or were processed or died in the
-/// window (`$1`, microseconds), grouped by route, at most `$2` routes. "Latest" is the event with the most recent activity (death, next
-/// attempt, processing, creation).
-pub const ERRORS_BY_ROUTE: &str = "SELECT source, action, count(*), sum(retry_count)::int8, \
-         count(*) FILTER (WHERE dead_at IS NOT NULL), \
-         count(*) FILTER (WHERE NOT processed AND dead_at IS NULL), \
-         count(*) FILTER (WHERE processed), \
-         (array_agg(processing_errors[cardinality(processing_errors)] \
-              ORDER BY coalesce(dead_at, next_attempt_at, processed_at, created_at) DESC))[1], \
-         max(coalesce(dead_at, next_attempt_at, processed_at, created_at)) \
-     FROM hook_events \
-     WHERE retry_count > 0 \
-       AND ((NOT processed AND dead_at IS NULL) \
-            OR processed_at >= now() - $1::int8 * interval '1 microsecond' \
-            OR dead_at >= now() - $1::int8 * interval '1 microsecond') \
-     GROUP BY source, action \
-     ORDER BY count(*) DESC, source, action \
-     LIMIT $2";
+/// window (`$1`, microseconds), grouped by route, at most `$2` routes. "Latest" is the event with
+/// the most recent activity (death, next attempt, processing, creation).
+///
+/// The three parts are index-only ranges of the failed rows' indexes (`hook_events_dead_idx`
+/// from the window's start, `hook_events_retried_idx` for the retrying and for the window's
+/// processed ones), whose entries carry the route, the attempts, the activity and the id; only
+/// the latest event of each route shown is read from the table, for its last error. The
+/// counts are a plain (hashed) aggregate and the latest event is found by joining the routes
+/// shown back to their latest activity, so no sort of all the failures is needed.
+pub const ERRORS_BY_ROUTE: &str = "WITH f AS ( \
+         SELECT source, action, retry_count, 1 AS dead, 0 AS retrying, 0 AS recovered, dead_at AS at, id \
+         FROM hook_events \
+         WHERE NOT processed AND dead_at IS NOT NULL AND retry_count > 0 \
+           AND dead_at >= now() - $1::int8 * interval '1 microsecond' \
+         UNION ALL \
+         SELECT source, action, retry_count, 0, 1, 0, coalesce(next_attempt_at, created_at), id \
+         FROM hook_events \
+         WHERE NOT processed AND dead_at IS NULL AND retry_count > 0 \
+         UNION ALL \
+         SELECT source, action, retry_count, 0, 0, 1, processed_at, id \
+         FROM hook_events \
+         WHERE processed AND dead_at IS NULL AND retry_count > 0 \
+           AND processed_at >= now() - $1::int8 * interval '1 microsecond'), \
+     g AS ( \
+         SELECT source, action, count(*) AS events, sum(retry_count)::int8 AS attempts, \
+                sum(dead)::int8 AS dead, sum(retrying)::int8 AS retrying, sum(recovered)::int8 AS recovered, \
+                max(at) AS at \
+         FROM f \
+         GROUP BY source, action \
+         ORDER BY count(*) DESC, source, action \
+         LIMIT $2), \
+     latest AS ( \
+         SELECT DISTINCT ON (g.source, g.action) g.*, f.id \
+         FROM g JOIN f ON f.source = g.source AND f.action = g.action AND f.at = g.at \
+         ORDER BY g.source, g.action, f.id) \
+     SELECT l.source, l.action, l.events, l.attempts, l.dead, l.retrying, l.recovered, \
+            (SELECT e.processing_errors[cardinality(e.processing_errors)] FROM hook_events AS e WHERE e.id = l.id), \
+            l.at \
+     FROM latest AS l \
+     ORDER BY l.events DESC, l.source, l.action";
 
 /// Sinks (of a routes file, see hook-sinks) whose latest delivery failed, from
 /// `result_metadata->'sinks'`: events still pending after a failure, or dead within the window

@@ -16,12 +16,14 @@ use crate::text::{self, shown};
 
 /// The windows offered, by name.
 const WINDOWS: [(&str, u64); 4] = [("1h", 3600), ("24h", 86_400), ("7d", 7 * 86_400), ("30d", 30 * 86_400)];
-/// The latency chart is drawn from at most this many of the latest events.
-const LATENCY_SAMPLE: u64 = 10_000;
-/// The processed count of the window stops here (shown as "100,000+").
-const PROCESSED_CAP: u64 = 100_000;
-/// A minute of the throughput chart is counted up to this many events.
-const MINUTE_CAP: u64 = 100_000;
+/// The latency chart is drawn from at most this many of the latest events of each minute.
+const LATENCY_SAMPLE: u64 = 100;
+/// The processed count of the window stops here (shown as "20,000+"). Each counted event is an
+/// index entry read, so this bounds the page's cost on a busy table; `hook-processor stats`
+/// counts all.
+const PROCESSED_CAP: u64 = 20_000;
+/// A minute of the throughput chart is counted up to this many events (167 a second).
+const MINUTE_CAP: u64 = 10_000;
 
 pub(crate) async fn page(ctx: Ctx, RawQuery(query): RawQuery) -> Response {
     let params = Params::from_query(query.as_deref());
@@ -96,7 +98,7 @@ async fn overview(ctx: &Ctx, params: &Params) -> Result<Markup, ConsoleError> {
             div {
                 h2 { "Pickup latency, last hour" }
                 p.legend { span.key-avg {} " mean  " span.key-max {} " max, created → processed, first attempts (latest "
-                    (text::thousands(LATENCY_SAMPLE)) " events)" }
+                    (text::thousands(LATENCY_SAMPLE)) " events of each minute)" }
                 (chart::latency("Pickup latency per minute over the last hour", &avg, &max))
             }
         }

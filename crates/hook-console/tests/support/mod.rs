@@ -215,8 +215,8 @@ pub const FAILURES: &str = "
                              retry_count, processing_errors, created_at, processed_at, dead_at, next_attempt_at)
     SELECT gen_random_uuid(), source, action, 'tool', 'Bash', jsonb_build_object('n', n), '{}', processed,
            retry_count, errors, now() - interval '5 minutes' + n * interval '1 millisecond',
-           CASE WHEN processed THEN now() END, CASE WHEN dead THEN now() END,
-           CASE WHEN NOT processed AND NOT dead THEN now() + interval '1 hour' END
+           CASE WHEN processed THEN now() END, CASE WHEN dead THEN now() - n * interval '1 second' END,
+           CASE WHEN NOT processed AND NOT dead THEN now() + interval '1 hour' - n * interval '1 second' END
     FROM (VALUES
       (1, 'PostToolUse', 'tool_completion', false, true, 3, ARRAY['timeout 1', 'timeout 2', 'connection refused']),
       (2, 'PostToolUse', 'tool_completion', false, true, 3, ARRAY['a', 'b', 'connection refused']),
