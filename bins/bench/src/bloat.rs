@@ -98,6 +98,8 @@ pub(crate) struct Bloat {
     pub(crate) archive_after_s: Option<f64>,
     /// The processor's `HOOK_VACUUM_DEAD_TUPLES` (0: its vacuum task off).
     pub(crate) vacuum_dead_tuples: u64,
+    /// Whether a `REPEATABLE READ` snapshot was held for the whole run.
+    pub(crate) snapshot_held: bool,
     pub(crate) inserted: u64,
     /// Over the producing time.
     pub(crate) inserted_per_s: f64,
@@ -160,6 +162,13 @@ pub(crate) async fn bloat(db: &Db, plan: &Plan) -> anyhow::Result<Bloat> {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 
+    let holder = if plan.bloat_hold_snapshot {
+        let holder = db.connect().await?;
+        bench::hold_snapshot(&holder).await.context("holding a snapshot")?;
+        Some(holder)
+    } else {
+        None
+    };
     let inserted = Arc::new(AtomicU64::new(0));
     let archived = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
@@ -213,6 +222,9 @@ pub(crate) async fn bloat(db: &Db, plan: &Plan) -> anyhow::Result<Bloat> {
     let last = read(Instant::now()).await?;
     let indexes_end = bench::index_sizes(&client).await?;
     samples.push(last.clone());
+    if let Some(holder) = holder {
+        bench::release_snapshot(&holder).await?;
+    }
     stop.store(true, Ordering::Relaxed);
     if let Some(archiver) = archiver {
         archiver.await.context("archiver task")??;
@@ -248,6 +260,7 @@ pub(crate) async fn bloat(db: &Db, plan: &Plan) -> anyhow::Result<Bloat> {
         seconds,
         archive_after_s: plan.bloat_archive_after.map(|d| d.as_secs_f64()),
         vacuum_dead_tuples: plan.bloat_vacuum_dead_tuples,
+        snapshot_held: plan.bloat_hold_snapshot,
         inserted: last.inserted,
         inserted_per_s: last.inserted as f64 / seconds,
         processed_per_s: last.processed as f64 / seconds,

@@ -113,6 +113,12 @@ struct Args {
     #[arg(long, default_value_t = 20_000)]
     bloat_vacuum_dead_tuples: u64,
 
+    /// The bloat phase holds a REPEATABLE READ snapshot for its whole run (as the horizon phase
+    /// does, but with the hook-processor binary and its vacuum task): what the task costs when
+    /// vacuum can remove nothing.
+    #[arg(long)]
+    bloat_hold_snapshot: bool,
+
     /// Seconds per row of the waiting, horizon and bloat phases' reports.
     #[arg(long, default_value_t = 60.0)]
     window: f64,
@@ -500,6 +506,7 @@ pub(crate) struct Plan {
     pub(crate) bloat_archive_after: Option<Duration>,
     pub(crate) bloat_baseline: Duration,
     pub(crate) bloat_vacuum_dead_tuples: u64,
+    pub(crate) bloat_hold_snapshot: bool,
 }
 
 impl Plan {
@@ -576,6 +583,7 @@ impl Plan {
                 .then(|| Duration::from_secs_f64(args.bloat_archive_after)),
             bloat_baseline: Duration::from_secs_f64(args.bloat_baseline),
             bloat_vacuum_dead_tuples: args.bloat_vacuum_dead_tuples,
+            bloat_hold_snapshot: args.bloat_hold_snapshot,
         })
     }
 }

@@ -475,6 +475,19 @@ impl Report {
                     met: b.size_ratio <= 2.0,
                 });
             }
+            let (first, last) = (b.windows.first(), b.windows.iter().rev().find(|w| w.processed_per_s > 0.0));
+            if let (true, Some(a), Some(z)) = (
+                b.snapshot_held,
+                first.and_then(|w| w.server_cpu_us_per_event),
+                last.and_then(|w| w.server_cpu_us_per_event),
+            ) {
+                targets.push(Target {
+                    what: "bloat, snapshot held: server CPU/event last/first",
+                    target: "<= 1.5x",
+                    measured: format!("{:.2}x", z / a.max(1e-9)),
+                    met: z <= 1.5 * a,
+                });
+            }
             targets.push(Target {
                 what: "bloat: dead tuples, median of samples",
                 target: "< 50000",
@@ -802,11 +815,12 @@ fn bloat_table(out: &mut String, b: &crate::bloat::Bloat) {
     };
     let _ = writeln!(
         out,
-        "\nbloat: producers at {}/s for {:.0} s, {archive}, {vacuum}\n  inserted {:.0}/s, processed {:.0}/s, \
+        "\nbloat: producers at {}/s for {:.0} s, {archive}, {vacuum}{}\n  inserted {:.0}/s, processed {:.0}/s, \
          {} left at the end; size {:.1} MiB at {:.0} s, {:.1} MiB at the end ({:.2}x); dead tuples median {}, \
          p90 {}, max {} ({} samples); HOT updates {:.1}%; {} VACUUMs by the processor, {} by autovacuum",
         b.rate,
         b.seconds,
+        if b.snapshot_held { ", a REPEATABLE READ snapshot held throughout" } else { "" },
         b.inserted_per_s,
         b.processed_per_s,
         b.backlog_at_end,

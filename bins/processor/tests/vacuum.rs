@@ -4,7 +4,7 @@
 //! another session holds the vacuum lock. (Without the right to vacuum: least_privilege.rs.)
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
