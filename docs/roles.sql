@@ -55,6 +55,18 @@ BEGIN
     END IF;
 END
 $$;
+-- The processor's vacuum task (HOOK_VACUUM_DEAD_TUPLES, docs/operations.md): VACUUM needs the
+-- table's owner, or on PostgreSQL 17 and later the MAINTAIN privilege (VACUUM, ANALYZE, CLUSTER,
+-- REINDEX, LOCK TABLE: no read or write of rows beyond the grants above; LOCK TABLE could stop
+-- producers, as the processor's row locks could not). Before 17 the processor logs once that it
+-- may not vacuum, and autovacuum alone does it.
+DO $$
+BEGIN
+    IF current_setting('server_version_num')::int >= 170000 THEN
+        EXECUTE 'GRANT MAINTAIN ON hook_events TO hook_processor';
+    END IF;
+END
+$$;
 -- Start-up checks that every migration is applied, without applying any.
 GRANT SELECT ON hook_events_migrations TO hook_processor, hook_maintenance;
 

@@ -4,6 +4,7 @@
 //!
 //! With no `DATABASE_URL` it runs on a durable embedded cluster under `--data-dir`.
 
+mod bloat;
 mod ingest;
 mod phases;
 mod pressure;
@@ -62,8 +63,8 @@ struct Args {
     #[arg(long, default_value_t = 20.0)]
     duration: f64,
 
-    /// Phases to run, comma separated. `jetstream`, `webhook`, `ingest`, `waiting` and `horizon`
-    /// run only when named.
+    /// Phases to run, comma separated. `jetstream`, `webhook`, `ingest`, `waiting`, `horizon`
+    /// and `bloat` run only when named.
     #[arg(
         long,
         value_enum,
@@ -89,7 +90,36 @@ struct Args {
     #[arg(long, default_value_t = 600.0)]
     horizon_duration: f64,
 
-    /// Seconds per row of the waiting and horizon phases' reports.
+    /// Events per second of the producers of the bloat phase.
+    #[arg(long, default_value_t = 2_000.0)]
+    bloat_rate: f64,
+
+    /// How long the bloat phase's producers run, in seconds.
+    #[arg(long, default_value_t = 1_800.0)]
+    bloat_duration: f64,
+
+    /// The bloat phase's archiver moves events processed this many seconds ago into the archive
+    /// and purges archived rows as old, every 5 s (hook-archive from a timer); 0: no archiver,
+    /// every row stays.
+    #[arg(long, default_value_t = 60.0)]
+    bloat_archive_after: f64,
+
+    /// The bloat phase's size reference: the table's size this many seconds in.
+    #[arg(long, default_value_t = 300.0)]
+    bloat_baseline: f64,
+
+    /// HOOK_VACUUM_DEAD_TUPLES of the bloat phase's hook-processor (0: its vacuum task off,
+    /// autovacuum alone).
+    #[arg(long, default_value_t = 20_000)]
+    bloat_vacuum_dead_tuples: u64,
+
+    /// The bloat phase holds a REPEATABLE READ snapshot for its whole run (as the horizon phase
+    /// does, but with the hook-processor binary and its vacuum task): what the task costs when
+    /// vacuum can remove nothing.
+    #[arg(long)]
+    bloat_hold_snapshot: bool,
+
+    /// Seconds per row of the waiting, horizon and bloat phases' reports.
     #[arg(long, default_value_t = 60.0)]
     window: f64,
 
@@ -260,6 +290,10 @@ enum Phase {
     /// Pickup, CPU per event and dead tuples per window while producers insert at
     /// --horizon-rate and a REPEATABLE READ snapshot is held for --horizon-duration.
     Horizon,
+    /// The table's size and dead row versions while the hook-processor binary consumes
+    /// --bloat-rate events per second for --bloat-duration and an archiver keeps a window of
+    /// --bloat-archive-after seconds.
+    Bloat,
 }
 
 fn main() -> ExitCode {
@@ -467,6 +501,12 @@ pub(crate) struct Plan {
     pub(crate) horizon_duration: Duration,
     pub(crate) window: Duration,
     pub(crate) low_water_mark: bool,
+    pub(crate) bloat_rate: f64,
+    pub(crate) bloat_duration: Duration,
+    pub(crate) bloat_archive_after: Option<Duration>,
+    pub(crate) bloat_baseline: Duration,
+    pub(crate) bloat_vacuum_dead_tuples: u64,
+    pub(crate) bloat_hold_snapshot: bool,
 }
 
 impl Plan {
@@ -502,6 +542,22 @@ impl Plan {
             "--horizon-duration must be in (0, 86400]"
         );
         anyhow::ensure!(args.window >= 1.0 && args.window <= 3600.0, "--window must be in [1, 3600]");
+        anyhow::ensure!(
+            args.bloat_rate > 0.0 && args.bloat_rate <= 100_000.0,
+            "--bloat-rate must be in (0, 100000]"
+        );
+        anyhow::ensure!(
+            args.bloat_duration > 0.0 && args.bloat_duration <= 24.0 * 3600.0,
+            "--bloat-duration must be in (0, 86400]"
+        );
+        anyhow::ensure!(
+            args.bloat_archive_after >= 0.0 && args.bloat_archive_after <= 86_400.0,
+            "--bloat-archive-after must be in [0, 86400]"
+        );
+        anyhow::ensure!(
+            args.bloat_baseline > 0.0 && args.bloat_baseline <= 24.0 * 3600.0,
+            "--bloat-baseline must be in (0, 86400]"
+        );
         Ok(Plan {
             events: args.events,
             baseline_events: args.baseline_events,
@@ -521,6 +577,13 @@ impl Plan {
             horizon_duration: Duration::from_secs_f64(args.horizon_duration),
             window: Duration::from_secs_f64(args.window),
             low_water_mark: !args.no_low_water_mark,
+            bloat_rate: args.bloat_rate,
+            bloat_duration: Duration::from_secs_f64(args.bloat_duration),
+            bloat_archive_after: (args.bloat_archive_after > 0.0)
+                .then(|| Duration::from_secs_f64(args.bloat_archive_after)),
+            bloat_baseline: Duration::from_secs_f64(args.bloat_baseline),
+            bloat_vacuum_dead_tuples: args.bloat_vacuum_dead_tuples,
+            bloat_hold_snapshot: args.bloat_hold_snapshot,
         })
     }
 }
@@ -636,6 +699,9 @@ async fn measure(args: &Args, plan: &Plan, db: &Db) -> anyhow::Result<Report> {
     }
     if wanted(Phase::Horizon) {
         report.horizon = Some(pressure::horizon(db, plan).await.context("horizon phase")?);
+    }
+    if wanted(Phase::Bloat) {
+        report.bloat = Some(bloat::bloat(db, plan).await.context("bloat phase")?);
     }
     hook_store::bench::truncate(&client).await?;
     report.finish();

@@ -368,13 +368,13 @@ fn histogram() -> anyhow::Result<Histogram<u64>> {
 
 /// The CPU time of a local PostgreSQL server: its postmaster (with the children it reaped) and
 /// every live child process.
-struct ServerCpu {
+pub(crate) struct ServerCpu {
     postmaster: String,
 }
 
 impl ServerCpu {
     /// The postmaster of `client`'s backend, if the backend is a process of this machine.
-    async fn find(client: &hook_store::deadpool_postgres::Object) -> Option<ServerCpu> {
+    pub(crate) async fn find(client: &hook_store::deadpool_postgres::Object) -> Option<ServerCpu> {
         let backend = bench::backend_pid(client).await.ok()?;
         let fields = stat_fields(&backend.to_string())?;
         let postmaster = fields.get(1)?.clone();
@@ -382,7 +382,7 @@ impl ServerCpu {
         Some(ServerCpu { postmaster })
     }
 
-    fn ticks(&self) -> Option<u64> {
+    pub(crate) fn ticks(&self) -> Option<u64> {
         let number = |fields: &[String], n: usize| fields.get(n - 3).and_then(|f| f.parse::<u64>().ok());
         let own = stat_fields(&self.postmaster)?;
         let mut ticks = number(&own, 14)? + number(&own, 15)? + number(&own, 16)? + number(&own, 17)?;

@@ -272,6 +272,7 @@ pub(crate) struct Report {
     pub(crate) ingest: Option<crate::ingest::IngestReport>,
     pub(crate) waiting: Option<crate::pressure::Waiting>,
     pub(crate) horizon: Option<crate::pressure::Horizon>,
+    pub(crate) bloat: Option<crate::bloat::Bloat>,
     ratios: Ratios,
     targets: Vec<Target>,
     seconds: f64,
@@ -323,6 +324,7 @@ impl Report {
             ingest: None,
             waiting: None,
             horizon: None,
+            bloat: None,
             ratios: Ratios::default(),
             targets: Vec::new(),
             seconds: 0.0,
@@ -463,6 +465,35 @@ impl Report {
                     met: last.bench_cpu_us_per_event <= 1.5 * first.bench_cpu_us_per_event,
                 });
             }
+        }
+        if let Some(b) = &self.bloat {
+            if b.seconds >= 2.0 * b.baseline_s && b.baseline_s > 0.0 {
+                targets.push(Target {
+                    what: "bloat: size at the end / after the baseline",
+                    target: "<= 2x",
+                    measured: format!("{:.2}x", b.size_ratio),
+                    met: b.size_ratio <= 2.0,
+                });
+            }
+            let (first, last) = (b.windows.first(), b.windows.iter().rev().find(|w| w.processed_per_s > 0.0));
+            if let (true, Some(a), Some(z)) = (
+                b.snapshot_held,
+                first.and_then(|w| w.server_cpu_us_per_event),
+                last.and_then(|w| w.server_cpu_us_per_event),
+            ) {
+                targets.push(Target {
+                    what: "bloat, snapshot held: server CPU/event last/first",
+                    target: "<= 1.5x",
+                    measured: format!("{:.2}x", z / a.max(1e-9)),
+                    met: z <= 1.5 * a,
+                });
+            }
+            targets.push(Target {
+                what: "bloat: dead tuples, median of samples",
+                target: "< 50000",
+                measured: b.dead_tuples_median.to_string(),
+                met: b.dead_tuples_median < 50_000,
+            });
         }
         self.targets = targets;
     }
@@ -663,6 +694,9 @@ impl Report {
             plan_row(&mut out, "claim plan after, from the beginning", &h.plan_from_beginning);
             plan_row(&mut out, "claim plan after, from a mark 1 s ago", &h.plan_from_mark);
         }
+        if let Some(b) = &self.bloat {
+            bloat_table(&mut out, b);
+        }
         let r = &self.ratios;
         let mut ratios = Vec::new();
         if let Some(x) = r.drain_over_baseline_drain {
@@ -767,4 +801,67 @@ fn field<'a>(text: &'a str, key: &str) -> Option<&'a str> {
     let line = text.lines().find(|line| line.starts_with(key))?;
     let value = line[key.len()..].trim();
     Some(value.split_whitespace().next().filter(|_| key.ends_with(':')).unwrap_or(value))
+}
+
+fn bloat_table(out: &mut String, b: &crate::bloat::Bloat) {
+    let archive = match b.archive_after_s {
+        Some(after) => format!("archiving events processed {after:.0} s ago"),
+        None => "no archiving".to_owned(),
+    };
+    let vacuum = if b.vacuum_dead_tuples == 0 {
+        "processor's vacuum task off".to_owned()
+    } else {
+        format!("processor vacuums at {} dead tuples", b.vacuum_dead_tuples)
+    };
+    let _ = writeln!(
+        out,
+        "\nbloat: producers at {}/s for {:.0} s, {archive}, {vacuum}{}\n  inserted {:.0}/s, processed {:.0}/s, \
+         {} left at the end; size {:.1} MiB at {:.0} s, {:.1} MiB at the end ({:.2}x); dead tuples median {}, \
+         p90 {}, max {} ({} samples); HOT updates {:.1}%; {} VACUUMs by the processor, {} by autovacuum",
+        b.rate,
+        b.seconds,
+        if b.snapshot_held { ", a REPEATABLE READ snapshot held throughout" } else { "" },
+        b.inserted_per_s,
+        b.processed_per_s,
+        b.backlog_at_end,
+        b.baseline_mib,
+        b.baseline_s,
+        b.end_mib,
+        b.size_ratio,
+        b.dead_tuples_median,
+        b.dead_tuples_p90,
+        b.dead_tuples_max,
+        b.samples_taken,
+        b.hot_update_share * 100.0,
+        b.vacuums,
+        b.autovacuums
+    );
+    let _ = writeln!(
+        out,
+        "  {:>7} {:>9} {:>9} {:>11} {:>9} {:>7} {:>7} {:>12} {:>6}",
+        "from s", "ins/s", "proc/s", "dead (med)", "MiB", "vacuum", "auto", "server us/ev", "load"
+    );
+    for w in &b.windows {
+        let _ = writeln!(
+            out,
+            "  {:>7.0} {:>9.0} {:>9.0} {:>11} {:>9.1} {:>7} {:>7} {:>12} {:>6.2}",
+            w.from_s,
+            w.inserted_per_s,
+            w.processed_per_s,
+            w.dead_tuples_median,
+            w.total_mib,
+            w.vacuums,
+            w.autovacuums,
+            w.server_cpu_us_per_event.map_or_else(|| "-".to_owned(), |c| format!("{c:.0}")),
+            w.load1
+        );
+    }
+    let indexes = |list: &[(String, i64)]| {
+        list.iter()
+            .map(|(name, bytes)| format!("{name} {:.1}", *bytes as f64 / 1_048_576.0))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let _ = writeln!(out, "  indexes at the baseline, MiB: {}", indexes(&b.indexes_baseline));
+    let _ = writeln!(out, "  indexes at the end, MiB: {}", indexes(&b.indexes_end));
 }

@@ -12,6 +12,8 @@ use hook_core::{EngineConfig, RetryPolicy};
 use hook_store::tokio_postgres::Config;
 use hook_store::{ClusterOptions, DatabaseArgs, PasswordSource};
 
+use crate::vacuum::VacuumConfig;
+
 /// Processes hook events from PostgreSQL.
 ///
 /// The database comes from DATABASE_URL; else from the original service's variables
@@ -166,6 +168,16 @@ pub(crate) struct Args {
     #[arg(long, env = "HOOK_INGEST_SYNCHRONOUS_COMMIT", value_parser = parse_synchronous_commit)]
     ingest_synchronous_commit: Option<&'static str>,
 
+    /// VACUUM hook_events once its dead row versions (n_dead_tup) reach this many, between
+    /// autovacuum's naps; one processor of several at a time. 0 turns the task off (autovacuum
+    /// alone). Needs a role that may vacuum the table (see docs/operations.md).
+    #[arg(long, env = "HOOK_VACUUM_DEAD_TUPLES", default_value_t = 20_000)]
+    vacuum_dead_tuples: u64,
+
+    /// How often the vacuum task reads the dead row versions.
+    #[arg(long, env = "HOOK_VACUUM_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    vacuum_interval: Duration,
+
     /// Log level or filter (error, warn, info, debug, trace, or tracing directives).
     #[arg(long, env = "LOG_LEVEL", default_value = "info", global = true)]
     log_level: String,
@@ -227,6 +239,8 @@ pub(crate) struct OpsConfig {
     pub(crate) console: bool,
     /// The ingest socket to serve; `None`: none.
     pub(crate) ingest_socket: Option<IngestSocket>,
+    /// The vacuum task.
+    pub(crate) vacuum: VacuumConfig,
 }
 
 /// The ingest socket to serve.
@@ -303,6 +317,13 @@ impl Args {
         if self.db_timeout.is_zero() {
             anyhow::bail!("invalid configuration: database timeout must be greater than zero");
         }
+        if self.vacuum_interval.is_zero() {
+            return Err(UsageError(
+                "invalid configuration: vacuum interval (HOOK_VACUUM_INTERVAL) must be greater than zero"
+                    .into(),
+            )
+            .into());
+        }
         if self.console && self.http_addr.is_none() {
             anyhow::bail!(
                 "invalid configuration: --console (HOOK_CONSOLE) needs --http-addr (HOOK_HTTP_ADDR)"
@@ -316,6 +337,10 @@ impl Args {
             db_timeout: self.db_timeout,
             console: self.console,
             ingest_socket: self.ingest_socket()?,
+            vacuum: VacuumConfig {
+                dead_tuples: (self.vacuum_dead_tuples > 0).then_some(self.vacuum_dead_tuples),
+                interval: self.vacuum_interval,
+            },
         })
     }
 
@@ -520,6 +545,29 @@ mod tests {
         assert!(!ops(&[]).unwrap().console);
         assert!(ops(&["--console"]).unwrap_err().contains("needs --http-addr"));
         assert!(ops(&["--console", "--http-addr", "127.0.0.1:9477"]).unwrap().console);
+    }
+
+    #[test]
+    fn the_vacuum_task_is_on_by_default_and_zero_turns_it_off() {
+        let vacuum = |extra: &[&str]| {
+            let mut argv = vec!["hook-processor"];
+            argv.extend_from_slice(extra);
+            let args = Args::try_parse_from(argv).map_err(|e| e.to_string())?;
+            let engine = args.engine_config().map_err(|e| format!("{e:#}"))?;
+            args.ops_config(&engine).map(|ops| ops.vacuum).map_err(|e| format!("{e:#}"))
+        };
+        let defaults = VacuumConfig { dead_tuples: Some(20_000), interval: Duration::from_secs(1) };
+        assert_eq!(vacuum(&[]).unwrap(), defaults);
+        assert_eq!(vacuum(&["--vacuum-dead-tuples", "0"]).unwrap().dead_tuples, None);
+        let tuned = vacuum(&["--vacuum-dead-tuples", "5000", "--vacuum-interval", "250ms"]).unwrap();
+        assert_eq!(tuned, VacuumConfig { dead_tuples: Some(5_000), interval: Duration::from_millis(250) });
+        let error = vacuum(&["--vacuum-interval", "0"]).unwrap_err();
+        assert_eq!(
+            error,
+            "invalid configuration: vacuum interval (HOOK_VACUUM_INTERVAL) must be greater than zero"
+        );
+        assert!(vacuum(&["--vacuum-dead-tuples", "-1"]).is_err());
+        assert!(vacuum(&["--vacuum-interval", "soon"]).is_err());
     }
 
     #[test]

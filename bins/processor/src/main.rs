@@ -13,6 +13,7 @@ mod ingest;
 mod notify;
 mod routes;
 mod stats;
+mod vacuum;
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -179,6 +180,19 @@ async fn process(
         }
         None => None,
     };
+    // The vacuum task gets one connection of its own: a VACUUM may run for seconds.
+    let vacuum_store = match ops.vacuum.dead_tuples {
+        Some(_) => {
+            let vacuum_options = StoreOptions { pool_size: 1, listen: false, ..probe_options.clone() };
+            let store = PgStore::connect(pg_config.clone(), vacuum_options)
+                .await
+                .with_context(|| format!("connecting to {shown}"))?;
+            Some(store)
+        }
+        None => None,
+    };
+    let vacuum_task =
+        vacuum_store.as_ref().map(|store| tokio::spawn(vacuum::run(store.pool().clone(), ops.vacuum)));
     let probe =
         PgStore::connect(pg_config, probe_options).await.with_context(|| format!("connecting to {shown}"))?;
     health.attach_probe_pool(probe.pool().clone());
@@ -245,6 +259,9 @@ async fn process(
     if let Some(gauges) = gauges {
         gauges.abort();
     }
+    if let Some(vacuum_task) = vacuum_task {
+        vacuum_task.abort();
+    }
     match totals {
         Some(totals) => notifier.status(&format!("stopped; {totals}")),
         None => {
@@ -260,6 +277,7 @@ async fn process(
     }
     drop(probe);
     drop(console_store);
+    drop(vacuum_store);
     Ok(())
 }
 

@@ -169,3 +169,57 @@ async fn a_presence_the_server_refuses_is_reported_once_and_not_retried_every_se
         admin.query_one("SELECT count(*) FROM hook_events_processors", &[]).await.unwrap().get(0);
     assert_eq!(registered, 0);
 }
+
+#[tokio::test]
+async fn without_the_right_to_vacuum_the_processor_warns_once_and_goes_on_processing() {
+    let (db, admin) = setup("least_privilege_vacuum").await;
+    let mut command = processor_as(&db, "hook_processor");
+    command.env("HOOK_VACUUM_INTERVAL", "100ms").env("HOOK_VACUUM_DEAD_TUPLES", "100");
+    let mut child = command.spawn().unwrap();
+    // Dead row versions past the threshold, and events to process.
+    admin
+        .batch_execute(
+            "INSERT INTO hook_events (id, source, action, resource, resource_id, payload, processed, processed_at)
+             SELECT gen_random_uuid(), 'test', 'dead', 'row', i::text, '{}', true, now() FROM generate_series(1, 500) AS i;
+             DELETE FROM hook_events WHERE source = 'test';
+             INSERT INTO hook_events (id, source, action, resource, resource_id, payload)
+             SELECT gen_random_uuid(), 'PreToolUse', 'tool_invocation', 'tool', i::text, '{}' FROM generate_series(1, 20) AS i",
+        )
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let pending: i64 = admin
+            .query_one("SELECT count(*) FROM hook_events WHERE NOT processed", &[])
+            .await
+            .unwrap()
+            .get(0);
+        if pending == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{pending} events still pending under hook_processor");
+        assert!(child.try_wait().unwrap().is_none(), "the processor exited early");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Twenty intervals more: still one warning, and no vacuum.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(stderr.contains("Succeeded=20"), "{stderr}");
+    let warnings: Vec<&str> = stderr.lines().filter(|l| l.contains("may not VACUUM hook_events")).collect();
+    assert_eq!(warnings.len(), 1, "{stderr}");
+    assert!(warnings[0].contains("WARN"), "{}", warnings[0]);
+    assert!(
+        warnings[0].contains("MAINTAIN") && warnings[0].contains("HOOK_VACUUM_DEAD_TUPLES=0"),
+        "{}",
+        warnings[0]
+    );
+    let vacuums: i64 = admin
+        .query_one("SELECT vacuum_count FROM pg_stat_user_tables WHERE relid = 'hook_events'::regclass", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(vacuums, 0);
+}

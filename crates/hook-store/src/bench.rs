@@ -740,3 +740,78 @@ pub async fn sessions(client: &impl GenericClient, application_name: &str) -> Re
         .await?
         .get(0))
 }
+
+/// What the statistics and the catalog say of `hook_events` at one moment: its dead and live
+/// row versions, its updates (and how many were HOT), its vacuums, and its size.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TableFacts {
+    /// `n_dead_tup`.
+    pub dead_tuples: i64,
+    /// `n_live_tup`.
+    pub live_tuples: i64,
+    /// `n_tup_upd`, `n_tup_hot_upd`.
+    pub updates: i64,
+    /// Of which HOT (no new index entries).
+    pub hot_updates: i64,
+    /// `vacuum_count` (by hand: the processor's vacuum task), `autovacuum_count`.
+    pub vacuums: i64,
+    /// Vacuums by autovacuum.
+    pub autovacuums: i64,
+    /// The heap (main fork, free space map, visibility map), bytes.
+    pub heap_bytes: i64,
+    /// Every index, bytes.
+    pub index_bytes: i64,
+    /// The TOAST table and its index, bytes.
+    pub toast_bytes: i64,
+}
+
+impl TableFacts {
+    /// The table and its indexes (and TOAST): `pg_total_relation_size`.
+    pub fn total_bytes(&self) -> i64 {
+        self.heap_bytes + self.index_bytes + self.toast_bytes
+    }
+}
+
+/// The [`TableFacts`] of `hook_events` now.
+pub async fn table_facts(client: &impl GenericClient) -> Result<TableFacts, StoreError> {
+    let row = client
+        .query_one(
+            "SELECT s.n_dead_tup, s.n_live_tup, s.n_tup_upd, s.n_tup_hot_upd, s.vacuum_count, \
+                    s.autovacuum_count, pg_table_size('hook_events') - pg_total_relation_size(c.reltoastrelid), \
+                    pg_indexes_size('hook_events'), pg_total_relation_size(c.reltoastrelid) \
+               FROM pg_stat_user_tables AS s JOIN pg_class AS c ON c.oid = s.relid \
+              WHERE s.relid = 'hook_events'::regclass",
+            &[],
+        )
+        .await?;
+    Ok(TableFacts {
+        dead_tuples: row.try_get(0)?,
+        live_tuples: row.try_get(1)?,
+        updates: row.try_get(2)?,
+        hot_updates: row.try_get(3)?,
+        vacuums: row.try_get(4)?,
+        autovacuums: row.try_get(5)?,
+        heap_bytes: row.try_get(6)?,
+        index_bytes: row.try_get(7)?,
+        toast_bytes: row.try_get(8)?,
+    })
+}
+
+/// Every index of `hook_events` with its size in bytes, largest first.
+pub async fn index_sizes(client: &impl GenericClient) -> Result<Vec<(String, i64)>, StoreError> {
+    let rows = client
+        .query(
+            "SELECT c.relname::text, pg_relation_size(c.oid) FROM pg_index AS i \
+               JOIN pg_class AS c ON c.oid = i.indexrelid \
+              WHERE i.indrelid = 'hook_events'::regclass ORDER BY 2 DESC, 1",
+            &[],
+        )
+        .await?;
+    rows.iter().map(|row| Ok((row.try_get(0)?, row.try_get(1)?))).collect()
+}
+
+/// Empties `hook_events_archive` (the bench's own database only).
+pub async fn truncate_archive(client: &impl GenericClient) -> Result<(), StoreError> {
+    client.batch_execute("TRUNCATE hook_events_archive").await?;
+    Ok(())
+}

@@ -107,6 +107,7 @@ pub mod stats;
 #[cfg(feature = "test-support")]
 pub mod testing;
 pub mod tls;
+pub mod vacuum;
 
 #[cfg(any(feature = "test-support", feature = "bench"))]
 pub use children::binary_command;
