@@ -57,6 +57,35 @@ async fn setup(test: &str) -> (TestDb, Client) {
     (db, admin)
 }
 
+/// Waits up to a minute until no event is unprocessed, the processor running all along.
+async fn processed_all(admin: &Client, child: &mut std::process::Child, while_what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let pending: i64 = admin
+            .query_one("SELECT count(*) FROM hook_events WHERE NOT processed", &[])
+            .await
+            .unwrap()
+            .get(0);
+        if pending == 0 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{pending} events still pending {while_what}");
+        assert!(child.try_wait().unwrap().is_none(), "the processor exited early");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Stops the processor with SIGTERM; it must exit 0 having processed the tests' twenty events.
+/// Returns its stderr.
+fn stop_after_twenty(child: std::process::Child) -> String {
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(output.status.success(), "{stderr}");
+    assert!(stderr.contains("Succeeded=20"), "{stderr}");
+    stderr
+}
+
 #[tokio::test]
 async fn the_processor_runs_as_hook_processor_and_producers_only_insert() {
     let (db, admin) = setup("least_privilege").await;
@@ -75,25 +104,8 @@ async fn the_processor_runs_as_hook_processor_and_producers_only_insert() {
     assert!(denied.to_string().contains("permission denied") || format!("{denied:?}").contains("42501"));
 
     let mut child = processor_as(&db, "hook_processor").spawn().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let pending: i64 = admin
-            .query_one("SELECT count(*) FROM hook_events WHERE NOT processed", &[])
-            .await
-            .unwrap()
-            .get(0);
-        if pending == 0 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{pending} events still pending under hook_processor");
-        assert!(child.try_wait().unwrap().is_none(), "the processor exited early");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
-    let output = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "{stderr}");
-    assert!(stderr.contains("Succeeded=20"), "{stderr}");
+    processed_all(&admin, &mut child, "under hook_processor").await;
+    let stderr = stop_after_twenty(child);
 
     // The processor's role cannot insert, delete or rewrite payloads.
     let processor = connect_as(&db, "hook_processor").await;
@@ -140,27 +152,10 @@ async fn a_presence_the_server_refuses_is_reported_once_and_not_retried_every_se
             .unwrap();
     }
     let mut child = processor_as(&db, "hook_processor").env("LOG_LEVEL", "debug").spawn().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let pending: i64 = admin
-            .query_one("SELECT count(*) FROM hook_events WHERE NOT processed", &[])
-            .await
-            .unwrap()
-            .get(0);
-        if pending == 0 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{pending} events still pending without a presence");
-        assert!(child.try_wait().unwrap().is_none(), "the processor exited early");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    processed_all(&admin, &mut child, "without a presence").await;
     // Retrying every second, as before, would have logged four or five attempts by now.
     tokio::time::sleep(Duration::from_secs(4)).await;
-    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
-    let output = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "{stderr}");
-    assert!(stderr.contains("Succeeded=20"), "{stderr}");
+    let stderr = stop_after_twenty(child);
     let attempts: Vec<&str> = stderr.lines().filter(|line| line.contains("hook_store::presence")).collect();
     assert_eq!(attempts.len(), 1, "one refused registration, reported once: {attempts:#?}");
     assert!(attempts[0].contains("WARN") && attempts[0].contains("docs/roles.sql"), "{}", attempts[0]);
@@ -187,27 +182,10 @@ async fn without_the_right_to_vacuum_the_processor_warns_once_and_goes_on_proces
         )
         .await
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let pending: i64 = admin
-            .query_one("SELECT count(*) FROM hook_events WHERE NOT processed", &[])
-            .await
-            .unwrap()
-            .get(0);
-        if pending == 0 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{pending} events still pending under hook_processor");
-        assert!(child.try_wait().unwrap().is_none(), "the processor exited early");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    processed_all(&admin, &mut child, "under hook_processor").await;
     // Twenty intervals more: still one warning, and no vacuum.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
-    let output = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "{stderr}");
-    assert!(stderr.contains("Succeeded=20"), "{stderr}");
+    let stderr = stop_after_twenty(child);
     let warnings: Vec<&str> = stderr.lines().filter(|l| l.contains("may not VACUUM hook_events")).collect();
     assert_eq!(warnings.len(), 1, "{stderr}");
     assert!(warnings[0].contains("WARN"), "{}", warnings[0]);
