@@ -64,13 +64,13 @@ async fn processed_all(admin: &Client, child: &mut std::process::Child, while_wh
         let pending: i64 = admin
             .query_one("SELECT count(*) FROM hook_events WHERE NOT processed", &[])
             .await
-            .unwrap()
+            .expect("count the unprocessed events")
             .get(0);
         if pending == 0 {
             return;
         }
         assert!(Instant::now() < deadline, "{pending} events still pending {while_what}");
-        assert!(child.try_wait().unwrap().is_none(), "the processor exited early");
+        assert!(child.try_wait().expect("the processor's status").is_none(), "the processor exited early");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -78,8 +78,8 @@ async fn processed_all(admin: &Client, child: &mut std::process::Child, while_wh
 /// Stops the processor with SIGTERM; it must exit 0 having processed the tests' twenty events.
 /// Returns its stderr.
 fn stop_after_twenty(child: std::process::Child) -> String {
-    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
-    let output = child.wait_with_output().unwrap();
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).expect("SIGTERM the processor");
+    let output = child.wait_with_output().expect("the processor's output");
     let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
     assert!(output.status.success(), "{stderr}");
     assert!(stderr.contains("Succeeded=20"), "{stderr}");
@@ -105,7 +105,7 @@ async fn the_processor_runs_as_hook_processor_and_producers_only_insert() {
 
     let mut child = processor_as(&db, "hook_processor").spawn().unwrap();
     processed_all(&admin, &mut child, "under hook_processor").await;
-    let stderr = stop_after_twenty(child);
+    stop_after_twenty(child);
 
     // The processor's role cannot insert, delete or rewrite payloads.
     let processor = connect_as(&db, "hook_processor").await;
