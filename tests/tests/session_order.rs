@@ -283,3 +283,67 @@ async fn a_sessions_next_event_is_claimed_when_its_head_commits_not_at_the_poll(
     assert!(took < Duration::from_secs(20), "{took:?}");
     eprintln!("20 events of one session in {took:?}");
 }
+
+/// Review finding (scenario 5): an event committed late with an earlier `created_at` than its
+/// session's head while that head is held by a claim. The late event becomes the session's
+/// oldest pending event, so it is a head too, and a second claim takes it while the first
+/// event still runs: two events of one session in flight at once, the later-created one
+/// attempted first. A documented limit (docs/routes.md, "What it cannot order"); this test
+/// pins the behaviour so that a fix (a per-session lock) shows up as a change here.
+#[tokio::test]
+async fn a_late_event_older_than_the_held_head_is_claimed_beside_it_a_documented_limit() {
+    let db = TestDb::migrated("order_late_beside_head").await;
+    let client = db.client().await;
+    let sessions = insert_sessions(&client, 1, 2, "PreToolUse").await;
+    let (a, b) = (db.store(options()).await, db.store(options()).await);
+
+    let (first, events) = claim(&a, 100).await.expect("the head");
+    assert_eq!(ids(&events), [sessions[0][0]]);
+
+    let late = Uuid::new_v4();
+    client
+        .execute(
+            "INSERT INTO hook_events (id, source, action, resource, resource_id, metadata, created_at)
+             VALUES ($1, 'PreToolUse', 'tool_invocation', 'tool', 'Bash', '{\"session_id\": \"s0\"}',
+                     clock_timestamp() - interval '1 hour')",
+            &[&late],
+        )
+        .await
+        .expect("the late insert");
+
+    let (second, events) = claim(&b, 100).await.expect("the late event, as a head");
+    assert_eq!(ids(&events), [late], "the late event runs beside the held head");
+    second.finish(succeeded(&[late])).await.expect("the completion");
+    first.finish(succeeded(&[sessions[0][0]])).await.expect("the completion");
+}
+
+/// Review finding (scenario 4): the session key is the text of `session_id`, whatever its JSON
+/// type: the number `42` and the string `"42"` are one session, an empty string is a session
+/// (every event with `""` is held to one order), and a JSON null is no session.
+#[tokio::test]
+async fn session_keys_are_the_text_of_any_json_value_and_an_empty_string_is_a_session() {
+    let db = TestDb::migrated("order_key_types").await;
+    let client = db.client().await;
+    let mut inserted = Vec::new();
+    for (i, session) in ["42", "\"42\"", "\"\"", "\"\"", "null", "null"].iter().enumerate() {
+        let id = Uuid::new_v4();
+        client
+            .execute(
+                &format!(
+                    "INSERT INTO hook_events (id, source, action, resource, resource_id, metadata, created_at)
+                     VALUES ($1, 'PreToolUse', 'tool_invocation', 'tool', 'Bash',
+                             jsonb_build_object('session_id', '{session}'::jsonb),
+                             clock_timestamp() + {i} * interval '1 millisecond')"
+                ),
+                &[&id],
+            )
+            .await
+            .expect("insert");
+        inserted.push(id);
+    }
+    let store = db.store(options()).await;
+    let (batch, events) = claim(&store, 100).await.expect("a batch");
+    // 42 and "42": one head; "" and "": one head; the two nulls: no session, both taken.
+    assert_eq!(ids(&events), [inserted[0], inserted[2], inserted[4], inserted[5]]);
+    batch.release().await;
+}
