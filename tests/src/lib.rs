@@ -1,6 +1,7 @@
 //! Shared helpers of the integration tests: inserting events, waiting, and counting handler
 //! invocations. Every test owns a fresh database (see `hook_store::testing`).
 
+pub mod crash;
 pub mod worker;
 
 use std::collections::HashMap;

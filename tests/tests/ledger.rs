@@ -12,6 +12,7 @@ use hook_core::{ClaimRequest, ClaimedBatch, HookEvent, Outcome, Resolution, Stor
 use hook_store::testing::TestDb;
 use hook_store::tokio_postgres::config::Host;
 use hook_store::{PgBatch, PgStore, StoreOptions};
+use hook_tests::crash::{kill_the_claim, kill_the_processor, registered};
 use hook_tests::worker::Deadline;
 use hook_tests::{count, insert_events};
 use serde_json::Map;
@@ -38,37 +39,6 @@ async fn claim(store: &PgStore, isolate: bool) -> Option<(PgBatch, Vec<HookEvent
 
 fn succeeded(id: Uuid) -> Outcome {
     Outcome { id, resolution: Resolution::Succeeded, metadata: Map::new() }
-}
-
-/// Waits until a store's presence is registered (a store registers at its first claim).
-async fn registered(client: &Client) {
-    let deadline = Deadline::new(PATIENCE, "a store's presence to be registered");
-    while count(client, "SELECT count(*) FROM hook_events_processors").await == 0 {
-        deadline.tick().await;
-    }
-}
-
-/// As when the claim's process dies: terminates the sessions that hold the stores' presence
-/// locks (session advisory locks in this database), then the claim's (see [`kill_the_claim`]).
-async fn kill_the_processor(client: &Client) {
-    let presence = "SELECT count(pg_terminate_backend(l.pid)) FROM pg_locks AS l \
-                    WHERE l.locktype = 'advisory' AND l.granted \
-                      AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())";
-    assert!(count(client, presence).await >= 1, "a presence session to kill");
-    kill_the_claim(client).await;
-}
-
-/// Terminates the session that holds a claim (idle in transaction) and waits until it is gone:
-/// its transaction is aborted, as when its process dies.
-async fn kill_the_claim(client: &Client) {
-    let holders = "FROM pg_stat_activity \
-                   WHERE datname = current_database() AND state LIKE 'idle in transaction%'";
-    let killed = count(client, &format!("SELECT count(pg_terminate_backend(pid)) {holders}")).await;
-    assert_eq!(killed, 1, "one claim to kill");
-    let deadline = Deadline::new(PATIENCE, "the killed claim's session to end");
-    while count(client, &format!("SELECT count(*) {holders}")).await > 0 {
-        deadline.tick().await;
-    }
 }
 
 /// Ledger rows that name events (the cleared slots of the layout before migration 0012 would

@@ -284,6 +284,54 @@ async fn a_sessions_next_event_is_claimed_when_its_head_commits_not_at_the_poll(
     eprintln!("20 events of one session in {took:?}");
 }
 
+/// Review finding (scenario 1): a processor dies while it holds its sessions' heads. The heads
+/// become suspects of the claim ledger: an ordinary claim takes nothing of those sessions
+/// (their heads are still pending, so nothing behind them is a head, and suspects are skipped);
+/// isolated claims then run each head alone, and only after a head is done does its session's
+/// next event come up, as that session's new head. Nothing is stuck, nothing runs out of order.
+#[tokio::test]
+async fn a_processor_killed_holding_heads_leaves_its_sessions_held_until_each_head_runs_alone() {
+    let db = TestDb::migrated("order_killed_holding_heads").await;
+    let client = db.client().await;
+    let sessions = insert_sessions(&client, 2, 3, "PreToolUse").await;
+    let a = db.store(options()).await;
+    let (mut held, events) = claim(&a, 100).await.expect("the heads");
+    assert_eq!(ids(&events), [sessions[0][0], sessions[1][0]]);
+    hook_tests::crash::registered(&client).await;
+    held.start().await.expect("the batch's ledger row");
+    hook_tests::crash::kill_the_processor(&client).await;
+    drop(held);
+
+    let (b, c) = (db.store(options()).await, db.store(options()).await);
+    assert!(claim(&c, 100).await.is_none(), "nothing behind a dead processor's heads");
+    let suspects = &b;
+    let isolated = || async move {
+        let mut batch = suspects
+            .claim(ClaimRequest { isolate: true, ..request(100) })
+            .await
+            .expect("the isolated claim")
+            .expect("a suspect");
+        let events = batch.take_events();
+        assert!(batch.isolated(), "a suspect runs alone");
+        batch.start().await.expect("start");
+        (batch, ids(&events))
+    };
+    let (batch, events) = isolated().await;
+    assert_eq!(events, [sessions[0][0]], "the oldest head first");
+    assert!(claim(&c, 100).await.is_none(), "while a head runs alone, its session's next waits");
+    batch.finish(succeeded(&events)).await.expect("the completion");
+    // Session 0 goes on; session 1 is still held by its suspect head.
+    let (next, events) = claim(&c, 100).await.expect("session 0's next head");
+    assert_eq!(ids(&events), [sessions[0][1]]);
+    next.finish(succeeded(&ids(&events))).await.expect("the completion");
+    let (batch, events) = isolated().await;
+    assert_eq!(events, [sessions[1][0]]);
+    batch.finish(succeeded(&events)).await.expect("the completion");
+    let (next, events) = claim(&c, 100).await.expect("the sessions' next heads");
+    assert_eq!(ids(&events), [sessions[0][2], sessions[1][1]]);
+    next.finish(succeeded(&ids(&events))).await.expect("the completion");
+}
+
 /// Review finding (scenario 5): an event committed late with an earlier `created_at` than its
 /// session's head while that head is held by a claim. The late event becomes the session's
 /// oldest pending event, so it is a head too, and a second claim takes it while the first
