@@ -328,7 +328,7 @@ async fn a_processor_killed_holding_heads_leaves_its_sessions_held_until_each_he
     assert_eq!(events, [sessions[1][0]]);
     batch.finish(succeeded(&events)).await.expect("the completion");
     let (next, events) = claim(&c, 100).await.expect("the sessions' next heads");
-    assert_eq!(ids(&events), [sessions[0][2], sessions[1][1]]);
+    assert_eq!(ids(&events), [sessions[1][1], sessions[0][2]], "oldest first");
     next.finish(succeeded(&ids(&events))).await.expect("the completion");
 }
 
