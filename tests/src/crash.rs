@@ -19,10 +19,11 @@ pub async fn registered(client: &Client) {
 }
 
 /// As when the claim's process dies: terminates the sessions that hold the stores' presence
-/// locks (session advisory locks in this database), then the claim's (see [`kill_the_claim`]).
+/// locks (one-key advisory locks in this database: a claim's session locks have two keys,
+/// `objsubid` 2), then the claim's (see [`kill_the_claim`]).
 pub async fn kill_the_processor(client: &Client) {
     let presence = "SELECT count(pg_terminate_backend(l.pid)) FROM pg_locks AS l \
-                    WHERE l.locktype = 'advisory' AND l.granted \
+                    WHERE l.locktype = 'advisory' AND l.objsubid = 1 AND l.granted \
                       AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())";
     assert!(count(client, presence).await >= 1, "a presence session to kill");
     kill_the_claim(client).await;

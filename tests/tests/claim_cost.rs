@@ -419,3 +419,67 @@ fn rows_read(node: &serde_json::Value) -> i64 {
     };
     own + node["Plans"].as_array().map_or(0, |children| children.iter().map(rows_read).sum())
 }
+
+/// Found by the horizon phase (docs/benchmarks.md): from minute 7, with 200,000 events processed
+/// under a held snapshot, each one-event completion took milliseconds and read thousands of
+/// buffers. The success statement's `NOT e.processed` let the planner serve the lookup by id with
+/// a partial index of pending rows (`idx_hook_events_processed`), which the statistics said held
+/// almost nothing and which, under the snapshot, still held an entry for every processed event.
+/// Phrased `processed IS NOT TRUE`, the lookup probes the primary key whatever the statistics.
+#[tokio::test]
+async fn a_completion_under_a_held_snapshot_probes_the_primary_key_not_the_pending_indexes() {
+    const PROCESSED: i64 = 50_000;
+    let db = TestDb::migrated("claim_cost_completion_horizon").await;
+    let client = db.client().await;
+    client.batch_execute("ALTER TABLE hook_events SET (autovacuum_enabled = false)").await.unwrap();
+    let reader = db.client().await;
+    reader
+        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM hook_events")
+        .await
+        .expect("the held snapshot");
+    client
+        .execute(
+            "INSERT INTO hook_events (id, source, action, resource, resource_id)
+             SELECT gen_random_uuid(), 'PreToolUse', 'tool_invocation', 'tool', 'Bash'
+             FROM generate_series(1, $1::int8)",
+            &[&PROCESSED],
+        )
+        .await
+        .unwrap();
+    client
+        .batch_execute("UPDATE hook_events SET processed = TRUE, processed_at = clock_timestamp()")
+        .await
+        .unwrap();
+    // Vacuum can remove none of the 50,000 dead versions; the statistics say nothing is pending.
+    client.batch_execute("VACUUM hook_events").await.unwrap();
+    client.batch_execute("ANALYZE hook_events").await.unwrap();
+    let fresh = Uuid::new_v4();
+    client
+        .execute(
+            "INSERT INTO hook_events (id, source, action, resource, resource_id)
+             VALUES ($1, 'PreToolUse', 'tool_invocation', 'tool', 'Bash')",
+            &[&fresh],
+        )
+        .await
+        .unwrap();
+
+    let store = db.store(no_rescan()).await;
+    let pooled = store.pool().get().await.expect("a pooled connection");
+    let plan = bench::explain_success(&pooled, &[fresh], false).await.unwrap();
+    assert_eq!(plan.indexes, ["hook_events_pkey"], "{:#}", plan.json);
+    assert_eq!(plan.seq_scans, 0, "{:#}", plan.json);
+    assert!(plan.buffers < 100, "{} buffers: {:#}", plan.buffers, plan.json);
+    assert_eq!(rows_read(&plan.json[0]["Plan"]), 1, "{:#}", plan.json);
+    // What the phrasing before did here (a walk of the index of pending rows, whose 50,000
+    // entries of processed events the snapshot keeps): if PostgreSQL stops choosing it, this
+    // test no longer shows the hazard, and says so.
+    let before = bench::explain_success(&pooled, &[fresh], true).await.unwrap();
+    assert!(
+        before.indexes != ["hook_events_pkey"] && before.buffers > 10 * plan.buffers,
+        "the phrasing before reads the pending rows' index, dead entries and all ({} buffers against {}): {:#}",
+        before.buffers,
+        plan.buffers,
+        before.json
+    );
+    reader.batch_execute("ROLLBACK").await.unwrap();
+}

@@ -496,7 +496,7 @@ async fn a_dead_processor_is_not_struck_off_while_a_row_of_its_batch_is_left() {
         .get(0);
     // The presence dies first; the claim's session lives on for a moment.
     let presence = "SELECT count(pg_terminate_backend(l.pid)) FROM pg_locks AS l \
-                    WHERE l.locktype = 'advisory' AND l.granted \
+                    WHERE l.locktype = 'advisory' AND l.objsubid = 1 AND l.granted \
                       AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())";
     assert_eq!(count(&client, presence).await, 1);
     let deadline = Deadline::new(PATIENCE, "the presence's lock to be free");

@@ -334,12 +334,11 @@ async fn a_processor_killed_holding_heads_leaves_its_sessions_held_until_each_he
 
 /// Review finding (scenario 5): an event committed late with an earlier `created_at` than its
 /// session's head while that head is held by a claim. The late event becomes the session's
-/// oldest pending event, so it is a head too, and a second claim takes it while the first
-/// event still runs: two events of one session in flight at once, the later-created one
-/// attempted first. A documented limit (docs/routes.md, "What it cannot order"); this test
-/// pins the behaviour so that a fix (a per-session lock) shows up as a change here.
+/// oldest pending event, so the order index shows it as a head; the session lock, which the
+/// first claim holds until its batch ends, keeps a second claim off it until the held head is
+/// done: one event of the session at a time, the late one next (docs/routes.md).
 #[tokio::test]
-async fn a_late_event_older_than_the_held_head_is_claimed_beside_it_a_documented_limit() {
+async fn a_late_event_older_than_the_held_head_waits_for_it_by_the_session_lock() {
     let db = TestDb::migrated("order_late_beside_head").await;
     let client = db.client().await;
     let sessions = insert_sessions(&client, 1, 2, "PreToolUse").await;
@@ -359,10 +358,18 @@ async fn a_late_event_older_than_the_held_head_is_claimed_beside_it_a_documented
         .await
         .expect("the late insert");
 
-    let (second, events) = claim(&b, 100).await.expect("the late event, as a head");
-    assert_eq!(ids(&events), [late], "the late event runs beside the held head");
-    second.finish(succeeded(&[late])).await.expect("the completion");
+    assert!(
+        claim(&b, 100).await.is_none(),
+        "an event of a session whose event another claim attempts is not claimed beside it"
+    );
     first.finish(succeeded(&[sessions[0][0]])).await.expect("the completion");
+
+    let (second, events) = claim(&b, 100).await.expect("the late event, once the head is done");
+    assert_eq!(ids(&events), [late], "the late event is the head now");
+    second.finish(succeeded(&[late])).await.expect("the completion");
+    let (third, events) = claim(&b, 100).await.expect("the session's last event");
+    assert_eq!(ids(&events), [sessions[0][1]]);
+    third.release().await;
 }
 
 /// Review finding (scenario 4): the session key is the text of `session_id`, whatever its JSON
@@ -394,4 +401,58 @@ async fn session_keys_are_the_text_of_any_json_value_and_an_empty_string_is_a_se
     // 42 and "42": one head; "" and "": one head; the two nulls: no session, both taken.
     assert_eq!(ids(&events), [inserted[0], inserted[2], inserted[4], inserted[5]]);
     batch.release().await;
+}
+
+/// The session lock also keeps a dead processor's head, a suspect to be run alone, off its
+/// session while another claim attempts an event of that session (here one committed late with
+/// an older `created_at`, the session's head by the order index): the isolated claim passes over
+/// that suspect to the next, and takes it once the other event is done.
+#[tokio::test]
+async fn a_suspect_head_waits_for_its_sessions_event_that_another_claim_attempts() {
+    let db = TestDb::migrated("order_suspect_waits_for_lock").await;
+    let client = db.client().await;
+    let sessions = insert_sessions(&client, 2, 2, "PreToolUse").await;
+    let a = db.store(options()).await;
+    let (mut held, events) = claim(&a, 100).await.expect("the heads");
+    assert_eq!(ids(&events), [sessions[0][0], sessions[1][0]]);
+    hook_tests::crash::registered(&client).await;
+    held.start().await.expect("the batch's ledger row");
+    hook_tests::crash::kill_the_processor(&client).await;
+    drop(held);
+
+    let late = Uuid::new_v4();
+    client
+        .execute(
+            "INSERT INTO hook_events (id, source, action, resource, resource_id, metadata, created_at)
+             VALUES ($1, 'PreToolUse', 'tool_invocation', 'tool', 'Bash', '{\"session_id\": \"s0\"}',
+                     clock_timestamp() - interval '1 hour')",
+            &[&late],
+        )
+        .await
+        .expect("the late insert");
+    let (b, c) = (db.store(options()).await, db.store(options()).await);
+    let (other, events) = claim(&c, 100).await.expect("the late event, session 0's head");
+    assert_eq!(ids(&events), [late]);
+
+    let isolated = || async {
+        let mut batch = b
+            .claim(ClaimRequest { isolate: true, ..request(100) })
+            .await
+            .expect("the isolated claim")
+            .expect("a suspect");
+        let events = batch.take_events();
+        assert!(batch.isolated(), "a suspect runs alone");
+        batch.start().await.expect("start");
+        (batch, ids(&events))
+    };
+    let (batch, events) = isolated().await;
+    assert_eq!(events, [sessions[1][0]], "session 0's suspect waits for the event another claim attempts");
+    batch.finish(succeeded(&events)).await.expect("the completion");
+    other.finish(succeeded(&[late])).await.expect("the completion");
+    let (batch, events) = isolated().await;
+    assert_eq!(events, [sessions[0][0]], "then session 0's suspect");
+    batch.finish(succeeded(&events)).await.expect("the completion");
+    let (next, events) = claim(&c, 100).await.expect("the sessions' next heads");
+    assert_eq!(ids(&events), [sessions[0][1], sessions[1][1]]);
+    next.finish(succeeded(&ids(&events))).await.expect("the completion");
 }

@@ -355,6 +355,50 @@ pub async fn explain_success_after_growth(
     plan_of(&explained)
 }
 
+/// The plan of a batch's success statement (`queries::SUCCEED`, planned as the store plans it:
+/// `queries::OUTCOME_OPEN`) completing `ids`, under `EXPLAIN (ANALYZE, BUFFERS)` in a
+/// transaction that is rolled back. `as_before` runs it as it was phrased before it looked the
+/// events up with `processed IS NOT TRUE` (`NOT e.processed`), to show what that phrasing costs
+/// when the statistics say few rows are pending and a held snapshot keeps the entries of every
+/// processed event in the partial indexes of pending rows.
+pub async fn explain_success(
+    client: &impl GenericClient,
+    ids: &[Uuid],
+    as_before: bool,
+) -> Result<ClaimPlan, StoreError> {
+    let statement = if as_before {
+        crate::queries::SUCCEED.replace("e.processed IS NOT TRUE", "NOT e.processed")
+    } else {
+        crate::queries::SUCCEED.to_owned()
+    };
+    let ids: Vec<String> = ids.iter().map(Uuid::to_string).collect();
+    let opened = client
+        .batch_execute(&format!(
+            "BEGIN; {}; PREPARE hook_bench_succeed_one (uuid[], jsonb[]) AS {statement}",
+            crate::queries::OUTCOME_OPEN
+        ))
+        .await;
+    if let Err(error) = opened {
+        let _ = client.batch_execute("ROLLBACK").await;
+        return Err(error.into());
+    }
+    let explained = client
+        .query_one(
+            &format!(
+                "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) EXECUTE hook_bench_succeed_one ( \
+                 '{{{}}}'::uuid[], array_fill('{{}}'::jsonb, ARRAY[{}]))",
+                ids.join(","),
+                ids.len()
+            ),
+            &[],
+        )
+        .await;
+    let ended = client.batch_execute("ROLLBACK; DEALLOCATE hook_bench_succeed_one").await;
+    let explained = explained?;
+    ended?;
+    plan_of(&explained)
+}
+
 /// A [`ClaimPlan`] from the row of an `EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON)`.
 fn plan_of(explained: &tokio_postgres::Row) -> Result<ClaimPlan, StoreError> {
     // The plan's column is `json`; read as text, should a server send it so.

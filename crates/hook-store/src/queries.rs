@@ -67,13 +67,22 @@ macro_rules! json_bytes {
     };
 }
 
-/// SQL: the event is claimable now.
-macro_rules! due {
+/// SQL: the event, looked up by its id, is claimable now (pending, and due if it waits for a
+/// retry), stated so that it implies the predicate of no partial index: `processed IS NOT TRUE`
+/// (the column is `NOT NULL`: the same rows as `NOT processed`), which the planner does not take
+/// as proof of `NOT processed`. With `NOT processed` in a statement, the partial indexes of
+/// pending rows (`idx_hook_events_processed`, `hook_events_claim_idx`, ...) become candidates for
+/// the lookup, and when the statistics say that few rows are pending (any drained table) the
+/// planner may read one of them whole instead of probing the primary key. Under a held snapshot
+/// such an index keeps an entry for every event processed since, and the lookup of one event
+/// reads them all: 15,000 buffers and 82 ms for a one-row completion with 250,000 events
+/// processed under the snapshot (the collapse of the horizon phase from minute 7,
+/// docs/benchmarks.md), against 4 buffers through the key.
+macro_rules! due_by_id {
     ($e:literal) => {
         concat!(
-            "NOT ",
             $e,
-            ".processed AND ",
+            ".processed IS NOT TRUE AND ",
             $e,
             ".dead_at IS NULL AND (",
             $e,
@@ -81,6 +90,14 @@ macro_rules! due {
             $e,
             ".next_attempt_at <= now())"
         )
+    };
+}
+
+/// SQL: the event looked up by its id is pending (neither processed nor dead), stated as
+/// [`due_by_id!`] explains.
+macro_rules! pending_by_id {
+    ($e:literal) => {
+        concat!($e, ".processed IS NOT TRUE AND ", $e, ".dead_at IS NULL")
     };
 }
 
@@ -209,6 +226,19 @@ macro_rules! session_key {
     };
 }
 
+/// SQL: takes the session lock of the event's session, if it is free: a transaction-level
+/// advisory lock on `(1751872367, hashtext(session))` (the class is "hkso" in ASCII; two-key
+/// advisory locks are a space apart from the one-key locks of presence, migrations, archive and
+/// vacuum). The claim that attempts a session's event holds it until the batch ends, so no other
+/// claim attempts an event of that session meanwhile, not even one committed late with an older
+/// `created_at`, which the order index alone would show as the head. Sessions whose names hash
+/// alike share a lock: they wait for each other, they are never run out of order.
+macro_rules! session_lock {
+    ($e:literal) => {
+        concat!("pg_try_advisory_xact_lock(1751872367, hashtext(", session_key!($e), "))")
+    };
+}
+
 /// SQL: whether the event's route is ordered, by the rules in the parameters `$s` (sources),
 /// `$a` (actions) and `$o` (ordered), one element per rule (see [`OrderRules`]): the most
 /// specific rule that matches decides (exact, then `(source, *)`, then `(*, *)`), as in the
@@ -325,11 +355,14 @@ pub(crate) const CLAIM_ORDERED: &str = concat!(
              SELECT ",
     claim_columns!(),
     ", FALSE AS fresh, TRUE AS ordered FROM hook_events AS e \
-             WHERE e.id = h.head AND ",
-    due!("e"),
+             WHERE e.id = h.head AND CASE WHEN ",
+    due_by_id!("e"),
     " AND e.id NOT IN (SELECT id FROM named) AND ",
     ordered_route!("e", "$5", "$6", "$7"),
-    " FOR UPDATE OF e SKIP LOCKED \
+    " THEN ",
+    session_lock!("e"),
+    " ELSE FALSE END \
+             FOR UPDATE OF e SKIP LOCKED \
          ) AS x \
          LIMIT $1::int8 \
      ), fresh AS ( \
@@ -477,7 +510,7 @@ const CLAIM_INFO: &str = concat!(
     holder_live!("c.holder"),
     " AND (c.holder IS NOT NULL \
                          OR EXISTS (SELECT 1 FROM hook_events AS e WHERE e.id = ANY (c.event_ids) AND ",
-    due!("e"),
+    due_by_id!("e"),
     "))) OR ",
     processor_gone!(),
     ", now()"
@@ -513,7 +546,9 @@ const RECOVER: &str = concat!(
     holder_live!("c.holder"),
     " AND (cardinality(c.event_ids) > 0 OR c.created_at < now() - interval '1 hour') \
            AND NOT EXISTS (SELECT 1 FROM hook_events AS e \
-                           WHERE e.id = ANY (c.event_ids) AND NOT e.processed AND e.dead_at IS NULL) \
+                           WHERE e.id = ANY (c.event_ids) AND ",
+    pending_by_id!("e"),
+    ") \
          FOR UPDATE SKIP LOCKED); \
      DELETE FROM hook_events_processors AS p \
      WHERE CASE WHEN pg_try_advisory_lock(p.key) THEN pg_advisory_unlock(p.key) ELSE FALSE END \
@@ -530,26 +565,43 @@ const CLAIM_CRASHED: &str = concat!(
      FROM hook_events_claims AS c JOIN hook_events AS e ON e.id = c.event_ids[1] \
      WHERE c.isolated AND c.note IS NULL AND NOT ",
     holder_live!("c.holder"),
-    " AND NOT e.processed AND e.dead_at IS NULL \
+    " AND ",
+    pending_by_id!("e"),
+    " \
      ORDER BY c.created_at \
      LIMIT 1 \
      FOR UPDATE OF c, e SKIP LOCKED"
 );
 
 /// The oldest due queued suspect, locked, to be handled alone; the columns of [`CLAIM`], then
-/// the ledger row's id. `$1` is the byte limit of one event.
+/// the ledger row's id. `$1` is the byte limit of one event. A suspect with a session is taken
+/// only with its session's lock (see `session_lock!`), so that it does not run beside an event
+/// of its session that another claim attempts: the suspects are tried oldest first, each looked
+/// up by its id (a lateral subquery), and the lock is asked for only of the one being tried.
 const CLAIM_SUSPECT: &str = concat!(
     "WITH s AS ( \
-         SELECT e.id, e.source, e.action, e.resource, e.resource_id, e.payload, e.metadata, \
-                e.processed, e.processing_errors, e.retry_count, e.created_at, e.processed_at, ",
-    json_bytes!("e"),
-    " AS bytes, c.id AS claim_id \
-         FROM hook_events_claims AS c JOIN hook_events AS e ON e.id = c.event_ids[1] \
-         WHERE c.holder IS NULL AND c.note IS NULL AND ",
-    due!("e"),
+         SELECT x.* FROM ( \
+             SELECT c.id AS claim_id, e.id, e.created_at FROM hook_events_claims AS c \
+             JOIN hook_events AS e ON e.id = c.event_ids[1] \
+             WHERE c.holder IS NULL AND c.note IS NULL AND ",
+    due_by_id!("e"),
     " ORDER BY e.created_at \
+         ) AS q CROSS JOIN LATERAL ( \
+             SELECT e.id, e.source, e.action, e.resource, e.resource_id, e.payload, e.metadata, \
+                    e.processed, e.processing_errors, e.retry_count, e.created_at, e.processed_at, ",
+    json_bytes!("e"),
+    " AS bytes, q.claim_id \
+             FROM hook_events AS e \
+             WHERE e.id = q.id AND CASE WHEN ",
+    due_by_id!("e"),
+    " THEN ",
+    session_key!("e"),
+    " IS NULL OR ",
+    session_lock!("e"),
+    " ELSE FALSE END \
+             FOR UPDATE OF e SKIP LOCKED \
+         ) AS x \
          LIMIT 1 \
-         FOR UPDATE OF e SKIP LOCKED \
      ) \
      SELECT id, source, action, resource, resource_id, \
             CASE WHEN bytes <= $1::int8 THEN payload END, CASE WHEN bytes <= $1::int8 THEN metadata END, \
@@ -608,11 +660,20 @@ pub(crate) struct Guard<'a> {
     pub(crate) ledger: Uuid,
 }
 
-/// Locks a batch's events again, and the ledger rows that name them, after its transaction
-/// returned to the claim's savepoint.
-const RELOCK: &str = "WITH e AS (SELECT 1 FROM hook_events WHERE id = ANY ($1::uuid[]) FOR UPDATE), \
-          c AS (SELECT 1 FROM hook_events_claims WHERE event_ids && $1::uuid[] FOR UPDATE) \
-     SELECT (SELECT count(*) FROM e) + (SELECT count(*) FROM c)";
+/// Locks a batch's events again, the ledger rows that name them and their sessions' locks (see
+/// `session_lock!`; a rollback to the savepoint released those taken by the claim), after its
+/// transaction returned to the claim's savepoint. The count is of rows locked and session locks
+/// taken.
+const RELOCK: &str = concat!(
+    "WITH e AS (SELECT 1 FROM hook_events WHERE id = ANY ($1::uuid[]) FOR UPDATE), \
+          c AS (SELECT 1 FROM hook_events_claims WHERE event_ids && $1::uuid[] FOR UPDATE), \
+          s AS (SELECT ",
+    session_lock!("o"),
+    " AS taken FROM hook_events AS o WHERE o.id = ANY ($1::uuid[]) AND ",
+    session_key!("o"),
+    " IS NOT NULL) \
+     SELECT (SELECT count(*) FROM e) + (SELECT count(*) FROM c) + (SELECT count(*) FILTER (WHERE taken) FROM s)"
+);
 
 /// Marks claimed rows that cannot be attempted dead, recording why.
 const SET_ASIDE: &str = "UPDATE hook_events AS e \
@@ -629,7 +690,7 @@ pub(crate) const SUCCEED: &str = "UPDATE hook_events AS e \
      SET processed = TRUE, processed_at = GREATEST(clock_timestamp(), e.created_at), \
          result_metadata = r.metadata, next_attempt_at = NULL, dead_at = NULL \
      FROM unnest($1::uuid[], $2::jsonb[]) AS r(id, metadata) \
-     WHERE e.id = r.id AND NOT e.processed";
+     WHERE e.id = r.id AND e.processed IS NOT TRUE";
 
 /// Counts a failed attempt, appends its error and schedules the next attempt (or marks it dead).
 /// The delay counts from when the failure is written (`clock_timestamp()`), not from the claim's
@@ -641,7 +702,7 @@ const FAIL: &str = "UPDATE hook_events AS e \
          next_attempt_at = CASE WHEN r.dead THEN NULL ELSE clock_timestamp() + r.delay_ms * interval '1 millisecond' END, \
          dead_at = CASE WHEN r.dead THEN clock_timestamp() END \
      FROM unnest($1::uuid[], $2::text[], $3::jsonb[], $4::int8[], $5::bool[]) AS r(id, error, metadata, delay_ms, dead) \
-     WHERE e.id = r.id AND NOT e.processed";
+     WHERE e.id = r.id AND e.processed IS NOT TRUE";
 
 /// Decodes one `hook_events` row selected in the column order of [`HookEvent`]. Tolerates NULL elements in
 /// `processing_errors` (a hand-written row may hold them), so no row can wedge the claim loop.
