@@ -71,11 +71,11 @@ pub(crate) struct Args {
     max_retry_count: u32,
 
     /// Handlers running at once.
-    #[arg(long, env = "HOOK_CONCURRENCY", default_value_t = 400)]
+    #[arg(long, env = "HOOK_CONCURRENCY", default_value_t = 800)]
     concurrency: usize,
 
     /// Batches claimed and not yet finished, at most.
-    #[arg(long, env = "HOOK_BATCHES_IN_FLIGHT", default_value_t = 4)]
+    #[arg(long, env = "HOOK_BATCHES_IN_FLIGHT", default_value_t = 8)]
     batches_in_flight: usize,
 
     /// Bytes of JSON (payload + metadata) of the events held at once, over all batches: claims

@@ -64,12 +64,13 @@ pub struct EngineConfig {
     /// Handlers running at once, over all batches. A claim takes no more events than there are
     /// free slots, so this also bounds the events claimed at once; and it waits until a batch's
     /// share of the slots (`concurrency / batches_in_flight`, at most `batch_size`) is free.
-    /// Default 400, so that the four batches of 100 in flight run at once: with 64, claims
+    /// Default 800, so that the eight batches of 100 in flight run at once: with 64, claims
     /// shrank to the few slots just freed and the drain halved (docs/benchmarks.md).
     pub concurrency: usize,
-    /// Batches claimed and not yet finished, at most. Default 4: on two cores, four keep the
-    /// server busy while batches are in the engine's hands (hook-bench drains ~1.3x faster than
-    /// with two; eight is no faster). Each holds one pooled connection.
+    /// Batches claimed and not yet finished, at most. Default 8: on two cores, eight keep the
+    /// server busy while batches wait for their WAL flushes or are in the engine's hands (the
+    /// shipped binary drained 0.80-0.94 of the database's limit with eight, 0.62-0.73 with four,
+    /// on 3 December 2026, docs/benchmarks.md). Each holds one pooled connection.
     pub batches_in_flight: usize,
     /// Longest sleep when idle; the store's wakeup usually comes first. Default 1 s.
     pub poll_interval: Duration,
@@ -95,8 +96,8 @@ impl Default for EngineConfig {
     fn default() -> Self {
         Self {
             batch_size: 100,
-            concurrency: 400,
-            batches_in_flight: 4,
+            concurrency: 800,
+            batches_in_flight: 8,
             poll_interval: Duration::from_secs(1),
             claim_timeout: Duration::from_secs(60),
             handler_timeout: Duration::from_secs(30),
@@ -920,9 +921,9 @@ mod tests {
     #[test]
     fn claims_wait_for_a_batch_share_of_the_slots() {
         let defaults = EngineConfig::default();
-        assert_eq!(claim_slots(&defaults), 100, "four batches of 100 in 400 slots");
+        assert_eq!(claim_slots(&defaults), 100, "eight batches of 100 in 800 slots");
         let narrow = EngineConfig { concurrency: 64, ..EngineConfig::default() };
-        assert_eq!(claim_slots(&narrow), 16);
+        assert_eq!(claim_slots(&narrow), 8);
         let one = EngineConfig { concurrency: 1, ..EngineConfig::default() };
         assert_eq!(claim_slots(&one), 1);
         let small_batches = EngineConfig { batch_size: 10, ..EngineConfig::default() };
