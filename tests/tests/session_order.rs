@@ -456,3 +456,71 @@ async fn a_suspect_head_waits_for_its_sessions_event_that_another_claim_attempts
     assert_eq!(ids(&events), [sessions[0][1], sessions[1][1]]);
     next.finish(succeeded(&ids(&events))).await.expect("the completion");
 }
+
+/// The session locks claims of `key`'s session hold, on any connection (see `session_lock!`).
+async fn session_locks(client: &Client, key: &str) -> i64 {
+    client
+        .query_one(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 2 AND granted \
+               AND classid = 1751872367 AND objid::int8 = (hashtext($1)::int8 & 4294967295) \
+               AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+            &[&key],
+        )
+        .await
+        .expect("pg_locks")
+        .get(0)
+}
+
+/// Review finding (lock before row lock): the ordered claim asks for a session's lock in the
+/// scan's filter, before `FOR UPDATE SKIP LOCKED` locks the head. A claim whose snapshot still
+/// shows a head that another claim commits meanwhile takes the session's lock, then drops the
+/// head (its new version is processed) and keeps the lock until its own batch ends: the
+/// session's next event, now its head, is claimable by nobody else for that whole batch,
+/// though no event of the session is attempted. Here the second claim's walk of 200,000
+/// sessions of an unordered route gives the first claim's commit time to land in that window.
+#[tokio::test]
+async fn a_claim_that_finds_its_head_committed_meanwhile_does_not_keep_the_sessions_lock() {
+    let db = TestDb::migrated("order_lock_before_row").await;
+    let client = db.client().await;
+    let session = insert_sessions(&client, 1, 2, "PreToolUse").await.remove(0);
+    insert_sessions(&client, 200_000, 1, "Stop").await;
+    client.batch_execute("ANALYZE hook_events").await.expect("analyze");
+    let (a, b, c) = (db.store(options()).await, db.store(options()).await, db.store(options()).await);
+    let (first, events) = claim(&a, 1).await.expect("the head");
+    assert_eq!(ids(&events), [session[0]]);
+
+    let watch = db.client().await;
+    let finish_while_b_claims = async {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let running: i64 = watch
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                       AND state = 'active' AND query LIKE 'WITH RECURSIVE named%' \
+                       AND clock_timestamp() - query_start > interval '100 milliseconds'",
+                    &[],
+                )
+                .await
+                .expect("pg_stat_activity")
+                .get(0);
+            if running > 0 {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "the second claim to start");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        first.finish(succeeded(&[session[0]])).await.expect("the completion");
+    };
+    let (second, ()) = futures::join!(claim(&b, 1), finish_while_b_claims);
+    let (second, events) = second.expect("an event of the unordered route");
+    assert!(!ids(&events).contains(&session[1]), "its snapshot predates the head's commit");
+    assert_eq!(
+        session_locks(&watch, "s0").await,
+        0,
+        "a claim that attempts no event of s0 holds s0's session lock"
+    );
+    let (third, events) = claim(&c, 1).await.expect("the session's next event");
+    assert_eq!(ids(&events), [session[1]], "s0's next event, its head now, is claimable at once");
+    third.release().await;
+    second.release().await;
+}
