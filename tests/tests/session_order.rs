@@ -524,3 +524,50 @@ async fn a_claim_that_finds_its_head_committed_meanwhile_does_not_keep_the_sessi
     third.release().await;
     second.release().await;
 }
+
+/// The outcome fallback returns to the claim's savepoint, which releases the session locks the
+/// claim took; `RELOCK` takes them again, so the outcomes written one at a time are written
+/// with the session still held. Seen from a trigger on the row written in the fallback.
+#[tokio::test]
+async fn the_outcome_fallback_holds_the_session_lock_again_while_it_writes() {
+    let db = TestDb::migrated("order_relock_session").await;
+    let client = db.client().await;
+    let session = insert_sessions(&client, 1, 2, "PreToolUse").await.remove(0);
+    client
+        .batch_execute(
+            "CREATE TABLE review_probe (locks int8);
+             CREATE FUNCTION review_refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+                 IF NEW.result_metadata ? 'refuse' THEN
+                     RAISE EXCEPTION 'refused';
+                 END IF;
+                 INSERT INTO review_probe SELECT count(*) FROM pg_locks
+                     WHERE pid = pg_backend_pid() AND locktype = 'advisory' AND objsubid = 2 AND granted
+                       AND classid = 1751872367 AND objid::int8 = (hashtext('s0')::int8 & 4294967295);
+                 RETURN NEW;
+             END $$;
+             CREATE TRIGGER review_refuse BEFORE UPDATE OF processed ON hook_events
+                 FOR EACH ROW WHEN (NEW.processed) EXECUTE FUNCTION review_refuse();",
+        )
+        .await
+        .expect("the trigger");
+    let store = db.store(options()).await;
+    let (mut batch, events) = claim(&store, 10).await.expect("the head");
+    assert_eq!(ids(&events), [session[0]]);
+    batch.start().await.expect("start");
+    let mut metadata = Map::new();
+    metadata.insert("refuse".into(), serde_json::json!(true));
+    batch
+        .finish(vec![Outcome { id: session[0], resolution: Resolution::Succeeded, metadata }])
+        .await
+        .expect("the completion, written without its metadata");
+    let probes: Vec<i64> = client
+        .query("SELECT locks FROM review_probe", &[])
+        .await
+        .expect("probe")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(probes, [1], "written one at a time with s0's session lock held");
+    assert_eq!(session_locks(&client, "s0").await, 0, "released at the batch's end");
+}
