@@ -456,3 +456,118 @@ async fn a_suspect_head_waits_for_its_sessions_event_that_another_claim_attempts
     assert_eq!(ids(&events), [sessions[0][1], sessions[1][1]]);
     next.finish(succeeded(&ids(&events))).await.expect("the completion");
 }
+
+/// The session locks claims of `key`'s session hold, on any connection (see `session_lock!`).
+async fn session_locks(client: &Client, key: &str) -> i64 {
+    client
+        .query_one(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 2 AND granted \
+               AND classid = 1751872367 AND objid::int8 = (hashtext($1)::int8 & 4294967295) \
+               AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+            &[&key],
+        )
+        .await
+        .expect("pg_locks")
+        .get(0)
+}
+
+/// Review finding (lock before row lock): the ordered claim asks for a session's lock in the
+/// scan's filter, before `FOR UPDATE SKIP LOCKED` locks the head. A claim whose snapshot still
+/// shows a head that another claim commits meanwhile takes the session's lock, then drops the
+/// head (its new version is processed) and keeps the lock until its own batch ends: the
+/// session's next event, now its head, is claimable by nobody else for that whole batch,
+/// though no event of the session is attempted. Here the second claim's walk of 200,000
+/// sessions of an unordered route gives the first claim's commit time to land in that window.
+#[tokio::test]
+async fn a_claim_that_finds_its_head_committed_meanwhile_does_not_keep_the_sessions_lock() {
+    let db = TestDb::migrated("order_lock_before_row").await;
+    let client = db.client().await;
+    let session = insert_sessions(&client, 1, 2, "PreToolUse").await.remove(0);
+    insert_sessions(&client, 200_000, 1, "Stop").await;
+    client.batch_execute("ANALYZE hook_events").await.expect("analyze");
+    let (a, b, c) = (db.store(options()).await, db.store(options()).await, db.store(options()).await);
+    let (first, events) = claim(&a, 1).await.expect("the head");
+    assert_eq!(ids(&events), [session[0]]);
+
+    let watch = db.client().await;
+    let finish_while_b_claims = async {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let running: i64 = watch
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                       AND state = 'active' AND query LIKE 'WITH RECURSIVE named%' \
+                       AND clock_timestamp() - query_start > interval '100 milliseconds'",
+                    &[],
+                )
+                .await
+                .expect("pg_stat_activity")
+                .get(0);
+            if running > 0 {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "the second claim to start");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        first.finish(succeeded(&[session[0]])).await.expect("the completion");
+    };
+    let (second, ()) = futures::join!(claim(&b, 1), finish_while_b_claims);
+    let (second, events) = second.expect("an event of the unordered route");
+    assert!(!ids(&events).contains(&session[1]), "its snapshot predates the head's commit");
+    assert_eq!(
+        session_locks(&watch, "s0").await,
+        0,
+        "a claim that attempts no event of s0 holds s0's session lock"
+    );
+    let (third, events) = claim(&c, 1).await.expect("the session's next event");
+    assert_eq!(ids(&events), [session[1]], "s0's next event, its head now, is claimable at once");
+    third.release().await;
+    second.release().await;
+}
+
+/// The outcome fallback returns to the claim's savepoint, which releases the session locks the
+/// claim took; `RELOCK` takes them again, so the outcomes written one at a time are written
+/// with the session still held. Seen from a trigger on the row written in the fallback.
+#[tokio::test]
+async fn the_outcome_fallback_holds_the_session_lock_again_while_it_writes() {
+    let db = TestDb::migrated("order_relock_session").await;
+    let client = db.client().await;
+    let session = insert_sessions(&client, 1, 2, "PreToolUse").await.remove(0);
+    client
+        .batch_execute(
+            "CREATE TABLE review_probe (locks int8);
+             CREATE FUNCTION review_refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+                 IF NEW.result_metadata ? 'refuse' THEN
+                     RAISE EXCEPTION 'refused';
+                 END IF;
+                 INSERT INTO review_probe SELECT count(*) FROM pg_locks
+                     WHERE pid = pg_backend_pid() AND locktype = 'advisory' AND objsubid = 2 AND granted
+                       AND classid = 1751872367 AND objid::int8 = (hashtext('s0')::int8 & 4294967295);
+                 RETURN NEW;
+             END $$;
+             CREATE TRIGGER review_refuse BEFORE UPDATE OF processed ON hook_events
+                 FOR EACH ROW WHEN (NEW.processed) EXECUTE FUNCTION review_refuse();",
+        )
+        .await
+        .expect("the trigger");
+    let store = db.store(options()).await;
+    let (mut batch, events) = claim(&store, 10).await.expect("the head");
+    assert_eq!(ids(&events), [session[0]]);
+    batch.start().await.expect("start");
+    let mut metadata = Map::new();
+    metadata.insert("refuse".into(), serde_json::json!(true));
+    batch
+        .finish(vec![Outcome { id: session[0], resolution: Resolution::Succeeded, metadata }])
+        .await
+        .expect("the completion, written without its metadata");
+    let probes: Vec<i64> = client
+        .query("SELECT locks FROM review_probe", &[])
+        .await
+        .expect("probe")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(probes, [1], "written one at a time with s0's session lock held");
+    assert_eq!(session_locks(&client, "s0").await, 0, "released at the batch's end");
+}

@@ -239,6 +239,21 @@ macro_rules! session_lock {
     };
 }
 
+/// SQL: [`session_lock!`] of the session `$key` (a SQL expression of the session's key). The
+/// claims ask for it only of a row they have locked (`FOR UPDATE SKIP LOCKED`, in a subquery
+/// below the test): asked for in the scan's filter, before the row lock, it is taken also for a
+/// head that the row lock then drops (another claim holds it, or committed it since the
+/// statement's snapshot, which `FOR UPDATE` rechecks), and held, for nothing, until the batch
+/// ends, keeping every other claim off the session's next event meanwhile. The subquery has an
+/// `OFFSET 0`: without it the planner pushes the test down into the scan's filter, below the
+/// row lock, and orders it before the costlier tests of the route (seen: a lock asked for of
+/// each of 200,000 heads of an unordered route, and "out of shared memory").
+macro_rules! lock_session {
+    ($key:literal) => {
+        concat!("pg_try_advisory_xact_lock(1751872367, hashtext(", $key, "))")
+    };
+}
+
 /// SQL: whether the event's route is ordered, by the rules in the parameters `$s` (sources),
 /// `$a` (actions) and `$o` (ordered), one element per rule (see [`OrderRules`]): the most
 /// specific rule that matches decides (exact, then `(source, *)`, then `(*, *)`), as in the
@@ -353,16 +368,21 @@ pub(crate) const CLAIM_ORDERED: &str = concat!(
      ), ordered AS ( \
          SELECT x.* FROM (SELECT head, at FROM heads ORDER BY at) AS h CROSS JOIN LATERAL ( \
              SELECT ",
+    event_columns!(),
+    ", bytes, fresh, ordered FROM ( \
+                 SELECT ",
     claim_columns!(),
-    ", FALSE AS fresh, TRUE AS ordered FROM hook_events AS e \
-             WHERE e.id = h.head AND CASE WHEN ",
+    ", FALSE AS fresh, TRUE AS ordered, ",
+    session_key!("e"),
+    " AS session FROM hook_events AS e \
+                 WHERE e.id = h.head AND ",
     due_by_id!("e"),
     " AND e.id NOT IN (SELECT id FROM named) AND ",
     ordered_route!("e", "$5", "$6", "$7"),
-    " THEN ",
-    session_lock!("e"),
-    " ELSE FALSE END \
-             FOR UPDATE OF e SKIP LOCKED \
+    " FOR UPDATE OF e SKIP LOCKED OFFSET 0 \
+             ) AS l WHERE ",
+    lock_session!("l.session"),
+    " \
          ) AS x \
          LIMIT $1::int8 \
      ), fresh AS ( \
@@ -587,19 +607,20 @@ const CLAIM_SUSPECT: &str = concat!(
     due_by_id!("e"),
     " ORDER BY e.created_at \
          ) AS q CROSS JOIN LATERAL ( \
-             SELECT e.id, e.source, e.action, e.resource, e.resource_id, e.payload, e.metadata, \
-                    e.processed, e.processing_errors, e.retry_count, e.created_at, e.processed_at, ",
+             SELECT l.* FROM ( \
+                 SELECT e.id, e.source, e.action, e.resource, e.resource_id, e.payload, e.metadata, \
+                        e.processed, e.processing_errors, e.retry_count, e.created_at, e.processed_at, ",
     json_bytes!("e"),
-    " AS bytes, q.claim_id \
-             FROM hook_events AS e \
-             WHERE e.id = q.id AND CASE WHEN ",
-    due_by_id!("e"),
-    " THEN ",
+    " AS bytes, q.claim_id, ",
     session_key!("e"),
-    " IS NULL OR ",
-    session_lock!("e"),
-    " ELSE FALSE END \
-             FOR UPDATE OF e SKIP LOCKED \
+    " AS session \
+                 FROM hook_events AS e \
+                 WHERE e.id = q.id AND ",
+    due_by_id!("e"),
+    " FOR UPDATE OF e SKIP LOCKED OFFSET 0 \
+             ) AS l WHERE l.session IS NULL OR ",
+    lock_session!("l.session"),
+    " \
          ) AS x \
          LIMIT 1 \
      ) \
