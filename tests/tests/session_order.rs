@@ -462,7 +462,7 @@ async fn session_locks(client: &Client, key: &str) -> i64 {
     client
         .query_one(
             "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 2 AND granted \
-               AND classid = 1751872367 AND objid::int8 = (hashtext($1)::int8 & 4294967295) \
+               AND classid = 1751872367 AND objid::int8 = (hashtext($1) & 1023) \
                AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
             &[&key],
         )
@@ -543,7 +543,7 @@ async fn the_outcome_fallback_holds_the_session_lock_again_while_it_writes() {
                  END IF;
                  INSERT INTO review_probe SELECT count(*) FROM pg_locks
                      WHERE pid = pg_backend_pid() AND locktype = 'advisory' AND objsubid = 2 AND granted
-                       AND classid = 1751872367 AND objid::int8 = (hashtext('s0')::int8 & 4294967295);
+                       AND classid = 1751872367 AND objid::int8 = (hashtext('s0') & 1023);
                  RETURN NEW;
              END $$;
              CREATE TRIGGER review_refuse BEFORE UPDATE OF processed ON hook_events

@@ -227,15 +227,22 @@ macro_rules! session_key {
 }
 
 /// SQL: takes the session lock of the event's session, if it is free: a transaction-level
-/// advisory lock on `(1751872367, hashtext(session))` (the class is "hkso" in ASCII; two-key
-/// advisory locks are a space apart from the one-key locks of presence, migrations, archive and
-/// vacuum). The claim that attempts a session's event holds it until the batch ends, so no other
-/// claim attempts an event of that session meanwhile, not even one committed late with an older
-/// `created_at`, which the order index alone would show as the head. Sessions whose names hash
-/// alike share a lock: they wait for each other, they are never run out of order.
+/// advisory lock on `(1751872367, hashtext(session) & 1023)` (the class is "hkso" in ASCII;
+/// two-key advisory locks are a space apart from the one-key locks of presence, migrations,
+/// archive and vacuum). The claim that attempts a session's event holds it until the batch ends,
+/// so no other claim attempts an event of that session meanwhile, not even one committed late
+/// with an older `created_at`, which the order index alone would show as the head.
+///
+/// The sessions are hashed into 1,024 locks, not one lock each: advisory locks take entries of
+/// the server's shared lock table (`max_locks_per_transaction` x connections, about 6,400 on a
+/// default server, which every other lock of the server needs too), and one per session in
+/// flight would fill it with a few busy processors (seen in review: two claims of 10,000 heads,
+/// "out of shared memory" for the second). So at most 1,024 such locks exist at once, whatever
+/// the processors, batches and sessions. Sessions that share a lock wait for each other (a
+/// claim passes over a head whose lock another claim holds); they are never run out of order.
 macro_rules! session_lock {
     ($e:literal) => {
-        concat!("pg_try_advisory_xact_lock(1751872367, hashtext(", session_key!($e), "))")
+        concat!("pg_try_advisory_xact_lock(1751872367, hashtext(", session_key!($e), ") & 1023)")
     };
 }
 
@@ -250,7 +257,7 @@ macro_rules! session_lock {
 /// each of 200,000 heads of an unordered route, and "out of shared memory").
 macro_rules! lock_session {
     ($key:literal) => {
-        concat!("pg_try_advisory_xact_lock(1751872367, hashtext(", $key, "))")
+        concat!("pg_try_advisory_xact_lock(1751872367, hashtext(", $key, ") & 1023)")
     };
 }
 
