@@ -81,6 +81,45 @@ async fn claim(store: &PgStore, limit: usize) -> Option<(PgBatch, Vec<HookEvent>
     Some((batch, events))
 }
 
+/// Claims the heads on `store`, and kills its processor as the database sees it once their
+/// batch's ledger row is written: the heads become suspects. Returns the heads' ids.
+async fn kill_holding_the_heads(client: &Client, store: &PgStore) -> Vec<Uuid> {
+    let (mut held, events) = claim(store, 100).await.expect("the heads");
+    hook_tests::crash::registered(client).await;
+    held.start().await.expect("the batch's ledger row");
+    hook_tests::crash::kill_the_processor(client).await;
+    drop(held);
+    ids(&events)
+}
+
+/// An isolated claim on `store`: one suspect, started (its ledger row taken over); its ids.
+async fn claim_isolated(store: &PgStore) -> (PgBatch, Vec<Uuid>) {
+    let mut batch = store
+        .claim(ClaimRequest { isolate: true, ..request(100) })
+        .await
+        .expect("the isolated claim")
+        .expect("a suspect");
+    let events = batch.take_events();
+    assert!(batch.isolated(), "a suspect runs alone");
+    batch.start().await.expect("start");
+    (batch, ids(&events))
+}
+
+/// Inserts an event of `session` with a `created_at` an hour ago, as one committed late.
+async fn insert_late(client: &Client, session: &str) -> Uuid {
+    let late = Uuid::new_v4();
+    client
+        .execute(
+            "INSERT INTO hook_events (id, source, action, resource, resource_id, metadata, created_at)
+             VALUES ($1, 'PreToolUse', 'tool_invocation', 'tool', 'Bash', jsonb_build_object('session_id', $2::text),
+                     clock_timestamp() - interval '1 hour')",
+            &[&late, &session],
+        )
+        .await
+        .expect("the late insert");
+    late
+}
+
 fn ids(events: &[HookEvent]) -> Vec<Uuid> {
     events.iter().map(|e| e.id).collect()
 }
@@ -295,28 +334,11 @@ async fn a_processor_killed_holding_heads_leaves_its_sessions_held_until_each_he
     let client = db.client().await;
     let sessions = insert_sessions(&client, 2, 3, "PreToolUse").await;
     let a = db.store(options()).await;
-    let (mut held, events) = claim(&a, 100).await.expect("the heads");
-    assert_eq!(ids(&events), [sessions[0][0], sessions[1][0]]);
-    hook_tests::crash::registered(&client).await;
-    held.start().await.expect("the batch's ledger row");
-    hook_tests::crash::kill_the_processor(&client).await;
-    drop(held);
+    assert_eq!(kill_holding_the_heads(&client, &a).await, [sessions[0][0], sessions[1][0]]);
 
     let (b, c) = (db.store(options()).await, db.store(options()).await);
     assert!(claim(&c, 100).await.is_none(), "nothing behind a dead processor's heads");
-    let suspects = &b;
-    let isolated = || async move {
-        let mut batch = suspects
-            .claim(ClaimRequest { isolate: true, ..request(100) })
-            .await
-            .expect("the isolated claim")
-            .expect("a suspect");
-        let events = batch.take_events();
-        assert!(batch.isolated(), "a suspect runs alone");
-        batch.start().await.expect("start");
-        (batch, ids(&events))
-    };
-    let (batch, events) = isolated().await;
+    let (batch, events) = claim_isolated(&b).await;
     assert_eq!(events, [sessions[0][0]], "the oldest head first");
     assert!(claim(&c, 100).await.is_none(), "while a head runs alone, its session's next waits");
     batch.finish(succeeded(&events)).await.expect("the completion");
@@ -324,7 +346,7 @@ async fn a_processor_killed_holding_heads_leaves_its_sessions_held_until_each_he
     let (next, events) = claim(&c, 100).await.expect("session 0's next head");
     assert_eq!(ids(&events), [sessions[0][1]]);
     next.finish(succeeded(&ids(&events))).await.expect("the completion");
-    let (batch, events) = isolated().await;
+    let (batch, events) = claim_isolated(&b).await;
     assert_eq!(events, [sessions[1][0]]);
     batch.finish(succeeded(&events)).await.expect("the completion");
     let (next, events) = claim(&c, 100).await.expect("the sessions' next heads");
@@ -347,16 +369,7 @@ async fn a_late_event_older_than_the_held_head_waits_for_it_by_the_session_lock(
     let (first, events) = claim(&a, 100).await.expect("the head");
     assert_eq!(ids(&events), [sessions[0][0]]);
 
-    let late = Uuid::new_v4();
-    client
-        .execute(
-            "INSERT INTO hook_events (id, source, action, resource, resource_id, metadata, created_at)
-             VALUES ($1, 'PreToolUse', 'tool_invocation', 'tool', 'Bash', '{\"session_id\": \"s0\"}',
-                     clock_timestamp() - interval '1 hour')",
-            &[&late],
-        )
-        .await
-        .expect("the late insert");
+    let late = insert_late(&client, "s0").await;
 
     assert!(
         claim(&b, 100).await.is_none(),
@@ -413,43 +426,18 @@ async fn a_suspect_head_waits_for_its_sessions_event_that_another_claim_attempts
     let client = db.client().await;
     let sessions = insert_sessions(&client, 2, 2, "PreToolUse").await;
     let a = db.store(options()).await;
-    let (mut held, events) = claim(&a, 100).await.expect("the heads");
-    assert_eq!(ids(&events), [sessions[0][0], sessions[1][0]]);
-    hook_tests::crash::registered(&client).await;
-    held.start().await.expect("the batch's ledger row");
-    hook_tests::crash::kill_the_processor(&client).await;
-    drop(held);
+    assert_eq!(kill_holding_the_heads(&client, &a).await, [sessions[0][0], sessions[1][0]]);
 
-    let late = Uuid::new_v4();
-    client
-        .execute(
-            "INSERT INTO hook_events (id, source, action, resource, resource_id, metadata, created_at)
-             VALUES ($1, 'PreToolUse', 'tool_invocation', 'tool', 'Bash', '{\"session_id\": \"s0\"}',
-                     clock_timestamp() - interval '1 hour')",
-            &[&late],
-        )
-        .await
-        .expect("the late insert");
+    let late = insert_late(&client, "s0").await;
     let (b, c) = (db.store(options()).await, db.store(options()).await);
     let (other, events) = claim(&c, 100).await.expect("the late event, session 0's head");
     assert_eq!(ids(&events), [late]);
 
-    let isolated = || async {
-        let mut batch = b
-            .claim(ClaimRequest { isolate: true, ..request(100) })
-            .await
-            .expect("the isolated claim")
-            .expect("a suspect");
-        let events = batch.take_events();
-        assert!(batch.isolated(), "a suspect runs alone");
-        batch.start().await.expect("start");
-        (batch, ids(&events))
-    };
-    let (batch, events) = isolated().await;
+    let (batch, events) = claim_isolated(&b).await;
     assert_eq!(events, [sessions[1][0]], "session 0's suspect waits for the event another claim attempts");
     batch.finish(succeeded(&events)).await.expect("the completion");
     other.finish(succeeded(&[late])).await.expect("the completion");
-    let (batch, events) = isolated().await;
+    let (batch, events) = claim_isolated(&b).await;
     assert_eq!(events, [sessions[0][0]], "then session 0's suspect");
     batch.finish(succeeded(&events)).await.expect("the completion");
     let (next, events) = claim(&c, 100).await.expect("the sessions' next heads");
@@ -457,7 +445,7 @@ async fn a_suspect_head_waits_for_its_sessions_event_that_another_claim_attempts
     next.finish(succeeded(&ids(&events))).await.expect("the completion");
 }
 
-/// The session locks claims of `key`'s session hold, on any connection (see `session_lock!`).
+/// The session locks claims of `key`'s session hold, on any connection (see `lock_session!`).
 async fn session_locks(client: &Client, key: &str) -> i64 {
     client
         .query_one(

@@ -282,28 +282,38 @@ pub async fn explain_claim_ordered(
         None => "NULL::timestamptz".to_owned(),
     };
     let mode = if generic { "force_generic_plan" } else { "force_custom_plan" };
-    let prepared = client
-        .batch_execute(&format!(
+    explain_prepared(
+        client,
+        &format!(
             "BEGIN; SET LOCAL plan_cache_mode = {mode}; {}; \
              PREPARE hook_bench_claim ({types}) AS {statement}",
             crate::queries::CLAIM_PLANNER,
-        ))
-        .await;
-    if let Err(error) = prepared {
+        ),
+        "hook_bench_claim",
+        &format!("{limit}, {}, {}, {floor}{rules}", i64::MAX, i64::MAX),
+    )
+    .await
+}
+
+/// Runs `setup`, which opens a transaction and prepares the statement `name` (and may do more in
+/// it), then `EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) EXECUTE name (args)`; then rolls the
+/// transaction back and deallocates the statement, whatever failed. The plan.
+async fn explain_prepared(
+    client: &impl GenericClient,
+    setup: &str,
+    name: &str,
+    args: &str,
+) -> Result<ClaimPlan, StoreError> {
+    if let Err(error) = client.batch_execute(setup).await {
         let _ = client.batch_execute("ROLLBACK").await;
+        // PREPARE is not undone by the rollback; the statement may not exist (ignored).
+        let _ = client.batch_execute(&format!("DEALLOCATE {name}")).await;
         return Err(error.into());
     }
     let explained = client
-        .query_one(
-            &format!(
-                "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) EXECUTE hook_bench_claim ({limit}, {}, {}, {floor}{rules})",
-                i64::MAX,
-                i64::MAX
-            ),
-            &[],
-        )
+        .query_one(&format!("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) EXECUTE {name} ({args})"), &[])
         .await;
-    let ended = client.batch_execute("ROLLBACK; DEALLOCATE hook_bench_claim").await;
+    let ended = client.batch_execute(&format!("ROLLBACK; DEALLOCATE {name}")).await;
     let explained = explained?;
     ended?;
     plan_of(&explained)
@@ -323,8 +333,9 @@ pub async fn explain_success_after_growth(
     let settings = if as_the_store_does { crate::queries::OUTCOME_OPEN } else { "SELECT 1" };
     let completed: Vec<String> = (0..100).map(|_| Uuid::new_v4().to_string()).collect();
     let completed = format!("'{{{}}}'::uuid[]", completed.join(","));
-    let prepared = client
-        .batch_execute(&format!(
+    explain_prepared(
+        client,
+        &format!(
             "BEGIN; SET LOCAL plan_cache_mode = force_generic_plan; {settings}; \
              PREPARE hook_bench_succeed (uuid[], jsonb[]) AS {}; \
              EXECUTE hook_bench_succeed ('{{}}', '{{}}'); \
@@ -334,25 +345,11 @@ pub async fn explain_success_after_growth(
              INSERT INTO hook_events (id, source, action, resource, resource_id) \
              SELECT id, 'PreToolUse', 'tool_invocation', 'tool', 'Bash' FROM unnest({completed}) AS id",
             crate::queries::SUCCEED
-        ))
-        .await;
-    if let Err(error) = prepared {
-        let _ = client.batch_execute("ROLLBACK; DEALLOCATE ALL").await;
-        return Err(error.into());
-    }
-    let explained = client
-        .query_one(
-            &format!(
-                "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) EXECUTE hook_bench_succeed ( \
-                 {completed}, array_fill('{{}}'::jsonb, ARRAY[100]))"
-            ),
-            &[],
-        )
-        .await;
-    let ended = client.batch_execute("ROLLBACK; DEALLOCATE hook_bench_succeed").await;
-    let explained = explained?;
-    ended?;
-    plan_of(&explained)
+        ),
+        "hook_bench_succeed",
+        &format!("{completed}, array_fill('{{}}'::jsonb, ARRAY[100])"),
+    )
+    .await
 }
 
 /// The plan of a batch's success statement (`queries::SUCCEED`, planned as the store plans it:
@@ -372,31 +369,16 @@ pub async fn explain_success(
         crate::queries::SUCCEED.to_owned()
     };
     let ids: Vec<String> = ids.iter().map(Uuid::to_string).collect();
-    let opened = client
-        .batch_execute(&format!(
+    explain_prepared(
+        client,
+        &format!(
             "BEGIN; {}; PREPARE hook_bench_succeed_one (uuid[], jsonb[]) AS {statement}",
             crate::queries::OUTCOME_OPEN
-        ))
-        .await;
-    if let Err(error) = opened {
-        let _ = client.batch_execute("ROLLBACK").await;
-        return Err(error.into());
-    }
-    let explained = client
-        .query_one(
-            &format!(
-                "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) EXECUTE hook_bench_succeed_one ( \
-                 '{{{}}}'::uuid[], array_fill('{{}}'::jsonb, ARRAY[{}]))",
-                ids.join(","),
-                ids.len()
-            ),
-            &[],
-        )
-        .await;
-    let ended = client.batch_execute("ROLLBACK; DEALLOCATE hook_bench_succeed_one").await;
-    let explained = explained?;
-    ended?;
-    plan_of(&explained)
+        ),
+        "hook_bench_succeed_one",
+        &format!("'{{{}}}'::uuid[], array_fill('{{}}'::jsonb, ARRAY[{}])", ids.join(","), ids.len()),
+    )
+    .await
 }
 
 /// A [`ClaimPlan`] from the row of an `EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON)`.

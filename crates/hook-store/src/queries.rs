@@ -226,10 +226,10 @@ macro_rules! session_key {
     };
 }
 
-/// SQL: takes the session lock of the event's session, if it is free: a transaction-level
-/// advisory lock on `(1751872367, hashtext(session) & 1023)` (the class is "hkso" in ASCII;
-/// two-key advisory locks are a space apart from the one-key locks of presence, migrations,
-/// archive and vacuum). The claim that attempts a session's event holds it until the batch ends,
+/// SQL: takes the lock of the session `$key` (a SQL expression of the session's key), if it is
+/// free: a transaction-level advisory lock on `(1751872367, hashtext(session) & 1023)` (the
+/// class is "hkso" in ASCII; two-key advisory locks are a space apart from the one-key locks of
+/// presence, migrations, archive and vacuum). The claim that attempts a session's event holds it until the batch ends,
 /// so no other claim attempts an event of that session meanwhile, not even one committed late
 /// with an older `created_at`, which the order index alone would show as the head.
 ///
@@ -240,14 +240,8 @@ macro_rules! session_key {
 /// "out of shared memory" for the second). So at most 1,024 such locks exist at once, whatever
 /// the processors, batches and sessions. Sessions that share a lock wait for each other (a
 /// claim passes over a head whose lock another claim holds); they are never run out of order.
-macro_rules! session_lock {
-    ($e:literal) => {
-        concat!("pg_try_advisory_xact_lock(1751872367, hashtext(", session_key!($e), ") & 1023)")
-    };
-}
-
-/// SQL: [`session_lock!`] of the session `$key` (a SQL expression of the session's key). The
-/// claims ask for it only of a row they have locked (`FOR UPDATE SKIP LOCKED`, in a subquery
+///
+/// The claims ask for it only of a row they have locked (`FOR UPDATE SKIP LOCKED`, in a subquery
 /// below the test): asked for in the scan's filter, before the row lock, it is taken also for a
 /// head that the row lock then drops (another claim holds it, or committed it since the
 /// statement's snapshot, which `FOR UPDATE` rechecks), and held, for nothing, until the batch
@@ -602,7 +596,7 @@ const CLAIM_CRASHED: &str = concat!(
 
 /// The oldest due queued suspect, locked, to be handled alone; the columns of [`CLAIM`], then
 /// the ledger row's id. `$1` is the byte limit of one event. A suspect with a session is taken
-/// only with its session's lock (see `session_lock!`), so that it does not run beside an event
+/// only with its session's lock (see `lock_session!`), so that it does not run beside an event
 /// of its session that another claim attempts: the suspects are tried oldest first, each looked
 /// up by its id (a lateral subquery), and the lock is asked for only of the one being tried.
 const CLAIM_SUSPECT: &str = concat!(
@@ -689,17 +683,18 @@ pub(crate) struct Guard<'a> {
 }
 
 /// Locks a batch's events again, the ledger rows that name them and their sessions' locks (see
-/// `session_lock!`; a rollback to the savepoint released those taken by the claim), after its
+/// `lock_session!`; a rollback to the savepoint released those taken by the claim), after its
 /// transaction returned to the claim's savepoint. The count is of rows locked and session locks
 /// taken.
 const RELOCK: &str = concat!(
     "WITH e AS (SELECT 1 FROM hook_events WHERE id = ANY ($1::uuid[]) FOR UPDATE), \
           c AS (SELECT 1 FROM hook_events_claims WHERE event_ids && $1::uuid[] FOR UPDATE), \
           s AS (SELECT ",
-    session_lock!("o"),
-    " AS taken FROM hook_events AS o WHERE o.id = ANY ($1::uuid[]) AND ",
+    lock_session!("k.session"),
+    " AS taken FROM (SELECT ",
     session_key!("o"),
-    " IS NOT NULL) \
+    " AS session FROM hook_events AS o WHERE o.id = ANY ($1::uuid[])) AS k \
+                WHERE k.session IS NOT NULL) \
      SELECT (SELECT count(*) FROM e) + (SELECT count(*) FROM c) + (SELECT count(*) FILTER (WHERE taken) FROM s)"
 );
 
