@@ -321,6 +321,48 @@ async fn under_a_held_snapshot_the_mark_spares_the_claim_the_dead_index_entries(
     bench::release_snapshot(&holder).await.unwrap();
 }
 
+/// Under a held snapshot a full rescan walks every dead index entry below the mark; a recent one
+/// (what the store runs between full ones when those are slow, see `PgStore`'s `Mark`) reads
+/// only the window it looks at, and still finds a late event there.
+#[tokio::test]
+async fn under_a_held_snapshot_a_recent_rescan_reads_its_window_and_a_full_one_everything() {
+    let db = TestDb::migrated("claim_cost_rescan_window").await;
+    let client = db.client().await;
+    let store = db.store(no_rescan()).await;
+    let (holder, pooled) = (store.pool().get().await.unwrap(), store.pool().get().await.unwrap());
+    bench::hold_snapshot(&holder).await.unwrap();
+    insert_aged(&client, 20_000, 3600).await;
+    client.batch_execute("UPDATE hook_events SET processed = true, processed_at = now()").await.unwrap();
+    client.batch_execute("VACUUM (ANALYZE) hook_events").await.unwrap();
+    // Two events below the mark: one created half an hour ago (a replay, say), one 5 s ago (a
+    // producer's transaction that committed late).
+    let old = insert_aged(&client, 1, 1800).await;
+    let late = insert_aged(&client, 1, 5).await;
+    let floor = created_at(&client, late[0]).await + time::Duration::SECOND;
+
+    let recent =
+        bench::explain_rescan(&pooled, floor, Some(floor - time::Duration::seconds(20))).await.unwrap();
+    let full = bench::explain_rescan(&pooled, floor, None).await.unwrap();
+    assert_eq!(recent.rows, 1, "the recent rescan finds the late event\n{:#}", recent.json);
+    assert_eq!(full.rows, 1, "{:#}", full.json);
+    assert_eq!(recent.seq_scans + full.seq_scans, 0);
+    assert!(recent.buffers < 50, "the recent rescan read {} buffers\n{:#}", recent.buffers, recent.json);
+    // 20,000 dead entries: their index pages and the heap pages behind them.
+    assert!(
+        full.buffers > 200 && full.buffers > 10 * recent.buffers,
+        "the full rescan read {} buffers (the dead entries), the recent one {}",
+        full.buffers,
+        recent.buffers
+    );
+    // What each finds: the recent one the late event, the full one the oldest.
+    let found = |from| bench::rescan(&pooled, floor, from);
+    let late_at = created_at(&client, late[0]).await;
+    assert_eq!(found(Some(floor - time::Duration::seconds(20))).await.unwrap(), Some(Some(late_at)));
+    assert_eq!(found(None).await.unwrap(), Some(Some(created_at(&client, old[0]).await)));
+    assert_eq!(claim_and_succeed(&store, 10).await, [old[0], late[0]], "both claimable, the oldest first");
+    bench::release_snapshot(&holder).await.unwrap();
+}
+
 /// Issue 15: under a held snapshot, the rows batches leave in the claim ledger (one inserted and
 /// deleted per batch, none of which vacuum may remove) are not read by the claim while their
 /// processors live: thousands of batches later, the claim reads what it read after the first.

@@ -319,6 +319,40 @@ async fn explain_prepared(
     plan_of(&explained)
 }
 
+/// The rescan below the low-water mark `floor` (see `queries::RESCAN`), of every event below it
+/// (`from` `None`, a full rescan) or of those created from `from` on (a recent one), planned as
+/// the store plans it, under `EXPLAIN (ANALYZE, BUFFERS)` in a transaction that is rolled back.
+pub async fn explain_rescan(
+    client: &impl GenericClient,
+    floor: time::OffsetDateTime,
+    from: Option<time::OffsetDateTime>,
+) -> Result<ClaimPlan, StoreError> {
+    let at =
+        |t: time::OffsetDateTime| format!("to_timestamp({}::numeric / 1e6)", t.unix_timestamp_nanos() / 1000);
+    explain_prepared(
+        client,
+        &format!(
+            "BEGIN; SET LOCAL plan_cache_mode = force_custom_plan; \
+             PREPARE hook_bench_rescan (timestamptz, timestamptz) AS {}",
+            crate::queries::RESCAN
+        ),
+        "hook_bench_rescan",
+        &format!("{}, {}", at(floor), from.map_or_else(|| "NULL".to_owned(), at)),
+    )
+    .await
+}
+
+/// Runs the rescan below `floor` the store runs (see [`explain_rescan`]; no routes in session
+/// order): what it found, as `PgStore::rescan` finds it (`Some(None)`: an event created at
+/// `-infinity`), or `None`.
+pub async fn rescan(
+    client: &impl GenericClient,
+    floor: time::OffsetDateTime,
+    from: Option<time::OffsetDateTime>,
+) -> Result<Option<Option<time::OffsetDateTime>>, StoreError> {
+    crate::queries::rescan(client, floor, from, None).await
+}
+
 /// The plan a batch's success statement (see `queries::SUCCEED`) runs with once the table has
 /// grown by `rows` rows since its generic plan was made on the table as it is now (expected
 /// empty and analyzed): prepared, planned by a first run on no events, then `rows` events

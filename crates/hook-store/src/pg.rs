@@ -47,7 +47,10 @@ pub struct StoreOptions {
     pub call_timeout: Duration,
     /// How often the store looks below its low-water mark for events the claims would not
     /// reach (see [`PgStore::rescan`]): the longest an event that became claimable out of order
-    /// waits for a claim, plus the engine's poll interval. Default 10 s.
+    /// waits for a claim, plus the engine's poll interval. Default 10 s. While vacuum cannot
+    /// remove dead index entries (a held snapshot) and a full look below the mark grows slow,
+    /// the looks between full ones cover only the last two intervals below the mark (see
+    /// ARCHITECTURE.md, "The low-water mark").
     pub rescan_interval: Duration,
     /// Whether claims start reading the fresh index at the store's low-water mark (default)
     /// rather than at its beginning. Off only to measure what the mark saves (`hook-bench
@@ -98,11 +101,32 @@ pub struct PgStore {
     order: Option<Arc<OrderRules>>,
 }
 
+/// A full rescan (every event below the mark) that took `d` starts again no sooner than
+/// `FULL_RESCAN_SHARE * d` after it started, so that full rescans take at most 1 % of the time
+/// whatever they walk; the rescans in between are recent ones (see [`Mark`]).
+const FULL_RESCAN_SHARE: u32 = 100;
+
+/// The longest pause between full rescans, however long the last one took (one that timed out
+/// after the store's call timeout would otherwise postpone the next by an hour).
+const FULL_RESCAN_MAX_PAUSE: Duration = Duration::from_secs(300);
+
+/// A recent rescan looks at the events created in the last `RECENT_RESCAN_INTERVALS` rescan
+/// intervals below the mark.
+const RECENT_RESCAN_INTERVALS: u32 = 2;
+
 /// A store's low-water mark on `hook_events_fresh_idx`: where its claims start reading events
 /// never tried (see ARCHITECTURE.md, "What a claim reads"). Each claim moves it to what it saw
 /// ([`Claimed::floor`]); rows that come back below it (a batch released or rolled back, rows it
 /// held back) lower it again; and every `rescan_interval` a rescan looks below it, off the
 /// claim's path, for rows that became claimable out of order.
+///
+/// That rescan is a full one (every event below the mark) when the last full one is at least an
+/// interval and [`FULL_RESCAN_SHARE`] times its own duration ago (or [`FULL_RESCAN_MAX_PAUSE`]
+/// ago, whichever is sooner): always, unless vacuum cannot
+/// remove what a full rescan walks (a held snapshot, where it walks one dead index entry per
+/// event processed since, and took 0.9 s after 10 minutes at 500 events/s). Otherwise it is a
+/// recent one, which looks only at the events created in the last
+/// [`RECENT_RESCAN_INTERVALS`] intervals below the mark, where a late commit lands.
 #[derive(Debug, Clone)]
 struct Mark(Arc<std::sync::Mutex<MarkState>>);
 
@@ -116,6 +140,23 @@ struct MarkState {
     /// When the last rescan began.
     rescanned: Option<tokio::time::Instant>,
     rescanning: bool,
+    /// When the last full rescan began (`None`: none yet), and how long it took.
+    fully_rescanned: Option<tokio::time::Instant>,
+    full_rescan_took: Duration,
+}
+
+impl MarkState {
+    /// How long after the last full rescan began the next one may begin.
+    fn full_rescan_pause(&self, interval: Duration) -> Duration {
+        interval.max(self.full_rescan_took.saturating_mul(FULL_RESCAN_SHARE).min(FULL_RESCAN_MAX_PAUSE))
+    }
+}
+
+/// A rescan to run: below `floor`, from `from` on (`None`: a full rescan).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Rescan {
+    floor: OffsetDateTime,
+    from: Option<OffsetDateTime>,
 }
 
 /// The earlier of two marks (`None` is the beginning).
@@ -156,8 +197,8 @@ impl Mark {
         state.lowered += 1;
     }
 
-    /// The mark to rescan below, if a rescan is due (and none is running); marks it running.
-    fn rescan_due(&self, interval: Duration) -> Option<OffsetDateTime> {
+    /// The rescan to run, if one is due (and none is running); marks it running.
+    fn rescan_due(&self, interval: Duration) -> Option<Rescan> {
         let mut state = self.state();
         let now = tokio::time::Instant::now();
         let due = state.rescanned.is_none_or(|at| now.duration_since(at) >= interval);
@@ -167,11 +208,26 @@ impl Mark {
         }
         state.rescanning = true;
         state.rescanned = Some(now);
-        Some(floor)
+        let pause = state.full_rescan_pause(interval);
+        let full = state.fully_rescanned.is_none_or(|at| now.duration_since(at) >= pause);
+        let from = if full {
+            state.fully_rescanned = Some(now);
+            None
+        } else {
+            time::Duration::try_from(interval.saturating_mul(RECENT_RESCAN_INTERVALS))
+                .ok()
+                .and_then(|window| floor.checked_sub(window))
+        };
+        Some(Rescan { floor, from })
     }
 
-    fn rescan_done(&self) {
-        self.state().rescanning = false;
+    /// The rescan `rescan` ended after `took`.
+    fn rescan_done(&self, rescan: Rescan, took: Duration) {
+        let mut state = self.state();
+        state.rescanning = false;
+        if rescan.from.is_none() {
+            state.full_rescan_took = took;
+        }
     }
 }
 
@@ -269,7 +325,7 @@ impl PgStore {
         let Some(floor) = self.mark.begin().0 else { return Ok(false) };
         let client = self.pool.get().await?;
         let found =
-            within(self.call_timeout, "rescan", queries::rescan(&client, floor, self.order.as_deref()))
+            within(self.call_timeout, "rescan", queries::rescan(&client, floor, None, self.order.as_deref()))
                 .await?;
         if let Some(at) = found {
             self.mark.lower(at);
@@ -282,18 +338,21 @@ impl PgStore {
 
     /// Starts a background rescan when one is due.
     fn rescan_if_due(&self) {
-        let Some(floor) = self.mark.rescan_due(self.rescan_interval) else { return };
+        let Some(rescan) = self.mark.rescan_due(self.rescan_interval) else { return };
         let (pool, mark, call_timeout) = (self.pool.clone(), self.mark.clone(), self.call_timeout);
         let (wake, order) = (self.wake.clone(), self.order.clone());
         tokio::spawn(async move {
+            let started = tokio::time::Instant::now();
             let found = within(call_timeout, "rescan", async {
                 let client = pool.get().await?;
-                queries::rescan(&client, floor, order.as_deref()).await
+                queries::rescan(&client, rescan.floor, rescan.from, order.as_deref()).await
             })
             .await;
+            let took = started.elapsed();
+            let floor = rescan.floor;
             match found {
                 Ok(Some(at)) => {
-                    debug!(below = %floor, "the rescan found a claimable event below the low-water mark");
+                    debug!(below = %floor, full = rescan.from.is_none(), "the rescan found a claimable event below the low-water mark");
                     mark.lower(at);
                     if let Some(wake) = &wake {
                         wake.send_replace(());
@@ -304,7 +363,7 @@ impl PgStore {
                     debug!(error = %error, "the rescan below the low-water mark failed; it is tried again later")
                 }
             }
-            mark.rescan_done();
+            mark.rescan_done(rescan, took);
         });
     }
 
@@ -766,5 +825,59 @@ impl Drop for TxConn {
         if let Some(conn) = self.0.take() {
             drop(Object::take(conn));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mark_at(floor: OffsetDateTime) -> Mark {
+        let mark = Mark::new();
+        mark.advance(0, Some(floor));
+        mark
+    }
+
+    #[test]
+    fn a_full_rescan_waits_a_hundred_times_its_duration_and_recent_ones_fill_the_gap() {
+        let floor = OffsetDateTime::now_utc();
+        let mark = mark_at(floor);
+        let interval = Duration::ZERO;
+        let first = mark.rescan_due(interval).expect("due");
+        assert_eq!(first, Rescan { floor, from: None }, "the first rescan is a full one");
+        assert_eq!(mark.rescan_due(interval), None, "one at a time");
+        // A full rescan of 50 ms: the next full one no sooner than 5 s after it began.
+        mark.rescan_done(first, Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(2));
+        let second = mark.rescan_due(Duration::from_millis(1)).expect("due");
+        assert_eq!(second.from, floor.checked_sub(time::Duration::milliseconds(2)), "a recent rescan");
+        // However long a recent rescan takes, it does not postpone the full one further.
+        mark.rescan_done(second, Duration::from_secs(60));
+        let third = mark.rescan_due(interval).expect("due");
+        assert!(third.from.is_some(), "still recent");
+        let took = |took| MarkState { full_rescan_took: took, ..MarkState::default() };
+        let ten = Duration::from_secs(10);
+        assert_eq!(took(Duration::from_millis(1)).full_rescan_pause(ten), ten);
+        assert_eq!(took(Duration::from_millis(900)).full_rescan_pause(ten), Duration::from_secs(90));
+        // One that timed out postpones the next by at most FULL_RESCAN_MAX_PAUSE, not an hour.
+        assert_eq!(took(Duration::from_secs(20)).full_rescan_pause(ten), FULL_RESCAN_MAX_PAUSE);
+        // A quick full rescan (no dead entries to walk) makes every rescan a full one again.
+        mark.rescan_done(third, Duration::ZERO);
+        let mark = mark_at(floor);
+        let quick = mark.rescan_due(interval).expect("due");
+        mark.rescan_done(quick, Duration::ZERO);
+        assert_eq!(mark.rescan_due(interval).map(|r| r.from), Some(None));
+    }
+
+    #[test]
+    fn no_rescan_is_due_before_its_interval_or_from_the_beginning() {
+        let mark = Mark::new();
+        assert_eq!(mark.rescan_due(Duration::ZERO), None, "from the beginning, nothing is below");
+        let mark = mark_at(OffsetDateTime::now_utc());
+        assert_eq!(
+            mark.rescan_due(Duration::from_secs(3600)),
+            None,
+            "the first one an interval after the start"
+        );
     }
 }

@@ -484,24 +484,26 @@ pub(crate) const OUTCOME_OPEN: &str =
 const RESCAN_BEGIN: &str = "BEGIN; SET LOCAL plan_cache_mode = force_custom_plan";
 
 /// The rescan below the low-water mark (see [`rescan`]): the oldest event never tried whose
-/// `created_at` is before `$1` and that no claim holds (`FOR KEY SHARE SKIP LOCKED`, in a
+/// `created_at` is before `$1` (and at or after `$2`, unless that is NULL: a recent rescan) and
+/// that no claim holds (`FOR KEY SHARE SKIP LOCKED`, in a
 /// transaction that ends at once, so the lock ends with it; it conflicts only with a claim's
 /// `FOR UPDATE`, so rows in flight are skipped and no writer waits), and whether that
 /// `created_at` is finite (an `-infinity` cannot be a mark: the claim then starts from the
 /// beginning).
-const RESCAN: &str = concat!(
+pub(crate) const RESCAN: &str = concat!(
     "SELECT isfinite(e.created_at), CASE WHEN isfinite(e.created_at) THEN e.created_at END \
      FROM hook_events AS e \
      WHERE ",
     fresh!("e"),
-    " AND e.created_at < $1::timestamptz AND ",
+    " AND e.created_at < $1::timestamptz \
+     AND ($2::timestamptz IS NULL OR e.created_at >= $2::timestamptz) AND ",
     not_suspect!("e"),
     " ORDER BY e.created_at \
      LIMIT 1 \
      FOR KEY SHARE SKIP LOCKED"
 );
 
-/// [`RESCAN`] when some routes are ordered (`$2`, `$3`, `$4`: the rules, see [`OrderRules`]):
+/// [`RESCAN`] when some routes are ordered (`$3`, `$4`, `$5`: the rules, see [`OrderRules`]):
 /// events held to their session's order are left out, as they are out of the fresh branch of
 /// [`CLAIM_ORDERED`] (its heads are found without the mark), so that events waiting behind
 /// their session's head do not pull the mark back at every rescan.
@@ -510,10 +512,11 @@ const RESCAN_ORDERED: &str = concat!(
      FROM hook_events AS e \
      WHERE ",
     fresh!("e"),
-    " AND e.created_at < $1::timestamptz AND ",
+    " AND e.created_at < $1::timestamptz \
+     AND ($2::timestamptz IS NULL OR e.created_at >= $2::timestamptz) AND ",
     not_suspect!("e"),
     " AND NOT ",
-    in_order!("e", "$2", "$3", "$4"),
+    in_order!("e", "$3", "$4", "$5"),
     " ORDER BY e.created_at \
      LIMIT 1 \
      FOR KEY SHARE SKIP LOCKED"
@@ -895,22 +898,25 @@ fn next_floor(rows: &[Row], now: OffsetDateTime) -> Result<Option<OffsetDateTime
 /// claim of another process, or became claimable again (the original's reset SQL, hook-replay,
 /// an operator's fix). Returns the mark the next claim must start from: `Some(created_at)` of
 /// the oldest such event, `Some(None)` for the beginning (its `created_at` is `-infinity`), or
-/// `None` when there is none. In a transaction of its own, off the claim's path: under a held snapshot it
-/// walks every index entry below the mark that vacuum could not remove, which is what the mark
-/// spares the claims.
+/// `None` when there is none. `from`: look only at events created at or after it (a recent
+/// rescan, see `PgStore`'s `Mark`); `None`: at every event below the mark (a full rescan). In a
+/// transaction of its own, off the claim's path: under a held snapshot a full rescan walks every
+/// index entry below the mark that vacuum could not remove, which is what the mark spares the
+/// claims; a recent one, those from `from` on.
 pub(crate) async fn rescan(
     client: &impl GenericClient,
     floor: OffsetDateTime,
+    from: Option<OffsetDateTime>,
     order: Option<&OrderRules>,
 ) -> Result<Option<Option<OffsetDateTime>>, StoreError> {
     // In a transaction of its own, planned at each run for the table as it is (see
     // OUTCOME_OPEN: a generic plan made on an empty table would scan and sort the whole table).
     // One round trip.
     let (statement, params): (_, Vec<&(dyn tokio_postgres::types::ToSql + Sync)>) = match order {
-        None => (client.prepare_cached(RESCAN).await?, vec![&floor]),
+        None => (client.prepare_cached(RESCAN).await?, vec![&floor, &from]),
         Some(rules) => (
             client.prepare_cached(RESCAN_ORDERED).await?,
-            vec![&floor, &rules.sources, &rules.actions, &rules.ordered],
+            vec![&floor, &from, &rules.sources, &rules.actions, &rules.ordered],
         ),
     };
     let (begun, row, ended) = futures::join!(
