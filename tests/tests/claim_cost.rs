@@ -525,3 +525,49 @@ async fn a_completion_under_a_held_snapshot_probes_the_primary_key_not_the_pendi
     );
     reader.batch_execute("ROLLBACK").await.unwrap();
 }
+
+/// Review of f1b7157: the duration a full rescan records (`rescan_done`'s `took`) counts its wait
+/// for a pooled connection. One wait of 3 s (the pool's connections held by batches in flight),
+/// on a database with nothing vacuum cannot remove (a full walk takes a millisecond), makes every
+/// rescan of the next 300 s a recent one: an event revived an hour below the mark (a replay, the
+/// reset SQL, a producer's clock behind) waits minutes, not an interval.
+#[tokio::test]
+async fn a_full_rescan_that_waited_for_a_connection_does_not_postpone_the_next() {
+    let db = TestDb::migrated("claim_cost_rescan_pool_wait").await;
+    let client = db.client().await;
+    let interval = Duration::from_secs(1);
+    let store = db
+        .store(StoreOptions {
+            listen: false,
+            rescan_interval: interval,
+            pool_size: 1,
+            ..StoreOptions::default()
+        })
+        .await;
+    let first = insert_events(&client, 1, "PreToolUse", "tool_invocation").await;
+    assert_eq!(claim_and_succeed(&store, 10).await, first);
+    tokio::time::sleep(interval + Duration::from_millis(100)).await;
+    // This claim starts the first rescan (a full one), which waits 3 s for the only connection:
+    // the batch holds it.
+    let held = insert_events(&client, 1, "PreToolUse", "tool_invocation").await;
+    let (batch, events) = claim(&store, 10).await.expect("a batch");
+    assert_eq!(events.iter().map(|e| e.id).collect::<Vec<_>>(), held);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let outcomes =
+        held.iter().map(|&id| Outcome { id, resolution: Resolution::Succeeded, metadata: Map::new() });
+    batch.finish(outcomes.collect()).await.expect("the completion");
+    // Let that rescan run (it finds nothing) before the event comes back.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let revived = insert_aged(&client, 1, 3600).await;
+    let started = tokio::time::Instant::now();
+    let mut claimed = Vec::new();
+    while claimed.is_empty() {
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "an event an hour below the mark not claimed in 15 rescan intervals of 1 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        claimed = claim_and_succeed(&store, 10).await;
+    }
+    assert_eq!(claimed, revived);
+}

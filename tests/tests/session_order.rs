@@ -559,3 +559,48 @@ async fn the_outcome_fallback_holds_the_session_lock_again_while_it_writes() {
     assert_eq!(probes, [1], "written one at a time with s0's session lock held");
     assert_eq!(session_locks(&client, "s0").await, 0, "released at the batch's end");
 }
+
+/// Review of f1b7157: the rescan with ordered routes (`RESCAN_ORDERED`, its parameters
+/// renumbered to `$2` the window and `$3`..`$5` the rules), full and recent: it leaves out an
+/// event held to its session's order, finds the oldest other one below the mark (full), and only
+/// those in its window (recent).
+#[tokio::test]
+async fn the_ordered_rescan_keeps_its_rules_and_its_window() {
+    let db = TestDb::migrated("session_order_rescan_window").await;
+    let client = db.client().await;
+    let store = db.store(options()).await;
+    let pooled = store.pool().get().await.unwrap();
+    let insert = |source: &'static str, age_secs: i64| {
+        let client = &client;
+        async move {
+            let id = Uuid::new_v4();
+            let created: time::OffsetDateTime = client
+                .query_one(
+                    "INSERT INTO hook_events (id, source, action, resource, resource_id, metadata, created_at)
+                     VALUES ($1, $2, 'tool_invocation', 'tool', 'Bash', '{\"session_id\": \"s0\"}',
+                             now() - $3::int8 * interval '1 second')
+                     RETURNING created_at",
+                    &[&id, &source, &age_secs],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            created
+        }
+    };
+    // Held to its session's order (an ordered route with a session): never a rescan's find.
+    let _ordered_old = insert("PreToolUse", 3600).await;
+    let free_old = insert("Stop", 1800).await;
+    let late = insert("Stop", 5).await;
+    let floor = time::OffsetDateTime::now_utc() + time::Duration::SECOND;
+    let rules = order();
+    let found = |from| bench::rescan_ordered(&pooled, floor, from, &rules);
+    assert_eq!(found(None).await.unwrap(), Some(Some(free_old)), "full: the oldest not held to order");
+    assert_eq!(found(Some(floor - time::Duration::seconds(20))).await.unwrap(), Some(Some(late)), "recent");
+    assert_eq!(found(Some(late + time::Duration::MICROSECOND)).await.unwrap(), None, "nothing in the window");
+    assert_eq!(
+        found(Some(free_old - time::Duration::seconds(1))).await.unwrap(),
+        Some(Some(free_old)),
+        "a window that reaches the old one"
+    );
+}

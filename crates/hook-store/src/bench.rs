@@ -353,6 +353,17 @@ pub async fn rescan(
     crate::queries::rescan(client, floor, from, None).await
 }
 
+/// [`rescan`] with the store's rules of session order (`queries::RESCAN_ORDERED`).
+pub async fn rescan_ordered(
+    client: &impl GenericClient,
+    floor: time::OffsetDateTime,
+    from: Option<time::OffsetDateTime>,
+    order: &hook_core::SessionOrder,
+) -> Result<Option<Option<time::OffsetDateTime>>, StoreError> {
+    let rules = crate::queries::OrderRules::new(order);
+    crate::queries::rescan(client, floor, from, rules.as_ref()).await
+}
+
 /// The plan a batch's success statement (see `queries::SUCCEED`) runs with once the table has
 /// grown by `rows` rows since its generic plan was made on the table as it is now (expected
 /// empty and analyzed): prepared, planned by a first run on no events, then `rows` events

@@ -111,8 +111,15 @@ const FULL_RESCAN_SHARE: u32 = 100;
 const FULL_RESCAN_MAX_PAUSE: Duration = Duration::from_secs(300);
 
 /// A recent rescan looks at the events created in the last `RECENT_RESCAN_INTERVALS` rescan
-/// intervals below the mark.
+/// intervals below the mark, and at least [`RECENT_RESCAN_MIN`].
 const RECENT_RESCAN_INTERVALS: u32 = 2;
+
+/// The shortest window of a recent rescan (a `rescan_interval` of zero would make it empty).
+const RECENT_RESCAN_MIN: Duration = Duration::from_secs(2);
+
+/// Failed rescans in a row after which the store warns (once, until one succeeds): events that
+/// come back below the mark wait for them.
+const RESCAN_FAILURES_WARNED: u32 = 3;
 
 /// A store's low-water mark on `hook_events_fresh_idx`: where its claims start reading events
 /// never tried (see ARCHITECTURE.md, "What a claim reads"). Each claim moves it to what it saw
@@ -143,6 +150,8 @@ struct MarkState {
     /// When the last full rescan began (`None`: none yet), and how long it took.
     fully_rescanned: Option<tokio::time::Instant>,
     full_rescan_took: Duration,
+    /// Rescans failed in a row.
+    rescan_failures: u32,
 }
 
 impl MarkState {
@@ -214,20 +223,27 @@ impl Mark {
             state.fully_rescanned = Some(now);
             None
         } else {
-            time::Duration::try_from(interval.saturating_mul(RECENT_RESCAN_INTERVALS))
+            time::Duration::try_from(interval.saturating_mul(RECENT_RESCAN_INTERVALS).max(RECENT_RESCAN_MIN))
                 .ok()
                 .and_then(|window| floor.checked_sub(window))
         };
         Some(Rescan { floor, from })
     }
 
-    /// The rescan `rescan` ended after `took`.
-    fn rescan_done(&self, rescan: Rescan, took: Duration) {
+    /// The rescan `rescan` ended, its query after `took` (`None`: it never ran), and failed or
+    /// not; returns whether the failures in a row just reached [`RESCAN_FAILURES_WARNED`].
+    fn rescan_done(&self, rescan: Rescan, took: Option<Duration>, failed: bool) -> bool {
         let mut state = self.state();
         state.rescanning = false;
+        state.rescan_failures = if failed { state.rescan_failures.saturating_add(1) } else { 0 };
         if rescan.from.is_none() {
-            state.full_rescan_took = took;
+            match took {
+                Some(took) => state.full_rescan_took = took,
+                // No full rescan happened: the next one is full.
+                None => state.fully_rescanned = None,
+            }
         }
+        state.rescan_failures == RESCAN_FAILURES_WARNED
     }
 }
 
@@ -342,14 +358,26 @@ impl PgStore {
         let (pool, mark, call_timeout) = (self.pool.clone(), self.mark.clone(), self.call_timeout);
         let (wake, order) = (self.wake.clone(), self.order.clone());
         tokio::spawn(async move {
-            let started = tokio::time::Instant::now();
+            // Only the query's own time counts (not the wait for a connection): `None` when it
+            // never ran (no connection), so that the next rescan is a full one again.
+            let mut queried = None;
             let found = within(call_timeout, "rescan", async {
                 let client = pool.get().await?;
+                queried = Some(tokio::time::Instant::now());
                 queries::rescan(&client, rescan.floor, rescan.from, order.as_deref()).await
             })
             .await;
-            let took = started.elapsed();
+            let took = queried.map(|at| at.elapsed());
             let floor = rescan.floor;
+            if mark.rescan_done(rescan, took, found.is_err()) {
+                if let Err(error) = &found {
+                    warn!(
+                        error = %error,
+                        "the rescan below the low-water mark failed {RESCAN_FAILURES_WARNED} times in a row: \
+                         events that come back below it (replays, the reset SQL, late commits) wait until it succeeds"
+                    );
+                }
+            }
             match found {
                 Ok(Some(at)) => {
                     debug!(below = %floor, full = rescan.from.is_none(), "the rescan found a claimable event below the low-water mark");
@@ -363,7 +391,6 @@ impl PgStore {
                     debug!(error = %error, "the rescan below the low-water mark failed; it is tried again later")
                 }
             }
-            mark.rescan_done(rescan, took);
         });
     }
 
@@ -847,12 +874,16 @@ mod tests {
         assert_eq!(first, Rescan { floor, from: None }, "the first rescan is a full one");
         assert_eq!(mark.rescan_due(interval), None, "one at a time");
         // A full rescan of 50 ms: the next full one no sooner than 5 s after it began.
-        mark.rescan_done(first, Duration::from_millis(50));
+        mark.rescan_done(first, Some(Duration::from_millis(50)), false);
         std::thread::sleep(Duration::from_millis(2));
         let second = mark.rescan_due(Duration::from_millis(1)).expect("due");
-        assert_eq!(second.from, floor.checked_sub(time::Duration::milliseconds(2)), "a recent rescan");
+        assert_eq!(
+            second.from,
+            floor.checked_sub(time::Duration::seconds(2)),
+            "a recent rescan, of at least 2 s"
+        );
         // However long a recent rescan takes, it does not postpone the full one further.
-        mark.rescan_done(second, Duration::from_secs(60));
+        mark.rescan_done(second, Some(Duration::from_secs(60)), false);
         let third = mark.rescan_due(interval).expect("due");
         assert!(third.from.is_some(), "still recent");
         let took = |took| MarkState { full_rescan_took: took, ..MarkState::default() };
@@ -862,11 +893,22 @@ mod tests {
         // One that timed out postpones the next by at most FULL_RESCAN_MAX_PAUSE, not an hour.
         assert_eq!(took(Duration::from_secs(20)).full_rescan_pause(ten), FULL_RESCAN_MAX_PAUSE);
         // A quick full rescan (no dead entries to walk) makes every rescan a full one again.
-        mark.rescan_done(third, Duration::ZERO);
+        mark.rescan_done(third, Some(Duration::ZERO), false);
         let mark = mark_at(floor);
         let quick = mark.rescan_due(interval).expect("due");
-        mark.rescan_done(quick, Duration::ZERO);
+        mark.rescan_done(quick, Some(Duration::ZERO), false);
         assert_eq!(mark.rescan_due(interval).map(|r| r.from), Some(None));
+    }
+
+    #[test]
+    fn the_third_failed_rescan_in_a_row_is_reported_once() {
+        let mark = mark_at(OffsetDateTime::now_utc());
+        let mut reported = Vec::new();
+        for failed in [true, true, true, true, false, true, true, true] {
+            let rescan = mark.rescan_due(Duration::ZERO).expect("due");
+            reported.push(mark.rescan_done(rescan, None, failed));
+        }
+        assert_eq!(reported, [false, false, true, false, false, false, false, true]);
     }
 
     #[test]
