@@ -355,7 +355,8 @@ async fn under_a_held_snapshot_a_recent_rescan_reads_its_window_and_a_full_one_e
         recent.buffers
     );
     // What each finds: the recent one the late event, the full one the oldest.
-    let found = |from| bench::rescan(&pooled, floor, from);
+    let none = hook_core::SessionOrder::default();
+    let found = |from| bench::rescan(&pooled, floor, from, &none);
     let late_at = created_at(&client, late[0]).await;
     assert_eq!(found(Some(floor - time::Duration::seconds(20))).await.unwrap(), Some(Some(late_at)));
     assert_eq!(found(None).await.unwrap(), Some(Some(created_at(&client, old[0]).await)));

@@ -594,7 +594,7 @@ async fn the_ordered_rescan_keeps_its_rules_and_its_window() {
     let late = insert("Stop", 5).await;
     let floor = time::OffsetDateTime::now_utc() + time::Duration::SECOND;
     let rules = order();
-    let found = |from| bench::rescan_ordered(&pooled, floor, from, &rules);
+    let found = |from| bench::rescan(&pooled, floor, from, &rules);
     assert_eq!(found(None).await.unwrap(), Some(Some(free_old)), "full: the oldest not held to order");
     assert_eq!(found(Some(floor - time::Duration::seconds(20))).await.unwrap(), Some(Some(late)), "recent");
     assert_eq!(found(Some(late + time::Duration::MICROSECOND)).await.unwrap(), None, "nothing in the window");

@@ -342,19 +342,10 @@ pub async fn explain_rescan(
     .await
 }
 
-/// Runs the rescan below `floor` the store runs (see [`explain_rescan`]; no routes in session
-/// order): what it found, as `PgStore::rescan` finds it (`Some(None)`: an event created at
-/// `-infinity`), or `None`.
+/// Runs the rescan below `floor` the store runs with the routes' `order` (see
+/// [`explain_rescan`]; `queries::RESCAN_ORDERED` when some route is ordered): what it found, as
+/// `PgStore::rescan` finds it (`Some(None)`: an event created at `-infinity`), or `None`.
 pub async fn rescan(
-    client: &impl GenericClient,
-    floor: time::OffsetDateTime,
-    from: Option<time::OffsetDateTime>,
-) -> Result<Option<Option<time::OffsetDateTime>>, StoreError> {
-    crate::queries::rescan(client, floor, from, None).await
-}
-
-/// [`rescan`] with the store's rules of session order (`queries::RESCAN_ORDERED`).
-pub async fn rescan_ordered(
     client: &impl GenericClient,
     floor: time::OffsetDateTime,
     from: Option<time::OffsetDateTime>,

@@ -129,11 +129,11 @@ const RESCAN_FAILURES_WARNED: u32 = 3;
 ///
 /// That rescan is a full one (every event below the mark) when the last full one is at least an
 /// interval and [`FULL_RESCAN_SHARE`] times its own duration ago (or [`FULL_RESCAN_MAX_PAUSE`]
-/// ago, whichever is sooner): always, unless vacuum cannot
-/// remove what a full rescan walks (a held snapshot, where it walks one dead index entry per
-/// event processed since, and took 0.9 s after 10 minutes at 500 events/s). Otherwise it is a
-/// recent one, which looks only at the events created in the last
-/// [`RECENT_RESCAN_INTERVALS`] intervals below the mark, where a late commit lands.
+/// ago, whichever is sooner): always, unless vacuum cannot remove what a full rescan walks (a
+/// held snapshot, where it walks one dead index entry per event processed since, and took 0.9 s
+/// after 10 minutes at 500 events/s). Otherwise it is a recent one, which looks only at the
+/// events created in the last [`RECENT_RESCAN_INTERVALS`] intervals (at least
+/// [`RECENT_RESCAN_MIN`]) below the mark, where a late commit lands.
 #[derive(Debug, Clone)]
 struct Mark(Arc<std::sync::Mutex<MarkState>>);
 
@@ -367,26 +367,21 @@ impl PgStore {
                 queries::rescan(&client, rescan.floor, rescan.from, order.as_deref()).await
             })
             .await;
-            let took = queried.map(|at| at.elapsed());
-            let floor = rescan.floor;
-            if mark.rescan_done(rescan, took, found.is_err()) {
-                if let Err(error) = &found {
-                    warn!(
-                        error = %error,
-                        "the rescan below the low-water mark failed {RESCAN_FAILURES_WARNED} times in a row: \
-                         events that come back below it (replays, the reset SQL, late commits) wait until it succeeds"
-                    );
-                }
-            }
+            let report = mark.rescan_done(rescan, queried.map(|at| at.elapsed()), found.is_err());
             match found {
                 Ok(Some(at)) => {
-                    debug!(below = %floor, full = rescan.from.is_none(), "the rescan found a claimable event below the low-water mark");
+                    debug!(below = %rescan.floor, full = rescan.from.is_none(), "the rescan found a claimable event below the low-water mark");
                     mark.lower(at);
                     if let Some(wake) = &wake {
                         wake.send_replace(());
                     }
                 }
                 Ok(None) => {}
+                Err(error) if report => warn!(
+                    error = %error,
+                    "the rescan below the low-water mark failed {RESCAN_FAILURES_WARNED} times in a row: \
+                     events that come back below it (replays, the reset SQL, late commits) wait until it succeeds"
+                ),
                 Err(error) => {
                     debug!(error = %error, "the rescan below the low-water mark failed; it is tried again later")
                 }

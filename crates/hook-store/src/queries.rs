@@ -483,44 +483,39 @@ pub(crate) const OUTCOME_OPEN: &str =
 /// Opens the rescan's transaction (see [`rescan`]).
 const RESCAN_BEGIN: &str = "BEGIN; SET LOCAL plan_cache_mode = force_custom_plan";
 
+/// SQL: the rescan below the low-water mark, with `$extra` after its own conditions: nothing, or
+/// more of them as `concat!` arguments, each followed by a comma. See [`RESCAN`].
+macro_rules! rescan {
+    ($($extra:tt)*) => {
+        concat!(
+            "SELECT isfinite(e.created_at), CASE WHEN isfinite(e.created_at) THEN e.created_at END \
+             FROM hook_events AS e \
+             WHERE ",
+            fresh!("e"),
+            " AND e.created_at < $1::timestamptz \
+             AND ($2::timestamptz IS NULL OR e.created_at >= $2::timestamptz) AND ",
+            not_suspect!("e"),
+            $($extra)*
+            " ORDER BY e.created_at \
+             LIMIT 1 \
+             FOR KEY SHARE SKIP LOCKED"
+        )
+    };
+}
+
 /// The rescan below the low-water mark (see [`rescan`]): the oldest event never tried whose
 /// `created_at` is before `$1` (and at or after `$2`, unless that is NULL: a recent rescan) and
-/// that no claim holds (`FOR KEY SHARE SKIP LOCKED`, in a
-/// transaction that ends at once, so the lock ends with it; it conflicts only with a claim's
-/// `FOR UPDATE`, so rows in flight are skipped and no writer waits), and whether that
-/// `created_at` is finite (an `-infinity` cannot be a mark: the claim then starts from the
-/// beginning).
-pub(crate) const RESCAN: &str = concat!(
-    "SELECT isfinite(e.created_at), CASE WHEN isfinite(e.created_at) THEN e.created_at END \
-     FROM hook_events AS e \
-     WHERE ",
-    fresh!("e"),
-    " AND e.created_at < $1::timestamptz \
-     AND ($2::timestamptz IS NULL OR e.created_at >= $2::timestamptz) AND ",
-    not_suspect!("e"),
-    " ORDER BY e.created_at \
-     LIMIT 1 \
-     FOR KEY SHARE SKIP LOCKED"
-);
+/// that no claim holds (`FOR KEY SHARE SKIP LOCKED`, in a transaction that ends at once, so the
+/// lock ends with it; it conflicts only with a claim's `FOR UPDATE`, so rows in flight are
+/// skipped and no writer waits), and whether that `created_at` is finite (an `-infinity` cannot
+/// be a mark: the claim then starts from the beginning).
+pub(crate) const RESCAN: &str = rescan!();
 
 /// [`RESCAN`] when some routes are ordered (`$3`, `$4`, `$5`: the rules, see [`OrderRules`]):
 /// events held to their session's order are left out, as they are out of the fresh branch of
 /// [`CLAIM_ORDERED`] (its heads are found without the mark), so that events waiting behind
 /// their session's head do not pull the mark back at every rescan.
-const RESCAN_ORDERED: &str = concat!(
-    "SELECT isfinite(e.created_at), CASE WHEN isfinite(e.created_at) THEN e.created_at END \
-     FROM hook_events AS e \
-     WHERE ",
-    fresh!("e"),
-    " AND e.created_at < $1::timestamptz \
-     AND ($2::timestamptz IS NULL OR e.created_at >= $2::timestamptz) AND ",
-    not_suspect!("e"),
-    " AND NOT ",
-    in_order!("e", "$3", "$4", "$5"),
-    " ORDER BY e.created_at \
-     LIMIT 1 \
-     FOR KEY SHARE SKIP LOCKED"
-);
+const RESCAN_ORDERED: &str = rescan!(" AND NOT ", in_order!("e", "$3", "$4", "$5"),);
 
 /// What the claim's transaction learns right after claiming, in the same round trip: its
 /// transaction id (assigned by the row locks; NULL when it locked nothing), whether suspect
