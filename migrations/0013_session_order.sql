@@ -1,17 +1,8 @@
--- hook-events: no-transaction
--- Session order (docs/routes.md, "Session order"): the pending events of each agent session, in
--- order. A claim under `order = "session"` finds each session's head (its oldest event that is
--- neither processed nor dead) by stepping from one session to the next in this index (one probe
--- per pending session, not per pending event), and claims an ordered event only when it is its
--- session's head. Partial to pending rows, so a session's processed history costs nothing.
--- The session is the console's (migration 0010): metadata.session_id (what hook-ingest and the
--- original producers write), else payload.session_id (Claude Code's own input), cut to 128
--- characters so that a hostile value can never exceed a btree entry's size and fail an insert.
--- Built CONCURRENTLY so producers and processors keep writing while it builds on a large table;
--- that cannot run in a transaction, so this file runs statement by statement. An interrupted
--- build leaves an invalid index, which the DROP before it removes on the re-run.
-DROP INDEX CONCURRENTLY IF EXISTS hook_events_order_idx;
-CREATE INDEX CONCURRENTLY hook_events_order_idx
-    ON hook_events ((left(coalesce(metadata->>'session_id', payload->>'session_id'), 128)), created_at, id)
-    WHERE NOT processed AND dead_at IS NULL
-      AND left(coalesce(metadata->>'session_id', payload->>'session_id'), 128) IS NOT NULL;
+-- Session order (docs/routes.md, "Session order") reads `hook_events_order_idx`, the pending
+-- events of each agent session in order. This migration built it until this text replaced the
+-- first one (kept in migrations/history/0013_session_order.v1.sql; an install that applied it
+-- keeps the index). It holds an entry for every event inserted with a session, which a queue
+-- with no ordered route should not write and vacuum: it is now built by a store whose routes
+-- are ordered, when it migrates (hook_store::indexes, SESSION_ORDER; ARCHITECTURE.md, "Indexes
+-- built by their users"). Nothing is left to do here.
+SELECT 1;

@@ -24,6 +24,14 @@ fn order() -> SessionOrder {
     }
 }
 
+/// A migrated database with session order's index, as an ordered store's `migrate` leaves it.
+async fn ordered_db(test: &str) -> TestDb {
+    let db = TestDb::migrated(test).await;
+    let report = db.store(options()).await.migrate().await.expect("the ordered store's migrate");
+    assert_eq!(report.built, ["hook_events_order_idx"], "the migrations do not build it");
+    db
+}
+
 fn options() -> StoreOptions {
     StoreOptions {
         listen: false,
@@ -138,7 +146,7 @@ fn failed(id: Uuid, retry_after: Option<Duration>) -> Outcome {
 
 #[tokio::test]
 async fn a_claim_takes_each_sessions_head_and_nothing_behind_a_head_another_claim_holds() {
-    let db = TestDb::migrated("order_heads").await;
+    let db = ordered_db("order_heads").await;
     let client = db.client().await;
     let sessions = insert_sessions(&client, 3, 3, "PreToolUse").await;
     // Not held back: an unordered route's events of the same session, and an ordered route's
@@ -171,7 +179,7 @@ async fn a_claim_takes_each_sessions_head_and_nothing_behind_a_head_another_clai
 
 #[tokio::test]
 async fn a_failed_event_holds_back_its_session_until_it_succeeds_or_dies_while_others_go_on() {
-    let db = TestDb::migrated("order_failed").await;
+    let db = ordered_db("order_failed").await;
     let client = db.client().await;
     let sessions = insert_sessions(&client, 2, 3, "PreToolUse").await;
     let (held, other) = (&sessions[0], &sessions[1]);
@@ -231,7 +239,7 @@ async fn a_failed_event_holds_back_its_session_until_it_succeeds_or_dies_while_o
 
 #[tokio::test]
 async fn without_an_ordered_route_nothing_is_held_back() {
-    let db = TestDb::migrated("order_off").await;
+    let db = ordered_db("order_off").await;
     let client = db.client().await;
     let sessions = insert_sessions(&client, 2, 3, "PreToolUse").await;
     let off = SessionOrder {
@@ -247,7 +255,7 @@ async fn without_an_ordered_route_nothing_is_held_back() {
 /// per pending event, nor per processed one.
 #[tokio::test]
 async fn the_ordered_claim_reads_a_few_buffers_per_session_whatever_the_backlog() {
-    let db = TestDb::migrated("order_cost").await;
+    let db = ordered_db("order_cost").await;
     let client = db.client().await;
     let store = db.store(options()).await;
     // 10 sessions with 2,000 pending events each, behind 20,000 processed ones.
@@ -291,7 +299,7 @@ async fn the_ordered_claim_reads_a_few_buffers_per_session_whatever_the_backlog(
 /// commit of a batch that held heads sends `NOTIFY hook_events`, which wakes every processor.
 #[tokio::test]
 async fn a_sessions_next_event_is_claimed_when_its_head_commits_not_at_the_poll() {
-    let db = TestDb::migrated("order_wakeup").await;
+    let db = ordered_db("order_wakeup").await;
     let client = db.client().await;
     let store = db.store(StoreOptions { listen: true, ..options() }).await;
     let invocations = hook_tests::Invocations::default();
@@ -330,7 +338,7 @@ async fn a_sessions_next_event_is_claimed_when_its_head_commits_not_at_the_poll(
 /// next event come up, as that session's new head. Nothing is stuck, nothing runs out of order.
 #[tokio::test]
 async fn a_processor_killed_holding_heads_leaves_its_sessions_held_until_each_head_runs_alone() {
-    let db = TestDb::migrated("order_killed_holding_heads").await;
+    let db = ordered_db("order_killed_holding_heads").await;
     let client = db.client().await;
     let sessions = insert_sessions(&client, 2, 3, "PreToolUse").await;
     let a = db.store(options()).await;
@@ -361,7 +369,7 @@ async fn a_processor_killed_holding_heads_leaves_its_sessions_held_until_each_he
 /// done: one event of the session at a time, the late one next (docs/routes.md).
 #[tokio::test]
 async fn a_late_event_older_than_the_held_head_waits_for_it_by_the_session_lock() {
-    let db = TestDb::migrated("order_late_beside_head").await;
+    let db = ordered_db("order_late_beside_head").await;
     let client = db.client().await;
     let sessions = insert_sessions(&client, 1, 2, "PreToolUse").await;
     let (a, b) = (db.store(options()).await, db.store(options()).await);
@@ -390,7 +398,7 @@ async fn a_late_event_older_than_the_held_head_waits_for_it_by_the_session_lock(
 /// (every event with `""` is held to one order), and a JSON null is no session.
 #[tokio::test]
 async fn session_keys_are_the_text_of_any_json_value_and_an_empty_string_is_a_session() {
-    let db = TestDb::migrated("order_key_types").await;
+    let db = ordered_db("order_key_types").await;
     let client = db.client().await;
     let mut inserted = Vec::new();
     for (i, session) in ["42", "\"42\"", "\"\"", "\"\"", "null", "null"].iter().enumerate() {
@@ -422,7 +430,7 @@ async fn session_keys_are_the_text_of_any_json_value_and_an_empty_string_is_a_se
 /// that suspect to the next, and takes it once the other event is done.
 #[tokio::test]
 async fn a_suspect_head_waits_for_its_sessions_event_that_another_claim_attempts() {
-    let db = TestDb::migrated("order_suspect_waits_for_lock").await;
+    let db = ordered_db("order_suspect_waits_for_lock").await;
     let client = db.client().await;
     let sessions = insert_sessions(&client, 2, 2, "PreToolUse").await;
     let a = db.store(options()).await;
@@ -468,7 +476,7 @@ async fn session_locks(client: &Client, key: &str) -> i64 {
 /// sessions of an unordered route gives the first claim's commit time to land in that window.
 #[tokio::test]
 async fn a_claim_that_finds_its_head_committed_meanwhile_does_not_keep_the_sessions_lock() {
-    let db = TestDb::migrated("order_lock_before_row").await;
+    let db = ordered_db("order_lock_before_row").await;
     let client = db.client().await;
     let session = insert_sessions(&client, 1, 2, "PreToolUse").await.remove(0);
     insert_sessions(&client, 200_000, 1, "Stop").await;
@@ -518,7 +526,7 @@ async fn a_claim_that_finds_its_head_committed_meanwhile_does_not_keep_the_sessi
 /// with the session still held. Seen from a trigger on the row written in the fallback.
 #[tokio::test]
 async fn the_outcome_fallback_holds_the_session_lock_again_while_it_writes() {
-    let db = TestDb::migrated("order_relock_session").await;
+    let db = ordered_db("order_relock_session").await;
     let client = db.client().await;
     let session = insert_sessions(&client, 1, 2, "PreToolUse").await.remove(0);
     client
@@ -566,7 +574,7 @@ async fn the_outcome_fallback_holds_the_session_lock_again_while_it_writes() {
 /// those in its window (recent).
 #[tokio::test]
 async fn the_ordered_rescan_keeps_its_rules_and_its_window() {
-    let db = TestDb::migrated("session_order_rescan_window").await;
+    let db = ordered_db("session_order_rescan_window").await;
     let client = db.client().await;
     let store = db.store(options()).await;
     let pooled = store.pool().get().await.unwrap();

@@ -278,7 +278,7 @@ async fn migrations_are_idempotent_and_concurrent_runs_take_turns() {
         hook_store::migrate::MIGRATIONS.len() as i64
     );
     for index in
-        ["hook_events_claim_idx", "hook_events_fresh_idx", "hook_events_due_idx", "hook_events_order_idx"]
+        ["hook_events_claim_idx", "hook_events_fresh_idx", "hook_events_due_idx", "hook_events_failed_idx"]
     {
         let valid: bool = client
             .query_one("SELECT indisvalid FROM pg_index WHERE indexrelid = $1::text::regclass", &[&index])
@@ -287,6 +287,82 @@ async fn migrations_are_idempotent_and_concurrent_runs_take_turns() {
             .get(0);
         assert!(valid, "{index}");
     }
+}
+
+/// Whether `index` exists and is valid.
+async fn valid_index(client: &tokio_postgres::Client, index: &str) -> bool {
+    client
+        .query_one(
+            "SELECT coalesce((SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass($1)), false)",
+            &[&index],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// The console's and session order's indexes are built by them, not by the migrations: a queue
+/// with neither does not write them. Concurrent builders build each once; an invalid leftover of
+/// an interrupted build is rebuilt; a build that fails says which index and why, and the next
+/// call builds it.
+#[tokio::test]
+async fn indexes_a_feature_reads_are_built_by_it_once_and_not_by_the_migrations() {
+    use hook_store::indexes::{self, CONSOLE, SESSION_ORDER};
+    let db = TestDb::migrated("optional_indexes").await;
+    let client = db.client().await;
+    for index in CONSOLE.iter().chain(SESSION_ORDER) {
+        assert!(!valid_index(&client, index.name).await, "{} is not built by the migrations", index.name);
+    }
+    insert_events(&client, 50, "PreToolUse", "tool_invocation").await;
+
+    // Three processes start a console at once: one builds, the others find them built.
+    let clients = futures::future::join_all((0..3).map(|_| db.client())).await;
+    let built = futures::future::join_all(clients.iter().map(|c| indexes::ensure(c, CONSOLE))).await;
+    let built: Vec<Vec<&str>> = built.into_iter().map(Result::unwrap).collect();
+    assert_eq!(built.iter().flatten().count(), 2, "each index built once: {built:?}");
+    for index in CONSOLE {
+        assert!(valid_index(&client, index.name).await, "{}", index.name);
+    }
+    assert!(indexes::ensure(&client, CONSOLE).await.unwrap().is_empty(), "built: nothing to do");
+    assert!(!valid_index(&client, "hook_events_order_idx").await, "only the set asked for");
+
+    // An ordered store's migrate builds session order's; an unordered one's does not.
+    let plain = db.store(no_listen()).await;
+    assert!(plain.migrate().await.unwrap().built.is_empty());
+    assert!(!valid_index(&client, "hook_events_order_idx").await);
+    let order = hook_core::SessionOrder {
+        rules: vec![hook_core::OrderRule { source: "*".into(), action: "*".into(), ordered: true }],
+    };
+    let ordered = db.store(StoreOptions { session_order: order, ..no_listen() }).await;
+    assert_eq!(ordered.migrate().await.unwrap().built, ["hook_events_order_idx"]);
+    assert!(ordered.migrate().await.unwrap().built.is_empty());
+
+    // What an interrupted CREATE INDEX CONCURRENTLY leaves: an invalid index of that name.
+    client
+        .batch_execute(
+            "UPDATE pg_index SET indisvalid = false WHERE indexrelid = 'hook_events_session_idx'::regclass",
+        )
+        .await
+        .unwrap();
+    assert_eq!(indexes::missing(&client, CONSOLE).await.unwrap(), [CONSOLE[1]]);
+    assert_eq!(indexes::ensure(&client, CONSOLE).await.unwrap(), ["hook_events_session_idx"]);
+    assert!(valid_index(&client, "hook_events_session_idx").await);
+
+    // A role that may not build it: the error names the index and the server's reason.
+    client.batch_execute("DROP INDEX hook_events_created_idx").await.unwrap();
+    let role = format!("optional_indexes_reader_{}", std::process::id());
+    client
+        .batch_execute(&format!("CREATE ROLE {role}; GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role}"))
+        .await
+        .unwrap();
+    let reader = db.client().await;
+    reader.batch_execute(&format!("SET ROLE {role}")).await.unwrap();
+    let error = indexes::ensure(&reader, CONSOLE).await.expect_err("no right to build").to_string();
+    assert!(error.contains("building index hook_events_created_idx") && error.contains("owner"), "{error}");
+    assert!(!valid_index(&client, "hook_events_created_idx").await);
+    assert_eq!(indexes::ensure(&client, CONSOLE).await.unwrap(), ["hook_events_created_idx"]);
+    drop(reader);
+    client.batch_execute(&format!("DROP OWNED BY {role}; DROP ROLE {role}")).await.unwrap();
 }
 
 #[tokio::test]

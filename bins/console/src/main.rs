@@ -57,6 +57,9 @@ fn run(args: &Args) -> anyhow::Result<()> {
             connected.store.pool().clone(),
             ConsoleConfig { token, ..ConsoleConfig::default() },
         );
+        // Beside serving: on a large table the build takes minutes.
+        let pool = connected.store.pool().clone();
+        tokio::spawn(async move { hook_console::build_indexes(&pool).await });
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("binding {}", args.listen))?;

@@ -176,6 +176,9 @@ async fn process(
                 .await
                 .with_context(|| format!("connecting to {shown}"))?;
             console.attach(store.pool().clone());
+            // Beside the engine: on a large table the build takes minutes.
+            let pool = store.pool().clone();
+            tokio::spawn(async move { hook_console::build_indexes(&pool).await });
             Some(store)
         }
         None => None,

@@ -162,6 +162,29 @@ pub fn router(state: ConsoleState) -> Router {
         .with_state(state)
 }
 
+/// Builds the console's indexes ([`hook_store::indexes::CONSOLE`]) where they are missing, and
+/// logs what it did: every page reads through them, and the migrations do not build them (a
+/// queue without a console should not write them). Until they are built the pages work but read
+/// the whole table. Run it once when the console starts, beside serving: on a table of millions
+/// of rows a build takes minutes, concurrently with the producers and processors. A failure (a
+/// role that may not create indexes) is logged as a warning with what to run instead, and the
+/// console serves on.
+pub async fn build_indexes(pool: &Pool) {
+    let built = match pool.get().await {
+        Ok(client) => hook_store::indexes::ensure(&client, hook_store::indexes::CONSOLE).await,
+        Err(error) => Err(hook_store::StoreError::Pool(error.to_string())),
+    };
+    match built {
+        Ok(built) if built.is_empty() => {}
+        Ok(built) => tracing::info!(indexes = ?built, "built the console's indexes"),
+        Err(error) => tracing::warn!(
+            %error,
+            "the console's indexes are missing and could not be built: its pages read the whole \
+             table until they are (docs/console.md, \"Its indexes\", gives the statements)"
+        ),
+    }
+}
+
 /// [`router`] nested at `path` (e.g. `/console`), plus a redirect from `path/` to `path` (a
 /// nested router answers only the path without the slash). Merge it into an app:
 /// `app.merge(hook_console::mount("/console", state))`.

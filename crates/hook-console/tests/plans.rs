@@ -54,6 +54,8 @@ fn check(name: &str, plan: &str, index: &str) {
 async fn each_console_query_is_served_by_an_index() {
     let db = TestDb::migrated("console_plans").await;
     let client = db.client().await;
+    let built = hook_store::indexes::ensure(&client, hook_store::indexes::CONSOLE).await.unwrap();
+    assert_eq!(built, ["hook_events_created_idx", "hook_events_session_idx"], "the migrations build neither");
     client.batch_execute(TABLE).await.unwrap();
     client.batch_execute("VACUUM ANALYZE hook_events").await.unwrap();
     let cursor =

@@ -55,6 +55,16 @@ pub enum StoreError {
         reason: String,
     },
 
+    /// An index of [`crate::indexes`] could not be built; it is left missing, and the next
+    /// [`crate::indexes::ensure`] tries again.
+    #[error("building index {name}: {reason}")]
+    IndexBuild {
+        /// The index's name.
+        name: &'static str,
+        /// What went wrong (the server's error).
+        reason: String,
+    },
+
     /// The tables do not fit this build: a column of another type, a missing one, a NOT NULL
     /// column of the user's own without a default (see [`crate::schema`]).
     #[error(transparent)]

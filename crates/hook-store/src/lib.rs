@@ -96,6 +96,7 @@ pub mod bench;
 #[cfg(any(feature = "test-support", feature = "bench"))]
 mod children;
 pub mod console;
+pub mod indexes;
 pub mod migrate;
 #[cfg(feature = "test-support")]
 mod proxy;

@@ -99,10 +99,10 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!(7, "0007_archive_table.sql"),
     migration!(8, "0008_archive_key.sql"),
     migration!(9, "0009_claim_ledger.sql"),
-    migration!(10, "0010_console_indexes.sql"),
+    migration!(10, "0010_console_indexes.sql", ["0010_console_indexes.v1.sql"]),
     migration!(11, "0011_claim_split.sql"),
     migration!(12, "0012_claim_presence.sql"),
-    migration!(13, "0013_session_order.sql"),
+    migration!(13, "0013_session_order.sql", ["0013_session_order.v1.sql"]),
     migration!(14, "0014_console_failures.sql"),
     migration!(15, "0015_autovacuum.sql"),
 ];
@@ -166,6 +166,9 @@ pub struct MigrationReport {
     pub applied: Vec<i32>,
     /// The same migrations, with how long each took.
     pub details: Vec<Applied>,
+    /// Indexes of [`crate::indexes`] built after them (by [`crate::PgStore::migrate`] for an
+    /// ordered store): never by [`migrate`] itself.
+    pub built: Vec<&'static str>,
 }
 
 /// Applies every pending migration with the default [`MigrateOptions`]; see [`migrate_with`].
@@ -207,6 +210,20 @@ async fn apply(
     if up_to_date(client, migrations).await? {
         return Ok(MigrationReport::default());
     }
+    under_migration_lock(client, async {
+        schema::check(client, Scope::MIGRATIONS).await?;
+        apply_pending(client, migrations, options).await
+    })
+    .await
+}
+
+/// Runs `work` holding the migration runner's advisory lock on `client`'s session, so that no
+/// migration and no index build of [`crate::indexes`] runs beside it. The lock is polled
+/// (see [`migrate_with`] for why) and released whatever `work` returned.
+pub(crate) async fn under_migration_lock<T>(
+    client: &Client,
+    work: impl std::future::Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
     loop {
         let row = client.query_one("SELECT pg_try_advisory_lock($1)", &[&MIGRATION_LOCK]).await?;
         if row.get::<_, bool>(0) {
@@ -214,15 +231,11 @@ async fn apply(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let result = async {
-        schema::check(client, Scope::MIGRATIONS).await?;
-        apply_pending(client, migrations, options).await
-    }
-    .await;
+    let result = work.await;
     let unlock = client.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK]).await;
-    let report = result?;
+    let value = result?;
     unlock?;
-    Ok(report)
+    Ok(value)
 }
 
 /// Whether every migration of `migrations` is recorded with an accepted checksum.

@@ -23,6 +23,7 @@ use uuid::Uuid;
 
 use crate::deadline::{within, DEFAULT_CALL_TIMEOUT};
 use crate::error::StoreError;
+use crate::indexes;
 use crate::listen;
 use crate::migrate::{self, MigrationReport};
 use crate::presence::Presence;
@@ -404,10 +405,27 @@ impl PgStore {
         &self.config
     }
 
-    /// Applies pending migrations (see [`migrate::migrate`]).
+    /// Applies pending migrations (see [`migrate::migrate`]), then, when some route is in
+    /// session order ([`StoreOptions::session_order`]), builds its index if it is missing
+    /// ([`indexes::SESSION_ORDER`]; listed in [`MigrationReport::built`]). Without that index an
+    /// ordered claim is still right, but reads every pending event to find the sessions' heads.
     pub async fn migrate(&self) -> Result<MigrationReport, StoreError> {
         let client = self.pool.get().await?;
-        migrate::migrate(&client).await
+        let mut report = migrate::migrate(&client).await?;
+        if self.order.is_some() {
+            report.built = indexes::ensure(&client, indexes::SESSION_ORDER).await?;
+        }
+        Ok(report)
+    }
+
+    /// Builds the indexes of `set` that are missing (see [`indexes::ensure`]), e.g.
+    /// [`indexes::CONSOLE`] before serving the console, and returns their names.
+    pub async fn ensure_indexes(
+        &self,
+        set: &[indexes::OptionalIndex],
+    ) -> Result<Vec<&'static str>, StoreError> {
+        let client = self.pool.get().await?;
+        indexes::ensure(&client, set).await
     }
 }
 

@@ -79,6 +79,7 @@ impl Served {
 pub async fn serve(test: &str, token: Option<&str>) -> Served {
     let db = TestDb::migrated(test).await;
     let store = db.store(StoreOptions { listen: false, pool_size: 4, ..StoreOptions::default() }).await;
+    hook_console::build_indexes(store.pool()).await;
     let config = ConsoleConfig {
         token: token.map(|t| Token::new(t).expect("a valid token")),
         ..ConsoleConfig::default()
