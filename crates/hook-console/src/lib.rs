@@ -180,7 +180,7 @@ pub async fn build_indexes(pool: &Pool) {
         Err(error) => tracing::warn!(
             %error,
             "the console's indexes are missing and could not be built: its pages read the whole \
-             table until they are (docs/console.md, \"Its indexes\", gives the statements)"
+             table until they are (docs/operations.md, \"Indexes built by their users\", gives the statements)"
         ),
     }
 }

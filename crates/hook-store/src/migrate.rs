@@ -564,6 +564,6 @@ mod tests {
             .filter(|m| !m.previous.is_empty())
             .map(|m| (m.version, m.previous.len()))
             .collect();
-        assert_eq!(released, [(1, 1), (2, 1), (4, 1)]);
+        assert_eq!(released, [(1, 1), (2, 1), (4, 1), (10, 1), (13, 1)]);
     }
 }

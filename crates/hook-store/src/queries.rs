@@ -218,8 +218,8 @@ pub(crate) const CLAIM: &str = concat!(
 );
 
 /// SQL: an event's session, for session order: `metadata.session_id`, else `payload.session_id`,
-/// cut to 128 characters; the key of `hook_events_order_idx` (migration 0013) and of the
-/// console's `hook_events_session_idx` (0010).
+/// cut to 128 characters; the key of `hook_events_order_idx` and of the console's
+/// `hook_events_session_idx` ([`crate::indexes`]).
 macro_rules! session_key {
     ($e:literal) => {
         concat!("left(coalesce(", $e, ".metadata->>'session_id', ", $e, ".payload->>'session_id'), 128)")
@@ -301,7 +301,7 @@ macro_rules! in_order {
     };
 }
 
-/// SQL: the pending rows of `hook_events_order_idx` (migration 0013), in its order, from after
+/// SQL: the pending rows of `hook_events_order_idx` ([`crate::indexes::SESSION_ORDER`]), in its order, from after
 /// the session `$after` (a SQL expression; none: from the first session): the first is the
 /// head of the next session, its oldest event neither processed nor dead.
 macro_rules! next_head {
