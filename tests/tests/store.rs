@@ -289,6 +289,24 @@ async fn migrations_are_idempotent_and_concurrent_runs_take_turns() {
     }
 }
 
+fn ordered_options() -> StoreOptions {
+    let order = hook_core::SessionOrder {
+        rules: vec![hook_core::OrderRule { source: "*".into(), action: "*".into(), ordered: true }],
+    };
+    StoreOptions { session_order: order, ..no_listen() }
+}
+
+/// Waits (up to 30 s) for `index` to be valid.
+async fn until_valid(client: &tokio_postgres::Client, index: &str) {
+    for _ in 0..300 {
+        if valid_index(client, index).await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{index} was not built within 30 s");
+}
+
 /// Whether `index` exists and is valid.
 async fn valid_index(client: &tokio_postgres::Client, index: &str) -> bool {
     client
@@ -326,16 +344,15 @@ async fn indexes_a_feature_reads_are_built_by_it_once_and_not_by_the_migrations(
     assert!(indexes::ensure(&client, CONSOLE).await.unwrap().is_empty(), "built: nothing to do");
     assert!(!valid_index(&client, "hook_events_order_idx").await, "only the set asked for");
 
-    // An ordered store's migrate builds session order's; an unordered one's does not.
+    // An ordered store's migrate builds session order's (in a task of its own); an unordered
+    // one's does not.
     let plain = db.store(no_listen()).await;
-    assert!(plain.migrate().await.unwrap().built.is_empty());
+    plain.migrate().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(!valid_index(&client, "hook_events_order_idx").await);
-    let order = hook_core::SessionOrder {
-        rules: vec![hook_core::OrderRule { source: "*".into(), action: "*".into(), ordered: true }],
-    };
-    let ordered = db.store(StoreOptions { session_order: order, ..no_listen() }).await;
-    assert_eq!(ordered.migrate().await.unwrap().built, ["hook_events_order_idx"]);
-    assert!(ordered.migrate().await.unwrap().built.is_empty());
+    let ordered = db.store(ordered_options()).await;
+    ordered.migrate().await.unwrap();
+    until_valid(&client, "hook_events_order_idx").await;
 
     // What an interrupted CREATE INDEX CONCURRENTLY leaves: an invalid index of that name.
     client
@@ -363,6 +380,71 @@ async fn indexes_a_feature_reads_are_built_by_it_once_and_not_by_the_migrations(
     assert_eq!(indexes::ensure(&client, CONSOLE).await.unwrap(), ["hook_events_created_idx"]);
     drop(reader);
     client.batch_execute(&format!("DROP OWNED BY {role}; DROP ROLE {role}")).await.unwrap();
+}
+
+/// A build waits for the transactions older than it. A session's own `lock_timeout` or
+/// `statement_timeout` does not cancel it halfway (which would leave an invalid index that every
+/// writer still maintains); the session's settings are back afterwards. And an ordered store's
+/// `migrate` does not wait for it: it returns, and the index is there once the old snapshot is
+/// gone.
+#[tokio::test]
+async fn a_build_outlasts_session_timeouts_and_a_held_snapshot_holds_up_no_start() {
+    use hook_store::indexes::{self, CONSOLE};
+    for setting in ["lock_timeout", "statement_timeout"] {
+        let db = TestDb::migrated(&format!("index_build_{setting}")).await;
+        let admin = db.client().await;
+        insert_events(&admin, 200, "PreToolUse", "tool_invocation").await;
+        let mut config = db.config();
+        config.options(&format!("-c {setting}=500"));
+        let (console, connection) = config.connect(tokio_postgres::NoTls).await.expect("connect");
+        tokio::spawn(connection);
+        let console = std::sync::Arc::new(console);
+        let snapshot = db.client().await;
+        snapshot
+            .batch_execute(
+                "BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM hook_events_migrations",
+            )
+            .await
+            .unwrap();
+        let building = console.clone();
+        let task =
+            tokio::spawn(async move { indexes::ensure(&building, CONSOLE).await.map_err(|e| e.to_string()) });
+
+        // Meanwhile an ordered store starts: its migrate does not wait for the snapshot.
+        let ordered = db.store(ordered_options()).await;
+        tokio::time::timeout(Duration::from_secs(5), ordered.migrate())
+            .await
+            .expect("an ordered store's migrate returns while a snapshot holds its build")
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(!task.is_finished(), "{setting}: waiting for the snapshot, not cancelled");
+        assert!(!valid_index(&admin, "hook_events_order_idx").await);
+        snapshot.batch_execute("COMMIT").await.unwrap();
+        let built = task.await.unwrap().expect("built once the snapshot is gone");
+        assert_eq!(built, ["hook_events_created_idx", "hook_events_session_idx"], "{setting}");
+        let shown: String = console.query_one(&format!("SHOW {setting}"), &[]).await.unwrap().get(0);
+        assert_eq!(shown, "500ms", "{setting}: the session's own value is back");
+        until_valid(&admin, "hook_events_order_idx").await;
+    }
+}
+
+/// An index of one of the names on another table is neither taken for it nor dropped: the
+/// build says why, and builds the others.
+#[tokio::test]
+async fn an_index_of_the_name_on_another_table_is_refused_not_dropped() {
+    use hook_store::indexes::{self, CONSOLE};
+    let db = TestDb::migrated("index_name_taken").await;
+    let client = db.client().await;
+    client.batch_execute("CREATE INDEX hook_events_session_idx ON hook_events_archive (id)").await.unwrap();
+    let error = indexes::ensure(&client, CONSOLE).await.expect_err("refused").to_string();
+    assert!(error.contains("hook_events_session_idx") && error.contains("another table"), "{error}");
+    assert!(valid_index(&client, "hook_events_created_idx").await, "the other one was built");
+    let table: String = client
+        .query_one("SELECT indrelid::regclass::text FROM pg_index WHERE indexrelid = 'hook_events_session_idx'::regclass", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(table, "hook_events_archive", "the user's index is still there");
 }
 
 #[tokio::test]

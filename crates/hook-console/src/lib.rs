@@ -164,25 +164,20 @@ pub fn router(state: ConsoleState) -> Router {
 
 /// Builds the console's indexes ([`hook_store::indexes::CONSOLE`]) where they are missing, and
 /// logs what it did: every page reads through them, and the migrations do not build them (a
-/// queue without a console should not write them). Until they are built the pages work but read
-/// the whole table. Run it once when the console starts, beside serving: on a table of millions
+/// queue without a console should not write them). Until they are built the pages read the whole
+/// table: on one of a million events or more the overview exceeds its statement timeout and
+/// answers an error. Run it once when the console starts, beside serving: on a table of millions
 /// of rows a build takes minutes, concurrently with the producers and processors. A failure (a
-/// role that may not create indexes) is logged as a warning with what to run instead, and the
-/// console serves on.
+/// role that may not create indexes) is logged as a warning with where the statements are, and
+/// the console serves on. The only thing a console writes that is not a replay.
 pub async fn build_indexes(pool: &Pool) {
-    let built = match pool.get().await {
-        Ok(client) => hook_store::indexes::ensure(&client, hook_store::indexes::CONSOLE).await,
-        Err(error) => Err(hook_store::StoreError::Pool(error.to_string())),
-    };
-    match built {
-        Ok(built) if built.is_empty() => {}
-        Ok(built) => tracing::info!(indexes = ?built, "built the console's indexes"),
-        Err(error) => tracing::warn!(
-            %error,
-            "the console's indexes are missing and could not be built: its pages read the whole \
-             table until they are (docs/operations.md, \"Indexes built by their users\", gives the statements)"
-        ),
-    }
+    hook_store::indexes::build_logged(
+        pool,
+        hook_store::indexes::CONSOLE,
+        "the console's pages read the whole table until it is, and on a large one they exceed \
+         their statement timeout",
+    )
+    .await
 }
 
 /// [`router`] nested at `path` (e.g. `/console`), plus a redirect from `path/` to `path` (a

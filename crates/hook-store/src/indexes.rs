@@ -68,12 +68,37 @@ pub async fn missing(client: &Client, set: &[OptionalIndex]) -> Result<Vec<Optio
     let rows = client
         .query(
             "SELECT n FROM unnest($1::text[]) AS n \
-             WHERE NOT EXISTS (SELECT 1 FROM pg_index i WHERE i.indexrelid = to_regclass(n) AND i.indisvalid)",
+             WHERE NOT EXISTS (SELECT 1 FROM pg_index i WHERE i.indexrelid = to_regclass(n) AND i.indisvalid \
+                               AND i.indrelid = 'hook_events'::regclass)",
             &[&names],
         )
         .await?;
     let missing: Vec<String> = rows.iter().map(|row| row.get(0)).collect();
     Ok(set.iter().filter(|index| missing.iter().any(|name| name == index.name)).copied().collect())
+}
+
+/// Whether an index called `name` exists on a table other than `hook_events`.
+async fn on_another_table(client: &Client, name: &str) -> Result<bool, tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_index WHERE indexrelid = to_regclass($1) \
+                            AND indrelid <> 'hook_events'::regclass)",
+            &[&name],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+/// Whether `name` is an invalid index of `hook_events` (what a failed or interrupted build left).
+async fn invalid_on_hook_events(client: &Client, name: &str) -> Result<bool, tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_index WHERE indexrelid = to_regclass($1) \
+                            AND indrelid = 'hook_events'::regclass AND NOT indisvalid)",
+            &[&name],
+        )
+        .await?;
+    Ok(row.get(0))
 }
 
 /// Builds the indexes of `set` that are missing or invalid, and returns their names (empty when
@@ -101,17 +126,61 @@ pub async fn ensure(client: &Client, set: &[OptionalIndex]) -> Result<Vec<&'stat
                 name: index.name,
                 reason: db_error_text(&error),
             };
-            client
-                .batch_execute(&format!("DROP INDEX CONCURRENTLY IF EXISTS {}", index.name))
-                .await
-                .map_err(fail)?;
-            client.batch_execute(index.create).await.map_err(fail)?;
+            // As the migration runner does for its concurrent builds: a build waits for every
+            // older snapshot, which a role's or a connection's lock_timeout / statement_timeout
+            // would cancel halfway (leaving an invalid index that writers still maintain).
+            client.batch_execute("SET lock_timeout = 0; SET statement_timeout = 0").await.map_err(fail)?;
+            if on_another_table(client, index.name).await.map_err(fail)? {
+                let _ = client.batch_execute("RESET lock_timeout; RESET statement_timeout").await;
+                return Err(StoreError::IndexBuild {
+                    name: index.name,
+                    reason: "an index of this name exists on another table; rename it".into(),
+                });
+            }
+            let drop_invalid = || async {
+                if invalid_on_hook_events(client, index.name).await? {
+                    client
+                        .batch_execute(&format!("DROP INDEX CONCURRENTLY IF EXISTS {}", index.name))
+                        .await?;
+                }
+                Ok::<(), tokio_postgres::Error>(())
+            };
+            let result = async {
+                drop_invalid().await?;
+                client.batch_execute(index.create).await
+            }
+            .await;
+            if result.is_err() {
+                // A failed build leaves an invalid index that every insert still writes.
+                let _ = drop_invalid().await;
+            }
+            let reset = client.batch_execute("RESET lock_timeout; RESET statement_timeout").await;
+            result.map_err(fail)?;
+            reset.map_err(fail)?;
             info!(index = index.name, elapsed_ms = started.elapsed().as_millis() as u64, "index built");
             built.push(index.name);
         }
         Ok(built)
     })
     .await
+}
+
+/// Builds the missing indexes of `set` ([`ensure`]) on a connection of `pool`, and logs the
+/// outcome: `index built` for each, or one warning that names the index, the server's reason and
+/// `consequence` (what goes slow until it is built), and points to the statements an owner can
+/// run. For a build beside serving or claiming, in a task of its own.
+pub async fn build_logged(pool: &deadpool_postgres::Pool, set: &[OptionalIndex], consequence: &str) {
+    let built = match pool.get().await {
+        Ok(client) => ensure(&client, set).await,
+        Err(error) => Err(StoreError::Pool(error.to_string())),
+    };
+    if let Err(error) = built {
+        tracing::warn!(
+            %error,
+            "an index is missing and could not be built: {consequence} (docs/operations.md, \
+             \"Indexes built by their users\", gives the statements)"
+        );
+    }
 }
 
 #[cfg(test)]

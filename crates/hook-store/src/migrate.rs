@@ -166,9 +166,6 @@ pub struct MigrationReport {
     pub applied: Vec<i32>,
     /// The same migrations, with how long each took.
     pub details: Vec<Applied>,
-    /// Indexes of [`crate::indexes`] built after them (by [`crate::PgStore::migrate`] for an
-    /// ordered store): never by [`migrate`] itself.
-    pub built: Vec<&'static str>,
 }
 
 /// Applies every pending migration with the default [`MigrateOptions`]; see [`migrate_with`].
@@ -278,8 +275,9 @@ async fn apply_pending(
             let checksum: String = row.get(2);
             if !migration.accepts(&checksum) {
                 return Err(fail(format!(
-                    "the applied migration's checksum {checksum} differs from this build's {}: \
-                     a released migration file was edited",
+                    "the applied migration's checksum {checksum} is neither this build's {} nor \
+                     one of its earlier texts': a released migration file was edited, or a newer \
+                     build migrated this database (run that build or a newer one)",
                     migration.checksum()
                 )));
             }

@@ -405,15 +405,27 @@ impl PgStore {
         &self.config
     }
 
-    /// Applies pending migrations (see [`migrate::migrate`]), then, when some route is in
-    /// session order ([`StoreOptions::session_order`]), builds its index if it is missing
-    /// ([`indexes::SESSION_ORDER`]; listed in [`MigrationReport::built`]). Without that index an
-    /// ordered claim is still right, but reads every pending event to find the sessions' heads.
+    /// Applies pending migrations (see [`migrate::migrate`]). When some route is in session
+    /// order ([`StoreOptions::session_order`]) and its index ([`indexes::SESSION_ORDER`]) is
+    /// missing, it also starts building it in a task of its own, on one of the pool's
+    /// connections, and returns without waiting: a build waits for every older transaction (a
+    /// `pg_dump`, a long report) and takes minutes on a large table, and the claims, ordered ones
+    /// included, are right without it (an ordered one then reads every pending event). The task
+    /// logs `index built`, or a warning when it cannot build (a role that does not own the
+    /// table).
     pub async fn migrate(&self) -> Result<MigrationReport, StoreError> {
         let client = self.pool.get().await?;
-        let mut report = migrate::migrate(&client).await?;
-        if self.order.is_some() {
-            report.built = indexes::ensure(&client, indexes::SESSION_ORDER).await?;
+        let report = migrate::migrate(&client).await?;
+        if self.order.is_some() && !indexes::missing(&client, indexes::SESSION_ORDER).await?.is_empty() {
+            let pool = self.pool.clone();
+            tokio::spawn(async move {
+                indexes::build_logged(
+                    &pool,
+                    indexes::SESSION_ORDER,
+                    "ordered claims read every pending event until it is",
+                )
+                .await
+            });
         }
         Ok(report)
     }
