@@ -315,7 +315,7 @@ async fn valid_index(client: &tokio_postgres::Client, index: &str) -> bool {
             &[&index],
         )
         .await
-        .unwrap()
+        .expect("read pg_index")
         .get(0)
 }
 
@@ -395,7 +395,7 @@ async fn a_build_outlasts_session_timeouts_and_a_held_snapshot_holds_up_no_start
         let admin = db.client().await;
         insert_events(&admin, 200, "PreToolUse", "tool_invocation").await;
         let mut config = db.config();
-        config.options(&format!("-c {setting}=500"));
+        config.options(format!("-c {setting}=500"));
         let (console, connection) = config.connect(tokio_postgres::NoTls).await.expect("connect");
         tokio::spawn(connection);
         let console = std::sync::Arc::new(console);
