@@ -280,12 +280,7 @@ async fn migrations_are_idempotent_and_concurrent_runs_take_turns() {
     for index in
         ["hook_events_claim_idx", "hook_events_fresh_idx", "hook_events_due_idx", "hook_events_failed_idx"]
     {
-        let valid: bool = client
-            .query_one("SELECT indisvalid FROM pg_index WHERE indexrelid = $1::text::regclass", &[&index])
-            .await
-            .unwrap()
-            .get(0);
-        assert!(valid, "{index}");
+        assert!(valid_index(&client, index).await, "{index}");
     }
 }
 

@@ -7,15 +7,16 @@
 //! no ordered route reads none of them, and at thousands of events per second they were most of
 //! what its writes and vacuums cost (docs/benchmarks.md, "15,000 events/s"). So the migrations
 //! of a fresh install no longer build them (0010 and 0013 were rewritten; see their files), and
-//! whoever reads one builds it when it starts, with [`ensure`]: the processor with `--console`
-//! and `hook-console` build [`CONSOLE`], a [`PgStore`](crate::PgStore) whose routes are ordered
-//! builds [`SESSION_ORDER`] in its `migrate`.
+//! whoever reads one builds it when it starts, with [`ensure`] (or [`build_logged`] in a task
+//! beside its work): the processor with `--console` and `hook-console` build [`CONSOLE`], a
+//! [`PgStore`](crate::PgStore) whose routes are ordered starts building [`SESSION_ORDER`] from
+//! its `migrate`.
 //!
-//! An install whose migrations built them before keeps them: nothing here drops an index. Each
-//! is built `CONCURRENTLY` (producers and processors go on writing), under the migration
+//! An install whose migrations built them before keeps them: nothing here drops a valid index.
+//! Each is built `CONCURRENTLY` (producers and processors go on writing), under the migration
 //! runner's advisory lock (so two starting processes build it once, and never beside a
-//! migration), after dropping an invalid one an interrupted build left. A valid index of the same
-//! name is taken as is.
+//! migration), after dropping an invalid one an interrupted build left. A valid index of the
+//! name on `hook_events` is taken as is; one on another table is refused, never dropped.
 
 use std::time::Instant;
 
@@ -62,43 +63,69 @@ pub const SESSION_ORDER: &[OptionalIndex] = &[OptionalIndex {
                AND left(coalesce(metadata->>'session_id', payload->>'session_id'), 128) IS NOT NULL",
 }];
 
-/// The indexes of `set` that are missing or invalid (an interrupted concurrent build).
+/// The indexes of `set` that are not valid indexes of `hook_events`: missing, invalid (an
+/// interrupted concurrent build), or a name taken on another table.
 pub async fn missing(client: &Client, set: &[OptionalIndex]) -> Result<Vec<OptionalIndex>, StoreError> {
-    let names: Vec<&str> = set.iter().map(|index| index.name).collect();
-    let rows = client
-        .query(
-            "SELECT n FROM unnest($1::text[]) AS n \
-             WHERE NOT EXISTS (SELECT 1 FROM pg_index i WHERE i.indexrelid = to_regclass(n) AND i.indisvalid \
-                               AND i.indrelid = 'hook_events'::regclass)",
-            &[&names],
-        )
-        .await?;
-    let missing: Vec<String> = rows.iter().map(|row| row.get(0)).collect();
-    Ok(set.iter().filter(|index| missing.iter().any(|name| name == index.name)).copied().collect())
+    let mut missing = Vec::new();
+    for index in set {
+        if found(client, index.name).await? != (Found::OnHookEvents { valid: true }) {
+            missing.push(*index);
+        }
+    }
+    Ok(missing)
 }
 
-/// Whether an index called `name` exists on a table other than `hook_events`.
-async fn on_another_table(client: &Client, name: &str) -> Result<bool, tokio_postgres::Error> {
+/// What the catalog holds under an index's name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Found {
+    /// No relation of that name.
+    Nothing,
+    /// An index of `hook_events`, valid or not (an interrupted or failed build leaves an
+    /// invalid one, which every writer still maintains).
+    OnHookEvents { valid: bool },
+    /// An index of another table, the user's: never taken for ours, never dropped.
+    Elsewhere,
+}
+
+async fn found(client: &Client, name: &str) -> Result<Found, tokio_postgres::Error> {
     let row = client
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM pg_index WHERE indexrelid = to_regclass($1) \
-                            AND indrelid <> 'hook_events'::regclass)",
+        .query_opt(
+            "SELECT indrelid = 'hook_events'::regclass, indisvalid FROM pg_index WHERE indexrelid = to_regclass($1)",
             &[&name],
         )
         .await?;
-    Ok(row.get(0))
+    Ok(match row {
+        None => Found::Nothing,
+        Some(row) if row.get::<_, bool>(0) => Found::OnHookEvents { valid: row.get(1) },
+        Some(_) => Found::Elsewhere,
+    })
 }
 
-/// Whether `name` is an invalid index of `hook_events` (what a failed or interrupted build left).
-async fn invalid_on_hook_events(client: &Client, name: &str) -> Result<bool, tokio_postgres::Error> {
-    let row = client
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM pg_index WHERE indexrelid = to_regclass($1) \
-                            AND indrelid = 'hook_events'::regclass AND NOT indisvalid)",
-            &[&name],
-        )
-        .await?;
-    Ok(row.get(0))
+/// Builds `index` (not valid on `hook_events`) on `client`'s session, with no lock or statement
+/// timeout (see [`ensure`]): drops an invalid leftover first, and what a failed build left.
+async fn build(client: &Client, index: &OptionalIndex) -> Result<(), StoreError> {
+    let fail = |error: tokio_postgres::Error| StoreError::IndexBuild {
+        name: index.name,
+        reason: db_error_text(&error),
+    };
+    let drop = format!("DROP INDEX CONCURRENTLY IF EXISTS {}", index.name);
+    match found(client, index.name).await.map_err(fail)? {
+        Found::Elsewhere => {
+            return Err(StoreError::IndexBuild {
+                name: index.name,
+                reason: "an index of this name exists on another table; rename it".into(),
+            })
+        }
+        Found::OnHookEvents { valid: false } => client.batch_execute(&drop).await.map_err(fail)?,
+        Found::Nothing | Found::OnHookEvents { valid: true } => {}
+    }
+    if let Err(error) = client.batch_execute(index.create).await {
+        if let Ok(Found::OnHookEvents { valid: false }) = found(client, index.name).await {
+            let _ = client.batch_execute(&drop).await;
+        }
+        return Err(fail(error));
+    }
+    Ok(())
 }
 
 /// Builds the indexes of `set` that are missing or invalid, and returns their names (empty when
@@ -122,41 +149,14 @@ pub async fn ensure(client: &Client, set: &[OptionalIndex]) -> Result<Vec<&'stat
         for index in missing(client, set).await? {
             info!(index = index.name, "building index (concurrently: writers go on)");
             let started = Instant::now();
-            let fail = |error: tokio_postgres::Error| StoreError::IndexBuild {
-                name: index.name,
-                reason: db_error_text(&error),
-            };
             // As the migration runner does for its concurrent builds: a build waits for every
             // older snapshot, which a role's or a connection's lock_timeout / statement_timeout
-            // would cancel halfway (leaving an invalid index that writers still maintain).
-            client.batch_execute("SET lock_timeout = 0; SET statement_timeout = 0").await.map_err(fail)?;
-            if on_another_table(client, index.name).await.map_err(fail)? {
-                let _ = client.batch_execute("RESET lock_timeout; RESET statement_timeout").await;
-                return Err(StoreError::IndexBuild {
-                    name: index.name,
-                    reason: "an index of this name exists on another table; rename it".into(),
-                });
-            }
-            let drop_invalid = || async {
-                if invalid_on_hook_events(client, index.name).await? {
-                    client
-                        .batch_execute(&format!("DROP INDEX CONCURRENTLY IF EXISTS {}", index.name))
-                        .await?;
-                }
-                Ok::<(), tokio_postgres::Error>(())
-            };
-            let result = async {
-                drop_invalid().await?;
-                client.batch_execute(index.create).await
-            }
-            .await;
-            if result.is_err() {
-                // A failed build leaves an invalid index that every insert still writes.
-                let _ = drop_invalid().await;
-            }
+            // would cancel halfway. Restored (to the session's own values) whatever happened.
+            client.batch_execute("SET lock_timeout = 0; SET statement_timeout = 0").await?;
+            let result = build(client, &index).await;
             let reset = client.batch_execute("RESET lock_timeout; RESET statement_timeout").await;
-            result.map_err(fail)?;
-            reset.map_err(fail)?;
+            result?;
+            reset?;
             info!(index = index.name, elapsed_ms = started.elapsed().as_millis() as u64, "index built");
             built.push(index.name);
         }
@@ -170,10 +170,11 @@ pub async fn ensure(client: &Client, set: &[OptionalIndex]) -> Result<Vec<&'stat
 /// `consequence` (what goes slow until it is built), and points to the statements an owner can
 /// run. For a build beside serving or claiming, in a task of its own.
 pub async fn build_logged(pool: &deadpool_postgres::Pool, set: &[OptionalIndex], consequence: &str) {
-    let built = match pool.get().await {
-        Ok(client) => ensure(&client, set).await,
-        Err(error) => Err(StoreError::Pool(error.to_string())),
-    };
+    let built = async {
+        let client = pool.get().await?;
+        ensure(&client, set).await
+    }
+    .await;
     if let Err(error) = built {
         tracing::warn!(
             %error,
