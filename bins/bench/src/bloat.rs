@@ -100,6 +100,8 @@ pub(crate) struct Bloat {
     pub(crate) vacuum_dead_tuples: u64,
     /// Whether a `REPEATABLE READ` snapshot was held for the whole run.
     pub(crate) snapshot_held: bool,
+    /// Whether the producers' ids were time-ordered (version 7, as hook-ingest's) or random.
+    pub(crate) time_ordered_ids: bool,
     pub(crate) inserted: u64,
     /// Over the producing time.
     pub(crate) inserted_per_s: f64,
@@ -173,7 +175,7 @@ pub(crate) async fn bloat(db: &Db, plan: &Plan) -> anyhow::Result<Bloat> {
     let archived = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let origin = Instant::now();
-    let producers = produce(db, plan.bloat_rate, plan.bloat_duration, Arc::clone(&inserted)).await?;
+    let producers = produce(db, plan.bloat_rate, plan.bloat_duration, plan.bloat_ids, Arc::clone(&inserted)).await?;
     let archiver = match plan.bloat_archive_after {
         Some(after) => {
             let client = db.connect().await?;
@@ -261,6 +263,7 @@ pub(crate) async fn bloat(db: &Db, plan: &Plan) -> anyhow::Result<Bloat> {
         archive_after_s: plan.bloat_archive_after.map(|d| d.as_secs_f64()),
         vacuum_dead_tuples: plan.bloat_vacuum_dead_tuples,
         snapshot_held: plan.bloat_hold_snapshot,
+        time_ordered_ids: plan.bloat_ids == bench::Ids::TimeOrdered,
         inserted: last.inserted,
         inserted_per_s: last.inserted as f64 / seconds,
         processed_per_s: last.processed as f64 / seconds,
@@ -361,6 +364,7 @@ async fn produce(
     db: &Db,
     rate: f64,
     duration: Duration,
+    ids: bench::Ids,
     inserted: Arc<AtomicU64>,
 ) -> anyhow::Result<impl std::future::Future<Output = anyhow::Result<u64>>> {
     let mut tasks = Vec::new();
@@ -383,7 +387,7 @@ async fn produce(
                 if n > 0 {
                     let first = i64::try_from(next)?;
                     let last = i64::try_from(next + n - 1)?;
-                    bench::insert_range(&client, first, last).await?;
+                    bench::insert_range(&client, first, last, ids).await?;
                     next += n;
                     done += n;
                     inserted.fetch_add(n, Ordering::Relaxed);

@@ -104,6 +104,11 @@ struct Args {
     #[arg(long, default_value_t = 60.0)]
     bloat_archive_after: f64,
 
+    /// The ids of the bloat phase's rows: time-ordered (version 7, as hook-ingest makes them) or
+    /// random (version 4, as the original's producers make them).
+    #[arg(long, value_enum, default_value_t = BloatIds::TimeOrdered)]
+    bloat_ids: BloatIds,
+
     /// The bloat phase's size reference: the table's size this many seconds in.
     #[arg(long, default_value_t = 300.0)]
     bloat_baseline: f64,
@@ -181,6 +186,16 @@ struct Args {
     /// Log level or filter for hook-bench's own logs (stderr).
     #[arg(long, default_value = "warn", global = true)]
     log_level: String,
+}
+
+/// How the bloat phase makes its rows' ids.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum BloatIds {
+    /// Version 7 from each row's `created_at`, as hook-ingest's `Uuid::now_v7()`: each insert at
+    /// the primary key's right edge.
+    TimeOrdered,
+    /// `gen_random_uuid()`: version 4, a random page of the primary key per insert.
+    Random,
 }
 
 /// Another kind of run than the measurements.
@@ -507,6 +522,7 @@ pub(crate) struct Plan {
     pub(crate) bloat_baseline: Duration,
     pub(crate) bloat_vacuum_dead_tuples: u64,
     pub(crate) bloat_hold_snapshot: bool,
+    pub(crate) bloat_ids: hook_store::bench::Ids,
 }
 
 impl Plan {
@@ -584,6 +600,10 @@ impl Plan {
             bloat_baseline: Duration::from_secs_f64(args.bloat_baseline),
             bloat_vacuum_dead_tuples: args.bloat_vacuum_dead_tuples,
             bloat_hold_snapshot: args.bloat_hold_snapshot,
+            bloat_ids: match args.bloat_ids {
+                BloatIds::Random => hook_store::bench::Ids::Random,
+                BloatIds::TimeOrdered => hook_store::bench::Ids::TimeOrdered,
+            },
         })
     }
 }

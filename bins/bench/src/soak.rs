@@ -235,7 +235,7 @@ impl Ledger {
         };
         let first = self.next.fetch_add(n, Ordering::SeqCst);
         let last = first + n - 1;
-        let result = bench::insert_range(&client, first, last).await;
+        let result = bench::insert_range(&client, first, last, bench::Ids::Random).await;
         let mut produced = self.lock();
         match result {
             Ok(_) => produced.acked.push((first, last)),

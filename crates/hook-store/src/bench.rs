@@ -15,10 +15,13 @@ use crate::error::StoreError;
 use crate::queries::{event_columns, event_from_row};
 
 // The SELECT of `INSERT_EVENTS`: (id, source, action, resource, resource_id, payload, metadata,
-// created_at) of rows `$1..=$2`.
+// created_at) of rows `$1..=$2`, the id from the SQL expression `$id` (see [`Ids`]).
 macro_rules! event_mix {
     () => {
-        "SELECT gen_random_uuid(), \
+        event_mix!("gen_random_uuid()")
+    };
+    ($id:expr) => {
+        concat!("SELECT ", $id, ", \
        (ARRAY['PreToolUse','PostToolUse','UserPromptSubmit','Stop','SessionStart','SessionEnd'])[1 + i % 6], \
        (ARRAY['tool_invocation','tool_completion','prompt_submitted','response_completed', \
               'session_initialized','session_completed'])[1 + i % 6], \
@@ -49,8 +52,32 @@ macro_rules! event_mix {
               (ARRAY['PreToolUse','PostToolUse','UserPromptSubmit','Stop','SessionStart','SessionEnd'])[1 + i % 6], \
               'cwd', '/work/main', 'correlation_id', gen_random_uuid(), 'user', 'dev', 'seq', i), \
        now() - ($2 - i) * interval '1 microsecond' \
-     FROM generate_series($1::int8, $2::int8) AS i"
+     FROM generate_series($1::int8, $2::int8) AS i")
     };
+}
+
+// A UUIDv7 of row `i` (RFC 9562: 48 bits of Unix milliseconds, the version, random bits) from
+// its `created_at`, as `hook-ingest` makes ids (`NewEvent::new`, `Uuid::now_v7`), on PostgreSQL
+// 15, which has no uuidv7(): the random UUID's first 6 bytes replaced by the milliseconds, its
+// version nibble by 7 (its variant bits are already RFC 9562's).
+macro_rules! time_ordered_id {
+    () => {
+        "encode(set_byte(overlay(uuid_send(gen_random_uuid()) placing \
+             substring(int8send(floor(extract(epoch FROM now() - ($2 - i) * interval '1 microsecond') \
+                 * 1000)::int8) FROM 3) FROM 1 FOR 6), \
+             6, (get_byte(uuid_send(gen_random_uuid()), 6) & 15) | 112), 'hex')::uuid"
+    };
+}
+
+/// How the bench makes the ids of the rows it inserts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ids {
+    /// Random (version 4, `gen_random_uuid()`), as the original service's producers make them:
+    /// each insert lands on a random page of the primary key.
+    Random,
+    /// Time-ordered (version 7), as `hook-ingest` makes them: inserts land at the primary key's
+    /// right edge.
+    TimeOrdered,
 }
 
 /// Rows `$1..=$2` of the benchmark's event mix: six hook types in turn, with payloads and
@@ -61,6 +88,12 @@ macro_rules! event_mix {
 const INSERT_EVENTS: &str = concat!(
     "INSERT INTO hook_events (id, source, action, resource, resource_id, payload, metadata, created_at) ",
     event_mix!()
+);
+
+/// [`INSERT_EVENTS`] with time-ordered ids ([`Ids::TimeOrdered`]).
+const INSERT_EVENTS_V7: &str = concat!(
+    "INSERT INTO hook_events (id, source, action, resource, resource_id, payload, metadata, created_at) ",
+    event_mix!(time_ordered_id!())
 );
 
 /// Rows `$1..=$2` of the event mix as [`INSERT_EVENTS`] makes them, but each waiting for a
@@ -505,14 +538,23 @@ pub async fn release_snapshot(client: &impl GenericClient) -> Result<(), StoreEr
 /// Inserts event `i` of the benchmark mix as a producer does: one autocommitted statement, whose
 /// trigger sends NOTIFY. `created_at` is the statement's `now()`.
 pub async fn insert_one(client: &impl GenericClient, i: i64) -> Result<(), StoreError> {
-    insert_range(client, i, i).await.map(drop)
+    insert_range(client, i, i, Ids::Random).await.map(drop)
 }
 
 /// Inserts events `first..=last` of the benchmark mix in one autocommitted statement, whose
 /// trigger sends one NOTIFY, as a producer writing a few events at once does. Returns the number
 /// of rows.
-pub async fn insert_range(client: &impl GenericClient, first: i64, last: i64) -> Result<u64, StoreError> {
-    let statement = client.prepare_cached(INSERT_EVENTS).await?;
+pub async fn insert_range(
+    client: &impl GenericClient,
+    first: i64,
+    last: i64,
+    ids: Ids,
+) -> Result<u64, StoreError> {
+    let sql = match ids {
+        Ids::Random => INSERT_EVENTS,
+        Ids::TimeOrdered => INSERT_EVENTS_V7,
+    };
+    let statement = client.prepare_cached(sql).await?;
     Ok(client.execute(&statement, &[&first, &last]).await?)
 }
 
