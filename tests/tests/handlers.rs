@@ -239,7 +239,9 @@ async fn the_bench_limit_writes_what_the_default_handlers_report() {
     let client = store.pool().get().await.expect("a pooled connection");
     // 120 rows: every hook type of the mix twenty times, the variants (auto fixes every 20th
     // row, prompts of every length) included.
-    hook_store::bench::insert_range(&client, 1, 120).await.expect("insert the bench's rows");
+    hook_store::bench::insert_range(&client, 1, 120, hook_store::bench::Ids::Random)
+        .await
+        .expect("insert the bench's rows");
     let events = hook_store::bench::baseline_fetch(&client, 1_000, 3).await.expect("read the rows");
     assert_eq!(events.len(), 120);
     let registry = default_registry();

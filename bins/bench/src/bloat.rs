@@ -175,7 +175,8 @@ pub(crate) async fn bloat(db: &Db, plan: &Plan) -> anyhow::Result<Bloat> {
     let archived = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let origin = Instant::now();
-    let producers = produce(db, plan.bloat_rate, plan.bloat_duration, plan.bloat_ids, Arc::clone(&inserted)).await?;
+    let producers =
+        produce(db, plan.bloat_rate, plan.bloat_duration, plan.bloat_ids, Arc::clone(&inserted)).await?;
     let archiver = match plan.bloat_archive_after {
         Some(after) => {
             let client = db.connect().await?;

@@ -161,6 +161,8 @@ enum Step {
     Busy,
     /// Vacuumed.
     Vacuumed,
+    /// The `VACUUM` skipped the table: another session held a conflicting lock.
+    Skipped,
     /// The server refused the `VACUUM` for want of a privilege.
     Denied,
 }
@@ -171,6 +173,7 @@ async fn step(client: &Object, policy: &mut Policy, now: Instant) -> Result<Step
     if !policy.due(dead, horizon.as_deref(), now) {
         return Ok(Step::Waited);
     }
+    let (count_before, _) = vacuum::vacuum_counts(client).await?;
     if !vacuum::try_lock(client).await? {
         return Ok(Step::Busy);
     }
@@ -186,6 +189,19 @@ async fn step(client: &Object, policy: &mut Policy, now: Instant) -> Result<Step
         other => other?,
     }
     unlocked?;
+    // `SKIP_LOCKED` skips the table, with only a warning, while another session holds a lock
+    // that conflicts (autovacuum or an ANALYZE on it, an index build): nothing was tried, so
+    // nothing says a snapshot is held. The vacuum count tells (it grows as a VACUUM ends; the
+    // lock keeps other processors' out, an operator's by hand would only count as ours).
+    let (count_after, _) = vacuum::vacuum_counts(client).await?;
+    if count_after == count_before {
+        debug!(
+            dead,
+            "VACUUM hook_events skipped: another session holds a conflicting lock on the table \
+             (autovacuum, ANALYZE, an index build)"
+        );
+        return Ok(Step::Skipped);
+    }
     let dead_after = vacuum::dead_tuples(client).await?;
     let after = vacuum::horizon(client).await?;
     let stuck = policy.vacuumed(horizon.as_deref(), dead_after, after.as_deref(), Instant::now());

@@ -200,7 +200,9 @@ impl Producer {
             let client = store.pool().get().await.expect("a producer connection");
             let mut next = 1_i64;
             while !flag.load(Ordering::Relaxed) {
-                hook_store::bench::insert_range(&client, next, next + 2).await.expect("insert events");
+                hook_store::bench::insert_range(&client, next, next + 2, hook_store::bench::Ids::Random)
+                    .await
+                    .expect("insert events");
                 next += 3;
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }

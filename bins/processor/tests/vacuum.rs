@@ -1,7 +1,8 @@
 //! The processor's vacuum task against a real PostgreSQL: it vacuums `hook_events` once its dead
 //! row versions pass `HOOK_VACUUM_DEAD_TUPLES`; it does not vacuum again and again while a held
 //! snapshot keeps the rows (it waits for the snapshot's holder to change); it waits its turn while
-//! another session holds the vacuum lock. (Without the right to vacuum: least_privilege.rs.)
+//! another session holds the vacuum lock; a vacuum skipped for a lock on the table is not taken
+//! for one under a held snapshot. (Without the right to vacuum: least_privilege.rs.)
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Stdio};
@@ -175,4 +176,60 @@ async fn the_task_skips_its_turn_while_another_processor_vacuums() {
     })
     .await;
     processor.stop();
+}
+
+#[tokio::test]
+async fn a_vacuum_skipped_for_a_lock_is_not_taken_for_a_held_snapshot() {
+    let db = TestDb::migrated("vacuum_task_skipped").await;
+    let client = db.client().await;
+    // A session holding the lock autovacuum and ANALYZE take (idle in a READ COMMITTED
+    // transaction: no snapshot), so that `VACUUM (SKIP_LOCKED)` skips the table.
+    let locker = db.client().await;
+    locker.batch_execute("BEGIN; LOCK TABLE hook_events IN SHARE UPDATE EXCLUSIVE MODE").await.unwrap();
+    make_dead_rows(&client).await;
+    // A snapshot taken after the rows died: it does not keep them, but it is the oldest holder
+    // before and after each try, as a held snapshot would be. Its xmin must be past the rows'
+    // deletion: a transaction of a test beside this one (the cluster's xids are shared) can hold
+    // it back, so it is taken again until it is.
+    let dead_by: i64 = client.query_one("SELECT pg_current_xact_id()::text::int8", &[]).await.unwrap().get(0);
+    let holder = db.client().await;
+    loop {
+        holder.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ").await.unwrap();
+        let xmin: i64 = holder
+            .query_one("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::int8", &[])
+            .await
+            .unwrap()
+            .get(0);
+        if xmin > dead_by {
+            break;
+        }
+        holder.batch_execute("ROLLBACK").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let processor = Processor::start(&db);
+    until("the statistics seeing the dead rows", &processor, async || stats(&client).await.1 >= 1_000).await;
+    // 20 checks of the task: each VACUUM skipped, none taken for a held snapshot.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(processor.count("could not remove the dead row versions"), 0, "{}", processor.stderr());
+    assert!(processor.count("VACUUM hook_events skipped") >= 1, "{}", processor.stderr());
+    assert_eq!(stats(&client).await.0, 0, "vacuumed through the lock:\n{}", processor.stderr());
+
+    // The lock released, the snapshot still held: the next check vacuums (no backoff) and the
+    // rows go, since the snapshot is newer than them.
+    locker.batch_execute("COMMIT").await.unwrap();
+    let released = Instant::now();
+    until("a vacuum once the lock is free", &processor, async || {
+        let (vacuums, dead) = stats(&client).await;
+        vacuums >= 1 && dead < 1_000
+    })
+    .await;
+    assert!(
+        released.elapsed() < Duration::from_secs(10),
+        "waited {:?}:\n{}",
+        released.elapsed(),
+        processor.stderr()
+    );
+    holder.batch_execute("ROLLBACK").await.unwrap();
+    let stderr = processor.stop();
+    assert!(!stderr.contains("could not remove the dead row versions"), "{stderr}");
 }
