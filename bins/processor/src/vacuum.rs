@@ -40,6 +40,13 @@ const FIRST_BACKOFF: Duration = Duration::from_secs(60);
 /// The longest.
 const MAX_BACKOFF: Duration = Duration::from_secs(15 * 60);
 
+/// The first wait after a `VACUUM` that `SKIP_LOCKED` skipped (another session held the table),
+/// doubling with each skip in a row up to [`MAX_SKIP_BACKOFF`]: an index build or autovacuum may
+/// hold the table for an hour, and each skip writes a warning into the server's log.
+const FIRST_SKIP_BACKOFF: Duration = Duration::from_secs(1);
+/// The longest.
+const MAX_SKIP_BACKOFF: Duration = Duration::from_secs(60);
+
 /// The task's memory of the last vacuum that could not help.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Stuck {
@@ -55,17 +62,22 @@ struct Stuck {
 pub(crate) struct Policy {
     threshold: i64,
     stuck: Option<Stuck>,
+    /// After skips in a row: no sooner than this, and the wait that led to it.
+    skipped: Option<(Instant, Duration)>,
 }
 
 impl Policy {
     pub(crate) fn new(threshold: u64) -> Self {
-        Self { threshold: i64::try_from(threshold).unwrap_or(i64::MAX), stuck: None }
+        Self { threshold: i64::try_from(threshold).unwrap_or(i64::MAX), stuck: None, skipped: None }
     }
 
     /// Whether to vacuum now, with `dead` dead row versions and `horizon` the oldest snapshot
     /// holder.
     pub(crate) fn due(&self, dead: i64, horizon: Option<&str>, now: Instant) -> bool {
         if dead < self.threshold {
+            return false;
+        }
+        if matches!(self.skipped, Some((retry_at, _)) if now < retry_at) {
             return false;
         }
         match &self.stuck {
@@ -85,6 +97,7 @@ impl Policy {
         after: Option<&str>,
         now: Instant,
     ) -> bool {
+        self.skipped = None;
         let held = before.is_some() && before == after;
         if !(held && dead_after >= self.threshold) {
             self.stuck = None;
@@ -96,6 +109,17 @@ impl Policy {
         };
         self.stuck = Some(Stuck { horizon: after.map(str::to_owned), retry_at: now + backoff, backoff });
         true
+    }
+
+    /// After a `VACUUM` that was skipped (another session held a conflicting lock on the table):
+    /// it tried nothing, so it says nothing of a held snapshot; the next try waits 1 s, and
+    /// twice as long after each further skip in a row, up to a minute.
+    pub(crate) fn skipped(&mut self, now: Instant) {
+        let backoff = match self.skipped {
+            Some((_, backoff)) => (backoff * 2).min(MAX_SKIP_BACKOFF),
+            None => FIRST_SKIP_BACKOFF,
+        };
+        self.skipped = Some((now + backoff, backoff));
     }
 
     /// Whether the last vacuum could not help and the task is waiting.
@@ -111,6 +135,9 @@ pub(crate) async fn run(pool: Pool, config: VacuumConfig) {
     let Some(threshold) = config.dead_tuples else { return };
     let mut policy = Policy::new(threshold);
     let mut checked_right = false;
+    // Whether a VACUUM's count is in the statistics as it returns (PostgreSQL 15 and later), so
+    // that a skipped one can be told from one that ran.
+    let mut counts_at_once = false;
     let mut tick = tokio::time::interval(config.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failures = 0u32;
@@ -125,7 +152,13 @@ pub(crate) async fn run(pool: Pool, config: VacuumConfig) {
         };
         if !checked_right {
             match vacuum::may_vacuum(&client).await {
-                Ok((true, _)) => checked_right = true,
+                Ok((true, _)) => match vacuum::counts_at_once(&client).await {
+                    Ok(at_once) => (checked_right, counts_at_once) = (true, at_once),
+                    Err(error) => {
+                        failed(&mut failures, &error);
+                        continue;
+                    }
+                },
                 Ok((false, owner)) => {
                     no_right(&owner);
                     return;
@@ -136,7 +169,7 @@ pub(crate) async fn run(pool: Pool, config: VacuumConfig) {
                 }
             }
         }
-        match step(&client, &mut policy, Instant::now()).await {
+        match step(&client, &mut policy, counts_at_once, Instant::now()).await {
             Ok(Step::Denied) => {
                 let owner = vacuum::may_vacuum(&client).await.map(|(_, owner)| owner).unwrap_or_default();
                 no_right(&owner);
@@ -167,16 +200,26 @@ enum Step {
     Denied,
 }
 
-async fn step(client: &Object, policy: &mut Policy, now: Instant) -> Result<Step, StoreError> {
+/// One check: reads, decides, and vacuums if due. `counts_at_once`: a skipped `VACUUM` can be
+/// told by its count (PostgreSQL 15 and later); before, the count reaches the statistics later,
+/// and every `VACUUM` is taken to have run.
+async fn step(
+    client: &Object,
+    policy: &mut Policy,
+    counts_at_once: bool,
+    now: Instant,
+) -> Result<Step, StoreError> {
     let dead = vacuum::dead_tuples(client).await?;
     let horizon = vacuum::horizon(client).await?;
     if !policy.due(dead, horizon.as_deref(), now) {
         return Ok(Step::Waited);
     }
-    let (count_before, _) = vacuum::vacuum_counts(client).await?;
     if !vacuum::try_lock(client).await? {
         return Ok(Step::Busy);
     }
+    // Read under the lock, so that no other processor's VACUUM counts between the two readings.
+    // (On an error the caller closes the session, which releases the lock.)
+    let (count_before, _) = vacuum::vacuum_counts(client).await?;
     let started = Instant::now();
     let result = vacuum::vacuum(client).await;
     let unlocked = vacuum::unlock(client).await;
@@ -194,11 +237,12 @@ async fn step(client: &Object, policy: &mut Policy, now: Instant) -> Result<Step
     // nothing says a snapshot is held. The vacuum count tells (it grows as a VACUUM ends; the
     // lock keeps other processors' out, an operator's by hand would only count as ours).
     let (count_after, _) = vacuum::vacuum_counts(client).await?;
-    if count_after == count_before {
+    if counts_at_once && count_after == count_before {
+        policy.skipped(Instant::now());
         debug!(
             dead,
             "VACUUM hook_events skipped: another session holds a conflicting lock on the table \
-             (autovacuum, ANALYZE, an index build)"
+             (autovacuum, ANALYZE, an index build); trying again later"
         );
         return Ok(Step::Skipped);
     }
@@ -286,6 +330,31 @@ mod tests {
         assert!(!policy.vacuumed(Some("100"), 30_000, Some("140"), now));
         assert!(!policy.vacuumed(None, 30_000, None, now));
         assert!(policy.due(30_000, Some("140"), now));
+    }
+
+    #[test]
+    fn skips_in_a_row_wait_longer_each_time_and_a_vacuum_that_ran_ends_the_wait() {
+        let now = Instant::now();
+        let mut policy = Policy::new(20_000);
+        policy.skipped(now);
+        assert!(!policy.due(30_000, None, now + Duration::from_millis(500)));
+        assert!(policy.due(30_000, None, now + FIRST_SKIP_BACKOFF));
+        // The second skip in a row: 2 s; then 4, 8, ... up to a minute.
+        let mut at = now + FIRST_SKIP_BACKOFF;
+        policy.skipped(at);
+        assert!(!policy.due(30_000, None, at + Duration::from_millis(1_999)));
+        assert!(policy.due(30_000, None, at + Duration::from_secs(2)));
+        for _ in 0..10 {
+            at += MAX_SKIP_BACKOFF;
+            policy.skipped(at);
+        }
+        assert!(!policy.due(30_000, None, at + MAX_SKIP_BACKOFF - Duration::from_millis(1)));
+        assert!(policy.due(30_000, None, at + MAX_SKIP_BACKOFF));
+        // A skip is not a held snapshot, and a vacuum that ran clears the skips.
+        assert!(!policy.is_stuck());
+        assert!(!policy.vacuumed(None, 100, None, at + MAX_SKIP_BACKOFF));
+        policy.skipped(at + MAX_SKIP_BACKOFF);
+        assert!(policy.due(30_000, None, at + MAX_SKIP_BACKOFF + FIRST_SKIP_BACKOFF));
     }
 
     #[test]

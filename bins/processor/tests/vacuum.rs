@@ -193,7 +193,9 @@ async fn a_vacuum_skipped_for_a_lock_is_not_taken_for_a_held_snapshot() {
     // it back, so it is taken again until it is.
     let dead_by: i64 = client.query_one("SELECT pg_current_xact_id()::text::int8", &[]).await.unwrap().get(0);
     let holder = db.client().await;
+    let deadline = Instant::now() + PATIENCE;
     loop {
+        assert!(Instant::now() < deadline, "no snapshot newer than the dead rows in {PATIENCE:?}");
         holder.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ").await.unwrap();
         let xmin: i64 = holder
             .query_one("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::int8", &[])
@@ -214,8 +216,9 @@ async fn a_vacuum_skipped_for_a_lock_is_not_taken_for_a_held_snapshot() {
     assert!(processor.count("VACUUM hook_events skipped") >= 1, "{}", processor.stderr());
     assert_eq!(stats(&client).await.0, 0, "vacuumed through the lock:\n{}", processor.stderr());
 
-    // The lock released, the snapshot still held: the next check vacuums (no backoff) and the
-    // rows go, since the snapshot is newer than them.
+    // The lock released, the snapshot still held: the next try (the skips' backoff is at most
+    // a few seconds here, not the held snapshot's minute) vacuums, and the rows go, since the
+    // snapshot is newer than them.
     locker.batch_execute("COMMIT").await.unwrap();
     let released = Instant::now();
     until("a vacuum once the lock is free", &processor, async || {

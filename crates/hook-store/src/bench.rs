@@ -59,7 +59,9 @@ macro_rules! event_mix {
 // A UUIDv7 of row `i` (RFC 9562: 48 bits of Unix milliseconds, the version, random bits) from
 // its `created_at`, as `hook-ingest` makes ids (`NewEvent::new`, `Uuid::now_v7`), on PostgreSQL
 // 15, which has no uuidv7(): the random UUID's first 6 bytes replaced by the milliseconds, its
-// version nibble by 7 (its variant bits are already RFC 9562's).
+// version nibble by 7 (its variant bits are already RFC 9562's). Unlike `Uuid::now_v7()`, which
+// counts up within a millisecond, ids of one millisecond are in random order; the second
+// `gen_random_uuid()` only supplies the 4 random bits beside the version.
 macro_rules! time_ordered_id {
     () => {
         "encode(set_byte(overlay(uuid_send(gen_random_uuid()) placing \

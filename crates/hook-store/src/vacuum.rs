@@ -71,6 +71,15 @@ pub async fn may_vacuum(client: &impl GenericClient) -> Result<(bool, String), S
     Ok((row.try_get(0)?, row.try_get(1)?))
 }
 
+/// Whether a `VACUUM`'s count (`vacuum_count`) is in the statistics when it returns: on
+/// PostgreSQL 15 and later, whose statistics live in shared memory. Before, a collector process
+/// receives them a while later, and a count read at once may not show a `VACUUM` that ran.
+pub async fn counts_at_once(client: &impl GenericClient) -> Result<bool, StoreError> {
+    let version: i32 =
+        client.query_one("SELECT current_setting('server_version_num')::int", &[]).await?.try_get(0)?;
+    Ok(version >= 150_000)
+}
+
 /// Takes the vacuum lock if it is free (no wait): `false` when another processor's vacuum holds
 /// it.
 pub async fn try_lock(client: &impl GenericClient) -> Result<bool, StoreError> {
