@@ -57,8 +57,7 @@ pub async fn horizon(client: &impl GenericClient) -> Result<Option<String>, Stor
 /// `MAINTAIN` privilege on it. Without the right, `VACUUM` does not fail: it warns and skips the
 /// table, so the task asks first. Returns the answer and the table's owner.
 pub async fn may_vacuum(client: &impl GenericClient) -> Result<(bool, String), StoreError> {
-    let version: i32 =
-        client.query_one("SELECT current_setting('server_version_num')::int", &[]).await?.try_get(0)?;
+    let version = server_version(client).await?;
     let maintain = if version >= 170_000 { "OR has_table_privilege(c.oid, 'MAINTAIN')" } else { "" };
     let sql = format!(
         "SELECT pg_has_role(c.relowner, 'USAGE') \
@@ -75,9 +74,13 @@ pub async fn may_vacuum(client: &impl GenericClient) -> Result<(bool, String), S
 /// PostgreSQL 15 and later, whose statistics live in shared memory. Before, a collector process
 /// receives them a while later, and a count read at once may not show a `VACUUM` that ran.
 pub async fn counts_at_once(client: &impl GenericClient) -> Result<bool, StoreError> {
-    let version: i32 =
-        client.query_one("SELECT current_setting('server_version_num')::int", &[]).await?.try_get(0)?;
+    let version = server_version(client).await?;
     Ok(version >= 150_000)
+}
+
+/// The server's `server_version_num` (150020 for 15.20).
+async fn server_version(client: &impl GenericClient) -> Result<i32, StoreError> {
+    Ok(client.query_one("SELECT current_setting('server_version_num')::int", &[]).await?.try_get(0)?)
 }
 
 /// Takes the vacuum lock if it is free (no wait): `false` when another processor's vacuum holds
