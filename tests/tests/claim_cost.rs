@@ -572,3 +572,62 @@ async fn a_full_rescan_that_waited_for_a_connection_does_not_postpone_the_next()
     }
     assert_eq!(claimed, revived);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rows_a_failed_claim_locked_are_claimed_next_though_a_claim_beside_it_moved_the_mark_past_them() {
+    let db = TestDb::migrated("claim_cost_failed_beside").await;
+    let client = db.client().await;
+    let store = db.store(no_rescan()).await;
+    // The first set-aside waits half a second, then fails: the claim that makes it has its rows
+    // locked all that time, then fails and leaves them unlocked.
+    client
+        .batch_execute(
+            "CREATE SEQUENCE fail_once; \
+             CREATE FUNCTION fail_once() RETURNS trigger LANGUAGE plpgsql AS $$ \
+             BEGIN \
+                 IF nextval('fail_once') = 1 THEN \
+                     PERFORM pg_sleep(0.5); \
+                     RAISE EXCEPTION 'injected: the set-aside failed'; \
+                 END IF; \
+                 RETURN NEW; \
+             END $$; \
+             CREATE TRIGGER fail_once BEFORE UPDATE ON hook_events FOR EACH ROW \
+                 WHEN (NEW.dead_at IS NOT NULL) EXECUTE FUNCTION fail_once();",
+        )
+        .await
+        .unwrap();
+    // An event too large for the first claim (which sets it aside) ahead of 10, then 10 more,
+    // all older than the late-commit margin, so that a claim's mark is the oldest row it locked.
+    let large = Uuid::new_v4();
+    client
+        .execute(
+            "INSERT INTO hook_events (id, source, action, resource, resource_id, payload, created_at) \
+             VALUES ($1, 'PreToolUse', 'tool_invocation', 'tool', 'Bash', \
+                     jsonb_build_object('text', repeat('x', 2000)), now() - interval '2 hours')",
+            &[&large],
+        )
+        .await
+        .unwrap();
+    let first = insert_aged(&client, 10, 3600).await;
+    let second = insert_aged(&client, 10, 1800).await;
+
+    let failing = ClaimRequest { limit: 11, max_bytes: 1000, max_event_bytes: 1000, ..request(11) };
+    let beside = async {
+        // Once the failing claim sits in its trigger, with its 11 rows locked, a claim beside it
+        // takes the next 10 and moves the mark past all of them.
+        while count(&client, "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep'").await == 0
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        claim_and_succeed(&store, 10).await
+    };
+    let (failed, took) = tokio::join!(store.claim(failing), beside);
+    assert!(failed.is_err(), "the injected failure fails the claim");
+    assert_eq!(took, second, "the claim beside it skipped the locked rows");
+
+    // No rescan runs: the next claim finds the failed claim's rows because its failure lowered
+    // the mark again.
+    let next = claim_and_succeed(&store, 20).await;
+    let expected: Vec<Uuid> = std::iter::once(large).chain(first).collect();
+    assert_eq!(next, expected, "the rows the failed claim had locked");
+}

@@ -122,8 +122,10 @@ async fn an_event_that_aborts_its_processor_dies_after_max_retry_count_crashes_a
     let poison = insert_events(&client, 1, "Poison", "a").await[0];
     fine.extend(insert_events(&client, 249, "Fine", "a").await);
     let flags = [
+        // It aborts after its batch-mates (5 ms each) are done and recorded, so that some are
+        // handled again.
         "--fault",
-        "Poison=abort",
+        "Poison=abort-after:100",
         "--batch-size",
         "50",
         "--batches-in-flight",

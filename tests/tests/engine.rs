@@ -369,3 +369,170 @@ async fn thousands_of_rows_at_the_retry_limit_ahead_of_live_events_do_not_hold_t
     assert_eq!(snapshot.len(), 20, "only the live events were handled");
     assert!(live.iter().all(|id| snapshot.get(id) == Some(&1)));
 }
+
+/// What [`Counting`] saw of the engine's claims.
+#[derive(Debug, Default)]
+struct ClaimsSeen {
+    /// Claims on their way now, and isolated ones among them.
+    now: usize,
+    isolated_now: usize,
+    /// The most on their way at once.
+    most: usize,
+    /// Claims begun beside an isolated one, or isolated ones begun beside another.
+    beside_isolated: usize,
+    isolated: usize,
+    /// Claims that held rows back for want of byte budget.
+    held_back: usize,
+}
+
+/// A [`PgStore`] that counts the claims on their way at once.
+struct Counting {
+    inner: PgStore,
+    seen: Arc<Mutex<ClaimsSeen>>,
+}
+
+impl hook_core::Store for Counting {
+    type Error = hook_store::StoreError;
+    type Batch = hook_store::PgBatch;
+
+    async fn claim(
+        &self,
+        request: hook_core::ClaimRequest,
+    ) -> Result<Option<hook_store::PgBatch>, hook_store::StoreError> {
+        {
+            let mut seen = self.seen.lock().expect("claims seen");
+            if seen.isolated_now > 0 || (request.isolate && seen.now > 0) {
+                seen.beside_isolated += 1;
+            }
+            seen.now += 1;
+            seen.most = seen.most.max(seen.now);
+            if request.isolate {
+                seen.isolated_now += 1;
+                seen.isolated += 1;
+            }
+        }
+        let claimed = self.inner.claim(request).await;
+        let mut seen = self.seen.lock().expect("claims seen");
+        seen.now -= 1;
+        if matches!(&claimed, Ok(Some(batch)) if hook_core::ClaimedBatch::held_back(batch) > 0) {
+            seen.held_back += 1;
+        }
+        if request.isolate {
+            seen.isolated_now -= 1;
+        }
+        claimed
+    }
+
+    fn wakeups(&self) -> Option<tokio::sync::watch::Receiver<()>> {
+        self.inner.wakeups()
+    }
+
+    fn suspects_waiting(&self) -> bool {
+        self.inner.suspects_waiting()
+    }
+}
+
+/// Drains a backlog of 3,000 events behind the 20 suspects of a dead holder through an engine
+/// with `claims_in_flight`; returns what the claims did, after checking that every event was
+/// handled exactly once and the suspects were not charged.
+async fn drain_with_claims_in_flight(name: &str, claims_in_flight: usize) -> ClaimsSeen {
+    use hook_core::{ClaimedBatch, Store};
+    let db = TestDb::migrated(name).await;
+    let client = db.client().await;
+    let no_listen = StoreOptions { listen: false, ..StoreOptions::default() };
+    // A holder that dies mid-batch: its 20 events come back suspect, to be handled alone.
+    let suspects = insert_events(&client, 20, "Suspect", "a").await;
+    let dead = db.store(no_listen.clone()).await;
+    let mut batch = dead.claim(hook_core::ClaimRequest::default()).await.expect("claim").expect("a batch");
+    assert_eq!(batch.take_events().len(), 20);
+    hook_tests::crash::registered(&client).await;
+    batch.start().await.expect("record the batch");
+    hook_tests::crash::kill_the_processor(&client).await;
+    drop(batch);
+    drop(dead);
+    let backlog = insert_events(&client, 3_000, "PreToolUse", "tool_invocation").await;
+
+    let invocations = Invocations::default();
+    let mut registry = HandlerRegistry::new();
+    registry.register("*", "*", invocations.handler());
+    let seen = Arc::new(Mutex::new(ClaimsSeen::default()));
+    let store = Counting { inner: db.store(StoreOptions::default()).await, seen: Arc::clone(&seen) };
+    let config = EngineConfig { claims_in_flight, ..test_config() };
+    let running =
+        Running::start(Engine::builder(store).registry(registry).config(config).build().expect("config"));
+    wait_for_count(&client, ALL_PROCESSED, 0, Duration::from_secs(120)).await;
+    let metrics = running.stop().await;
+
+    let handled = invocations.snapshot();
+    assert_eq!(handled.len(), suspects.len() + backlog.len(), "every event handled");
+    assert!(handled.values().all(|&n| n == 1), "no event handled twice in this process");
+    assert_eq!(metrics.succeeded, 3_020);
+    let clean =
+        "SELECT count(*) FROM hook_events WHERE processed AND retry_count = 0 AND processing_errors IS NULL";
+    assert_eq!(count(&client, clean).await, 3_020, "suspects are not charged");
+    let seen = std::mem::take(&mut *seen.lock().expect("claims seen"));
+    assert!(seen.isolated >= suspects.len(), "each suspect claimed alone: {seen:?}");
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn claims_overlap_two_at_a_time_in_a_backlog_and_never_beside_an_isolated_one() {
+    let seen = drain_with_claims_in_flight("claims_overlap", 2).await;
+    assert_eq!(seen.most, 2, "two claims on their way at once: {seen:?}");
+    assert_eq!(seen.beside_isolated, 0, "an isolated claim is alone: {seen:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_one_claim_in_flight_claims_never_overlap() {
+    let seen = drain_with_claims_in_flight("claims_one_at_a_time", 1).await;
+    assert_eq!(seen.most, 1, "{seen:?}");
+    assert_eq!(seen.beside_isolated, 0, "{seen:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_event_larger_than_a_share_of_the_byte_budget_is_claimed_in_a_backlog_not_held_back_to_its_end() {
+    let db = TestDb::migrated("claims_large_in_backlog").await;
+    let client = db.client().await;
+    // 500 events, one of 700 KB (more than half of the 1 MiB budget, less than all of it), then
+    // 3,000: the large one comes up while claims overlap, each with a share of the budget.
+    insert_events(&client, 500, "PreToolUse", "tool_invocation").await;
+    let large = uuid::Uuid::new_v4();
+    client
+        .execute(
+            "INSERT INTO hook_events (id, source, action, resource, resource_id, payload, created_at) \
+             VALUES ($1, 'PreToolUse', 'tool_invocation', 'tool', 'Bash', \
+                     jsonb_build_object('text', repeat('x', 700000)), clock_timestamp())",
+            &[&large],
+        )
+        .await
+        .unwrap();
+    let behind = insert_events(&client, 3_000, "PreToolUse", "tool_invocation").await;
+    let invocations = Invocations::default();
+    let mut registry = HandlerRegistry::new();
+    registry.register("*", "*", invocations.handler());
+    let config = EngineConfig { max_bytes_in_flight: 1024 * 1024, ..test_config() };
+    let seen = Arc::new(Mutex::new(ClaimsSeen::default()));
+    let store = Counting { inner: db.store(StoreOptions::default()).await, seen: Arc::clone(&seen) };
+    let running =
+        Running::start(Engine::builder(store).registry(registry).config(config).build().expect("config"));
+    wait_for_count(&client, ALL_PROCESSED, 0, Duration::from_secs(120)).await;
+    let metrics = running.stop().await;
+    let seen = std::mem::take(&mut *seen.lock().expect("claims seen"));
+    assert_eq!(seen.most, 2, "claims overlapped: {seen:?}");
+    assert!(seen.held_back <= 2, "held back again and again: {seen:?}");
+
+    assert_eq!(metrics.succeeded, 3_501);
+    assert!(invocations.snapshot().values().all(|&n| n == 1), "each handled once");
+    // Held back once, then claimed by a claim with the whole budget: before most of those
+    // behind it (held back to the end, it would be processed after all of them).
+    let before: i64 = client
+        .query_one(
+            "SELECT count(*) FROM hook_events \
+             WHERE id = ANY ($1) AND processed_at < (SELECT processed_at FROM hook_events WHERE id = $2)",
+            &[&behind, &large],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(before < 1_500, "{before} of the 3,000 behind it were processed before the large event");
+}

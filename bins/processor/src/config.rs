@@ -78,6 +78,11 @@ pub(crate) struct Args {
     #[arg(long, env = "HOOK_BATCHES_IN_FLIGHT", default_value_t = 8)]
     batches_in_flight: usize,
 
+    /// Claims on their way to the database at once, at most, while a backlog drains (each takes
+    /// one of the batches in flight); one at a time when the table is drained.
+    #[arg(long, env = "HOOK_CLAIMS_IN_FLIGHT", default_value_t = 2)]
+    claims_in_flight: usize,
+
     /// Bytes of JSON (payload + metadata) of the events held at once, over all batches: claims
     /// stop adding events past it, and an event larger than this alone is set aside dead
     /// without being fetched. Bytes, or with a unit ("64MiB", "512KiB", "1GiB").
@@ -277,6 +282,7 @@ impl Args {
             batch_size: self.batch_size,
             concurrency: self.concurrency,
             batches_in_flight: self.batches_in_flight,
+            claims_in_flight: self.claims_in_flight,
             poll_interval: self.poll_interval,
             claim_timeout: self.claim_timeout,
             handler_timeout: self.handler_timeout,

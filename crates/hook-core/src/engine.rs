@@ -7,18 +7,20 @@
 //! batches), and the slots are reserved with the claim, so no claimed event waits for one; it
 //! waits until a batch's share of the slots is free, so that claims stay batch-sized. When
 //! all of a batch's handlers are done, its outcomes are written in one call. A full batch means
-//! more work is likely, so the loop claims again at once; a short or empty one means the table is
-//! drained, so it sleeps until the store's wakeup (NOTIFY) or the poll interval, whichever comes
-//! first.
+//! more work is likely, so the loop claims again at once, and lets up to
+//! [`EngineConfig::claims_in_flight`] claims be on their way at once (each with its slots
+//! reserved), so that the store works on the next claim while the loop takes in the last; a
+//! short or empty one means the table is drained, so once every claim is back it sleeps until
+//! the store's wakeup (NOTIFY) or the poll interval, whichever comes first.
 //!
 //! Crashes: before a batch's handlers start, the store records the claim (see
 //! [`ClaimedBatch::start`]), so the events of a holder that dies mid-batch come back *suspect*.
-//! When the store reports suspects, the loop lets its batches in flight finish and claims with
+//! When the store reports suspects, the loop lets its claims and batches in flight finish and claims with
 //! [`ClaimRequest::isolate`]: one suspect at a time, run alone, so that a crash while it runs is
 //! its own and is counted as a failed attempt (see ARCHITECTURE.md, "The claim").
 //!
-//! Shutdown: the loop issues no claim after the signal, and a claim that returns after it is
-//! released at once; no handler starts after it; running handlers get `drain_timeout` to finish;
+//! Shutdown: the loop issues no claim after the signal, and the claims on their way are driven to
+//! their end and what they return released at once; no handler starts after it; running handlers get `drain_timeout` to finish;
 //! outcomes of those that did are written, the rest of each batch is released unchanged.
 
 use std::future::Future;
@@ -72,6 +74,13 @@ pub struct EngineConfig {
     /// shipped binary drained 0.80-0.94 of the database's limit with eight, 0.62-0.73 with four,
     /// on 3 December 2026, docs/benchmarks.md). Each holds one pooled connection.
     pub batches_in_flight: usize,
+    /// Claims on their way to the store at once, at most, while full batches come back (a
+    /// backlog): while one is on the server, the engine turns the last one's rows into a batch.
+    /// Each holds one of the `batches_in_flight` slots and its own connection. Default 2: with
+    /// one, the claims never overlapped and the shipped binary's drain was bound by one claim's
+    /// round trip plus the engine's work on its rows (3.1 ms per 100 events, docs/benchmarks.md).
+    /// When the table is drained, after an error, and while suspects run alone, one at a time.
+    pub claims_in_flight: usize,
     /// Longest sleep when idle; the store's wakeup usually comes first. Default 1 s.
     pub poll_interval: Duration,
     /// How long a claim may go without a word from the engine before the store treats the holder as
@@ -98,6 +107,7 @@ impl Default for EngineConfig {
             batch_size: 100,
             concurrency: 800,
             batches_in_flight: 8,
+            claims_in_flight: 2,
             poll_interval: Duration::from_secs(1),
             claim_timeout: Duration::from_secs(60),
             handler_timeout: Duration::from_secs(30),
@@ -120,6 +130,9 @@ impl EngineConfig {
         }
         if self.batches_in_flight == 0 {
             return Err(ConfigError::Invalid("batches in flight must be at least 1".into()));
+        }
+        if self.claims_in_flight == 0 {
+            return Err(ConfigError::Invalid("claims in flight must be at least 1".into()));
         }
         if self.max_bytes_in_flight < MIN_BYTES_IN_FLIGHT {
             return Err(ConfigError::Invalid(format!(
@@ -246,26 +259,27 @@ impl<S: Store> Engine<S> {
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut wakeups = store.wakeups();
         let mut batches = JoinSet::new();
-        let mut error_backoff = Backoff::new(Duration::from_millis(100), STORE_RETRY_MAX);
+        // The claims on their way, each with the batch slot and handler slots reserved for it.
+        let mut claims = FuturesUnordered::new();
+        let mut looper = ClaimLoop::new(config);
         let mut metrics_tick = config.metrics_interval.map(|every| {
             let mut tick = tokio::time::interval_at(Instant::now() + every, every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             tick
         });
-        // A batch that must run alone (an isolated suspect, or a crash being counted) is in flight.
-        let mut exclusive = false;
-        // The last claim held rows back for want of byte budget: wait for a batch to finish.
-        let mut budget_wait = false;
-        // Bytes of JSON per event in the last claim that returned events (see `fitting`).
-        let mut event_bytes = 0u64;
-        // Halved by each failed claim, back to a batch by one that returns events: a claim that
-        // fails because it took too long (rows of megabytes, measured as the server renders them,
-        // on a busy server) is not tried again as large as it was.
-        let mut claim_cap = config.batch_size;
+        // Takes in a claim that came back (see `ClaimLoop::settle`).
+        macro_rules! settle {
+            ($claim:expr) => {
+                looper
+                    .settle($claim, !claims.is_empty(), &mut batches, &shared, &handler_slots, &stop_rx)
+                    .await
+            };
+        }
         tokio::pin!(shutdown);
         info!(
             batch_size = config.batch_size,
             concurrency = config.concurrency,
+            claims_in_flight = config.claims_in_flight,
             max_bytes_in_flight = config.max_bytes_in_flight,
             routes = shared.registry.len(),
             "engine started"
@@ -273,26 +287,69 @@ impl<S: Store> Engine<S> {
 
         loop {
             while batches.try_join_next().is_some() {}
-            if batches.is_empty() {
-                exclusive = false;
-                budget_wait = false;
+            if batches.is_empty() && claims.is_empty() {
+                looper.exclusive = false;
+                looper.budget_wait = false;
             }
             let suspects = store.suspects_waiting();
-            if (exclusive || suspects || budget_wait) && !batches.is_empty() {
-                // Suspects run alone: let the batches in flight finish first. Likewise after an
-                // isolated batch, and when the byte budget is spent.
+            let alone = looper.exclusive || suspects || looper.budget_wait;
+            let room = config
+                .max_bytes_in_flight
+                .saturating_sub(shared.bytes_held.load(Ordering::Relaxed))
+                .saturating_sub(looper.claiming_bytes);
+            let depth = looper.depth(config, alone, room);
+            if alone && (!batches.is_empty() || !claims.is_empty()) || claims.len() >= depth {
+                // Suspects run alone: let the claims and batches in flight finish first.
+                // Likewise after an isolated batch, and when the byte budget is spent. Or as
+                // many claims as may be are on their way: wait for one.
                 tokio::select! {
                     biased;
                     () = &mut shutdown => break,
-                    _ = batches.join_next() => budget_wait = false,
+                    Some(claim) = claims.next(), if !claims.is_empty() => {
+                        settle!(claim);
+                    }
+                    _ = batches.join_next(), if !batches.is_empty() => looper.budget_wait = false,
                     _ = tick(&mut metrics_tick) => log_metrics(&shared.metrics),
                 }
                 continue;
             }
-            let isolate = suspects;
+            if looper.drained || looper.retry_at.is_some() {
+                if !claims.is_empty() {
+                    // The last claim came back short (or failed): no new one until the others are back.
+                    tokio::select! {
+                        biased;
+                        () = &mut shutdown => break,
+                        Some(claim) = claims.next() => settle!(claim),
+                        _ = tick(&mut metrics_tick) => log_metrics(&shared.metrics),
+                    }
+                    continue;
+                }
+                if let Some(at) = looper.retry_at {
+                    tokio::select! {
+                        biased;
+                        () = &mut shutdown => break,
+                        () = tokio::time::sleep_until(at) => looper.retry_at = None,
+                        _ = tick(&mut metrics_tick) => log_metrics(&shared.metrics),
+                    }
+                    continue;
+                }
+                // Drained: wait for a wakeup, the poll interval or shutdown.
+                tokio::select! {
+                    biased;
+                    () = &mut shutdown => break,
+                    _ = changed(&mut wakeups) => looper.drained = false,
+                    () = sleep(config.poll_interval) => looper.drained = false,
+                    _ = tick(&mut metrics_tick) => log_metrics(&shared.metrics),
+                }
+                continue;
+            }
             let permit = tokio::select! {
                 biased;
                 () = &mut shutdown => break,
+                Some(claim) = claims.next(), if !claims.is_empty() => {
+                    settle!(claim);
+                    continue;
+                }
                 permit = Arc::clone(&batch_slots).acquire_owned() => match permit {
                     Ok(permit) => permit,
                     Err(_) => break,
@@ -302,152 +359,63 @@ impl<S: Store> Engine<S> {
                     continue;
                 }
             };
-            // A claim takes no more events than there are free handler slots, so that none of
+            // A claim takes no more events than the handler slots it reserved, so that none of
             // them waits for one; and it waits for a share of the slots (`claim_slots`) to be
             // free, so that handlers finishing one by one do not turn into claims of one event
             // each, every one paying a batch's round trips and commit.
-            let want = claim_slots(config);
-            let first_slots = tokio::select! {
+            let mut slots = tokio::select! {
                 biased;
                 () = &mut shutdown => break,
-                slots = Arc::clone(&handler_slots).acquire_many_owned(want) => match slots {
+                Some(claim) = claims.next(), if !claims.is_empty() => {
+                    settle!(claim);
+                    continue;
+                }
+                slots = Arc::clone(&handler_slots).acquire_many_owned(claim_slots(config)) => match slots {
                     Ok(slots) => slots,
                     Err(_) => break,
                 },
             };
-            let free = handler_slots.available_permits() + first_slots.num_permits();
-            let held = shared.bytes_held.load(Ordering::Relaxed);
-            let max_bytes = config.max_bytes_in_flight.saturating_sub(held);
+            // Overlapping claims split what is left of the byte budget between them.
+            let max_bytes = room / depth as u64;
+            let limit = looper.claim_cap.min(fitting(max_bytes, looper.event_bytes));
+            let extra = limit.saturating_sub(slots.num_permits()).min(handler_slots.available_permits());
+            if let Ok(more) = Arc::clone(&handler_slots).try_acquire_many_owned(extra as u32) {
+                slots.merge(more);
+            }
             let request = ClaimRequest {
-                limit: claim_cap.min(free).min(fitting(max_bytes, event_bytes)),
+                limit: limit.min(slots.num_permits()),
                 max_retry_count: config.retry.max_retry_count,
                 claim_timeout: config.claim_timeout,
                 max_bytes,
                 max_event_bytes: config.max_bytes_in_flight,
-                isolate,
+                isolate: suspects,
             };
             if let Some(rx) = wakeups.as_mut() {
                 rx.borrow_and_update();
             }
-            // The claim is not cancelled by shutdown (dropping it halfway could strand a
+            // A claim is not cancelled by shutdown (dropping it halfway could strand a
             // connection inside a transaction): it is driven to its end, and what it returns
             // after the signal is released at once, unstarted.
-            let claim = store.claim(request);
-            tokio::pin!(claim);
-            let mut stopping = false;
-            let claimed = loop {
-                tokio::select! {
-                    claimed = &mut claim => break claimed,
-                    () = &mut shutdown, if !stopping => stopping = true,
-                }
-            };
-            if stopping {
-                if let Ok(Some(batch)) = claimed {
-                    info!("shutdown began during a claim: releasing the claimed events unstarted");
-                    batch.release().await;
-                }
-                break;
-            }
-            let full = match claimed {
-                Err(error) => {
-                    shared.metrics.add_error();
-                    claim_cap = (request.limit / 2).max(1);
-                    let delay = error_backoff.next();
-                    let failures = error_backoff.failures;
-                    if is_loud_failure(failures) {
-                        warn!(error = %error, retry_in_ms = delay.as_millis() as u64, failures, next_limit = claim_cap, "claim failed");
-                    } else {
-                        debug!(error = %error, retry_in_ms = delay.as_millis() as u64, failures, next_limit = claim_cap, "claim failed");
-                    }
-                    drop((permit, first_slots));
-                    tokio::select! {
-                        () = &mut shutdown => break,
-                        () = sleep(delay) => continue,
-                    }
-                }
-                Ok(None) => {
-                    error_backoff.reset();
-                    shared.metrics.add_empty_claim();
-                    false
-                }
-                Ok(Some(mut batch)) => {
-                    error_backoff.reset();
-                    let events = batch.take_events();
-                    let crashed = batch.take_crashed();
-                    let (set_aside, held_back) = (batch.set_aside(), batch.held_back());
-                    if !events.is_empty() {
-                        event_bytes = batch.bytes() / events.len() as u64;
-                        claim_cap = config.batch_size;
-                    }
-                    if events.is_empty() && crashed.is_empty() && set_aside == 0 {
-                        // Nothing fitted in what is left of the byte budget (rows were held
-                        // back): let a batch in flight finish first.
-                        shared.metrics.add_empty_claim();
-                        batch.release().await;
-                        budget_wait = held_back > 0 && !batches.is_empty();
-                        // Waiting for a batch to finish, or (nothing held back) drained.
-                        budget_wait
-                    } else {
-                        let full = events.len() + crashed.len() + set_aside + held_back >= request.limit;
-                        budget_wait = held_back > 0;
-                        exclusive = batch.isolated() || !crashed.is_empty();
-                        // One slot per event, reserved now; each is released when its handler ends.
-                        let mut slots = Vec::with_capacity(events.len());
-                        let mut first_slots = Some(first_slots);
-                        for _ in 0..events.len() {
-                            let reserved = match first_slots.as_mut() {
-                                Some(reserved) if reserved.num_permits() > 1 => reserved.split(1),
-                                _ => first_slots.take(),
-                            };
-                            let slot = match reserved {
-                                Some(slot) => slot,
-                                None => match Arc::clone(&handler_slots).try_acquire_owned() {
-                                    Ok(slot) => slot,
-                                    // The store returned more than the free slots: wait for one.
-                                    Err(_) => match Arc::clone(&handler_slots).acquire_owned().await {
-                                        Ok(slot) => slot,
-                                        Err(_) => break,
-                                    },
-                                },
-                            };
-                            slots.push(slot);
-                        }
-                        // Slots reserved beyond the events claimed are freed here.
-                        drop(first_slots);
-                        let bytes = BytesHeld::new(&shared, batch.bytes());
-                        shared.metrics.add_claimed(events.len() + crashed.len());
-                        debug!(
-                            events = events.len(),
-                            crashed = crashed.len(),
-                            isolated = batch.isolated(),
-                            "claimed batch"
-                        );
-                        let task = run_batch(
-                            batch,
-                            BatchWork { events, crashed, slots, bytes },
-                            permit,
-                            Arc::clone(&shared),
-                            stop_rx.clone(),
-                        );
-                        batches.spawn(task.instrument(tracing::debug_span!("batch")));
-                        full
-                    }
-                }
-            };
-            if full {
-                continue;
-            }
-            // Drained: wait for a wakeup, the poll interval or shutdown.
-            tokio::select! {
-                biased;
-                () = &mut shutdown => break,
-                _ = changed(&mut wakeups) => {}
-                () = sleep(config.poll_interval) => {}
-                _ = tick(&mut metrics_tick) => log_metrics(&shared.metrics),
-            }
+            looper.claiming_bytes += max_bytes;
+            let (split, epoch) = (depth > 1, looper.epoch);
+            let claimer = &*store;
+            claims.push(async move {
+                Claim { claimed: claimer.claim(request).await, request, split, epoch, permit, slots }
+            });
         }
 
         shared.stopping.store(true, Ordering::SeqCst);
+        if !claims.is_empty() {
+            info!(
+                claims = claims.len(),
+                "shutdown began during a claim: releasing the claimed events unstarted"
+            );
+        }
+        while let Some(claim) = claims.next().await {
+            if let Ok(Some(batch)) = claim.claimed {
+                batch.release().await;
+            }
+        }
         info!(
             in_flight = batches.len(),
             drain_timeout_s = config.drain_timeout.as_secs_f64(),
@@ -458,6 +426,200 @@ impl<S: Store> Engine<S> {
         let snapshot = shared.metrics.snapshot();
         info!(dead = snapshot.dead, claimed = snapshot.claimed, set_aside = snapshot.set_aside, "{snapshot}");
         snapshot
+    }
+}
+
+/// A claim that came back, with what was reserved for it.
+struct Claim<B, E> {
+    claimed: Result<Option<B>, E>,
+    request: ClaimRequest,
+    /// Whether its `max_bytes` was a share of the byte budget left (claims overlapped).
+    split: bool,
+    /// [`ClaimLoop::epoch`] when it was issued.
+    epoch: u64,
+    /// Its batch slot.
+    permit: OwnedSemaphorePermit,
+    /// Its handler slots: at least `request.limit`.
+    slots: OwnedSemaphorePermit,
+}
+
+/// What the claim loop remembers between claims.
+struct ClaimLoop {
+    /// A batch that must run alone (an isolated suspect, or a crash being counted) is in flight.
+    exclusive: bool,
+    /// The last claim held rows back for want of byte budget: wait for a batch to finish.
+    budget_wait: bool,
+    /// Bytes of JSON per event in the last claim that returned events (see `fitting`).
+    event_bytes: u64,
+    /// Halved by each failed claim, back to a batch by one that returns events: a claim that
+    /// fails because it took too long (rows of megabytes, measured as the server renders them,
+    /// on a busy server) is not tried again as large as it was.
+    claim_cap: usize,
+    error_backoff: Backoff,
+    /// The last claim came back full: more work is likely, so claims may overlap.
+    streaming: bool,
+    /// A claim held rows back for want of byte budget: claims do not overlap (each gets all
+    /// the budget left) until one that did not overlap holds none back, so that an event larger
+    /// than a share of the budget is not held back again and again.
+    held_back: bool,
+    /// Failed claims so far: what a claim issued before the last failure reports does not undo
+    /// the failure's backoff and smaller claims.
+    epoch: u64,
+    /// The last claim came back short: the table is drained; wait for a wakeup.
+    drained: bool,
+    /// After a failed claim: the next is issued no sooner than this.
+    retry_at: Option<Instant>,
+    /// The byte budget (`max_bytes`) of the claims on their way.
+    claiming_bytes: u64,
+}
+
+impl ClaimLoop {
+    fn new(config: &EngineConfig) -> Self {
+        Self {
+            exclusive: false,
+            budget_wait: false,
+            event_bytes: 0,
+            claim_cap: config.batch_size,
+            error_backoff: Backoff::new(Duration::from_millis(100), STORE_RETRY_MAX),
+            streaming: false,
+            held_back: false,
+            epoch: 0,
+            drained: false,
+            retry_at: None,
+            claiming_bytes: 0,
+        }
+    }
+
+    /// How many claims may be on their way at once: `claims_in_flight` while full batches come
+    /// back and `room` (the byte budget left) holds that many full claims of the last events'
+    /// size; otherwise one, which then gets all of `room`.
+    fn depth(&self, config: &EngineConfig, alone: bool, room: u64) -> usize {
+        let depth = config.claims_in_flight.max(1);
+        if alone || !self.streaming || self.held_back || depth == 1 {
+            return 1;
+        }
+        if fitting(room / depth as u64, self.event_bytes) <= self.claim_cap {
+            return 1;
+        }
+        depth
+    }
+
+    /// Takes in a claim that came back: spawns its batch, or notes why there is none. `others`:
+    /// other claims are still on their way.
+    async fn settle<B: ClaimedBatch>(
+        &mut self,
+        claim: Claim<B, B::Error>,
+        others: bool,
+        batches: &mut JoinSet<()>,
+        shared: &Arc<Shared>,
+        handler_slots: &Arc<Semaphore>,
+        stop_rx: &watch::Receiver<bool>,
+    ) {
+        let Claim { claimed, request, split, epoch, permit, slots } = claim;
+        self.claiming_bytes = self.claiming_bytes.saturating_sub(request.max_bytes);
+        // Issued before a failure that came back first: its events are taken in, but it does
+        // not speak for the store's state now.
+        let current = epoch == self.epoch;
+        let full = match claimed {
+            Err(error) => {
+                shared.metrics.add_error();
+                self.epoch += 1;
+                self.drained = false;
+                self.claim_cap = (request.limit / 2).max(1);
+                let delay = self.error_backoff.next();
+                let failures = self.error_backoff.failures;
+                if is_loud_failure(failures) {
+                    warn!(error = %error, retry_in_ms = delay.as_millis() as u64, failures, next_limit = self.claim_cap, "claim failed");
+                } else {
+                    debug!(error = %error, retry_in_ms = delay.as_millis() as u64, failures, next_limit = self.claim_cap, "claim failed");
+                }
+                self.retry_at = Some(Instant::now() + delay);
+                self.streaming = false;
+                return;
+            }
+            Ok(None) => {
+                if current {
+                    self.error_backoff.reset();
+                }
+                shared.metrics.add_empty_claim();
+                false
+            }
+            Ok(Some(mut batch)) => {
+                if current {
+                    self.error_backoff.reset();
+                }
+                let events = batch.take_events();
+                let crashed = batch.take_crashed();
+                let (set_aside, held_back) = (batch.set_aside(), batch.held_back());
+                if held_back > 0 {
+                    self.held_back = true;
+                } else if !split {
+                    self.held_back = false;
+                }
+                if !events.is_empty() {
+                    self.event_bytes = batch.bytes() / events.len() as u64;
+                    if current {
+                        self.claim_cap = shared.config.batch_size;
+                    }
+                }
+                if events.is_empty() && crashed.is_empty() && set_aside == 0 {
+                    // Nothing fitted in what is left of the byte budget (rows were held
+                    // back): let a batch in flight finish first.
+                    shared.metrics.add_empty_claim();
+                    batch.release().await;
+                    let wait = held_back > 0 && (!batches.is_empty() || others);
+                    self.budget_wait |= wait;
+                    // Waiting for a batch to finish, or (nothing held back) drained.
+                    wait
+                } else {
+                    let full = events.len() + crashed.len() + set_aside + held_back >= request.limit;
+                    self.budget_wait |= held_back > 0;
+                    self.exclusive = batch.isolated() || !crashed.is_empty();
+                    // One slot per event, reserved with the claim; each is released when its
+                    // handler ends.
+                    let mut taken = Vec::with_capacity(events.len());
+                    let mut reserved = Some(slots);
+                    for _ in 0..events.len() {
+                        let slot = match reserved.as_mut() {
+                            Some(left) if left.num_permits() > 1 => left.split(1),
+                            _ => reserved.take(),
+                        };
+                        let slot = match slot {
+                            Some(slot) => slot,
+                            // The store returned more than the limit: wait for a slot.
+                            None => match Arc::clone(handler_slots).acquire_owned().await {
+                                Ok(slot) => slot,
+                                Err(_) => break,
+                            },
+                        };
+                        taken.push(slot);
+                    }
+                    // Slots reserved beyond the events claimed are freed here.
+                    drop(reserved);
+                    let bytes = BytesHeld::new(shared, batch.bytes());
+                    shared.metrics.add_claimed(events.len() + crashed.len());
+                    debug!(
+                        events = events.len(),
+                        crashed = crashed.len(),
+                        isolated = batch.isolated(),
+                        "claimed batch"
+                    );
+                    let task = run_batch(
+                        batch,
+                        BatchWork { events, crashed, slots: taken, bytes },
+                        permit,
+                        Arc::clone(shared),
+                        stop_rx.clone(),
+                    );
+                    batches.spawn(task.instrument(tracing::debug_span!("batch")));
+                    full
+                }
+            }
+        };
+        if current {
+            self.streaming = full;
+            self.drained = !full;
+        }
     }
 }
 

@@ -43,7 +43,7 @@ pub struct ClaimRequest {
     /// held: the store sets it aside dead with the reason, without fetching it.
     pub max_event_bytes: u64,
     /// Whether the claim may return a suspect event (one whose previous holder died) to be
-    /// handled alone. The engine sets it only when no other batch is in flight, and starts none
+    /// handled alone. The engine sets it only when no other batch or claim is in flight, and starts none
     /// until a batch that is [`isolated`](ClaimedBatch::isolated) has finished: a crash while an
     /// isolated event runs is that event's.
     pub isolate: bool,
@@ -105,7 +105,9 @@ pub trait Store: Send + Sync + 'static {
     type Batch: ClaimedBatch<Error = Self::Error>;
 
     /// Claims up to `request.limit` eligible events, oldest first; `None` when there are none
-    /// (and nothing was set aside).
+    /// (and nothing was set aside). The engine may have several claims on their way at once
+    /// (see [`EngineConfig::claims_in_flight`](crate::EngineConfig::claims_in_flight)), never one
+    /// with [`ClaimRequest::isolate`] beside another.
     fn claim(
         &self,
         request: ClaimRequest,

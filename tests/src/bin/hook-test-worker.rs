@@ -22,6 +22,7 @@
 //! | `huge-error:N`  | returns an error of N bytes                               |
 //! | `sleep:MS`      | sleeps MS milliseconds more, then succeeds                |
 //! | `abort`         | aborts the whole process (`std::process::abort`)          |
+//! | `abort-after:MS`| sleeps MS milliseconds more, then aborts the process      |
 //!
 //! ```text
 //! hook-test-worker --url <conn> [--delay-ms 0] [--batch-size 100] [--batches-in-flight 2]
@@ -71,6 +72,7 @@ enum Fault {
     HugeError(usize),
     Sleep(Duration),
     Abort,
+    AbortAfter(Duration),
 }
 
 impl std::str::FromStr for Fault {
@@ -84,7 +86,10 @@ impl std::str::FromStr for Fault {
             None if text == "abort" => Fault::Abort,
             Some(("huge-error", bytes)) => Fault::HugeError(number("huge-error", bytes)?),
             Some(("sleep", ms)) => Fault::Sleep(Duration::from_millis(number("sleep", ms)?)),
-            _ => bail!("unknown fault {text:?} (panic, hang, fail, huge-error:N, sleep:MS, abort)"),
+            Some(("abort-after", ms)) => Fault::AbortAfter(Duration::from_millis(number("abort-after", ms)?)),
+            _ => bail!(
+                "unknown fault {text:?} (panic, hang, fail, huge-error:N, sleep:MS, abort, abort-after:MS)"
+            ),
         })
     }
 }
@@ -172,6 +177,7 @@ impl Args {
                 base_delay: self.retry_base,
                 ..RetryPolicy::default()
             },
+            ..EngineConfig::default()
         }
     }
 }
@@ -294,6 +300,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     Ok(HandlerResult::ok("slept"))
                 }
                 Some(Fault::Abort) => {
+                    warn!(event_id = %event.id, "injected abort");
+                    std::process::abort()
+                }
+                Some(Fault::AbortAfter(extra)) => {
+                    tokio::time::sleep(*extra).await;
                     warn!(event_id = %event.id, "injected abort");
                     std::process::abort()
                 }
