@@ -154,6 +154,10 @@ struct Args {
     #[arg(long, global = true)]
     batches_in_flight: Option<usize>,
 
+    /// Engine: claims on their way at once while a backlog drains [default: the engine's default].
+    #[arg(long, global = true)]
+    claims_in_flight: Option<usize>,
+
     /// Engine: handlers running at once [default: the engine's default].
     #[arg(long, global = true)]
     concurrency: Option<usize>,
@@ -365,6 +369,7 @@ fn engine_config(args: &Args) -> anyhow::Result<EngineConfig> {
     let engine = EngineConfig {
         batch_size: args.batch_size.unwrap_or(defaults.batch_size),
         batches_in_flight: args.batches_in_flight.unwrap_or(defaults.batches_in_flight),
+        claims_in_flight: args.claims_in_flight.unwrap_or(defaults.claims_in_flight),
         concurrency: args.concurrency.unwrap_or(defaults.concurrency),
         metrics_interval: None,
         ..defaults

@@ -481,6 +481,7 @@ pub(crate) fn processor_command(
         .env("HOOK_METRICS_INTERVAL", "0")
         .env("BATCH_SIZE", engine.batch_size.to_string())
         .env("HOOK_BATCHES_IN_FLIGHT", engine.batches_in_flight.to_string())
+        .env("HOOK_CLAIMS_IN_FLIGHT", engine.claims_in_flight.to_string())
         .env("HOOK_CONCURRENCY", engine.concurrency.to_string())
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())

@@ -225,6 +225,7 @@ pub(crate) struct Settings {
     duration_s: f64,
     batch_size: usize,
     batches_in_flight: usize,
+    claims_in_flight: usize,
     concurrency: usize,
     limit_batch: i64,
 }
@@ -309,6 +310,7 @@ impl Report {
                 duration_s: plan.duration.as_secs_f64(),
                 batch_size: plan.engine.batch_size,
                 batches_in_flight: plan.engine.batches_in_flight,
+                claims_in_flight: plan.engine.claims_in_flight,
                 concurrency: plan.engine.concurrency,
                 limit_batch: plan.limit_batch,
             },
@@ -528,9 +530,9 @@ impl Report {
         );
         let _ = writeln!(
             out,
-            "  engine: batch {}, {} batches in flight, concurrency {}; limit loop: {} rows per statement, \
-             writing the default handlers' result_metadata",
-            s.batch_size, s.batches_in_flight, s.concurrency, s.limit_batch
+            "  engine: batch {}, {} batches in flight, {} claims in flight, concurrency {}; limit loop: {} rows \
+             per statement, writing the default handlers' result_metadata",
+            s.batch_size, s.batches_in_flight, s.claims_in_flight, s.concurrency, s.limit_batch
         );
         let _ = writeln!(out);
         let _ = writeln!(
