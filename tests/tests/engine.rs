@@ -494,7 +494,7 @@ async fn an_event_larger_than_a_share_of_the_byte_budget_is_claimed_in_a_backlog
     let db = TestDb::migrated("claims_large_in_backlog").await;
     let client = db.client().await;
     // 500 events, one of 700 KB (more than half of the 1 MiB budget, less than all of it), then
-    // 3,000: the large one comes up while claims overlap, each with a share of the budget.
+    // 6,000: the large one comes up while claims overlap, each with a share of the budget.
     insert_events(&client, 500, "PreToolUse", "tool_invocation").await;
     let large = uuid::Uuid::new_v4();
     client
@@ -506,7 +506,7 @@ async fn an_event_larger_than_a_share_of_the_byte_budget_is_claimed_in_a_backlog
         )
         .await
         .unwrap();
-    let behind = insert_events(&client, 3_000, "PreToolUse", "tool_invocation").await;
+    let behind = insert_events(&client, 6_000, "PreToolUse", "tool_invocation").await;
     let invocations = Invocations::default();
     let mut registry = HandlerRegistry::new();
     registry.register("*", "*", invocations.handler());
@@ -519,12 +519,14 @@ async fn an_event_larger_than_a_share_of_the_byte_budget_is_claimed_in_a_backlog
     let metrics = running.stop().await;
     let seen = std::mem::take(&mut *seen.lock().expect("claims seen"));
     assert_eq!(seen.most, 2, "claims overlapped: {seen:?}");
-    assert!(seen.held_back <= 2, "held back again and again: {seen:?}");
+    // Held back by a claim with a share of the budget, then claimed by one with all of it (or
+    // a few times more, when it sat locked in a claim beside), not by every claim that meets it.
+    assert!(seen.held_back <= 3, "held back again and again: {seen:?}");
 
-    assert_eq!(metrics.succeeded, 3_501);
+    assert_eq!(metrics.succeeded, 6_501);
     assert!(invocations.snapshot().values().all(|&n| n == 1), "each handled once");
-    // Held back once, then claimed by a claim with the whole budget: before most of those
-    // behind it (held back to the end, it would be processed after all of them).
+    // Processed before most of those behind it (held back to the end, it would be processed
+    // after all of them).
     let before: i64 = client
         .query_one(
             "SELECT count(*) FROM hook_events \
@@ -534,5 +536,5 @@ async fn an_event_larger_than_a_share_of_the_byte_budget_is_claimed_in_a_backlog
         .await
         .unwrap()
         .get(0);
-    assert!(before < 1_500, "{before} of the 3,000 behind it were processed before the large event");
+    assert!(before < 3_000, "{before} of the 6,000 behind it were processed before the large event");
 }

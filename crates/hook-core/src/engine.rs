@@ -79,7 +79,8 @@ pub struct EngineConfig {
     /// Each holds one of the `batches_in_flight` slots and its own connection. Default 2: with
     /// one, the claims never overlapped and the shipped binary's drain was bound by one claim's
     /// round trip plus the engine's work on its rows (3.1 ms per 100 events, docs/benchmarks.md).
-    /// When the table is drained, after an error, and while suspects run alone, one at a time.
+    /// When the table is drained, after an error, while suspects run alone, and after a claim
+    /// held rows back for want of byte budget, one at a time.
     pub claims_in_flight: usize,
     /// Longest sleep when idle; the store's wakeup usually comes first. Default 1 s.
     pub poll_interval: Duration,
@@ -297,7 +298,7 @@ impl<S: Store> Engine<S> {
                 .max_bytes_in_flight
                 .saturating_sub(shared.bytes_held.load(Ordering::Relaxed))
                 .saturating_sub(looper.claiming_bytes);
-            let depth = looper.depth(config, alone, room);
+            let depth = looper.depth(config, alone, room, claims.len());
             if alone && (!batches.is_empty() || !claims.is_empty()) || claims.len() >= depth {
                 // Suspects run alone: let the claims and batches in flight finish first.
                 // Likewise after an isolated batch, and when the byte budget is spent. Or as
@@ -375,8 +376,9 @@ impl<S: Store> Engine<S> {
                     Err(_) => break,
                 },
             };
-            // Overlapping claims split what is left of the byte budget between them.
-            let max_bytes = room / depth as u64;
+            // Overlapping claims split what is left of the byte budget between them: this one
+            // and those still to be issued (`room` already excludes those on their way).
+            let max_bytes = room / depth.saturating_sub(claims.len()).max(1) as u64;
             let limit = looper.claim_cap.min(fitting(max_bytes, looper.event_bytes));
             let extra = limit.saturating_sub(slots.num_permits()).min(handler_slots.available_permits());
             if let Ok(more) = Arc::clone(&handler_slots).try_acquire_many_owned(extra as u32) {
@@ -491,14 +493,16 @@ impl ClaimLoop {
     }
 
     /// How many claims may be on their way at once: `claims_in_flight` while full batches come
-    /// back and `room` (the byte budget left) holds that many full claims of the last events'
-    /// size; otherwise one, which then gets all of `room`.
-    fn depth(&self, config: &EngineConfig, alone: bool, room: u64) -> usize {
+    /// back, no claim held rows back for budget, and `room` (the byte budget left, less what the
+    /// `in_flight` claims on their way reserved) holds a full claim of the last events' size for
+    /// each still to be issued; otherwise one, which then gets all of `room`.
+    fn depth(&self, config: &EngineConfig, alone: bool, room: u64, in_flight: usize) -> usize {
         let depth = config.claims_in_flight.max(1);
         if alone || !self.streaming || self.held_back || depth == 1 {
             return 1;
         }
-        if fitting(room / depth as u64, self.event_bytes) <= self.claim_cap {
+        let share = room / depth.saturating_sub(in_flight).max(1) as u64;
+        if fitting(share, self.event_bytes) <= self.claim_cap {
             return 1;
         }
         depth
@@ -521,6 +525,12 @@ impl ClaimLoop {
         // not speak for the store's state now.
         let current = epoch == self.epoch;
         let full = match claimed {
+            Err(error) if !current => {
+                // Issued before a failure already counted: the same outage, once.
+                shared.metrics.add_error();
+                debug!(error = %error, "claim failed (issued before the last failure)");
+                return;
+            }
             Err(error) => {
                 shared.metrics.add_error();
                 self.epoch += 1;
@@ -569,8 +579,9 @@ impl ClaimLoop {
                     batch.release().await;
                     let wait = held_back > 0 && (!batches.is_empty() || others);
                     self.budget_wait |= wait;
-                    // Waiting for a batch to finish, or (nothing held back) drained.
-                    wait
+                    // Waiting for a batch to finish; or its share of the budget was too small
+                    // (claim again at once, with all of it); or (nothing held back) drained.
+                    wait || (held_back > 0 && split)
                 } else {
                     let full = events.len() + crashed.len() + set_aside + held_back >= request.limit;
                     self.budget_wait |= held_back > 0;
