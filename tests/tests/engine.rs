@@ -432,24 +432,52 @@ impl hook_core::Store for Counting {
     }
 }
 
+/// Inserts `n` events and leaves them as a holder that died mid-batch does: suspects, to be
+/// handled one at a time, alone. Returns their ids.
+async fn suspects_of_a_dead_holder(
+    db: &TestDb,
+    client: &tokio_postgres::Client,
+    n: usize,
+) -> Vec<uuid::Uuid> {
+    use hook_core::{ClaimedBatch, Store};
+    let suspects = insert_events(client, n, "Suspect", "a").await;
+    let dead = db.store(StoreOptions { listen: false, ..StoreOptions::default() }).await;
+    let mut batch = dead.claim(hook_core::ClaimRequest::default()).await.expect("claim").expect("a batch");
+    assert_eq!(batch.take_events().len(), n);
+    hook_tests::crash::registered(client).await;
+    batch.start().await.expect("record the batch");
+    hook_tests::crash::kill_the_processor(client).await;
+    drop(batch);
+    drop(dead);
+    suspects
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn suspects_are_handled_one_after_another_without_waiting_for_a_wakeup() {
+    let db = TestDb::migrated("suspects_back_to_back").await;
+    let client = db.client().await;
+    let suspects = suspects_of_a_dead_holder(&db, &client, 20).await;
+    // No LISTEN and a poll interval of a minute: nothing wakes the loop between suspects.
+    let invocations = Invocations::default();
+    let mut registry = HandlerRegistry::new();
+    registry.register("*", "*", invocations.handler());
+    let store = db.store(StoreOptions { listen: false, ..StoreOptions::default() }).await;
+    let config = EngineConfig { poll_interval: Duration::from_secs(60), ..test_config() };
+    let running = Running::start(engine(store, registry, config));
+    // One suspect per poll interval would take 20 minutes.
+    wait_for_count(&client, ALL_PROCESSED, 0, Duration::from_secs(30)).await;
+    let metrics = running.stop().await;
+    assert_eq!(metrics.succeeded, suspects.len() as u64);
+    assert!(invocations.snapshot().values().all(|&n| n == 1), "each handled once");
+}
+
 /// Drains a backlog of 3,000 events behind the 20 suspects of a dead holder through an engine
 /// with `claims_in_flight`; returns what the claims did, after checking that every event was
 /// handled exactly once and the suspects were not charged.
 async fn drain_with_claims_in_flight(name: &str, claims_in_flight: usize) -> ClaimsSeen {
-    use hook_core::{ClaimedBatch, Store};
     let db = TestDb::migrated(name).await;
     let client = db.client().await;
-    let no_listen = StoreOptions { listen: false, ..StoreOptions::default() };
-    // A holder that dies mid-batch: its 20 events come back suspect, to be handled alone.
-    let suspects = insert_events(&client, 20, "Suspect", "a").await;
-    let dead = db.store(no_listen.clone()).await;
-    let mut batch = dead.claim(hook_core::ClaimRequest::default()).await.expect("claim").expect("a batch");
-    assert_eq!(batch.take_events().len(), 20);
-    hook_tests::crash::registered(&client).await;
-    batch.start().await.expect("record the batch");
-    hook_tests::crash::kill_the_processor(&client).await;
-    drop(batch);
-    drop(dead);
+    let suspects = suspects_of_a_dead_holder(&db, &client, 20).await;
     let backlog = insert_events(&client, 3_000, "PreToolUse", "tool_invocation").await;
 
     let invocations = Invocations::default();

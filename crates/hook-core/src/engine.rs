@@ -583,9 +583,14 @@ impl ClaimLoop {
                     // (claim again at once, with all of it); or (nothing held back) drained.
                     wait || (held_back > 0 && split)
                 } else {
-                    let full = events.len() + crashed.len() + set_aside + held_back >= request.limit;
                     self.budget_wait |= held_back > 0;
                     self.exclusive = batch.isolated() || !crashed.is_empty();
+                    // A suspect run alone is one event, never a full batch, but more suspects
+                    // may be waiting: claim again as soon as it is done, not at the next wakeup
+                    // (with no NOTIFY coming, that was one suspect per poll interval, while
+                    // every other event waited behind them).
+                    let full = self.exclusive
+                        || events.len() + crashed.len() + set_aside + held_back >= request.limit;
                     // One slot per event, reserved with the claim; each is released when its
                     // handler ends.
                     let mut taken = Vec::with_capacity(events.len());
