@@ -15,8 +15,16 @@ const ALL_PROCESSED: &str = "SELECT count(*) FROM hook_events WHERE NOT processe
 /// Counts to 0 once every event is processed or dead.
 const ALL_DECIDED: &str = "SELECT count(*) FROM hook_events WHERE NOT processed AND dead_at IS NULL";
 
-fn engine(store: PgStore, registry: HandlerRegistry, config: EngineConfig) -> Engine<PgStore> {
+fn engine<S: hook_core::Store>(store: S, registry: HandlerRegistry, config: EngineConfig) -> Engine<S> {
     Engine::builder(store).registry(registry).config(config).build().expect("valid config")
+}
+
+/// A registry whose one handler, for every event, counts the invocations it records.
+fn counting() -> (Invocations, HandlerRegistry) {
+    let invocations = Invocations::default();
+    let mut registry = HandlerRegistry::new();
+    registry.register("*", "*", invocations.handler());
+    (invocations, registry)
 }
 
 fn tagged(tag: &'static str) -> impl Fn(Arc<HookEvent>) -> std::future::Ready<HandlerResult> + Send + Sync {
@@ -309,9 +317,7 @@ async fn a_database_outage_is_survived_and_nothing_is_lost() {
     };
     let store = PgStore::connect(config.clone(), StoreOptions::default()).await.unwrap();
     store.migrate().await.unwrap();
-    let invocations = Invocations::default();
-    let mut registry = HandlerRegistry::new();
-    registry.register("*", "*", invocations.handler());
+    let (invocations, registry) = counting();
     let running = Running::start(engine(store, registry, test_config()));
 
     let client = connect().await;
@@ -350,9 +356,7 @@ async fn thousands_of_rows_at_the_retry_limit_ahead_of_live_events_do_not_hold_t
         .await
         .unwrap();
     let live = insert_events(&client, 20, "Stop", "response_completed").await;
-    let invocations = Invocations::default();
-    let mut registry = HandlerRegistry::new();
-    registry.register("*", "*", invocations.handler());
+    let (invocations, registry) = counting();
     // Polling once an hour, and no insert while it runs to send NOTIFY: only claiming again at
     // once after a claim that set rows aside gets past them.
     let config = EngineConfig { batch_size: 50, poll_interval: Duration::from_secs(3600), ..test_config() };
@@ -458,9 +462,7 @@ async fn suspects_are_handled_one_after_another_without_waiting_for_a_wakeup() {
     let client = db.client().await;
     let suspects = suspects_of_a_dead_holder(&db, &client, 20).await;
     // No LISTEN and a poll interval of a minute: nothing wakes the loop between suspects.
-    let invocations = Invocations::default();
-    let mut registry = HandlerRegistry::new();
-    registry.register("*", "*", invocations.handler());
+    let (invocations, registry) = counting();
     let store = db.store(StoreOptions { listen: false, ..StoreOptions::default() }).await;
     let config = EngineConfig { poll_interval: Duration::from_secs(60), ..test_config() };
     let running = Running::start(engine(store, registry, config));
@@ -480,14 +482,11 @@ async fn drain_with_claims_in_flight(name: &str, claims_in_flight: usize) -> Cla
     let suspects = suspects_of_a_dead_holder(&db, &client, 20).await;
     let backlog = insert_events(&client, 3_000, "PreToolUse", "tool_invocation").await;
 
-    let invocations = Invocations::default();
-    let mut registry = HandlerRegistry::new();
-    registry.register("*", "*", invocations.handler());
+    let (invocations, registry) = counting();
     let seen = Arc::new(Mutex::new(ClaimsSeen::default()));
     let store = Counting { inner: db.store(StoreOptions::default()).await, seen: Arc::clone(&seen) };
     let config = EngineConfig { claims_in_flight, ..test_config() };
-    let running =
-        Running::start(Engine::builder(store).registry(registry).config(config).build().expect("config"));
+    let running = Running::start(engine(store, registry, config));
     wait_for_count(&client, ALL_PROCESSED, 0, Duration::from_secs(120)).await;
     let metrics = running.stop().await;
 
@@ -535,14 +534,11 @@ async fn an_event_larger_than_a_share_of_the_byte_budget_is_claimed_in_a_backlog
         .await
         .unwrap();
     let behind = insert_events(&client, 6_000, "PreToolUse", "tool_invocation").await;
-    let invocations = Invocations::default();
-    let mut registry = HandlerRegistry::new();
-    registry.register("*", "*", invocations.handler());
+    let (invocations, registry) = counting();
     let config = EngineConfig { max_bytes_in_flight: 1024 * 1024, ..test_config() };
     let seen = Arc::new(Mutex::new(ClaimsSeen::default()));
     let store = Counting { inner: db.store(StoreOptions::default()).await, seen: Arc::clone(&seen) };
-    let running =
-        Running::start(Engine::builder(store).registry(registry).config(config).build().expect("config"));
+    let running = Running::start(engine(store, registry, config));
     wait_for_count(&client, ALL_PROCESSED, 0, Duration::from_secs(120)).await;
     let metrics = running.stop().await;
     let seen = std::mem::take(&mut *seen.lock().expect("claims seen"));

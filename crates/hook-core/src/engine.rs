@@ -15,13 +15,15 @@
 //!
 //! Crashes: before a batch's handlers start, the store records the claim (see
 //! [`ClaimedBatch::start`]), so the events of a holder that dies mid-batch come back *suspect*.
-//! When the store reports suspects, the loop lets its claims and batches in flight finish and claims with
-//! [`ClaimRequest::isolate`]: one suspect at a time, run alone, so that a crash while it runs is
-//! its own and is counted as a failed attempt (see ARCHITECTURE.md, "The claim").
+//! When the store reports suspects, the loop lets its claims and batches in flight finish and
+//! claims with [`ClaimRequest::isolate`]: one suspect at a time, run alone, each as soon as the
+//! one before is done, so that a crash while it runs is its own and is counted as a failed
+//! attempt (see ARCHITECTURE.md, "The claim").
 //!
 //! Shutdown: the loop issues no claim after the signal, and the claims on their way are driven to
-//! their end and what they return released at once; no handler starts after it; running handlers get `drain_timeout` to finish;
-//! outcomes of those that did are written, the rest of each batch is released unchanged.
+//! their end and what they return released at once; no handler starts after it; running
+//! handlers get `drain_timeout` to finish; outcomes of those that did are written, the rest of
+//! each batch is released unchanged.
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;

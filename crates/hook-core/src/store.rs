@@ -43,9 +43,9 @@ pub struct ClaimRequest {
     /// held: the store sets it aside dead with the reason, without fetching it.
     pub max_event_bytes: u64,
     /// Whether the claim may return a suspect event (one whose previous holder died) to be
-    /// handled alone. The engine sets it only when no other batch or claim is in flight, and starts none
-    /// until a batch that is [`isolated`](ClaimedBatch::isolated) has finished: a crash while an
-    /// isolated event runs is that event's.
+    /// handled alone. The engine sets it only when no other batch or claim is in flight, and
+    /// starts none until a batch that is [`isolated`](ClaimedBatch::isolated) has finished: a
+    /// crash while an isolated event runs is that event's.
     pub isolate: bool,
 }
 

@@ -498,16 +498,17 @@ impl PgStore {
         let (floor, lowered) = self.mark.begin();
         // Whether the claim read the fresh index (and so moves the mark).
         let mut marked = self.low_water_mark;
-        // The rows this claim locks are at or above `floor`. If it fails (or is dropped at the
-        // call timeout) before its batch exists, they come back unlocked, while another claim
-        // of this store may have moved the mark past them meanwhile: this guard lowers it again.
-        let mut failed = MarkGuard { mark: self.mark.clone(), floor: marked.then_some(floor) };
+        // Lowers the mark again if the rows this claim locks come back. Until the claim is done
+        // they are at or above `floor`: if it fails (or is dropped at the call timeout), they
+        // come back unlocked, while another claim of this store may have moved the mark past
+        // them meanwhile. Once it is done, at or above `claimed.floor` (its batch's rows).
+        let mut guard = MarkGuard { mark: self.mark.clone(), floor: marked.then_some(floor) };
         let claimed = if request.isolate {
             // Recover what dead holders left, then one crash to count or one suspect to run
             // alone; if there is neither, an ordinary claim in the same transaction.
             queries::recover_and_begin(client, &begin).await?;
             if let Some((event, id, xid)) = queries::claim_crashed(client).await? {
-                failed.floor = None;
+                guard.floor = None;
                 self.suspects.store(true, Ordering::Relaxed);
                 let ledger = Ledger::Crashed { id, event: event.id };
                 return Ok(Some(PgBatch::new(
@@ -545,10 +546,9 @@ impl PgStore {
             self.suspects.store(claimed.suspects, Ordering::Relaxed);
             claimed
         };
-        failed.floor = None;
         // The rows this claim locked come back below the mark it leaves if its batch does not
         // commit them: the guard lowers the mark again then.
-        let guard = MarkGuard { mark: self.mark.clone(), floor: marked.then_some(claimed.floor) };
+        guard.floor = marked.then_some(claimed.floor);
         if marked {
             self.mark.advance(lowered, claimed.floor);
         }
@@ -556,7 +556,6 @@ impl PgStore {
             client.batch_execute("COMMIT").await?;
             conn.release();
             // Nothing was locked: nothing comes back.
-            let mut guard = guard;
             guard.floor = None;
             return Ok(None);
         }
